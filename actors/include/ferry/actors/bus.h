@@ -1,0 +1,67 @@
+#pragma once
+// The event bus: NATS subjects that carry events out (`ferry.ev.<kind>.<id>`) to streamers.
+//
+// `bus` is the interface, `connect_nats` its one implementation; `embedded_nats` runs the
+// `nats-server` child process ferryd uses when no --nats-url is given.
+//
+// Threading: `bus` and `subscription` are thread-safe. Subscription callbacks run on a NATS
+// library thread; they must not block for long.
+
+#include <chrono>
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "ferry/schemas/result.h"
+
+namespace ferry::actors {
+
+/// Subject of a task's event stream.
+inline std::string task_subject(std::string_view task_id) {
+  return "ferry.ev.task." + std::string(task_id);
+}
+
+/// Active while alive; destroying it unsubscribes and waits until no callback runs any more.
+class subscription {
+ public:
+  virtual ~subscription() = default;
+};
+
+using message_handler = std::function<void(std::string_view subject, std::string_view payload)>;
+
+class bus {
+ public:
+  virtual ~bus() = default;
+  /// Publishes without waiting for delivery. While disconnected, messages are buffered (bounded)
+  /// by the client and sent on reconnect; an error means the message was not accepted.
+  [[nodiscard]] virtual result<void> publish(std::string_view subject,
+                                             std::string_view payload) = 0;
+  /// Subscribes; `on_message` is called for every message on `subject` (wildcards allowed).
+  /// When this returns, the server knows about the subscription (it has been flushed).
+  [[nodiscard]] virtual result<std::unique_ptr<subscription>> subscribe(
+    std::string subject, message_handler on_message) = 0;
+  /// Waits until everything published so far reached the server.
+  [[nodiscard]] virtual result<void> flush(std::chrono::milliseconds timeout) = 0;
+};
+
+/// Connects to a NATS server (`nats://host:port`), reconnecting forever when the link drops.
+[[nodiscard]] result<std::unique_ptr<bus>> connect_nats(const std::string& url);
+
+/// A `nats-server` child process with JetStream, listening on a free loopback port.
+class embedded_nats {
+ public:
+  virtual ~embedded_nats() = default;
+  /// `nats://127.0.0.1:<port>`.
+  virtual const std::string& url() const = 0;
+  /// Stops the server (SIGTERM, then SIGKILL after a grace period) and reaps it. Idempotent.
+  virtual void stop() = 0;
+};
+
+/// Starts `binary` (`nats-server`) with its JetStream store under `store_dir`; waits until it
+/// accepts clients.
+[[nodiscard]] result<std::unique_ptr<embedded_nats>> start_embedded_nats(
+  const std::string& binary, const std::filesystem::path& store_dir);
+
+}  // namespace ferry::actors

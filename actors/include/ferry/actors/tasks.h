@@ -1,0 +1,112 @@
+#pragma once
+// ferry_actors public header: the task and sandbox actors and the task manager that owns them.
+//
+// Every task is a CAF actor (`task_state`) that is the single writer of its stream `task-<id>`:
+// each fact — its own state changes and those its sandbox actor reports — is appended to the
+// journal first, then published on `ferry.ev.task.<id>`. The sandbox actor (`sandbox_state`,
+// detached: it makes blocking runtime calls) drives one sandbox through
+//   spawning → running → terminating → terminated, or any state → failed (with a reason);
+// a transition outside this list is refused and logged, never applied.
+// Task status: queued → running → succeeded | failed | aborted (recorded by task_finished).
+//
+// Non-actor code (HTTP handlers, ferryd's main) talks to the manager through `task_service`.
+//
+// Threading: `task_service` is thread-safe; its calls block the calling thread (bounded by
+// timeouts) and must not be made from inside an actor.
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "ferry/actors/bus.h"
+#include "ferry/schemas/result.h"
+
+namespace caf {
+class actor_system;
+class actor_system_config;
+}  // namespace caf
+
+namespace ferry::storage {
+class event_store;
+}
+namespace ferry::sandbox {
+class sandbox_runtime;
+}
+
+namespace ferry::actors {
+
+/// Registers Ferry's message types with a CAF config. Call before creating the actor system.
+void add_message_types(caf::actor_system_config& cfg);
+
+/// What a user submits.
+struct task_request {
+  std::string command;         ///< shell command run with /bin/sh -c inside the sandbox
+  std::string repo;            ///< optional repository; recorded, not yet cloned
+  std::string user;            ///< acting token id
+  std::string correlation_id;  ///< e.g. the HTTP request id
+};
+
+/// A task's current state, folded from its events (the journal is the source of truth).
+struct task_view {
+  std::string id;
+  std::string user;
+  std::string status;  ///< queued | running | succeeded | failed | aborted
+  std::string command;
+  std::string repo;
+  std::optional<int> exit_code;
+  std::string reason;
+  std::string sandbox_id;
+  std::string sandbox_backend;
+  std::string sandbox_status;
+  int64_t created_ns = 0;
+  int64_t finished_ns = 0;
+  uint64_t last_sequence = 0;
+  bool finished = false;
+};
+
+/// Folds the stream `task-<id>`; nullopt when there is no such task.
+[[nodiscard]] result<std::optional<task_view>> load_task_view(storage::event_store& store,
+                                                              const std::string& task_id);
+
+/// True when `id` has the shape of a task id (so it can safely name a stream and a subject).
+bool valid_task_id(std::string_view id);
+
+/// Outcome of an abort request.
+enum class abort_outcome { aborted, already_finished, not_found, pending };
+
+/// What the actors need from the rest of ferryd. All must outlive the task_service.
+struct task_deps {
+  storage::event_store* store = nullptr;
+  bus* events = nullptr;  ///< may be null: events are then only persisted
+  sandbox::sandbox_runtime* runtime = nullptr;
+};
+
+/// Facade over the task manager actor for non-actor threads.
+class task_service {
+ public:
+  virtual ~task_service() = default;
+  /// Persists task_submitted and starts the task. Returns the new task id once the submission is
+  /// durable.
+  [[nodiscard]] virtual result<std::string> submit(const task_request& req) = 0;
+  /// Asks the task to stop: kills its sandbox's processes, records abort_requested and, once the
+  /// sandbox is gone, task_finished(aborted). Waits up to `wait` for the end.
+  [[nodiscard]] virtual result<abort_outcome> abort(const std::string& task_id,
+                                                    const std::string& user,
+                                                    const std::string& reason,
+                                                    std::chrono::milliseconds wait) = 0;
+  /// Number of tasks with a live actor.
+  [[nodiscard]] virtual size_t running() = 0;
+  /// Refuses new tasks, aborts running ones ("ferryd shutting down") and waits up to `wait`
+  /// until their sandboxes are gone.
+  [[nodiscard]] virtual result<void> shutdown(std::chrono::milliseconds wait) = 0;
+};
+
+/// Spawns the task manager in `sys`. Before it accepts work it finishes tasks that an earlier
+/// ferryd left running (their sandboxes are gone): each gets task_finished(failed, "interrupted").
+[[nodiscard]] result<std::unique_ptr<task_service>> start_task_manager(caf::actor_system& sys,
+                                                                       task_deps deps);
+
+}  // namespace ferry::actors

@@ -1,0 +1,30 @@
+#pragma once
+// Private: the messages Ferry's actors exchange (CAF type-id block and atoms).
+
+#include <string>
+#include <vector>
+
+#include <caf/all.hpp>
+
+CAF_BEGIN_TYPE_ID_BLOCK(ferry, caf::first_custom_type_id)
+
+  CAF_ADD_TYPE_ID(ferry, (std::vector<std::string>))
+
+  // task manager
+  CAF_ADD_ATOM(ferry, ferry::actors, submit_atom, "submit")
+  CAF_ADD_ATOM(ferry, ferry::actors, count_atom, "count")
+  CAF_ADD_ATOM(ferry, ferry::actors, shutdown_atom, "shutdown")
+  // task
+  CAF_ADD_ATOM(ferry, ferry::actors, start_atom, "start")
+  CAF_ADD_ATOM(ferry, ferry::actors, abort_atom, "abort")
+  // sandbox → task facts, observer → sandbox
+  CAF_ADD_ATOM(ferry, ferry::actors, sbx_state_atom, "sbx_state")
+  CAF_ADD_ATOM(ferry, ferry::actors, running_atom, "sbx_run")
+  CAF_ADD_ATOM(ferry, ferry::actors, cmd_start_atom, "cmd_start")
+  CAF_ADD_ATOM(ferry, ferry::actors, output_atom, "output")
+  CAF_ADD_ATOM(ferry, ferry::actors, cmd_exit_atom, "cmd_exit")
+  CAF_ADD_ATOM(ferry, ferry::actors, ended_atom, "sbx_ended")
+  // task → sandbox (sent with high priority)
+  CAF_ADD_ATOM(ferry, ferry::actors, kill_atom, "kill")
+
+CAF_END_TYPE_ID_BLOCK(ferry)

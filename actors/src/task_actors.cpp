@@ -1,0 +1,543 @@
+// The task manager, task and sandbox actors (see ferry/actors/tasks.h for the contract).
+
+#include <openssl/rand.h>
+
+#include <cstdio>
+#include <map>
+
+#include "ferry/actors/tasks.h"
+#include "ferry/sandbox/sandbox.h"
+#include "ferry/schemas/events.h"
+#include "ferry/storage/journal.h"
+#include "messages.h"
+
+namespace ferry::actors {
+
+namespace {
+
+namespace ev = ferry::events::v1;
+using schemas::envelope_meta;
+
+std::string random_hex(size_t bytes) {
+  std::vector<unsigned char> buf(bytes);
+  if (RAND_bytes(buf.data(), static_cast<int>(bytes)) != 1) {
+    std::fprintf(stderr, "ferryd: fatal: OpenSSL RAND_bytes failed\n");
+    std::abort();
+  }
+  static constexpr char hex[] = "0123456789abcdef";
+  std::string out;
+  for (auto b : buf) {
+    out += hex[b >> 4];
+    out += hex[b & 15];
+  }
+  return out;
+}
+
+/// Appends `envs` to `stream`, then publishes each stored event on `subject`. A publish failure
+/// is logged, not fatal: the journal is the source of truth and streamers catch up from it.
+result<void> record(const task_deps& d, const std::string& stream, const std::string& subject,
+                    std::vector<std::string>& envs,
+                    storage::expected_version expected = storage::expected_version::any()) {
+  auto appended = d.store->append(stream, envs, expected);
+  if (!appended)
+    return appended.error();
+  if (d.events)
+    for (const auto& e : envs)
+      if (auto p = d.events->publish(subject, e); !p)
+        std::fprintf(stderr, "ferryd: warning: %s\n", p.error().message.c_str());
+  return {};
+}
+
+// -- sandbox actor ---------------------------------------------------------------------------------
+
+/// Allowed sandbox transitions (see SandboxStatus in schemas/events.fbs).
+bool sandbox_transition_allowed(ev::SandboxStatus from, ev::SandboxStatus to) {
+  using S = ev::SandboxStatus;
+  switch (from) {
+    case S::none: return to == S::spawning;
+    case S::spawning: return to == S::running || to == S::failed;
+    case S::running: return to == S::terminating || to == S::failed;
+    case S::terminating: return to == S::terminated || to == S::failed;
+    case S::terminated:
+    case S::failed: return false;
+  }
+  return false;
+}
+
+/// Turns runtime callbacks (on the sandbox's reader thread) into messages to the sandbox actor.
+class observer_adapter final : public sandbox::sandbox_observer {
+ public:
+  explicit observer_adapter(caf::weak_actor_ptr target) : target_(std::move(target)) {}
+
+  void on_running() override { send(running_atom_v); }
+  void on_command_started(uint32_t id, const std::vector<std::string>& argv) override {
+    send(cmd_start_atom_v, id, argv);
+  }
+  void on_output(uint32_t id, int stream, std::string_view data) override {
+    send(output_atom_v, id, int32_t{stream}, std::string(data));
+  }
+  void on_command_exited(uint32_t id, int code, int signal, uint64_t ms) override {
+    send(cmd_exit_atom_v, id, int32_t{code}, int32_t{signal}, ms);
+  }
+  void on_ended(std::optional<std::string> failure) override {
+    send(ended_atom_v, failure.has_value(), failure.value_or(""));
+  }
+
+ private:
+  template <class... Ts>
+  void send(Ts&&... xs) {
+    if (auto strong = target_.lock())
+      caf::anon_send(caf::actor_cast<caf::actor>(strong), std::forward<Ts>(xs)...);
+  }
+  caf::weak_actor_ptr target_;
+};
+
+struct sandbox_state {
+  static inline const char* name = "ferry.sandbox";
+  sandbox::sandbox_runtime* runtime = nullptr;
+  caf::actor task;
+  std::string id;
+  std::vector<std::string> argv;
+  ev::SandboxStatus status = ev::SandboxStatus::none;
+  bool kill_requested = false;
+  bool ended = false;
+  // Declared before `box`: the observer must outlive the sandbox that calls it.
+  std::unique_ptr<observer_adapter> observer;
+  std::unique_ptr<sandbox::sandbox> box;
+};
+
+using sandbox_actor_t = caf::stateful_actor<sandbox_state>;
+
+void sandbox_transition(sandbox_actor_t* self, ev::SandboxStatus to, std::string reason) {
+  auto& s = self->state;
+  if (!sandbox_transition_allowed(s.status, to)) {
+    std::fprintf(stderr, "ferryd: error: sandbox %s: refused transition %s -> %s (%s)\n",
+                 s.id.c_str(), std::string(schemas::to_string(s.status)).c_str(),
+                 std::string(schemas::to_string(to)).c_str(), reason.c_str());
+    return;
+  }
+  self->send(s.task, sbx_state_atom_v, static_cast<int8_t>(s.status), static_cast<int8_t>(to),
+             std::move(reason), std::string(s.runtime->name()), s.id);
+  s.status = to;
+}
+
+caf::behavior sandbox_actor(sandbox_actor_t* self, sandbox::sandbox_runtime* runtime,
+                            caf::actor task, std::string id, std::vector<std::string> argv) {
+  auto& s = self->state;
+  s.runtime = runtime;
+  s.task = std::move(task);
+  s.id = std::move(id);
+  s.argv = std::move(argv);
+  return {
+    [=](start_atom) {
+      auto& s = self->state;
+      sandbox_transition(self, ev::SandboxStatus::spawning, "");
+      s.observer = std::make_unique<observer_adapter>(self->ctrl());
+      sandbox::sandbox_spec spec;
+      spec.id = s.id;
+      spec.argv = s.argv;
+      auto box = s.runtime->start(spec, *s.observer);
+      if (!box) {
+        sandbox_transition(self, ev::SandboxStatus::failed, box.error().message);
+        self->quit();
+        return;
+      }
+      s.box = std::move(*box);
+    },
+    [=](running_atom) {
+      if (self->state.status == ev::SandboxStatus::spawning)
+        sandbox_transition(self, ev::SandboxStatus::running, "");
+    },
+    [=](cmd_start_atom, uint32_t cmd, std::vector<std::string>& argv) {
+      self->send(self->state.task, cmd_start_atom_v, cmd, std::move(argv));
+    },
+    [=](output_atom, uint32_t cmd, int32_t stream, std::string& data) {
+      self->send(self->state.task, output_atom_v, cmd, stream, std::move(data));
+    },
+    [=](cmd_exit_atom, uint32_t cmd, int32_t code, int32_t sig, uint64_t ms) {
+      self->send(self->state.task, cmd_exit_atom_v, cmd, code, sig, ms);
+      if (self->state.status == ev::SandboxStatus::running)
+        sandbox_transition(self, ev::SandboxStatus::terminating, "command exited");
+    },
+    [=](kill_atom) {
+      auto& s = self->state;
+      if (s.ended || s.kill_requested)
+        return;
+      s.kill_requested = true;
+      if (s.status == ev::SandboxStatus::running)
+        sandbox_transition(self, ev::SandboxStatus::terminating, "kill requested");
+      if (s.box)
+        s.box->kill();
+    },
+    [=](ended_atom, bool failed, std::string& reason) {
+      auto& s = self->state;
+      s.ended = true;
+      if (s.kill_requested) {
+        if (s.status == ev::SandboxStatus::spawning)
+          sandbox_transition(self, ev::SandboxStatus::failed, "killed while starting");
+        else
+          sandbox_transition(self, ev::SandboxStatus::terminated, "killed on request");
+      } else if (failed || s.status != ev::SandboxStatus::terminating) {
+        sandbox_transition(self, ev::SandboxStatus::failed,
+                           reason.empty() ? "sandbox ended before its command exited" : reason);
+      } else {
+        sandbox_transition(self, ev::SandboxStatus::terminated, "");
+      }
+      s.box.reset();  // joins the reader thread (it has delivered on_ended)
+      self->quit();
+    },
+  };
+}
+
+// -- task actor ------------------------------------------------------------------------------------
+
+struct task_state {
+  static inline const char* name = "ferry.task";
+  task_deps deps;
+  std::string id;
+  std::string stream;
+  std::string subject;
+  task_request req;
+  caf::actor sandbox;
+  std::optional<int32_t> exit_code;
+  bool abort_requested = false;
+  std::string sandbox_failure;
+  bool finished = false;
+  std::vector<caf::response_promise> end_waiters;
+
+  envelope_meta meta() const { return {stream, req.correlation_id, "", req.user}; }
+};
+
+using task_actor_t = caf::stateful_actor<task_state>;
+
+/// Persists (and publishes) one event; on a journal failure the task cannot go on: its sandbox
+/// is killed and the actor stops, loudly.
+bool persist(task_actor_t* self, std::string envelope) {
+  auto& s = self->state;
+  std::vector<std::string> envs{std::move(envelope)};
+  if (auto r = record(s.deps, s.stream, s.subject, envs); !r) {
+    std::fprintf(stderr, "ferryd: error: task %s: cannot record event: %s\n", s.id.c_str(),
+                 r.error().message.c_str());
+    if (s.sandbox)
+      self->send<caf::message_priority::high>(s.sandbox, kill_atom_v);
+    for (auto& rp : s.end_waiters)
+      rp.deliver(static_cast<int32_t>(abort_outcome::pending));
+    s.end_waiters.clear();
+    self->quit(caf::sec::runtime_error);
+    return false;
+  }
+  return true;
+}
+
+void finish_task(task_actor_t* self) {
+  auto& s = self->state;
+  if (s.finished)
+    return;
+  s.finished = true;
+  ev::TaskStatus status;
+  std::string reason;
+  if (s.abort_requested) {
+    status = ev::TaskStatus::aborted;
+    reason = "aborted on request";
+  } else if (!s.sandbox_failure.empty()) {
+    status = ev::TaskStatus::failed;
+    reason = "sandbox failed: " + s.sandbox_failure;
+  } else if (s.exit_code && *s.exit_code == 0) {
+    status = ev::TaskStatus::succeeded;
+  } else {
+    status = ev::TaskStatus::failed;
+    reason = s.exit_code ? "command exited with status " + std::to_string(*s.exit_code)
+                         : "command was killed";
+  }
+  if (!persist(self, schemas::task_finished(s.meta(), status, s.exit_code.value_or(-1), reason)))
+    return;
+  for (auto& rp : s.end_waiters)
+    rp.deliver(static_cast<int32_t>(abort_outcome::aborted));
+  s.end_waiters.clear();
+  self->quit();
+}
+
+caf::behavior task_actor(task_actor_t* self, task_deps deps, std::string id, task_request req) {
+  auto& s = self->state;
+  s.deps = deps;
+  s.id = id;
+  s.stream = "task-" + id;
+  s.subject = task_subject(id);
+  s.req = std::move(req);
+  self->set_down_handler([=](caf::down_msg& dm) {
+    auto& s = self->state;
+    if (dm.source == s.sandbox && !s.finished) {
+      // The sandbox actor stopped without reporting an end (it crashed): the task fails.
+      if (s.sandbox_failure.empty())
+        s.sandbox_failure = "sandbox actor stopped: " + to_string(dm.reason);
+      finish_task(self);
+    }
+  });
+  return {
+    [=](start_atom) -> caf::message {
+      auto& s = self->state;
+      auto m = s.meta();
+      std::vector<std::string> envs{
+        schemas::task_submitted(m, s.id, s.req.command, s.req.repo),
+        schemas::task_state_changed(m, ev::TaskStatus::queued, ev::TaskStatus::running, ""),
+      };
+      if (auto r = record(s.deps, s.stream, s.subject, envs,
+                          storage::expected_version::no_stream());
+          !r) {
+        self->quit();
+        return caf::make_message(false, r.error().message);
+      }
+      std::vector<std::string> argv{"/bin/sh", "-c", s.req.command};
+      s.sandbox = self->spawn<caf::detached + caf::monitored>(
+        sandbox_actor, s.deps.runtime, caf::actor{self}, "ferry-" + s.id, std::move(argv));
+      self->send(s.sandbox, start_atom_v);
+      return caf::make_message(true, s.id);
+    },
+    [=](sbx_state_atom, int8_t from, int8_t to, std::string& reason, std::string& backend,
+        std::string& sandbox_id) {
+      auto& s = self->state;
+      auto to_status = static_cast<ev::SandboxStatus>(to);
+      if (!persist(self, schemas::sandbox_state_changed(s.meta(), sandbox_id, backend,
+                                                        static_cast<ev::SandboxStatus>(from),
+                                                        to_status, reason)))
+        return;
+      if (to_status == ev::SandboxStatus::failed)
+        s.sandbox_failure = reason.empty() ? "unknown reason" : reason;
+      if (to_status == ev::SandboxStatus::terminated || to_status == ev::SandboxStatus::failed)
+        finish_task(self);
+    },
+    [=](cmd_start_atom, uint32_t cmd, std::vector<std::string>& argv) {
+      persist(self, schemas::command_started(self->state.meta(), cmd, argv));
+    },
+    [=](output_atom, uint32_t cmd, int32_t stream, std::string& data) {
+      persist(self, schemas::output_chunk(self->state.meta(), cmd,
+                                          stream == 1 ? ev::OutputStream::stderr
+                                                      : ev::OutputStream::stdout,
+                                          data));
+    },
+    [=](cmd_exit_atom, uint32_t cmd, int32_t code, int32_t sig, uint64_t ms) {
+      auto& s = self->state;
+      if (sig == 0)
+        s.exit_code = code;
+      persist(self, schemas::command_exited(s.meta(), cmd, code, sig, ms));
+    },
+    [=](abort_atom, std::string& reason, std::string& user) -> caf::result<int32_t> {
+      auto& s = self->state;
+      if (s.finished)
+        return static_cast<int32_t>(abort_outcome::already_finished);
+      auto rp = self->make_response_promise();
+      s.end_waiters.push_back(rp);
+      if (s.abort_requested)
+        return rp;
+      s.abort_requested = true;
+      // Kill first (the sandbox actor takes it ahead of queued output), then record.
+      if (s.sandbox)
+        self->send<caf::message_priority::high>(s.sandbox, kill_atom_v);
+      auto m = s.meta();
+      m.user = user;
+      persist(self, schemas::abort_requested(m, reason));
+      return rp;
+    },
+  };
+}
+
+// -- task manager ----------------------------------------------------------------------------------
+
+struct manager_state {
+  static inline const char* name = "ferry.task_manager";
+  task_deps deps;
+  std::map<std::string, caf::actor> live;
+  bool shutting_down = false;
+  std::vector<caf::response_promise> shutdown_waiters;
+};
+
+using manager_actor_t = caf::stateful_actor<manager_state>;
+
+caf::behavior task_manager(manager_actor_t* self, task_deps deps) {
+  self->state.deps = deps;
+  self->set_down_handler([=](caf::down_msg& dm) {
+    auto& s = self->state;
+    for (auto it = s.live.begin(); it != s.live.end(); ++it)
+      if (it->second.address() == dm.source) {
+        s.live.erase(it);
+        break;
+      }
+    if (s.shutting_down && s.live.empty()) {
+      for (auto& rp : s.shutdown_waiters)
+        rp.deliver(true);
+      s.shutdown_waiters.clear();
+    }
+  });
+  return {
+    [=](submit_atom, std::string& command, std::string& repo, std::string& user,
+        std::string& correlation) -> caf::result<bool, std::string> {
+      auto& s = self->state;
+      if (s.shutting_down)
+        return {false, std::string("ferryd is shutting down; not accepting tasks")};
+      auto id = random_hex(8);
+      task_request req{std::move(command), std::move(repo), std::move(user),
+                       std::move(correlation)};
+      auto task = self->spawn<caf::monitored>(task_actor, s.deps, id, std::move(req));
+      s.live.emplace(id, task);
+      auto rp = self->make_response_promise<bool, std::string>();
+      self->request(task, caf::infinite, start_atom_v)
+        .then([rp](bool ok, std::string& text) mutable { rp.deliver(ok, std::move(text)); },
+              [rp](caf::error& err) mutable {
+                rp.deliver(false, "task failed to start: " + to_string(err));
+              });
+      return rp;
+    },
+    [=](abort_atom, std::string& id, std::string& user, std::string& reason) -> caf::result<int32_t> {
+      auto& s = self->state;
+      auto it = s.live.find(id);
+      if (it == s.live.end())
+        return static_cast<int32_t>(abort_outcome::not_found);
+      auto rp = self->make_response_promise<int32_t>();
+      self->request(it->second, caf::infinite, abort_atom_v, std::move(reason), std::move(user))
+        .then([rp](int32_t outcome) mutable { rp.deliver(outcome); },
+              [rp](caf::error&) mutable {
+                // The task stopped without answering (its journal failed): nothing to report.
+                rp.deliver(static_cast<int32_t>(abort_outcome::pending));
+              });
+      return rp;
+    },
+    [=](count_atom) { return static_cast<uint64_t>(self->state.live.size()); },
+    [=](shutdown_atom) -> caf::result<bool> {
+      auto& s = self->state;
+      s.shutting_down = true;
+      if (s.live.empty())
+        return true;
+      for (auto& [id, task] : s.live)
+        self->send<caf::message_priority::high>(task, abort_atom_v,
+                                                std::string("ferryd shutting down"),
+                                                std::string("system"));
+      auto rp = self->make_response_promise<bool>();
+      s.shutdown_waiters.push_back(rp);
+      return rp;
+    },
+  };
+}
+
+/// Finishes tasks an earlier ferryd left unfinished (it stopped or crashed while they ran).
+result<size_t> recover_interrupted_tasks(const task_deps& d) {
+  auto streams = d.store->list_streams("task-");
+  if (!streams)
+    return streams.error();
+  size_t n = 0;
+  for (const auto& stream : *streams) {
+    auto head = d.store->highest_sequence(stream);
+    if (!head)
+      return head.error();
+    auto last = d.store->read_stream(stream, *head, 1);
+    if (!last)
+      return last.error();
+    if (last->empty())
+      continue;
+    auto e = schemas::verify_envelope(last->front());
+    if (!e)
+      return fail("recover " + stream + ": " + e.error().message);
+    if ((*e)->event_type() == ev::Event::TaskFinished)
+      continue;
+    auto id = stream.substr(5);
+    auto view = load_task_view(*d.store, id);
+    if (!view)
+      return view.error();
+    envelope_meta m{stream, "", "", "system"};
+    std::vector<std::string> envs;
+    const auto& v = **view;
+    if (!v.sandbox_id.empty() && v.sandbox_status != "terminated" && v.sandbox_status != "failed") {
+      ev::SandboxStatus from = ev::SandboxStatus::none;
+      for (auto st : {ev::SandboxStatus::spawning, ev::SandboxStatus::running,
+                      ev::SandboxStatus::terminating})
+        if (schemas::to_string(st) == v.sandbox_status)
+          from = st;
+      envs.push_back(schemas::sandbox_state_changed(m, v.sandbox_id, v.sandbox_backend, from,
+                                                    ev::SandboxStatus::failed,
+                                                    "ferryd stopped while the sandbox ran"));
+    }
+    envs.push_back(schemas::task_finished(m, ev::TaskStatus::failed, -1,
+                                          "interrupted: ferryd stopped while the task ran"));
+    if (auto r = record(d, stream, task_subject(id), envs,
+                        storage::expected_version::exact(*head));
+        !r)
+      return r.error();
+    ++n;
+  }
+  return n;
+}
+
+class caf_task_service final : public task_service {
+ public:
+  caf_task_service(caf::actor_system& sys, caf::actor mgr) : sys_(sys), mgr_(std::move(mgr)) {}
+  ~caf_task_service() override { caf::anon_send_exit(mgr_, caf::exit_reason::user_shutdown); }
+
+  result<std::string> submit(const task_request& req) override {
+    caf::scoped_actor self{sys_};
+    result<std::string> out = fail("task manager did not answer");
+    self
+      ->request(mgr_, std::chrono::seconds(30), submit_atom_v, req.command, req.repo, req.user,
+                req.correlation_id)
+      .receive(
+        [&](bool ok, std::string& text) {
+          out = ok ? result<std::string>(std::move(text)) : result<std::string>(fail(text));
+        },
+        [&](caf::error& err) { out = fail("submit: " + to_string(err)); });
+    return out;
+  }
+
+  result<abort_outcome> abort(const std::string& task_id, const std::string& user,
+                              const std::string& reason, std::chrono::milliseconds wait) override {
+    caf::scoped_actor self{sys_};
+    result<abort_outcome> out = fail("task manager did not answer");
+    self->request(mgr_, wait, abort_atom_v, task_id, user, reason)
+      .receive([&](int32_t outcome) { out = static_cast<abort_outcome>(outcome); },
+               [&](caf::error& err) {
+                 if (err == caf::sec::request_timeout)
+                   out = abort_outcome::pending;
+                 else
+                   out = fail("abort " + task_id + ": " + to_string(err));
+               });
+    return out;
+  }
+
+  size_t running() override {
+    caf::scoped_actor self{sys_};
+    size_t n = 0;
+    self->request(mgr_, std::chrono::seconds(10), count_atom_v)
+      .receive([&](uint64_t count) { n = count; }, [&](caf::error&) {});
+    return n;
+  }
+
+  result<void> shutdown(std::chrono::milliseconds wait) override {
+    caf::scoped_actor self{sys_};
+    result<void> out;
+    self->request(mgr_, wait, shutdown_atom_v)
+      .receive([&](bool) {},
+               [&](caf::error& err) { out = fail("shut down tasks: " + to_string(err)); });
+    return out;
+  }
+
+ private:
+  caf::actor_system& sys_;
+  caf::actor mgr_;
+};
+
+}  // namespace
+
+void add_message_types(caf::actor_system_config& cfg) {
+  cfg.add_message_types<caf::id_block::ferry>();
+}
+
+result<std::unique_ptr<task_service>> start_task_manager(caf::actor_system& sys, task_deps deps) {
+  if (!deps.store || !deps.runtime)
+    return fail("start task manager: journal and sandbox runtime are required");
+  auto recovered = recover_interrupted_tasks(deps);
+  if (!recovered)
+    return fail("recover interrupted tasks: " + recovered.error().message);
+  if (*recovered > 0)
+    std::fprintf(stderr, "ferryd: marked %zu interrupted task(s) as failed\n", *recovered);
+  auto mgr = sys.spawn(task_manager, deps);
+  return std::unique_ptr<task_service>(new caf_task_service(sys, mgr));
+}
+
+}  // namespace ferry::actors

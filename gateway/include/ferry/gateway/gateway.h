@@ -1,0 +1,63 @@
+#pragma once
+// ferry_gateway public header: the HTTP/WebSocket front door (Boost.Beast).
+//
+// Routes (all /api routes need `Authorization: Bearer <token>`; errors are `{"error": "..."}`):
+//   GET  /healthz                        liveness, no auth
+//   POST /api/v1/tasks                   {"command": "...", "repo": "..."} → 201 {"id": ...}
+//   GET  /api/v1/tasks/{id}              the task's state, folded from its events
+//   POST /api/v1/tasks/{id}/abort        kill the sandbox; 200 once aborted, 202 if still ending
+//   GET  /api/v1/tasks/{id}/events?from=SEQ   WebSocket: the task's events as JSON text frames,
+//                                        from the journal, then live from NATS, until it ends
+// Limits: request bodies ≤ `max_body_bytes` (413 beyond), headers ≤ 16 KiB (431), a request must
+// arrive within `request_timeout`.
+//
+// Threading: the gateway runs its own I/O threads and a small pool for blocking calls; `stop()`
+// may be called from any thread and is idempotent.
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "ferry/gateway/tokens.h"
+#include "ferry/schemas/result.h"
+
+namespace ferry::storage {
+class event_store;
+}
+namespace ferry::actors {
+class bus;
+class task_service;
+}  // namespace ferry::actors
+
+namespace ferry::gateway {
+
+struct gateway_options {
+  std::string host = "127.0.0.1";
+  uint16_t port = 8080;  ///< 0 picks a free port
+  int io_threads = 2;
+  size_t max_body_bytes = 1u << 20;
+  std::chrono::seconds request_timeout{30};
+};
+
+struct gateway_deps {
+  storage::event_store* store = nullptr;
+  actors::bus* events = nullptr;
+  actors::task_service* tasks = nullptr;
+  token_registry* tokens = nullptr;
+};
+
+class gateway {
+ public:
+  virtual ~gateway() = default;
+  /// The port actually bound.
+  virtual uint16_t port() const = 0;
+  /// Stops accepting, closes every connection and joins the I/O threads.
+  virtual void stop() = 0;
+};
+
+/// Binds and starts serving. Fails clearly if the address cannot be bound.
+[[nodiscard]] result<std::unique_ptr<gateway>> start_gateway(const gateway_options& opts,
+                                                             gateway_deps deps);
+
+}  // namespace ferry::gateway

@@ -1,0 +1,106 @@
+#pragma once
+// ferry_schemas public header: build, verify and render ferry.events.v1 envelopes.
+//
+// An event travels as the bytes of one finished `Envelope` FlatBuffer (see schemas/events.fbs).
+// Writers build it with `build_envelope` (sequence, position and timestamp left 0 but present so
+// the journal can set them in place), the journal stamps and stores it, and readers verify it with
+// `verify_envelope` before touching it.
+//
+// Threading: free functions, thread-safe.
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <nlohmann/json_fwd.hpp>
+
+#include "ferry/schemas/events_generated.h"
+#include "ferry/schemas/result.h"
+
+namespace ferry::schemas {
+
+namespace ev = ferry::events::v1;
+
+/// Bookkeeping a writer supplies for an event; the journal adds sequence, position and time.
+struct envelope_meta {
+  std::string stream_id;
+  std::string correlation_id;
+  std::string causation_id;
+  std::string user;
+};
+
+/// Builds a finished Envelope. `make_event(fbb)` creates the event table and returns
+/// `{ev::Event::X, offset.Union()}`.
+template <class MakeEvent>
+std::string build_envelope(const envelope_meta& meta, MakeEvent&& make_event) {
+  flatbuffers::FlatBufferBuilder fbb(256);
+  auto stream = fbb.CreateString(meta.stream_id);
+  auto corr = fbb.CreateString(meta.correlation_id);
+  auto cause = fbb.CreateString(meta.causation_id);
+  auto user = fbb.CreateString(meta.user);
+  auto [type, body] = make_event(fbb);
+  ev::EnvelopeBuilder b(fbb);
+  // Force the journal-stamped scalars to be present so they can be mutated in place.
+  fbb.ForceDefaults(true);
+  b.add_sequence(0);
+  b.add_position(0);
+  b.add_timestamp_ns(0);
+  b.add_schema_version(1);
+  fbb.ForceDefaults(false);
+  b.add_stream_id(stream);
+  b.add_correlation_id(corr);
+  b.add_causation_id(cause);
+  b.add_user(user);
+  b.add_event_type(type);
+  b.add_event(body);
+  ev::FinishEnvelopeBuffer(fbb, b.Finish());
+  return std::string(reinterpret_cast<const char*>(fbb.GetBufferPointer()), fbb.GetSize());
+}
+
+// -- convenience builders for each event of ferry.events.v1 ---------------------------------------
+
+std::string task_submitted(const envelope_meta& m, std::string_view task_id,
+                           std::string_view command, std::string_view repo);
+std::string task_state_changed(const envelope_meta& m, ev::TaskStatus from, ev::TaskStatus to,
+                               std::string_view reason);
+std::string sandbox_state_changed(const envelope_meta& m, std::string_view sandbox_id,
+                                  std::string_view backend, ev::SandboxStatus from,
+                                  ev::SandboxStatus to, std::string_view reason);
+std::string command_started(const envelope_meta& m, uint32_t command_id,
+                            const std::vector<std::string>& argv);
+std::string output_chunk(const envelope_meta& m, uint32_t command_id, ev::OutputStream stream,
+                         std::string_view data);
+std::string command_exited(const envelope_meta& m, uint32_t command_id, int32_t exit_code,
+                           int32_t signal, uint64_t duration_ms);
+std::string abort_requested(const envelope_meta& m, std::string_view reason);
+std::string task_finished(const envelope_meta& m, ev::TaskStatus status, int32_t exit_code,
+                          std::string_view reason);
+std::string token_created(const envelope_meta& m, std::string_view token_id,
+                          std::string_view name, std::string_view sha256_hex, bool admin);
+
+// -- reading ---------------------------------------------------------------------------------------
+
+/// Verifies `bytes` as an Envelope (FlatBuffers verifier, identifier, a known event type).
+/// Returns the envelope (pointing into `bytes`) or an error saying what is wrong.
+result<const ev::Envelope*> verify_envelope(std::span<const uint8_t> bytes);
+inline result<const ev::Envelope*> verify_envelope(std::string_view bytes) {
+  return verify_envelope(
+    std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()));
+}
+
+/// Stable snake_case name of an event type ("task_submitted", …).
+std::string_view event_type_name(ev::Event type);
+std::string_view to_string(ev::TaskStatus s);
+std::string_view to_string(ev::SandboxStatus s);
+
+/// JSON rendering used by the WebSocket stream and `ferryctl --json`:
+/// {"stream","seq","position","time","type","correlation_id","causation_id","user","data":{...}}.
+/// Byte payloads are given as "text" when valid UTF-8, else as "base64".
+nlohmann::json to_json(const ev::Envelope& e);
+
+/// One-line human rendering for `ferryctl events show`.
+std::string to_text(const ev::Envelope& e);
+
+}  // namespace ferry::schemas

@@ -1,0 +1,95 @@
+#pragma once
+// Length-prefixed framing for the ferry-init wire protocol (see schemas/init.fbs).
+// Header-only: used by ferry-init inside the sandbox and by the host side.
+//
+// Threading: frame_decoder is single-threaded (owned by one reader).
+
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include <flatbuffers/flatbuffers.h>
+
+#include "ferry/schemas/init_generated.h"
+
+namespace ferry::wire {
+
+/// Largest frame either side accepts; anything longer is a protocol error.
+inline constexpr uint32_t max_frame_size = 1u << 20;
+
+/// Largest output chunk ferry-init puts in one frame.
+inline constexpr size_t max_output_chunk = 64u * 1024;
+
+/// Appends the frame for a finished builder to `out`.
+inline void append_frame(std::string& out, const flatbuffers::FlatBufferBuilder& fbb) {
+  uint32_t n = fbb.GetSize();
+  unsigned char len[4] = {static_cast<unsigned char>(n), static_cast<unsigned char>(n >> 8),
+                          static_cast<unsigned char>(n >> 16), static_cast<unsigned char>(n >> 24)};
+  out.append(reinterpret_cast<const char*>(len), 4);
+  out.append(reinterpret_cast<const char*>(fbb.GetBufferPointer()), n);
+}
+
+/// Incremental decoder: feed bytes as they arrive, take verified messages out.
+class frame_decoder {
+ public:
+  enum class status { need_more, message, error };
+
+  void feed(const char* data, size_t n) { buf_.insert(buf_.end(), data, data + n); }
+
+  /// Takes the next complete frame. On `message`, `msg()` points into the decoder's buffer and
+  /// stays valid until the next call to `next()`. On `error`, `error_message()` says
+  /// why; the stream cannot be resumed.
+  status next() {
+    if (failed_)
+      return status::error;
+    buf_.erase(buf_.begin(), buf_.begin() + static_cast<std::ptrdiff_t>(consumed_));
+    consumed_ = 0;
+    current_ = nullptr;
+    if (buf_.size() < 4)
+      return status::need_more;
+    auto byte = [&](size_t i) { return static_cast<uint32_t>(static_cast<uint8_t>(buf_[i])); };
+    uint32_t n = byte(0) | byte(1) << 8 | byte(2) << 16 | byte(3) << 24;
+    if (n == 0 || n > max_frame_size)
+      return fail("frame length " + std::to_string(n) + " outside 1.." +
+                  std::to_string(max_frame_size));
+    if (buf_.size() < 4 + static_cast<size_t>(n))
+      return status::need_more;
+    // The frame sits 4 bytes into the buffer; FlatBuffers needs 8-byte alignment for its 64-bit
+    // scalars, so verify and read an aligned copy.
+    aligned_.resize((n + 7) / 8);
+    std::memcpy(aligned_.data(), buf_.data() + 4, n);
+    const auto* p = reinterpret_cast<const uint8_t*>(aligned_.data());
+    flatbuffers::Verifier verifier(p, n);
+    if (!ferry::init::v1::VerifyInitMessageBuffer(verifier))
+      return fail("frame of " + std::to_string(n) + " bytes failed FlatBuffers verification");
+    current_ = ferry::init::v1::GetInitMessage(p);
+    if (current_->message_type() == ferry::init::v1::Message::NONE)
+      return fail("frame carries no message");
+    consumed_ = 4 + n;
+    return status::message;
+  }
+
+  const ferry::init::v1::InitMessage* msg() const { return current_; }
+  const std::string& error_message() const { return error_; }
+  /// Bytes buffered but not yet consumed (a partial frame at end of stream is a protocol error).
+  size_t pending() const { return buf_.size() - consumed_; }
+
+ private:
+  status fail(std::string why) {
+    failed_ = true;
+    error_ = std::move(why);
+    return status::error;
+  }
+
+  std::vector<char> buf_;
+  std::vector<uint64_t> aligned_;
+  size_t consumed_ = 0;
+  const ferry::init::v1::InitMessage* current_ = nullptr;
+  bool failed_ = false;
+  std::string error_;
+};
+
+}  // namespace ferry::wire

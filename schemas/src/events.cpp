@@ -1,0 +1,327 @@
+#include "ferry/schemas/events.h"
+
+#include <chrono>
+#include <ctime>
+
+#include <nlohmann/json.hpp>
+
+namespace ferry::schemas {
+
+namespace {
+
+using fbb_t = flatbuffers::FlatBufferBuilder;
+
+/// True when `s` is well-formed UTF-8 (so it can go into JSON as text).
+bool is_utf8(std::string_view s) {
+  size_t i = 0;
+  while (i < s.size()) {
+    auto c = static_cast<unsigned char>(s[i]);
+    size_t n = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xe ? 3 : (c >> 3) == 0x1e ? 4 : 0;
+    if (n == 0 || i + n > s.size())
+      return false;
+    for (size_t k = 1; k < n; ++k)
+      if ((static_cast<unsigned char>(s[i + k]) >> 6) != 0x2)
+        return false;
+    i += n;
+  }
+  return true;
+}
+
+std::string base64(std::string_view in) {
+  static constexpr char tbl[] =
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  std::string out;
+  out.reserve((in.size() + 2) / 3 * 4);
+  size_t i = 0;
+  for (; i + 2 < in.size(); i += 3) {
+    uint32_t v = static_cast<uint8_t>(in[i]) << 16 | static_cast<uint8_t>(in[i + 1]) << 8 |
+                 static_cast<uint8_t>(in[i + 2]);
+    out += tbl[v >> 18];
+    out += tbl[(v >> 12) & 63];
+    out += tbl[(v >> 6) & 63];
+    out += tbl[v & 63];
+  }
+  if (i < in.size()) {
+    uint32_t v = static_cast<uint8_t>(in[i]) << 16;
+    if (i + 1 < in.size())
+      v |= static_cast<uint8_t>(in[i + 1]) << 8;
+    out += tbl[v >> 18];
+    out += tbl[(v >> 12) & 63];
+    out += i + 1 < in.size() ? tbl[(v >> 6) & 63] : '=';
+    out += '=';
+  }
+  return out;
+}
+
+std::string_view sv(const flatbuffers::String* s) {
+  return s ? std::string_view(s->data(), s->size()) : std::string_view{};
+}
+
+std::string iso_time(int64_t ns) {
+  auto secs = static_cast<time_t>(ns / 1'000'000'000);
+  auto millis = static_cast<int>((ns / 1'000'000) % 1000);
+  std::tm tm{};
+  gmtime_r(&secs, &tm);
+  char buf[40];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%S", &tm);
+  char out[48];
+  std::snprintf(out, sizeof out, "%s.%03dZ", buf, millis);
+  return out;
+}
+
+}  // namespace
+
+std::string task_submitted(const envelope_meta& m, std::string_view task_id,
+                           std::string_view command, std::string_view repo) {
+  return build_envelope(m, [&](fbb_t& fbb) {
+    auto body = ev::CreateTaskSubmittedDirect(fbb, std::string(task_id).c_str(),
+                                              std::string(command).c_str(),
+                                              std::string(repo).c_str());
+    return std::pair{ev::Event::TaskSubmitted, body.Union()};
+  });
+}
+
+std::string task_state_changed(const envelope_meta& m, ev::TaskStatus from, ev::TaskStatus to,
+                               std::string_view reason) {
+  return build_envelope(m, [&](fbb_t& fbb) {
+    auto r = fbb.CreateString(reason.data(), reason.size());
+    ev::TaskStateChangedBuilder b(fbb);
+    fbb.ForceDefaults(true);
+    b.add_from(from);
+    b.add_to(to);
+    fbb.ForceDefaults(false);
+    b.add_reason(r);
+    return std::pair{ev::Event::TaskStateChanged, b.Finish().Union()};
+  });
+}
+
+std::string sandbox_state_changed(const envelope_meta& m, std::string_view sandbox_id,
+                                  std::string_view backend, ev::SandboxStatus from,
+                                  ev::SandboxStatus to, std::string_view reason) {
+  return build_envelope(m, [&](fbb_t& fbb) {
+    auto id = fbb.CreateString(sandbox_id.data(), sandbox_id.size());
+    auto be = fbb.CreateString(backend.data(), backend.size());
+    auto r = fbb.CreateString(reason.data(), reason.size());
+    ev::SandboxStateChangedBuilder b(fbb);
+    b.add_sandbox_id(id);
+    b.add_backend(be);
+    fbb.ForceDefaults(true);
+    b.add_from(from);
+    b.add_to(to);
+    fbb.ForceDefaults(false);
+    b.add_reason(r);
+    return std::pair{ev::Event::SandboxStateChanged, b.Finish().Union()};
+  });
+}
+
+std::string command_started(const envelope_meta& m, uint32_t command_id,
+                            const std::vector<std::string>& argv) {
+  return build_envelope(m, [&](fbb_t& fbb) {
+    auto body = ev::CreateCommandStarted(fbb, command_id, fbb.CreateVectorOfStrings(argv));
+    return std::pair{ev::Event::CommandStarted, body.Union()};
+  });
+}
+
+std::string output_chunk(const envelope_meta& m, uint32_t command_id, ev::OutputStream stream,
+                         std::string_view data) {
+  return build_envelope(m, [&](fbb_t& fbb) {
+    auto bytes =
+      fbb.CreateVector(reinterpret_cast<const uint8_t*>(data.data()), data.size());
+    auto body = ev::CreateOutputChunk(fbb, command_id, stream, bytes);
+    return std::pair{ev::Event::OutputChunk, body.Union()};
+  });
+}
+
+std::string command_exited(const envelope_meta& m, uint32_t command_id, int32_t exit_code,
+                           int32_t signal, uint64_t duration_ms) {
+  return build_envelope(m, [&](fbb_t& fbb) {
+    ev::CommandExitedBuilder b(fbb);
+    fbb.ForceDefaults(true);
+    b.add_command_id(command_id);
+    b.add_exit_code(exit_code);
+    b.add_signal(signal);
+    b.add_duration_ms(duration_ms);
+    fbb.ForceDefaults(false);
+    return std::pair{ev::Event::CommandExited, b.Finish().Union()};
+  });
+}
+
+std::string abort_requested(const envelope_meta& m, std::string_view reason) {
+  return build_envelope(m, [&](fbb_t& fbb) {
+    auto body = ev::CreateAbortRequested(fbb, fbb.CreateString(reason.data(), reason.size()));
+    return std::pair{ev::Event::AbortRequested, body.Union()};
+  });
+}
+
+std::string task_finished(const envelope_meta& m, ev::TaskStatus status, int32_t exit_code,
+                          std::string_view reason) {
+  return build_envelope(m, [&](fbb_t& fbb) {
+    auto r = fbb.CreateString(reason.data(), reason.size());
+    ev::TaskFinishedBuilder b(fbb);
+    fbb.ForceDefaults(true);
+    b.add_status(status);
+    b.add_exit_code(exit_code);
+    fbb.ForceDefaults(false);
+    b.add_reason(r);
+    return std::pair{ev::Event::TaskFinished, b.Finish().Union()};
+  });
+}
+
+std::string token_created(const envelope_meta& m, std::string_view token_id,
+                          std::string_view name, std::string_view sha256_hex, bool admin) {
+  return build_envelope(m, [&](fbb_t& fbb) {
+    auto id = fbb.CreateString(token_id.data(), token_id.size());
+    auto n = fbb.CreateString(name.data(), name.size());
+    auto h = fbb.CreateString(sha256_hex.data(), sha256_hex.size());
+    auto body = ev::CreateTokenCreated(fbb, id, n, h, admin);
+    return std::pair{ev::Event::TokenCreated, body.Union()};
+  });
+}
+
+result<const ev::Envelope*> verify_envelope(std::span<const uint8_t> bytes) {
+  if (bytes.size() < 8)
+    return fail("event record of " + std::to_string(bytes.size()) + " bytes is too short");
+  if (!ev::EnvelopeBufferHasIdentifier(bytes.data()))
+    return fail("event record lacks the FEV1 identifier");
+  flatbuffers::Verifier verifier(bytes.data(), bytes.size());
+  if (!ev::VerifyEnvelopeBuffer(verifier))
+    return fail("event record of " + std::to_string(bytes.size()) +
+                " bytes failed FlatBuffers verification");
+  const auto* e = ev::GetEnvelope(bytes.data());
+  auto type = e->event_type();
+  if (type == ev::Event::NONE || e->event() == nullptr)
+    return fail("event record carries no event");
+  if (static_cast<int>(type) > static_cast<int>(ev::Event::MAX))
+    return fail("event record has unknown event type " + std::to_string(static_cast<int>(type)));
+  return e;
+}
+
+std::string_view event_type_name(ev::Event type) {
+  switch (type) {
+    case ev::Event::TaskSubmitted: return "task_submitted";
+    case ev::Event::TaskStateChanged: return "task_state_changed";
+    case ev::Event::SandboxStateChanged: return "sandbox_state_changed";
+    case ev::Event::CommandStarted: return "command_started";
+    case ev::Event::OutputChunk: return "output_chunk";
+    case ev::Event::CommandExited: return "command_exited";
+    case ev::Event::AbortRequested: return "abort_requested";
+    case ev::Event::TaskFinished: return "task_finished";
+    case ev::Event::TokenCreated: return "token_created";
+    case ev::Event::NONE: break;
+  }
+  return "unknown";
+}
+
+std::string_view to_string(ev::TaskStatus s) {
+  switch (s) {
+    case ev::TaskStatus::queued: return "queued";
+    case ev::TaskStatus::running: return "running";
+    case ev::TaskStatus::succeeded: return "succeeded";
+    case ev::TaskStatus::failed: return "failed";
+    case ev::TaskStatus::aborted: return "aborted";
+  }
+  return "unknown";
+}
+
+std::string_view to_string(ev::SandboxStatus s) {
+  switch (s) {
+    case ev::SandboxStatus::none: return "none";
+    case ev::SandboxStatus::spawning: return "spawning";
+    case ev::SandboxStatus::running: return "running";
+    case ev::SandboxStatus::terminating: return "terminating";
+    case ev::SandboxStatus::terminated: return "terminated";
+    case ev::SandboxStatus::failed: return "failed";
+  }
+  return "unknown";
+}
+
+nlohmann::json to_json(const ev::Envelope& e) {
+  using nlohmann::json;
+  json data = json::object();
+  switch (e.event_type()) {
+    case ev::Event::TaskSubmitted: {
+      auto* x = e.event_as_TaskSubmitted();
+      data = {{"task_id", sv(x->task_id())}, {"command", sv(x->command())},
+              {"repo", sv(x->repo())}};
+      break;
+    }
+    case ev::Event::TaskStateChanged: {
+      auto* x = e.event_as_TaskStateChanged();
+      data = {{"from", to_string(x->from())}, {"to", to_string(x->to())},
+              {"reason", sv(x->reason())}};
+      break;
+    }
+    case ev::Event::SandboxStateChanged: {
+      auto* x = e.event_as_SandboxStateChanged();
+      data = {{"sandbox_id", sv(x->sandbox_id())}, {"backend", sv(x->backend())},
+              {"from", to_string(x->from())}, {"to", to_string(x->to())},
+              {"reason", sv(x->reason())}};
+      break;
+    }
+    case ev::Event::CommandStarted: {
+      auto* x = e.event_as_CommandStarted();
+      json argv = json::array();
+      if (x->argv())
+        for (const auto* a : *x->argv())
+          argv.push_back(sv(a));
+      data = {{"command_id", x->command_id()}, {"argv", std::move(argv)}};
+      break;
+    }
+    case ev::Event::OutputChunk: {
+      auto* x = e.event_as_OutputChunk();
+      std::string_view bytes;
+      if (x->data())
+        bytes = {reinterpret_cast<const char*>(x->data()->data()), x->data()->size()};
+      data = {{"command_id", x->command_id()},
+              {"stream", x->stream() == ev::OutputStream::stderr ? "stderr" : "stdout"}};
+      if (is_utf8(bytes))
+        data["text"] = bytes;
+      else
+        data["base64"] = base64(bytes);
+      break;
+    }
+    case ev::Event::CommandExited: {
+      auto* x = e.event_as_CommandExited();
+      data = {{"command_id", x->command_id()}, {"exit_code", x->exit_code()},
+              {"signal", x->signal()}, {"duration_ms", x->duration_ms()}};
+      break;
+    }
+    case ev::Event::AbortRequested: {
+      data = {{"reason", sv(e.event_as_AbortRequested()->reason())}};
+      break;
+    }
+    case ev::Event::TaskFinished: {
+      auto* x = e.event_as_TaskFinished();
+      data = {{"status", to_string(x->status())}, {"exit_code", x->exit_code()},
+              {"reason", sv(x->reason())}};
+      break;
+    }
+    case ev::Event::TokenCreated: {
+      auto* x = e.event_as_TokenCreated();
+      // The hash is deliberately not rendered: nothing outside the journal needs it.
+      data = {{"token_id", sv(x->token_id())}, {"name", sv(x->name())}, {"admin", x->admin()}};
+      break;
+    }
+    case ev::Event::NONE: break;
+  }
+  return json{{"stream", sv(e.stream_id())},
+              {"seq", e.sequence()},
+              {"position", e.position()},
+              {"time", iso_time(e.timestamp_ns())},
+              {"type", event_type_name(e.event_type())},
+              {"correlation_id", sv(e.correlation_id())},
+              {"causation_id", sv(e.causation_id())},
+              {"user", sv(e.user())},
+              {"data", std::move(data)}};
+}
+
+std::string to_text(const ev::Envelope& e) {
+  auto j = to_json(e);
+  std::string line = std::to_string(e.sequence()) + "  " + iso_time(e.timestamp_ns()) + "  " +
+                     std::string(event_type_name(e.event_type()));
+  for (auto& [k, v] : j["data"].items())
+    line += "  " + k + "=" + v.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+  return line;
+}
+
+}  // namespace ferry::schemas

@@ -1,0 +1,105 @@
+#define BOOST_TEST_MODULE schemas_events
+#include <boost/test/unit_test.hpp>
+
+#include <nlohmann/json.hpp>
+
+#include "ferry/schemas/events.h"
+
+namespace ev = ferry::events::v1;
+namespace sc = ferry::schemas;
+
+namespace {
+const sc::envelope_meta meta{"task-abc", "req-1", "cause-1", "tok_1"};
+
+const ev::Envelope& verified(const std::string& bytes) {
+  auto e = sc::verify_envelope(bytes);
+  BOOST_REQUIRE_MESSAGE(e.ok(), (e.ok() ? "" : e.error().message));
+  return **e;
+}
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(envelope_fields_round_trip) {
+  auto bytes = sc::task_submitted(meta, "abc", "echo hi", "git@x:y");
+  const auto& e = verified(bytes);
+  BOOST_TEST(e.stream_id()->str() == "task-abc");
+  BOOST_TEST(e.correlation_id()->str() == "req-1");
+  BOOST_TEST(e.causation_id()->str() == "cause-1");
+  BOOST_TEST(e.user()->str() == "tok_1");
+  BOOST_TEST(e.schema_version() == 1);
+  BOOST_TEST(e.sequence() == 0u);
+  BOOST_REQUIRE(e.event_type() == ev::Event::TaskSubmitted);
+  BOOST_TEST(e.event_as_TaskSubmitted()->command()->str() == "echo hi");
+  BOOST_TEST(e.event_as_TaskSubmitted()->repo()->str() == "git@x:y");
+}
+
+BOOST_AUTO_TEST_CASE(journal_stamped_fields_are_mutable_in_place) {
+  // The journal relies on these scalars being present so it can stamp them without a rebuild.
+  auto bytes = sc::abort_requested(meta, "stop");
+  auto* env = ev::GetMutableEnvelope(bytes.data());
+  BOOST_TEST(env->mutate_sequence(7));
+  BOOST_TEST(env->mutate_position(42));
+  BOOST_TEST(env->mutate_timestamp_ns(1'700'000'000'000'000'000));
+  const auto& e = verified(bytes);
+  BOOST_TEST(e.sequence() == 7u);
+  BOOST_TEST(e.position() == 42u);
+}
+
+BOOST_AUTO_TEST_CASE(every_event_type_round_trips_through_json) {
+  std::vector<std::pair<std::string, std::string>> cases = {
+    {"task_submitted", sc::task_submitted(meta, "abc", "ls", "")},
+    {"task_state_changed",
+     sc::task_state_changed(meta, ev::TaskStatus::queued, ev::TaskStatus::running, "go")},
+    {"sandbox_state_changed",
+     sc::sandbox_state_changed(meta, "ferry-abc", "runsc", ev::SandboxStatus::none,
+                               ev::SandboxStatus::spawning, "")},
+    {"command_started", sc::command_started(meta, 1, {"/bin/sh", "-c", "ls"})},
+    {"output_chunk", sc::output_chunk(meta, 1, ev::OutputStream::stderr, "oops\n")},
+    {"command_exited", sc::command_exited(meta, 1, 3, 0, 12)},
+    {"abort_requested", sc::abort_requested(meta, "enough")},
+    {"task_finished", sc::task_finished(meta, ev::TaskStatus::failed, 3, "exit 3")},
+    {"token_created", sc::token_created(meta, "tok_1", "admin", "ab12", true)},
+  };
+  for (auto& [type, bytes] : cases) {
+    auto j = sc::to_json(verified(bytes));
+    BOOST_TEST(j["type"] == type);
+    BOOST_TEST(j["stream"] == "task-abc");
+    BOOST_TEST(j["data"].is_object());
+  }
+  auto out = sc::to_json(verified(cases[4].second));
+  BOOST_TEST(out["data"]["stream"] == "stderr");
+  BOOST_TEST(out["data"]["text"] == "oops\n");
+  auto exited = sc::to_json(verified(cases[5].second));
+  BOOST_TEST(exited["data"]["exit_code"] == 3);
+  BOOST_TEST(exited["data"]["duration_ms"] == 12);
+  auto tok = sc::to_json(verified(cases[8].second));
+  BOOST_TEST(!tok["data"].contains("sha256"));  // the hash never leaves the journal
+  auto sbx = sc::to_json(verified(cases[2].second));
+  BOOST_TEST(sbx["data"]["from"] == "none");
+  BOOST_TEST(sbx["data"]["to"] == "spawning");
+}
+
+BOOST_AUTO_TEST_CASE(binary_output_is_rendered_as_base64) {
+  std::string data("\xff\x00\x01hi", 5);
+  auto j = sc::to_json(verified(sc::output_chunk(meta, 1, ev::OutputStream::stdout, data)));
+  BOOST_TEST(!j["data"].contains("text"));
+  BOOST_TEST(j["data"]["base64"] == "/wABaGk=");
+}
+
+BOOST_AUTO_TEST_CASE(corrupt_records_are_errors_not_crashes) {
+  auto good = sc::task_finished(meta, ev::TaskStatus::succeeded, 0, "");
+  BOOST_TEST(!sc::verify_envelope(std::string_view()).ok());
+  BOOST_TEST(!sc::verify_envelope(std::string_view("short")).ok());
+  BOOST_TEST(!sc::verify_envelope(good.substr(0, good.size() / 2)).ok());
+  // Flip every byte once: the verifier must either reject it or yield a readable envelope.
+  for (size_t i = 0; i < good.size(); ++i) {
+    auto bad = good;
+    bad[i] = static_cast<char>(bad[i] ^ 0x5a);
+    if (auto e = sc::verify_envelope(bad); e.ok())
+      (void)sc::to_json(**e);
+  }
+  std::string wrong_id = good;
+  wrong_id[4] = 'X';  // file identifier lives at bytes 4..7
+  auto r = sc::verify_envelope(wrong_id);
+  BOOST_REQUIRE(!r.ok());
+  BOOST_TEST(r.error().message.find("identifier") != std::string::npos);
+}
