@@ -107,6 +107,30 @@ result<void> write_file_atomically(const fs::path& path, std::string_view conten
   return {};
 }
 
+/// Reads a small file with plain syscalls: /proc files of processes that exit meanwhile fail
+/// with ESRCH, which libstdc++'s filebuf would turn into an exception. Empty on any error.
+std::string read_small_file(const fs::path& path) {
+  std::string out;
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0)
+    return out;
+  char buf[4096];
+  for (;;) {
+    ssize_t n = ::read(fd, buf, sizeof buf);
+    if (n > 0) {
+      out.append(buf, static_cast<size_t>(n));
+    } else if (n < 0 && errno == EINTR) {
+      continue;
+    } else {
+      if (n < 0)
+        out.clear();
+      break;
+    }
+  }
+  ::close(fd);
+  return out;
+}
+
 /// Host processes started by runsc (argv[0] runsc*) whose command line mentions `needle`.
 std::vector<pid_t> runsc_processes_mentioning(const std::string& needle) {
   std::vector<pid_t> found;
@@ -117,8 +141,7 @@ std::vector<pid_t> runsc_processes_mentioning(const std::string& needle) {
     const std::string name = e.path().filename().string();
     if (name.empty() || !std::all_of(name.begin(), name.end(), [](char c) { return c >= '0' && c <= '9'; }))
       continue;
-    std::ifstream f(e.path() / "cmdline", std::ios::binary);
-    std::string cmdline((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    const std::string cmdline = read_small_file(e.path() / "cmdline");
     if (cmdline.empty())
       continue;  // a kernel thread or a zombie: nothing left to kill
     std::string argv0 = cmdline.substr(0, cmdline.find('\0'));
@@ -202,9 +225,7 @@ result<std::vector<fs::path>> prepare_host_tree(const fs::path& root) {
       {"etc/nsswitch.conf", "passwd: files\ngroup: files\nhosts: files\n"},
   };
   for (const auto& [name, content] : etc_files) {
-    std::ifstream in(root / name, std::ios::binary);
-    std::string current((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    if (current == content)
+    if (read_small_file(root / name) == content)
       continue;
     if (auto r = write_file_atomically(root / name, content, fs::perms(0644)); !r)
       return r.error();

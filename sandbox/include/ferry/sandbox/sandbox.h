@@ -8,7 +8,8 @@
 //
 // Threading: `sandbox_runtime` is thread-safe. Each `sandbox` runs one reader thread that calls
 // its observer, never concurrently for one sandbox. `sandbox::kill()` may be called from any
-// thread. Destroying a sandbox kills it and joins its reader thread.
+// thread. Destroying a sandbox kills it and joins its reader thread, so neither the destructor
+// nor `wait()` may be called from the sandbox's own observer.
 
 #include <chrono>
 #include <cstdint>

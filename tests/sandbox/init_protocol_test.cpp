@@ -1,0 +1,377 @@
+#define BOOST_TEST_MODULE sandbox_init_protocol
+#include <boost/test/unit_test.hpp>
+
+// ferry-init run directly on the host (no sandbox) with its stdout piped to the test, and the
+// frame decoder fed hostile input. Pins the wire behaviour the runsc backend relies on.
+
+#include <signal.h>
+
+#include <random>
+
+#include <flatbuffers/flatbuffers.h>
+
+#include "ferry/sandbox/process.h"
+#include "ferry/schemas/frame.h"
+#include "test_support.h"
+
+using namespace ferry::sandbox;
+using namespace std::chrono_literals;
+namespace v1 = ferry::init::v1;
+using ferry::wire::frame_decoder;
+
+namespace {
+
+/// One decoded message, flattened for comparison.
+struct event {
+  v1::Message type = v1::Message::NONE;
+  uint32_t command_id = 0;
+  int32_t pid = 0;
+  int stream = -1;
+  std::string data;  // Output data or Error message
+  std::vector<std::string> argv;
+  int32_t exit_code = 0, signal = 0;
+  uint64_t duration_ms = 0;
+};
+
+event flatten(const v1::InitMessage& m) {
+  event e;
+  e.type = m.message_type();
+  switch (e.type) {
+    case v1::Message::Hello:
+      e.pid = m.message_as_Hello()->pid();
+      break;
+    case v1::Message::Started: {
+      auto* s = m.message_as_Started();
+      e.command_id = s->command_id();
+      e.pid = s->pid();
+      if (s->argv())
+        for (auto* a : *s->argv())
+          e.argv.push_back(a->str());
+      break;
+    }
+    case v1::Message::Output: {
+      auto* o = m.message_as_Output();
+      e.command_id = o->command_id();
+      e.stream = o->stream();
+      if (o->data())
+        e.data.assign(reinterpret_cast<const char*>(o->data()->data()), o->data()->size());
+      break;
+    }
+    case v1::Message::Exited: {
+      auto* x = m.message_as_Exited();
+      e.command_id = x->command_id();
+      e.exit_code = x->exit_code();
+      e.signal = x->signal();
+      e.duration_ms = x->duration_ms();
+      break;
+    }
+    case v1::Message::Error:
+      e.data = m.message_as_Error()->message() ? m.message_as_Error()->message()->str() : "";
+      break;
+    case v1::Message::NONE:
+      break;
+  }
+  return e;
+}
+
+/// Decodes a whole stream; fails the test on a protocol error or a trailing partial frame.
+std::vector<event> decode_all(const std::string& bytes) {
+  frame_decoder d;
+  d.feed(bytes.data(), bytes.size());
+  std::vector<event> out;
+  for (;;) {
+    auto st = d.next();
+    if (st == frame_decoder::status::message) {
+      out.push_back(flatten(*d.msg()));
+      continue;
+    }
+    BOOST_TEST((st == frame_decoder::status::need_more), "decoder error: " << d.error_message());
+    break;
+  }
+  BOOST_TEST(d.pending() == 0u);
+  return out;
+}
+
+spawn_options init_options(std::vector<std::string> args) {
+  spawn_options o;
+  o.argv = {FERRY_INIT_BINARY};
+  o.argv.insert(o.argv.end(), args.begin(), args.end());
+  o.out = stdio::pipe;
+  return o;
+}
+
+struct init_run {
+  std::vector<event> events;
+  std::string diagnostics;  // ferry-init's stderr
+  exit_status status;
+};
+
+init_run run_init(std::vector<std::string> args) {
+  auto o = init_options(std::move(args));
+  o.err = stdio::pipe;
+  auto c = child_process::spawn(o);
+  BOOST_REQUIRE_MESSAGE(c.ok(), (c.ok() ? "" : c.error().message));
+  auto bytes = testing::read_until_eof(c->stdout_fd(), 30s);
+  BOOST_REQUIRE_MESSAGE(bytes, "ferry-init did not close its stdout");
+  auto diagnostics = testing::read_until_eof(c->stderr_fd(), 5s);  // small: fits the pipe
+  BOOST_REQUIRE(diagnostics);
+  return {decode_all(*bytes), *diagnostics, c->wait()};
+}
+
+std::string output_of(const std::vector<event>& events, int stream) {
+  std::string s;
+  for (const auto& e : events)
+    if (e.type == v1::Message::Output && e.stream == stream)
+      s += e.data;
+  return s;
+}
+
+std::string frame_of(flatbuffers::FlatBufferBuilder& fbb) {
+  std::string out;
+  ferry::wire::append_frame(out, fbb);
+  return out;
+}
+
+std::string hello_frame() {
+  flatbuffers::FlatBufferBuilder fbb;
+  auto h = v1::CreateHello(fbb, 1, 1);
+  v1::FinishInitMessageBuffer(fbb, v1::CreateInitMessage(fbb, v1::Message::Hello, h.Union()));
+  return frame_of(fbb);
+}
+
+std::string exited_frame() {
+  flatbuffers::FlatBufferBuilder fbb;
+  auto x = v1::CreateExited(fbb, 1, 0, 0, 1234);
+  v1::FinishInitMessageBuffer(fbb, v1::CreateInitMessage(fbb, v1::Message::Exited, x.Union()));
+  return frame_of(fbb);
+}
+
+std::string le32(uint32_t n) {
+  return {static_cast<char>(n), static_cast<char>(n >> 8), static_cast<char>(n >> 16),
+          static_cast<char>(n >> 24)};
+}
+
+frame_decoder::status decode_one(const std::string& bytes, frame_decoder& d) {
+  d.feed(bytes.data(), bytes.size());
+  return d.next();
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(reports_hello_started_output_and_exited_in_order) {
+  auto r = run_init({"--command-id", "42", "--", "/bin/sh", "-c", "echo hello; echo err >&2; exit 3"});
+  const auto& ev = r.events;
+  BOOST_REQUIRE(ev.size() == 5u);
+  BOOST_TEST((ev[0].type == v1::Message::Hello));
+  BOOST_TEST(ev[0].pid > 0);
+  BOOST_TEST((ev[1].type == v1::Message::Started));
+  BOOST_TEST(ev[1].command_id == 42u);
+  BOOST_TEST(ev[1].pid > 0);
+  BOOST_TEST((ev[1].argv == std::vector<std::string>{"/bin/sh", "-c", "echo hello; echo err >&2; exit 3"}));
+  BOOST_TEST((ev[2].type == v1::Message::Output));
+  BOOST_TEST(ev[2].stream == 0);
+  BOOST_TEST(ev[2].data == "hello\n");
+  BOOST_TEST((ev[3].type == v1::Message::Output));
+  BOOST_TEST(ev[3].stream == 1);
+  BOOST_TEST(ev[3].data == "err\n");
+  BOOST_TEST((ev[4].type == v1::Message::Exited));
+  BOOST_TEST(ev[4].command_id == 42u);
+  BOOST_TEST(ev[4].exit_code == 3);
+  BOOST_TEST(ev[4].signal == 0);
+  BOOST_TEST(r.status.ok());
+}
+
+BOOST_AUTO_TEST_CASE(command_id_defaults_to_1_and_duration_is_measured) {
+  auto r = run_init({"--", "/bin/sh", "-c", "sleep 0.3"});
+  BOOST_REQUIRE(r.events.size() == 3u);
+  BOOST_TEST(r.events[1].command_id == 1u);
+  BOOST_TEST((r.events[2].type == v1::Message::Exited));
+  BOOST_TEST(r.events[2].exit_code == 0);
+  BOOST_TEST(r.events[2].duration_ms >= 300u);
+  BOOST_TEST(r.events[2].duration_ms < 5000u);
+}
+
+BOOST_AUTO_TEST_CASE(death_by_signal_is_reported) {
+  auto r = run_init({"--", "/bin/sh", "-c", "kill -KILL $$"});
+  BOOST_REQUIRE(!r.events.empty());
+  const auto& last = r.events.back();
+  BOOST_TEST((last.type == v1::Message::Exited));
+  BOOST_TEST(last.exit_code == -1);
+  BOOST_TEST(last.signal == SIGKILL);
+}
+
+BOOST_AUTO_TEST_CASE(large_output_arrives_complete_in_bounded_chunks) {
+  // ~1.2 MB of distinct lines, so loss, duplication and reordering all show.
+  auto r = run_init({"--", "seq", "1", "180000"});
+  std::string expected;
+  for (int i = 1; i <= 180000; ++i)
+    expected += std::to_string(i) + "\n";
+  size_t chunks = 0;
+  for (const auto& e : r.events) {
+    if (e.type == v1::Message::Output) {
+      ++chunks;
+      BOOST_TEST(e.data.size() <= ferry::wire::max_output_chunk);
+      BOOST_TEST(!e.data.empty());
+    }
+  }
+  BOOST_TEST(output_of(r.events, 0) == expected);
+  BOOST_TEST(chunks >= expected.size() / ferry::wire::max_output_chunk);
+  BOOST_TEST((r.events.back().type == v1::Message::Exited));
+}
+
+BOOST_AUTO_TEST_CASE(output_of_orphaned_children_precedes_exited) {
+  // The background subshell outlives the command and keeps stdout open: its output still comes
+  // before Exited, and ferry-init reaps it.
+  auto r = run_init({"--", "/bin/sh", "-c", "(sleep 0.3; echo late) & echo early"});
+  BOOST_TEST(output_of(r.events, 0) == "early\nlate\n");
+  BOOST_TEST((r.events.back().type == v1::Message::Exited));
+  BOOST_TEST(r.events.back().exit_code == 0);
+}
+
+BOOST_AUTO_TEST_CASE(command_gets_empty_stdin) {
+  auto r = run_init({"--", "/bin/sh", "-c", "wc -c"});
+  BOOST_TEST(output_of(r.events, 0) == "0\n");
+}
+
+BOOST_AUTO_TEST_CASE(sigterm_is_forwarded_to_the_command) {
+  auto c = child_process::spawn(init_options({"--", "sleep", "100"}));
+  BOOST_REQUIRE(c.ok());
+  frame_decoder d;
+  std::vector<event> events;
+  char buf[4096];
+  bool terminated = false;
+  const auto deadline = std::chrono::steady_clock::now() + 20s;
+  for (;;) {
+    BOOST_REQUIRE(std::chrono::steady_clock::now() < deadline);
+    pollfd p{c->stdout_fd(), POLLIN, 0};
+    if (::poll(&p, 1, 100) <= 0)
+      continue;
+    ssize_t n = ::read(c->stdout_fd(), buf, sizeof buf);
+    if (n <= 0)
+      break;
+    d.feed(buf, static_cast<size_t>(n));
+    while (d.next() == frame_decoder::status::message)
+      events.push_back(flatten(*d.msg()));
+    if (!terminated && !events.empty() && events.back().type == v1::Message::Started) {
+      ::kill(c->pid(), SIGTERM);  // ferry-init alone, not its group
+      terminated = true;
+    }
+  }
+  BOOST_REQUIRE(terminated);
+  BOOST_TEST((events.back().type == v1::Message::Exited));
+  BOOST_TEST(events.back().signal == SIGTERM);
+  BOOST_TEST(c->wait().ok());
+}
+
+BOOST_AUTO_TEST_CASE(unexecutable_command_gives_error_and_no_started) {
+  auto r = run_init({"--", "/nonexistent/ferry-no-such-command", "x"});
+  BOOST_REQUIRE(r.events.size() == 2u);
+  BOOST_TEST((r.events[0].type == v1::Message::Hello));
+  BOOST_TEST((r.events[1].type == v1::Message::Error));
+  BOOST_TEST(r.events[1].data.find("cannot execute `/nonexistent/ferry-no-such-command`") != std::string::npos);
+  BOOST_TEST(r.events[1].data.find("No such file") != std::string::npos);
+  BOOST_TEST(r.diagnostics.find("cannot execute") != std::string::npos);  // also on stderr
+  BOOST_TEST(r.status.exit_code == 1);
+}
+
+BOOST_AUTO_TEST_CASE(bad_usage_gives_error) {
+  for (auto args : std::vector<std::vector<std::string>>{
+           {}, {"--"}, {"--command-id", "x", "--", "true"}, {"--bogus", "--", "true"}}) {
+    auto r = run_init(args);
+    BOOST_REQUIRE(r.events.size() == 1u);
+    BOOST_TEST((r.events[0].type == v1::Message::Error));
+    BOOST_TEST(r.status.exit_code == 2);
+  }
+}
+
+// --- frame_decoder against hostile input -----------------------------------------------------
+
+BOOST_AUTO_TEST_CASE(decoder_reassembles_frames_fed_byte_by_byte) {
+  std::string stream = hello_frame() + exited_frame() + hello_frame();
+  frame_decoder d;
+  int messages = 0;
+  for (char c : stream) {
+    d.feed(&c, 1);
+    auto st = d.next();
+    BOOST_REQUIRE((st != frame_decoder::status::error));
+    if (st == frame_decoder::status::message)
+      ++messages;
+  }
+  BOOST_TEST(messages == 3);
+  BOOST_TEST(d.pending() == 0u);
+}
+
+BOOST_AUTO_TEST_CASE(decoder_reads_lengths_with_high_bit_bytes) {
+  // Lengths like 0x84 or 0x1ff: each length byte must be read unsigned.
+  for (size_t payload : {100u, 200u, 400u, 70000u}) {
+    flatbuffers::FlatBufferBuilder fbb;
+    std::vector<uint8_t> data(payload, 'x');
+    auto out = v1::CreateOutput(fbb, 1, 0, fbb.CreateVector(data));
+    v1::FinishInitMessageBuffer(fbb, v1::CreateInitMessage(fbb, v1::Message::Output, out.Union()));
+    std::string frame = frame_of(fbb);
+    frame_decoder d;
+    BOOST_TEST_REQUIRE((decode_one(frame, d) == frame_decoder::status::message),
+                       "payload " << payload << ": " << d.error_message());
+    BOOST_TEST(d.msg()->message_as_Output()->data()->size() == payload);
+  }
+}
+
+BOOST_AUTO_TEST_CASE(decoder_rejects_bad_lengths) {
+  frame_decoder zero;
+  BOOST_TEST((decode_one(le32(0) + "xxxx", zero) == frame_decoder::status::error));
+  BOOST_TEST(zero.error_message().find("frame length 0") != std::string::npos);
+  BOOST_TEST((zero.next() == frame_decoder::status::error));  // no resuming after an error
+
+  frame_decoder huge;
+  BOOST_TEST((decode_one(le32(ferry::wire::max_frame_size + 1), huge) == frame_decoder::status::error));
+  frame_decoder all_ones;
+  BOOST_TEST((decode_one(std::string(4, '\xff'), all_ones) == frame_decoder::status::error));
+}
+
+BOOST_AUTO_TEST_CASE(decoder_rejects_truncated_frames) {
+  std::string good = exited_frame();
+  std::string body = good.substr(4);
+  for (size_t cut = 1; cut < body.size(); ++cut) {
+    // The length is honest about the truncated body: verification must catch it.
+    frame_decoder d;
+    BOOST_TEST((decode_one(le32(static_cast<uint32_t>(cut)) + body.substr(0, cut), d) ==
+                frame_decoder::status::error),
+               "cut at " << cut);
+  }
+  // A frame cut short by the end of the stream is left pending (the host treats it as an error).
+  frame_decoder d;
+  BOOST_TEST((decode_one(good.substr(0, good.size() - 1), d) == frame_decoder::status::need_more));
+  BOOST_TEST(d.pending() == good.size() - 1);
+}
+
+BOOST_AUTO_TEST_CASE(decoder_rejects_random_bytes) {
+  std::mt19937 rng(20240611);
+  for (int i = 0; i < 5000; ++i) {
+    uint32_t n = 1 + rng() % 300;
+    std::string bytes = le32(n);
+    for (uint32_t j = 0; j < n; ++j)
+      bytes += static_cast<char>(rng());
+    frame_decoder d;
+    BOOST_TEST_REQUIRE((decode_one(bytes, d) == frame_decoder::status::error), "iteration " << i);
+  }
+}
+
+BOOST_AUTO_TEST_CASE(decoder_survives_every_single_byte_corruption) {
+  // Flipping a data byte may still verify; what matters is no crash and no out-of-bounds read
+  // (run under ASan), and that header corruption is caught.
+  std::string good = exited_frame();
+  int errors = 0;
+  for (size_t i = 0; i < good.size(); ++i) {
+    for (unsigned char mask : {0x01, 0x80, 0xff}) {
+      std::string bad = good;
+      bad[i] = static_cast<char>(bad[i] ^ mask);
+      frame_decoder d;
+      auto st = decode_one(bad, d);
+      if (st == frame_decoder::status::error)
+        ++errors;
+      if (st == frame_decoder::status::message)
+        (void)flatten(*d.msg());
+    }
+  }
+  BOOST_TEST(errors > 0);
+}
