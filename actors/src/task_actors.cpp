@@ -407,10 +407,12 @@ caf::behavior task_manager(manager_actor_t* self, task_deps deps) {
       s.shutting_down = true;
       if (s.live.empty())
         return true;
+      // Anonymous: the tasks' answers (their abort outcomes) are not needed here; their ends
+      // arrive as down messages.
       for (auto& [id, task] : s.live)
-        self->send<caf::message_priority::high>(task, abort_atom_v,
-                                                std::string("ferryd shutting down"),
-                                                std::string("system"));
+        caf::anon_send<caf::message_priority::high>(task, abort_atom_v,
+                                                    std::string("ferryd shutting down"),
+                                                    std::string("system"));
       auto rp = self->make_response_promise<bool>();
       s.shutdown_waiters.push_back(rp);
       return rp;
