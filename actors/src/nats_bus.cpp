@@ -1,9 +1,12 @@
 // nats_bus: the NATS implementation of `bus` (nats.c), and the embedded nats-server child.
 // natsX_Verb names stay in this file.
 
+#include <signal.h>
+
 #include <atomic>
 #include <cerrno>
 #include <csignal>
+#include <cstdio>
 #include <cstring>
 #include <mutex>
 #include <condition_variable>
@@ -158,6 +161,26 @@ std::string logged_client_port(const std::string& log) {
   return port;
 }
 
+/// A ferryd that was killed (SIGKILL, crash) leaves its nats-server child running on the same
+/// store. Stop it (found by the pid file it wrote, confirmed by its command line) before starting
+/// a new one.
+void stop_stale_server(const std::string& pid_path, const std::string& store_dir) {
+  std::ifstream in{pid_path};
+  long pid = 0;
+  if (!(in >> pid) || pid <= 1)
+    return;
+  std::ifstream cmd{"/proc/" + std::to_string(pid) + "/cmdline", std::ios::binary};
+  std::string cmdline((std::istreambuf_iterator<char>(cmd)), {});
+  if (cmdline.find("nats-server") == std::string::npos ||
+      cmdline.find(store_dir) == std::string::npos)
+    return;
+  std::fprintf(stderr, "ferryd: stopping nats-server %ld left by an earlier ferryd\n", pid);
+  ::kill(static_cast<pid_t>(pid), SIGTERM);
+  for (int i = 0; i < 100 && ::kill(static_cast<pid_t>(pid), 0) == 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  ::kill(static_cast<pid_t>(pid), SIGKILL);
+}
+
 }  // namespace
 
 result<std::unique_ptr<bus>> connect_nats(const std::string& url) {
@@ -186,11 +209,13 @@ result<std::unique_ptr<embedded_nats>> start_embedded_nats(const std::string& bi
   // nats-server logs to a file next to its store (never to a pipe nobody drains); port -1 makes
   // it pick a free port, which it logs. Only the part of the log written after our start counts.
   auto log_path = store_dir.string() + ".log";
+  auto pid_path = store_dir.string() + ".pid";
+  stop_stale_server(pid_path, store_dir.string());
   auto log_offset = std::filesystem::exists(log_path, ec) ? std::filesystem::file_size(log_path, ec)
                                                           : 0;
   sandbox::spawn_options o;
   o.argv = {binary, "-a", "127.0.0.1", "-p", "-1", "-js", "-sd", store_dir.string(),
-            "-l", log_path};
+            "-l", log_path, "-P", pid_path};
   o.out = sandbox::stdio::null;
   o.err = sandbox::stdio::null;
   auto proc = sandbox::child_process::spawn(o);

@@ -24,10 +24,13 @@ namespace fs = std::filesystem;
 
 namespace {
 
-[[noreturn]] void die(const std::string& message) {
-  std::fprintf(stderr, "ferryd: fatal: %s\n", message.c_str());
-  std::exit(1);
-}
+/// A start-up failure. Thrown (inside this file only) so that everything started so far — the
+/// nats-server child, running actors — is stopped by its destructor on the way out.
+struct fatal_error {
+  std::string message;
+};
+
+[[noreturn]] void die(const std::string& message) { throw fatal_error{message}; }
 
 /// "HOST:PORT" or "[V6]:PORT" → host, port.
 std::pair<std::string, uint16_t> parse_listen(const std::string& s) {
@@ -57,7 +60,7 @@ fs::path self_dir() {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+int run(int argc, char** argv) {
   CLI::App app{"ferryd — the Ferry server (tasks in gVisor sandboxes, event-sourced)"};
   std::string listen = "127.0.0.1:8080";
   std::string data_dir = "./var";
@@ -190,4 +193,13 @@ int main(int argc, char** argv) {
   store->reset();
   std::printf("ferryd: stopped\n");
   return 0;
+}
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const fatal_error& e) {
+    std::fprintf(stderr, "ferryd: fatal: %s\n", e.message.c_str());
+    return 1;
+  }
 }
