@@ -169,8 +169,7 @@ void stop_stale_server(const std::string& pid_path, const std::string& store_dir
   long pid = 0;
   if (!(in >> pid) || pid <= 1)
     return;
-  std::ifstream cmd{"/proc/" + std::to_string(pid) + "/cmdline", std::ios::binary};
-  std::string cmdline((std::istreambuf_iterator<char>(cmd)), {});
+  auto cmdline = sandbox::read_small_file("/proc/" + std::to_string(pid) + "/cmdline");
   if (cmdline.find("nats-server") == std::string::npos ||
       cmdline.find(store_dir) == std::string::npos)
     return;

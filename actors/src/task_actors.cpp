@@ -2,7 +2,10 @@
 
 #include <openssl/rand.h>
 
+#include <condition_variable>
 #include <cstdio>
+#include <functional>
+#include <mutex>
 #include <map>
 
 #include "ferry/actors/tasks.h"
@@ -64,7 +67,16 @@ bool sandbox_transition_allowed(ev::SandboxStatus from, ev::SandboxStatus to) {
   return false;
 }
 
+/// Output waiting for the task actor is bounded: past this many bytes the sandbox's reader thread
+/// blocks, the pipe from ferry-init fills, and the command itself blocks on write. Backpressure
+/// instead of unbounded memory.
+constexpr size_t max_pending_output = 4u << 20;
+/// Consecutive chunks of one stream are merged up to this size into one output_chunk event.
+constexpr size_t max_piece_size = 256u << 10;
+
 /// Turns runtime callbacks (on the sandbox's reader thread) into messages to the sandbox actor.
+/// Output is not sent chunk by chunk: it collects here (merged, bounded) and the actor takes it
+/// in batches, so one journal append (one fsync) covers whatever arrived meanwhile.
 class observer_adapter final : public sandbox::sandbox_observer {
  public:
   explicit observer_adapter(caf::weak_actor_ptr target) : target_(std::move(target)) {}
@@ -74,7 +86,20 @@ class observer_adapter final : public sandbox::sandbox_observer {
     send(cmd_start_atom_v, id, argv);
   }
   void on_output(uint32_t id, int stream, std::string_view data) override {
-    send(output_atom_v, id, int32_t{stream}, std::string(data));
+    std::unique_lock<std::mutex> lock(mtx_);
+    room_.wait(lock, [&] { return pending_bytes_ < max_pending_output || closed_; });
+    if (closed_)
+      return;
+    if (!pending_.empty() && pending_.back().command_id == id && pending_.back().stream == stream &&
+        pending_.back().data.size() + data.size() <= max_piece_size)
+      pending_.back().data.append(data);
+    else
+      pending_.push_back(output_piece{id, int32_t{stream}, std::string(data)});
+    pending_bytes_ += data.size();
+    if (std::exchange(announced_, true))
+      return;
+    lock.unlock();
+    send(output_atom_v);
   }
   void on_command_exited(uint32_t id, int code, int signal, uint64_t ms) override {
     send(cmd_exit_atom_v, id, int32_t{code}, int32_t{signal}, ms);
@@ -83,13 +108,42 @@ class observer_adapter final : public sandbox::sandbox_observer {
     send(ended_atom_v, failure.has_value(), failure.value_or(""));
   }
 
+  /// Takes all collected output (actor side) and makes room for more.
+  std::vector<output_piece> take_output() {
+    std::vector<output_piece> out;
+    {
+      std::lock_guard<std::mutex> guard(mtx_);
+      out.swap(pending_);
+      pending_bytes_ = 0;
+      announced_ = false;
+    }
+    room_.notify_all();
+    return out;
+  }
+
+  /// Unblocks the reader thread for good (the actor is going away); later output is dropped.
+  void close() {
+    {
+      std::lock_guard<std::mutex> guard(mtx_);
+      closed_ = true;
+    }
+    room_.notify_all();
+  }
+
  private:
   template <class... Ts>
   void send(Ts&&... xs) {
     if (auto strong = target_.lock())
       caf::anon_send(caf::actor_cast<caf::actor>(strong), std::forward<Ts>(xs)...);
   }
+
   caf::weak_actor_ptr target_;
+  std::mutex mtx_;
+  std::condition_variable room_;
+  std::vector<output_piece> pending_;  // GUARDED_BY(mtx_)
+  size_t pending_bytes_ = 0;           // GUARDED_BY(mtx_)
+  bool announced_ = false;             // GUARDED_BY(mtx_): an output_atom is on its way
+  bool closed_ = false;                // GUARDED_BY(mtx_)
 };
 
 struct sandbox_state {
@@ -101,9 +155,19 @@ struct sandbox_state {
   ev::SandboxStatus status = ev::SandboxStatus::none;
   bool kill_requested = false;
   bool ended = false;
+  bool output_in_flight = false;  // a batch awaits the task's acknowledgement
+  bool output_waiting = false;    // more output was announced meanwhile
+  /// Facts that must reach the task after output still waiting to be sent (exit, end).
+  std::vector<std::function<void()>> after_output;
   // Declared before `box`: the observer must outlive the sandbox that calls it.
   std::unique_ptr<observer_adapter> observer;
   std::unique_ptr<sandbox::sandbox> box;
+
+  ~sandbox_state() {
+    // Unblock a reader thread waiting for room before `box` joins it.
+    if (observer)
+      observer->close();
+  }
 };
 
 using sandbox_actor_t = caf::stateful_actor<sandbox_state>;
@@ -119,6 +183,71 @@ void sandbox_transition(sandbox_actor_t* self, ev::SandboxStatus to, std::string
   self->send(s.task, sbx_state_atom_v, static_cast<int8_t>(s.status), static_cast<int8_t>(to),
              std::move(reason), std::string(s.runtime->name()), s.id);
   s.status = to;
+}
+
+/// Sends the collected output to the task as one batch and waits for its acknowledgement (the
+/// batch is durable) before sending the next: the task's mailbox holds at most one batch.
+void forward_output(sandbox_actor_t* self) {
+  auto& s = self->state;
+  if (s.output_in_flight) {
+    s.output_waiting = true;
+    return;
+  }
+  auto batch = s.observer ? s.observer->take_output() : std::vector<output_piece>{};
+  if (batch.empty()) {
+    // Drained: release what was held back behind the output, in order.
+    auto held = std::exchange(s.after_output, {});
+    for (auto& f : held)
+      f();
+    return;
+  }
+  s.output_in_flight = true;
+  self->request(s.task, caf::infinite, output_atom_v, std::move(batch))
+    .then(
+      [=](bool) {
+        auto& s = self->state;
+        s.output_in_flight = false;
+        if (std::exchange(s.output_waiting, false) || !s.after_output.empty())
+          forward_output(self);
+      },
+      [=](caf::error&) {
+        // The task is gone; nothing more to deliver. Keep the reader from blocking.
+        if (self->state.observer)
+          self->state.observer->close();
+      });
+}
+
+/// Runs `f` now, or after the output announced before it has been handed to the task (so the
+/// task records, e.g., command_exited after all of the command's output).
+void after_pending_output(sandbox_actor_t* self, std::function<void()> f) {
+  auto& s = self->state;
+  if (s.output_waiting || !s.after_output.empty()) {
+    s.after_output.push_back(std::move(f));
+    return;
+  }
+  f();
+}
+
+/// The sandbox is gone (on_ended): record its final state and stop.
+void sandbox_ended(sandbox_actor_t* self, bool failed, const std::string& reason) {
+  auto& s = self->state;
+  s.ended = true;
+  if (s.kill_requested) {
+    if (s.status == ev::SandboxStatus::spawning)
+      sandbox_transition(self, ev::SandboxStatus::failed, "killed while starting");
+    else
+      sandbox_transition(self, ev::SandboxStatus::terminated, "killed on request");
+  } else if (failed || s.status != ev::SandboxStatus::terminating) {
+    sandbox_transition(self, ev::SandboxStatus::failed,
+                       reason.empty() ? "sandbox ended before its command exited" : reason);
+  } else {
+    sandbox_transition(self, ev::SandboxStatus::terminated, "");
+  }
+
+  if (s.observer)
+    s.observer->close();
+  s.box.reset();  // joins the reader thread (it has delivered on_ended)
+  self->quit();
 }
 
 caf::behavior sandbox_actor(sandbox_actor_t* self, sandbox::sandbox_runtime* runtime,
@@ -151,13 +280,15 @@ caf::behavior sandbox_actor(sandbox_actor_t* self, sandbox::sandbox_runtime* run
     [=](cmd_start_atom, uint32_t cmd, std::vector<std::string>& argv) {
       self->send(self->state.task, cmd_start_atom_v, cmd, std::move(argv));
     },
-    [=](output_atom, uint32_t cmd, int32_t stream, std::string& data) {
-      self->send(self->state.task, output_atom_v, cmd, stream, std::move(data));
-    },
+    [=](output_atom) { forward_output(self); },
     [=](cmd_exit_atom, uint32_t cmd, int32_t code, int32_t sig, uint64_t ms) {
-      self->send(self->state.task, cmd_exit_atom_v, cmd, code, sig, ms);
-      if (self->state.status == ev::SandboxStatus::running)
-        sandbox_transition(self, ev::SandboxStatus::terminating, "command exited");
+      // All of the command's output was announced before its exit. A batch already sent is
+      // ahead of this in the task's mailbox; output not yet sent must go first.
+      after_pending_output(self, [=] {
+        self->send(self->state.task, cmd_exit_atom_v, cmd, code, sig, ms);
+        if (self->state.status == ev::SandboxStatus::running)
+          sandbox_transition(self, ev::SandboxStatus::terminating, "command exited");
+      });
     },
     [=](kill_atom) {
       auto& s = self->state;
@@ -169,22 +300,8 @@ caf::behavior sandbox_actor(sandbox_actor_t* self, sandbox::sandbox_runtime* run
       if (s.box)
         s.box->kill();
     },
-    [=](ended_atom, bool failed, std::string& reason) {
-      auto& s = self->state;
-      s.ended = true;
-      if (s.kill_requested) {
-        if (s.status == ev::SandboxStatus::spawning)
-          sandbox_transition(self, ev::SandboxStatus::failed, "killed while starting");
-        else
-          sandbox_transition(self, ev::SandboxStatus::terminated, "killed on request");
-      } else if (failed || s.status != ev::SandboxStatus::terminating) {
-        sandbox_transition(self, ev::SandboxStatus::failed,
-                           reason.empty() ? "sandbox ended before its command exited" : reason);
-      } else {
-        sandbox_transition(self, ev::SandboxStatus::terminated, "");
-      }
-      s.box.reset();  // joins the reader thread (it has delivered on_ended)
-      self->quit();
+    [=](ended_atom, bool failed, std::string reason) {
+      after_pending_output(self, [=] { sandbox_ended(self, failed, reason); });
     },
   };
 }
@@ -212,9 +329,8 @@ using task_actor_t = caf::stateful_actor<task_state>;
 
 /// Persists (and publishes) one event; on a journal failure the task cannot go on: its sandbox
 /// is killed and the actor stops, loudly.
-bool persist(task_actor_t* self, std::string envelope) {
+bool persist(task_actor_t* self, std::vector<std::string> envs) {
   auto& s = self->state;
-  std::vector<std::string> envs{std::move(envelope)};
   if (auto r = record(s.deps, s.stream, s.subject, envs); !r) {
     std::fprintf(stderr, "ferryd: error: task %s: cannot record event: %s\n", s.id.c_str(),
                  r.error().message.c_str());
@@ -227,6 +343,12 @@ bool persist(task_actor_t* self, std::string envelope) {
     return false;
   }
   return true;
+}
+
+bool persist(task_actor_t* self, std::string envelope) {
+  std::vector<std::string> envs;
+  envs.push_back(std::move(envelope));
+  return persist(self, std::move(envs));
 }
 
 void finish_task(task_actor_t* self) {
@@ -309,11 +431,16 @@ caf::behavior task_actor(task_actor_t* self, task_deps deps, std::string id, tas
     [=](cmd_start_atom, uint32_t cmd, std::vector<std::string>& argv) {
       persist(self, schemas::command_started(self->state.meta(), cmd, argv));
     },
-    [=](output_atom, uint32_t cmd, int32_t stream, std::string& data) {
-      persist(self, schemas::output_chunk(self->state.meta(), cmd,
-                                          stream == 1 ? ev::OutputStream::stderr
-                                                      : ev::OutputStream::stdout,
-                                          data));
+    [=](output_atom, std::vector<output_piece>& batch) {
+      // One append (one fsync) for the whole batch; the answer lets the sandbox send the next.
+      auto m = self->state.meta();
+      std::vector<std::string> envs;
+      envs.reserve(batch.size());
+      for (auto& p : batch)
+        envs.push_back(schemas::output_chunk(
+          m, p.command_id, p.stream == 1 ? ev::OutputStream::stderr : ev::OutputStream::stdout,
+          p.data));
+      return persist(self, std::move(envs));
     },
     [=](cmd_exit_atom, uint32_t cmd, int32_t code, int32_t sig, uint64_t ms) {
       auto& s = self->state;

@@ -328,6 +328,28 @@ result<child_process> child_process::spawn(const spawn_options& opts) {
   return c;
 }
 
+std::string read_small_file(const std::filesystem::path& path) {
+  std::string out;
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0)
+    return out;
+  char buf[4096];
+  for (;;) {
+    ssize_t n = ::read(fd, buf, sizeof buf);
+    if (n > 0) {
+      out.append(buf, static_cast<size_t>(n));
+    } else if (n < 0 && errno == EINTR) {
+      continue;
+    } else {
+      if (n < 0)
+        out.clear();
+      break;
+    }
+  }
+  ::close(fd);
+  return out;
+}
+
 std::string read_all(int fd) {
   std::string out;
   char buf[65536];

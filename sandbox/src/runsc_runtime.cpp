@@ -107,29 +107,6 @@ result<void> write_file_atomically(const fs::path& path, std::string_view conten
   return {};
 }
 
-/// Reads a small file with plain syscalls: /proc files of processes that exit meanwhile fail
-/// with ESRCH, which libstdc++'s filebuf would turn into an exception. Empty on any error.
-std::string read_small_file(const fs::path& path) {
-  std::string out;
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0)
-    return out;
-  char buf[4096];
-  for (;;) {
-    ssize_t n = ::read(fd, buf, sizeof buf);
-    if (n > 0) {
-      out.append(buf, static_cast<size_t>(n));
-    } else if (n < 0 && errno == EINTR) {
-      continue;
-    } else {
-      if (n < 0)
-        out.clear();
-      break;
-    }
-  }
-  ::close(fd);
-  return out;
-}
 
 /// Host processes started by runsc (argv[0] runsc*) whose command line mentions `needle`.
 std::vector<pid_t> runsc_processes_mentioning(const std::string& needle) {

@@ -1,5 +1,7 @@
 #include "ferry/test_support/processes.h"
 
+#include "ferry/sandbox/process.h"
+
 #include <dirent.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -19,11 +21,9 @@ namespace {
 using clock = std::chrono::steady_clock;
 
 bool read_file(const std::string& path, std::string& out) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in)
-    return false;
-  out.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-  return true;
+  // Not std::ifstream: reading /proc of a process that exits meanwhile throws from its filebuf.
+  out = sandbox::read_small_file(path);
+  return !out.empty();
 }
 
 bool parse_int(std::string_view s, int& out) {

@@ -6,6 +6,7 @@
 // Threading: one owner thread; `signal_group()` and `pid()` may be called from any thread.
 
 #include <chrono>
+#include <filesystem>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -86,6 +87,10 @@ class child_process {
 
 /// Reads everything from `fd` until EOF (retrying EINTR). For small outputs of helper commands.
 std::string read_all(int fd);
+
+/// Reads a small file with plain syscalls: /proc files of processes that exit meanwhile fail with
+/// ESRCH, which libstdc++'s filebuf turns into an exception. Empty on any error.
+std::string read_small_file(const std::filesystem::path& path);
 
 /// Runs a helper command to completion, capturing stdout+stderr. For short commands like
 /// `runsc delete`. Kills it (its whole group) after `timeout` and returns an error that says so.
