@@ -103,8 +103,12 @@ void event_stream_session::pump() {
         if (ended_)
           break;
       }
-      if (events->size() < catch_up_batch)
+      if (events->size() < catch_up_batch) {
         catching_up_ = false;
+        // Resumed past the end of a finished task: nothing will ever follow.
+        if (final_seq_ && next_seq_ > *final_seq_)
+          ended_ = true;
+      }
       if (!out_.empty())
         break;
       continue;

@@ -313,8 +313,11 @@ void http_session::route(request_t& req) {
         from = 1;
     }
     stream_.expires_never();
+    std::optional<uint64_t> final_seq;
+    if ((*view)->finished)
+      final_seq = (*view)->last_sequence;
     auto session = std::make_shared<event_stream_session>(stream_.release_socket(), srv_,
-                                                          task_id, from);
+                                                          task_id, from, final_seq);
     srv_.track(session);
     session->run(std::move(req));
     return;

@@ -58,8 +58,14 @@ struct live_mailbox {
 /// bounded. Ends (normal close) after the task_finished event.
 class event_stream_session : public std::enable_shared_from_this<event_stream_session> {
  public:
-  event_stream_session(tcp::socket&& socket, server& srv, std::string task_id, uint64_t from)
-    : ws_(std::move(socket)), srv_(srv), task_id_(std::move(task_id)), next_seq_(from) {}
+  /// `final_seq`: the task's last sequence if it had already finished when the stream opened.
+  event_stream_session(tcp::socket&& socket, server& srv, std::string task_id, uint64_t from,
+                       std::optional<uint64_t> final_seq)
+    : ws_(std::move(socket)),
+      srv_(srv),
+      task_id_(std::move(task_id)),
+      next_seq_(from),
+      final_seq_(final_seq) {}
 
   void run(request_t req);
   void close_from_server();
@@ -79,6 +85,7 @@ class event_stream_session : public std::enable_shared_from_this<event_stream_se
   std::string task_id_;
   std::string stream_;
   uint64_t next_seq_;
+  std::optional<uint64_t> final_seq_;
   bool accepted_ = false;   // the handshake is done: frames may be written
   bool catching_up_ = true;
   bool ended_ = false;       // task_finished queued: close after the queue drains

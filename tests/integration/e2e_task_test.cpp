@@ -241,6 +241,16 @@ BOOST_FIXTURE_TEST_CASE(reconnecting_with_from_replays_exactly_the_events_from_t
     BOOST_TEST(field(replay.events.front(), "seq") == json(3));
     BOOST_TEST(replay.events == expected, boost::test_tools::per_element());
   }
+
+  // A client that already saw everything resumes after the last event: the stream has nothing
+  // more to send and must close normally instead of waiting forever.
+  const uint64_t after_last = whole.events.back()["seq"].get<uint64_t>() + 1;
+  ws_client resumed;
+  ws_handshake hs3 = api.open_events(resumed, id, after_last);
+  BOOST_TEST_REQUIRE(hs3.upgraded, "events?from=" << after_last << ": " << hs3.summary());
+  ws_transcript rest = read_until_close(resumed, 10s);
+  BOOST_TEST(rest.closed_normally(), "resume after the end: " << rest.summary());
+  BOOST_TEST(rest.events.empty(), "resume after the end:" << describe_events(rest.events));
 }
 
 BOOST_FIXTURE_TEST_CASE(a_second_viewer_joining_while_the_task_runs_sees_the_same_stream,
