@@ -175,9 +175,17 @@ void stop_stale_server(const std::string& pid_path, const std::string& store_dir
     return;
   std::fprintf(stderr, "ferryd: stopping nats-server %ld left by an earlier ferryd\n", pid);
   ::kill(static_cast<pid_t>(pid), SIGTERM);
-  for (int i = 0; i < 100 && ::kill(static_cast<pid_t>(pid), 0) == 0; ++i)
+  // Its parent is gone, so once it exits it is a zombie until init reaps it: that counts as gone.
+  auto gone = [pid] {
+    auto stat = sandbox::read_small_file("/proc/" + std::to_string(pid) + "/stat");
+    auto close = stat.rfind(')');
+    return stat.empty() || (close != std::string::npos && close + 2 < stat.size() &&
+                            stat[close + 2] == 'Z');
+  };
+  for (int i = 0; i < 100 && !gone(); ++i)
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  ::kill(static_cast<pid_t>(pid), SIGKILL);
+  if (!gone())
+    ::kill(static_cast<pid_t>(pid), SIGKILL);
 }
 
 }  // namespace

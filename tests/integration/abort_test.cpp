@@ -188,3 +188,44 @@ BOOST_AUTO_TEST_CASE(shutdown_kills_running_sandboxes_promptly_and_a_restart_rea
     BOOST_TEST(str(data_of(t.events.back()), "status") == "aborted");
   }
 }
+
+BOOST_AUTO_TEST_CASE(after_a_crash_a_restart_removes_the_orphaned_sandbox_and_fails_its_task) {
+  temp_dir dir("ferry-crash");
+  const auto data_dir = dir.path() / "data";
+  ferryd_process first(ferryd_options(FERRYD_BINARY, data_dir));
+  const std::string token = first.token();
+  api_client first_api(first);
+  const std::string id = submit_task(first_api, long_command);
+  sandbox_sweeper sweeper(id);
+  wait_until_sandbox_runs(first_api, id);
+
+  first.crash();
+  // Nothing stopped the sandbox or the nats-server: that is what a restart must clean up.
+  BOOST_TEST_REQUIRE(!sandbox_processes(id).empty(), "the crash already took the sandbox down");
+
+  const auto t0 = std::chrono::steady_clock::now();
+  ferryd_process second(ferryd_options(FERRYD_BINARY, data_dir, token));
+  BOOST_TEST_MESSAGE("restart after the crash ready in " << ms_since(t0) << " ms");
+  auto left = sandbox_processes(id);
+  BOOST_TEST(left.empty(), "the restart left the orphaned sandbox running: " << describe(left));
+  BOOST_TEST(processes_with_cmdline_containing((data_dir / "nats").string()).size() == 1u,
+             "the crashed ferryd's nats-server must be replaced, not duplicated");
+  std::error_code ec;
+  BOOST_TEST(std::filesystem::is_empty(data_dir / "sandboxes", ec),
+             "the orphan's bundle and workspace are still on disk");
+
+  api_client api(second);
+  const json task = get_task_json(api, id);
+  BOOST_TEST(str(task, "status") == "failed", "after the crash: " << task.dump());
+  BOOST_TEST(str(task, "reason").find("interrupted") != std::string::npos, task.dump());
+  BOOST_TEST(sandbox_status(task) == "failed", task.dump());
+
+  ws_client ws;
+  ws_handshake hs = api.open_events(ws, id);
+  BOOST_TEST_REQUIRE(hs.upgraded, "events after the crash: " << hs.summary());
+  ws_transcript t = read_until_close(ws, 15s);
+  check_clean_stream(t, "viewer after the crash");
+  BOOST_TEST_REQUIRE(!t.events.empty());
+  BOOST_TEST(str(t.events.back(), "type") == "task_finished");
+  BOOST_TEST(str(data_of(t.events.back()), "status") == "failed");
+}

@@ -94,6 +94,11 @@ class ferryd_process {
   /// left nothing running or mounted. Idempotent: later calls return the first report.
   ferryd_stop_report stop(std::chrono::milliseconds grace = std::chrono::seconds(20));
 
+  /// Simulates a crash: SIGKILL to ferryd alone and reap it, leaving whatever it started (its
+  /// nats-server, running sandboxes) alive for a restart to clean up. A later stop() does not
+  /// count the early exit as a failure but still checks that nothing is left behind by then.
+  void crash();
+
  private:
   ferryd_stop_report stop_impl(std::chrono::milliseconds grace);
   void drain();
@@ -106,6 +111,7 @@ class ferryd_process {
   int pid_ = -1;
   bool own_session_ = false;
   bool quiet_ = false;
+  bool crashed_ = false;
 
   std::string url_;
   uint16_t port_ = 0;
