@@ -150,14 +150,6 @@ int run(int argc, char** argv) {
   auto tokens = ferry::gateway::token_registry::load(**store);
   if (!tokens)
     die(tokens.error().message);
-  if ((*tokens)->size() == 0) {
-    auto secret = (*tokens)->create("admin", true);
-    if (!secret)
-      die(secret.error().message);
-    std::printf("ferryd: admin token: %s\n", secret->c_str());
-    std::printf("ferryd: (shown once; only its hash is stored. `ferryctl token create` makes "
-                "more while ferryd is stopped)\n");
-  }
 
   ferry::gateway::gateway_options go;
   go.host = host;
@@ -166,6 +158,15 @@ int run(int argc, char** argv) {
     go, {store->get(), bus->get(), tasks->get(), tokens->get()});
   if (!gw)
     die(gw.error().message);
+  // The first admin token is minted only once the API is up, so a failed start mints none.
+  if ((*tokens)->size() == 0) {
+    auto secret = (*tokens)->create("admin", true);
+    if (!secret)
+      die(secret.error().message);
+    std::printf("ferryd: admin token: %s\n", secret->c_str());
+    std::printf("ferryd: (shown once; only its hash is stored. `ferryctl token create` makes "
+                "more while ferryd is stopped)\n");
+  }
   auto shown_host = host.find(':') != std::string::npos ? "[" + host + "]" : host;
   std::printf("ferryd: data in %s, NATS at %s, sandboxes: %s\n", data.c_str(), nats_url.c_str(),
               std::string((*runtime)->name()).c_str());
