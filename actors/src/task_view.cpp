@@ -19,23 +19,17 @@ bool valid_task_id(std::string_view id) {
   return true;
 }
 
-result<std::optional<task_view>> load_task_view(storage::event_store& store,
-                                                const std::string& task_id) {
-  if (!valid_task_id(task_id))
-    return std::optional<task_view>{};
-  auto stream = "task-" + task_id;
-  task_view v;
-  v.id = task_id;
-  uint64_t next = 1;
+result<void> refresh_task_view(storage::event_store& store, task_view& v) {
+  auto stream = "task-" + v.id;
   constexpr uint64_t batch = 512;
   for (;;) {
-    auto events = store.read_stream(stream, next, batch);
+    auto events = store.read_stream(stream, v.last_sequence + 1, batch);
     if (!events)
       return events.error();
     for (const auto& bytes : *events) {
       auto e = schemas::verify_envelope(bytes);
       if (!e)
-        return fail("task " + task_id + ": " + e.error().message);
+        return fail("task " + v.id + ": " + e.error().message);
       const auto& env = **e;
       v.last_sequence = env.sequence();
       switch (env.event_type()) {
@@ -76,11 +70,46 @@ result<std::optional<task_view>> load_task_view(storage::event_store& store,
       }
     }
     if (events->size() < batch)
-      break;
-    next += batch;
+      return {};
   }
+}
+
+result<std::optional<task_view>> load_task_view(storage::event_store& store,
+                                                const std::string& task_id) {
+  if (!valid_task_id(task_id))
+    return std::optional<task_view>{};
+  task_view v;
+  v.id = task_id;
+  if (auto r = refresh_task_view(store, v); !r)
+    return r.error();
   if (v.last_sequence == 0)
     return std::optional<task_view>{};
+  return std::optional<task_view>{std::move(v)};
+}
+
+result<std::optional<task_view>> task_view_cache::get(const std::string& task_id) {
+  if (!valid_task_id(task_id))
+    return std::optional<task_view>{};
+  task_view v;
+  {
+    std::lock_guard<std::mutex> guard(mtx_);
+    if (auto it = views_.find(task_id); it != views_.end())
+      v = it->second;
+  }
+  v.id = task_id;
+  // A finished task's stream does not grow; anything else is brought up to date (outside the
+  // lock: reads of different tasks proceed in parallel).
+  if (!v.finished)
+    if (auto r = refresh_task_view(store_, v); !r)
+      return r.error();
+  if (v.last_sequence == 0)
+    return std::optional<task_view>{};
+  std::lock_guard<std::mutex> guard(mtx_);
+  if (views_.size() >= capacity_ && !views_.count(task_id))
+    views_.clear();
+  auto& slot = views_[task_id];
+  if (slot.last_sequence <= v.last_sequence)
+    slot = v;
   return std::optional<task_view>{std::move(v)};
 }
 

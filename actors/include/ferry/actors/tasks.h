@@ -17,8 +17,10 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "ferry/actors/bus.h"
@@ -70,6 +72,26 @@ struct task_view {
 /// Folds the stream `task-<id>`; nullopt when there is no such task.
 [[nodiscard]] result<std::optional<task_view>> load_task_view(storage::event_store& store,
                                                               const std::string& task_id);
+
+/// Folds the events after `view.last_sequence` into `view` (whose `id` is set).
+[[nodiscard]] result<void> refresh_task_view(storage::event_store& store, task_view& view);
+
+/// Task views kept folded, so reading a task costs only its events since the last read, not its
+/// whole history (a long task has many output events). Bounded: at most `capacity` tasks are
+/// kept; past that the cache starts over. Thread-safe.
+class task_view_cache {
+ public:
+  explicit task_view_cache(storage::event_store& store, size_t capacity = 4096)
+    : store_(store), capacity_(capacity) {}
+  /// Like load_task_view, incrementally.
+  [[nodiscard]] result<std::optional<task_view>> get(const std::string& task_id);
+
+ private:
+  storage::event_store& store_;
+  size_t capacity_;
+  std::mutex mtx_;
+  std::unordered_map<std::string, task_view> views_;  // GUARDED_BY(mtx_)
+};
 
 /// True when `id` has the shape of a task id (so it can safely name a stream and a subject).
 bool valid_task_id(std::string_view id);
