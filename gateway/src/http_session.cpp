@@ -185,6 +185,49 @@ void http_session::route(request_t& req) {
     return send(std::move(res));
   }
 
+  // /api/v1/tokens: admins mint tokens while ferryd runs (ferryctl's offline path needs it
+  // stopped). The secret is in this answer only; the journal keeps its hash.
+  if (segs.size() == 3 && segs[1] == "v1" && segs[2] == "tokens") {
+    if (req.method() != http::verb::post) {
+      auto res = error_response(http::status::method_not_allowed, "use POST to create a token",
+                                version, keep);
+      res.set(http::field::allow, "POST");
+      return send(std::move(res));
+    }
+    if (!who->admin)
+      return send(error_response(http::status::forbidden, "only admin tokens may create tokens",
+                                 version, keep));
+    json body;
+    try {
+      body = json::parse(req.body());
+    } catch (const json::parse_error& e) {
+      return send(error_response(http::status::bad_request,
+                                 std::string("malformed JSON: ") + e.what(), version, keep));
+    }
+    auto name = body.is_object() ? body.find("name") : body.end();
+    if (!body.is_object() || name == body.end() || !name->is_string())
+      return send(error_response(http::status::bad_request,
+                                 "\"name\" is required and must be a string", version, keep));
+    bool admin = false;
+    if (auto a = body.find("admin"); a != body.end() && !a->is_null()) {
+      if (!a->is_boolean())
+        return send(error_response(http::status::bad_request, "\"admin\" must be a boolean",
+                                   version, keep));
+      admin = a->get<bool>();
+    }
+    auto secret = srv_.deps().tokens->create(name->get<std::string>(), admin);
+    if (!secret)
+      return send(error_response(http::status::bad_request, secret.error().message, version,
+                                 keep));
+    auto info = srv_.deps().tokens->verify(*secret);
+    return send(json_response(http::status::created,
+                              json{{"token", *secret},
+                                   {"id", info ? info->id : ""},
+                                   {"name", name->get<std::string>()},
+                                   {"admin", admin}},
+                              version, keep));
+  }
+
   if (segs.size() < 3 || segs[1] != "v1" || segs[2] != "tasks")
     return send(error_response(http::status::not_found, "no such resource", version, keep));
 

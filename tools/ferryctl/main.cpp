@@ -125,7 +125,8 @@ int main(int argc, char** argv) {
     auto store = ferry::storage::open_journal({journal_dir, true});
     if (!store)
       return fail(store.error().message +
-                  "\n(token creation writes to the journal: stop ferryd first)");
+                  "\n(while ferryd runs, create tokens through its API: POST /api/v1/tokens "
+                  "with an admin token, see the README)");
     auto reg = ferry::gateway::token_registry::load(**store);
     if (!reg)
       return fail(reg.error().message);

@@ -165,8 +165,8 @@ int run(int argc, char** argv) {
     if (!secret)
       die(secret.error().message);
     std::printf("ferryd: admin token: %s\n", secret->c_str());
-    std::printf("ferryd: (shown once; only its hash is stored. `ferryctl token create` makes "
-                "more while ferryd is stopped)\n");
+    std::printf("ferryd: (shown once; only its hash is stored. More: POST /api/v1/tokens, or "
+                "`ferryctl token create` while ferryd is stopped)\n");
   }
   auto shown_host = host.find(':') != std::string::npos ? "[" + host + "]" : host;
   std::printf("ferryd: data in %s, NATS at %s, sandboxes: %s\n", data.c_str(), nats_url.c_str(),

@@ -8,6 +8,8 @@
 //   POST /api/v1/tasks/{id}/abort        kill the sandbox; 200 once aborted, 202 if still ending
 //   GET  /api/v1/tasks/{id}/events?from=SEQ   WebSocket: the task's events as JSON text frames,
 //                                        from the journal, then live from NATS, until it ends
+//   POST /api/v1/tokens                  {"name": "...", "admin": false} → 201 {"token": ...};
+//                                        admin tokens only (403 otherwise)
 // Limits: request bodies ≤ `max_body_bytes` (413 beyond), headers ≤ 16 KiB (431), a request must
 // arrive within `request_timeout`.
 //
