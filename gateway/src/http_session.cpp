@@ -108,6 +108,30 @@ void http_session::do_read() {
   parser_->header_limit(header_limit);
   parser_->body_limit(srv_.opts().max_body_bytes);
   stream_.expires_after(srv_.opts().request_timeout);
+  // Header first: a client that sent `Expect: 100-continue` (curl does for bodies over 1 KiB)
+  // waits for our go-ahead before sending the body. An oversized Content-Length already fails
+  // here, so such a client never sends its body at all.
+  http::async_read_header(
+    stream_, buffer_, *parser_,
+    [self = shared_from_this()](beast::error_code ec, size_t n) {
+      if (ec)
+        return self->on_read(ec, n);
+      auto& req = self->parser_->get();
+      auto expect = req.find(http::field::expect);
+      if (expect == req.end() || !beast::iequals(expect->value(), "100-continue") ||
+          self->parser_->is_done())
+        return self->read_body();
+      auto cont = std::make_shared<http::response<http::empty_body>>(http::status::continue_,
+                                                                     req.version());
+      http::async_write(self->stream_, *cont, [self, cont](beast::error_code ec, size_t n) {
+        if (ec)
+          return self->on_read(ec, n);
+        self->read_body();
+      });
+    });
+}
+
+void http_session::read_body() {
   http::async_read(stream_, buffer_, *parser_,
                    beast::bind_front_handler(&http_session::on_read, shared_from_this()));
 }

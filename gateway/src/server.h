@@ -107,6 +107,7 @@ class http_session : public std::enable_shared_from_this<http_session> {
 
  private:
   void do_read();
+  void read_body();
   void on_read(beast::error_code ec, size_t);
   void handle(request_t req);
   void send(response_t res);

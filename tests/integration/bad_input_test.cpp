@@ -8,6 +8,13 @@
 
 #include <memory>
 
+#include <utility>  // Boost 1.74 asio uses std::exchange without including it
+
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/write.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+
 #include "ferry/test_support/ferry_api.h"
 #include "ferry/test_support/ferryd_process.h"
 #include "ferry/test_support/processes.h"
@@ -172,6 +179,56 @@ BOOST_AUTO_TEST_CASE(a_body_over_one_mebibyte_is_too_large) {
   // The limit is 1 MiB, not less: a 900 KiB (malformed) document is read and parsed.
   const std::string below = R"({"command": ")" + std::string(900 * 1024, 'a');
   expect_json_error(post_tasks(below), 400, "900 KiB unterminated JSON");
+}
+
+BOOST_AUTO_TEST_CASE(expect_100_continue_gets_the_go_ahead_before_the_body_is_sent) {
+  // curl sends `Expect: 100-continue` for bodies over 1 KiB and otherwise waits a second.
+  namespace asio = boost::asio;
+  namespace beast = boost::beast;
+  namespace http = beast::http;
+  asio::io_context ioc;
+  beast::tcp_stream stream(ioc);
+  stream.expires_after(5s);  // every step below is bounded; a server waiting for the body fails
+  const std::string body = valid_body;
+  http::request<http::empty_body> head{http::verb::post, "/api/v1/tasks", 11};
+  head.set(http::field::host, "127.0.0.1");
+  head.set(http::field::authorization, "Bearer " + ferryd().token());
+  head.set(http::field::expect, "100-continue");
+  head.content_length(body.size());
+  http::request_serializer<http::empty_body> sr{head};
+  beast::flat_buffer buf;
+  http::response<http::empty_body> interim;
+  http::response<http::string_body> final_res;
+  std::string failure;
+  auto fail_on = [&](const char* step, beast::error_code ec) {
+    if (ec && failure.empty())
+      failure = std::string(step) + ": " + ec.message();
+    return static_cast<bool>(ec);
+  };
+  stream.async_connect({asio::ip::make_address("127.0.0.1"), ferryd().port()},
+                       [&](beast::error_code ec) {
+    if (fail_on("connect", ec))
+      return;
+    http::async_write_header(stream, sr, [&](beast::error_code ec, size_t) {
+      if (fail_on("write header", ec))
+        return;
+      http::async_read(stream, buf, interim, [&](beast::error_code ec, size_t) {
+        if (fail_on("read the interim answer (before sending the body)", ec))
+          return;
+        asio::async_write(stream, asio::buffer(body), [&](beast::error_code ec, size_t) {
+          if (fail_on("write body", ec))
+            return;
+          http::async_read(stream, buf, final_res, [&](beast::error_code ec, size_t) {
+            fail_on("read the final answer", ec);
+          });
+        });
+      });
+    });
+  });
+  ioc.run();
+  BOOST_TEST_REQUIRE(failure.empty(), failure);
+  BOOST_TEST(interim.result_int() == 100);
+  BOOST_TEST(final_res.result_int() == 201, final_res.body());
 }
 
 BOOST_AUTO_TEST_CASE(unknown_paths_are_not_found) {
