@@ -233,10 +233,14 @@ void sandbox_ended(sandbox_actor_t* self, bool failed, const std::string& reason
   auto& s = self->state;
   s.ended = true;
   if (s.kill_requested) {
-    if (s.status == ev::SandboxStatus::spawning)
+    if (s.status == ev::SandboxStatus::spawning) {
       sandbox_transition(self, ev::SandboxStatus::failed, "killed while starting");
-    else
+    } else {
+      // The kill may have come while spawning and ferry-init's hello after it.
+      if (s.status == ev::SandboxStatus::running)
+        sandbox_transition(self, ev::SandboxStatus::terminating, "kill requested");
       sandbox_transition(self, ev::SandboxStatus::terminated, "killed on request");
+    }
   } else if (failed || s.status != ev::SandboxStatus::terminating) {
     sandbox_transition(self, ev::SandboxStatus::failed,
                        reason.empty() ? "sandbox ended before its command exited" : reason);
@@ -261,6 +265,12 @@ caf::behavior sandbox_actor(sandbox_actor_t* self, sandbox::sandbox_runtime* run
     [=](start_atom) {
       auto& s = self->state;
       sandbox_transition(self, ev::SandboxStatus::spawning, "");
+      if (s.kill_requested) {
+        // The kill (high priority) overtook the start: never start it.
+        sandbox_transition(self, ev::SandboxStatus::failed, "killed before it started");
+        self->quit();
+        return;
+      }
       s.observer = std::make_unique<observer_adapter>(self->ctrl());
       sandbox::sandbox_spec spec;
       spec.id = s.id;

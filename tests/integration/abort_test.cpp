@@ -229,3 +229,25 @@ BOOST_AUTO_TEST_CASE(after_a_crash_a_restart_removes_the_orphaned_sandbox_and_fa
   BOOST_TEST(str(t.events.back(), "type") == "task_finished");
   BOOST_TEST(str(data_of(t.events.back()), "status") == "failed");
 }
+
+BOOST_FIXTURE_TEST_CASE(an_abort_right_after_submission_still_stops_the_task, running_ferryd) {
+  // The abort races the sandbox's start at different points: before the runtime is asked, while
+  // runsc starts, just after ferry-init said hello. Every time the task must end aborted, with a
+  // final sandbox state and nothing left on the host.
+  for (int delay_ms : {0, 0, 50, 150, 300}) {
+    BOOST_TEST_CONTEXT("abort " << delay_ms << " ms after submission") {
+      const std::string id = submit_task(api, long_command);
+      sandbox_sweeper sweeper(id);
+      std::this_thread::sleep_for(std::chrono::milliseconds(delay_ms));
+      http_response r = api.abort(id);
+      BOOST_TEST((r.status == 200 || r.status == 202), "abort: " << r.summary());
+      std::string last;
+      auto ended = api.wait_for_task(id, is_aborted, 5s, &last);
+      BOOST_TEST_REQUIRE(ended.has_value(), "not aborted 5 s after the abort; last: " << last);
+      const std::string sb = sandbox_status(*ended);
+      BOOST_TEST((sb == "terminated" || sb == "failed"), "sandbox state: " << ended->dump());
+      BOOST_TEST(eventually([&] { return sandbox_processes(id).empty(); }, 5s),
+                 "sandbox processes left: " << describe(sandbox_processes(id)));
+    }
+  }
+}
