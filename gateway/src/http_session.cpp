@@ -3,6 +3,7 @@
 #include "server.h"
 
 #include <charconv>
+#include <variant>
 #include <cstdio>
 
 #include "ferry/actors/tasks.h"
@@ -97,6 +98,31 @@ bool iequals_prefix(std::string_view s, std::string_view prefix) {
         std::tolower(static_cast<unsigned char>(prefix[i])))
       return false;
   return true;
+}
+
+/// The request body as a JSON object, or the 400 answer that says what is wrong with it.
+std::variant<json, response_t> json_object_body(const request_t& req) {
+  json body;
+  try {
+    body = json::parse(req.body());
+  } catch (const json::parse_error& e) {
+    return error_response(http::status::bad_request, std::string("malformed JSON: ") + e.what(),
+                          req.version(), req.keep_alive());
+  }
+  if (!body.is_object())
+    return error_response(http::status::bad_request, "body must be a JSON object", req.version(),
+                          req.keep_alive());
+  return body;
+}
+
+/// 405 naming the one allowed method.
+response_t method_not_allowed(const request_t& req, http::verb allowed, std::string_view what) {
+  auto res = error_response(http::status::method_not_allowed,
+                            "use " + std::string(http::to_string(allowed)) +
+                              (what.empty() ? "" : " " + std::string(what)),
+                            req.version(), req.keep_alive());
+  res.set(http::field::allow, http::to_string(allowed));
+  return res;
 }
 
 }  // namespace
@@ -212,24 +238,17 @@ void http_session::route(request_t& req) {
   // /api/v1/tokens: admins mint tokens while ferryd runs (ferryctl's offline path needs it
   // stopped). The secret is in this answer only; the journal keeps its hash.
   if (segs.size() == 3 && segs[1] == "v1" && segs[2] == "tokens") {
-    if (req.method() != http::verb::post) {
-      auto res = error_response(http::status::method_not_allowed, "use POST to create a token",
-                                version, keep);
-      res.set(http::field::allow, "POST");
-      return send(std::move(res));
-    }
+    if (req.method() != http::verb::post)
+      return send(method_not_allowed(req, http::verb::post, "to create a token"));
     if (!who->admin)
       return send(error_response(http::status::forbidden, "only admin tokens may create tokens",
                                  version, keep));
-    json body;
-    try {
-      body = json::parse(req.body());
-    } catch (const json::parse_error& e) {
-      return send(error_response(http::status::bad_request,
-                                 std::string("malformed JSON: ") + e.what(), version, keep));
-    }
-    auto name = body.is_object() ? body.find("name") : body.end();
-    if (!body.is_object() || name == body.end() || !name->is_string())
+    auto parsed = json_object_body(req);
+    if (auto* bad = std::get_if<response_t>(&parsed))
+      return send(std::move(*bad));
+    auto& body = std::get<json>(parsed);
+    auto name = body.find("name");
+    if (name == body.end() || !name->is_string())
       return send(error_response(http::status::bad_request,
                                  "\"name\" is required and must be a string", version, keep));
     bool admin = false;
@@ -260,22 +279,12 @@ void http_session::route(request_t& req) {
 
   // /api/v1/tasks
   if (segs.size() == 3) {
-    if (req.method() != http::verb::post) {
-      auto res = error_response(http::status::method_not_allowed, "use POST to create a task",
-                                version, keep);
-      res.set(http::field::allow, "POST");
-      return send(std::move(res));
-    }
-    json body;
-    try {
-      body = json::parse(req.body());
-    } catch (const json::parse_error& e) {
-      return send(error_response(http::status::bad_request,
-                                 std::string("malformed JSON: ") + e.what(), version, keep));
-    }
-    if (!body.is_object())
-      return send(error_response(http::status::bad_request, "body must be a JSON object",
-                                 version, keep));
+    if (req.method() != http::verb::post)
+      return send(method_not_allowed(req, http::verb::post, "to create a task"));
+    auto parsed = json_object_body(req);
+    if (auto* bad = std::get_if<response_t>(&parsed))
+      return send(std::move(*bad));
+    auto& body = std::get<json>(parsed);
     auto cmd = body.find("command");
     if (cmd == body.end() || !cmd->is_string())
       return send(error_response(http::status::bad_request,
@@ -325,12 +334,12 @@ void http_session::route(request_t& req) {
   // /api/v1/tasks/{id}
   if (segs.size() == 4) {
     if (req.method() != http::verb::get)
-      return send(error_response(http::status::method_not_allowed, "use GET", version, keep));
+      return send(method_not_allowed(req, http::verb::get, ""));
     return send(json_response(http::status::ok, task_json(**view), version, keep));
   }
   if (segs.size() == 5 && segs[4] == "abort") {
     if (req.method() != http::verb::post)
-      return send(error_response(http::status::method_not_allowed, "use POST", version, keep));
+      return send(method_not_allowed(req, http::verb::post, ""));
     if ((*view)->finished)
       return send(json_response(http::status::conflict,
                                 json{{"error", "task already finished"},
@@ -366,7 +375,7 @@ void http_session::route(request_t& req) {
   }
   if (segs.size() == 5 && segs[4] == "events") {
     if (req.method() != http::verb::get)
-      return send(error_response(http::status::method_not_allowed, "use GET", version, keep));
+      return send(method_not_allowed(req, http::verb::get, ""));
     if (!websocket::is_upgrade(req))
       return send(error_response(http::status::upgrade_required,
                                  "this endpoint is a WebSocket: send an Upgrade request", version,
