@@ -211,9 +211,16 @@ void forward_output(sandbox_actor_t* self) {
           forward_output(self);
       },
       [=](caf::error&) {
-        // The task is gone; nothing more to deliver. Keep the reader from blocking.
-        if (self->state.observer)
-          self->state.observer->close();
+        // The task is gone; nothing more to deliver. Keep the reader from blocking and let
+        // what was held back run, so this actor still ends.
+        auto& s = self->state;
+        s.output_in_flight = false;
+        s.output_waiting = false;
+        if (s.observer)
+          s.observer->close();
+        auto held = std::exchange(s.after_output, {});
+        for (auto& f : held)
+          f();
       });
 }
 
