@@ -39,28 +39,34 @@ class frame_decoder {
 
   void feed(const char* data, size_t n) { buf_.insert(buf_.end(), data, data + n); }
 
-  /// Takes the next complete frame. On `message`, `msg()` points into the decoder's buffer and
+  /// Takes the next complete frame. On `message`, `msg()` points into the decoder's aligned copy and
   /// stays valid until the next call to `next()`. On `error`, `error_message()` says
   /// why; the stream cannot be resumed.
   status next() {
     if (failed_)
       return status::error;
-    buf_.erase(buf_.begin(), buf_.begin() + static_cast<std::ptrdiff_t>(consumed_));
+    // Consumed frames only advance an offset; the buffer is compacted once per refill (when a
+    // frame is incomplete), not once per frame, so a read holding many small frames costs one
+    // move, not one per frame.
+    start_ += consumed_;
     consumed_ = 0;
     current_ = nullptr;
-    if (buf_.size() < 4)
-      return status::need_more;
-    auto byte = [&](size_t i) { return static_cast<uint32_t>(static_cast<uint8_t>(buf_[i])); };
+    size_t avail = buf_.size() - start_;
+    if (avail < 4)
+      return need_more();
+    auto byte = [&](size_t i) {
+      return static_cast<uint32_t>(static_cast<uint8_t>(buf_[start_ + i]));
+    };
     uint32_t n = byte(0) | byte(1) << 8 | byte(2) << 16 | byte(3) << 24;
     if (n == 0 || n > max_frame_size)
       return fail("frame length " + std::to_string(n) + " outside 1.." +
                   std::to_string(max_frame_size));
-    if (buf_.size() < 4 + static_cast<size_t>(n))
-      return status::need_more;
-    // The frame sits 4 bytes into the buffer; FlatBuffers needs 8-byte alignment for its 64-bit
+    if (avail < 4 + static_cast<size_t>(n))
+      return need_more();
+    // The frame sits at an arbitrary offset; FlatBuffers needs 8-byte alignment for its 64-bit
     // scalars, so verify and read an aligned copy.
     aligned_.resize((n + 7) / 8);
-    std::memcpy(aligned_.data(), buf_.data() + 4, n);
+    std::memcpy(aligned_.data(), buf_.data() + start_ + 4, n);
     const auto* p = reinterpret_cast<const uint8_t*>(aligned_.data());
     flatbuffers::Verifier verifier(p, n);
     if (!ferry::init::v1::VerifyInitMessageBuffer(verifier))
@@ -75,9 +81,17 @@ class frame_decoder {
   const ferry::init::v1::InitMessage* msg() const { return current_; }
   const std::string& error_message() const { return error_; }
   /// Bytes buffered but not yet consumed (a partial frame at end of stream is a protocol error).
-  size_t pending() const { return buf_.size() - consumed_; }
+  size_t pending() const { return buf_.size() - start_ - consumed_; }
 
  private:
+  status need_more() {
+    if (start_ > 0) {
+      buf_.erase(buf_.begin(), buf_.begin() + static_cast<std::ptrdiff_t>(start_));
+      start_ = 0;
+    }
+    return status::need_more;
+  }
+
   status fail(std::string why) {
     failed_ = true;
     error_ = std::move(why);
@@ -86,7 +100,8 @@ class frame_decoder {
 
   std::vector<char> buf_;
   std::vector<uint64_t> aligned_;
-  size_t consumed_ = 0;
+  size_t start_ = 0;     // first byte not yet handed out
+  size_t consumed_ = 0;  // size of the frame msg() points at, consumed by the next next()
   const ferry::init::v1::InitMessage* current_ = nullptr;
   bool failed_ = false;
   std::string error_;
