@@ -323,7 +323,7 @@ void http_session::route(request_t& req) {
   }
 
   std::string task_id(segs[3]);
-  auto view = deps.views ? deps.views->get(task_id) : actors::load_task_view(*deps.store, task_id);
+  auto view = srv_.views().get(task_id);
   if (!view)
     return send(error_response(http::status::internal_server_error, view.error().message, version,
                                keep));
@@ -353,8 +353,7 @@ void http_session::route(request_t& req) {
     }
     net::post(srv_.blocking(), [self, task_id, user = who->id, reason, &deps, version, keep] {
       auto outcome = deps.tasks->abort(task_id, user, reason, std::chrono::seconds(5));
-      auto after = deps.views ? deps.views->get(task_id)
-                              : actors::load_task_view(*deps.store, task_id);
+      auto after = self->srv_.views().get(task_id);
       json j = after && *after ? task_json(**after) : json{{"id", task_id}};
       response_t res;
       if (!outcome)

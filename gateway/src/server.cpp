@@ -8,7 +8,11 @@ namespace ferry::gateway {
 namespace detail {
 
 server::server(const gateway_options& opts, gateway_deps deps)
-  : opts_(opts), deps_(deps), acceptor_(net::make_strand(ioc_)), blocking_(4) {}
+  : opts_(opts),
+    deps_(deps),
+    views_(*deps.store),
+    acceptor_(net::make_strand(ioc_)),
+    blocking_(4) {}
 
 server::~server() { stop(); }
 

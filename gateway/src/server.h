@@ -20,6 +20,7 @@
 #include <nlohmann/json.hpp>
 
 #include "ferry/actors/bus.h"
+#include "ferry/actors/tasks.h"
 #include "ferry/gateway/gateway.h"
 #include "ferry/schemas/events.h"
 
@@ -136,6 +137,8 @@ class server final : public gateway {
   const gateway_options& opts() const { return opts_; }
   const gateway_deps& deps() const { return deps_; }
   net::thread_pool& blocking() { return blocking_; }
+  /// Task states, folded incrementally from the journal (thread-safe).
+  actors::task_view_cache& views() { return views_; }
   bool stopping() const { return stopped_.load(); }
   /// Remembers a live event stream so stop() can close it.
   void track(const std::shared_ptr<event_stream_session>& s);
@@ -145,6 +148,7 @@ class server final : public gateway {
 
   gateway_options opts_;
   gateway_deps deps_;
+  actors::task_view_cache views_;
   net::io_context ioc_;
   tcp::acceptor acceptor_;
   net::thread_pool blocking_;

@@ -154,9 +154,8 @@ int run(int argc, char** argv) {
   ferry::gateway::gateway_options go;
   go.host = host;
   go.port = port;
-  ferry::actors::task_view_cache views(**store);
   auto gw = ferry::gateway::start_gateway(
-    go, {store->get(), bus->get(), tasks->get(), tokens->get(), &views});
+    go, {store->get(), bus->get(), tasks->get(), tokens->get()});
   if (!gw)
     die(gw.error().message);
   // The first admin token is minted only once the API is up, so a failed start mints none.

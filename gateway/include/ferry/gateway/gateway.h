@@ -30,7 +30,6 @@ class event_store;
 namespace ferry::actors {
 class bus;
 class task_service;
-class task_view_cache;
 }  // namespace ferry::actors
 
 namespace ferry::gateway {
@@ -48,7 +47,6 @@ struct gateway_deps {
   actors::bus* events = nullptr;
   actors::task_service* tasks = nullptr;
   token_registry* tokens = nullptr;
-  actors::task_view_cache* views = nullptr;  ///< optional: without it tasks are folded per read
 };
 
 class gateway {
