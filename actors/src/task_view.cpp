@@ -87,6 +87,11 @@ result<std::optional<task_view>> load_task_view(storage::event_store& store,
   return std::optional<task_view>{std::move(v)};
 }
 
+size_t task_view_cache::size() {
+  std::lock_guard<std::mutex> guard(mtx_);
+  return views_.size();
+}
+
 result<std::optional<task_view>> task_view_cache::get(const std::string& task_id) {
   if (!valid_task_id(task_id))
     return std::optional<task_view>{};

@@ -95,5 +95,6 @@ BOOST_FIXTURE_TEST_CASE(the_cache_stays_bounded_and_correct_past_its_capacity, j
       auto v = cache.get(t);
       BOOST_REQUIRE(v->has_value());
       BOOST_TEST((*v)->command == "cmd-" + t);
+      BOOST_TEST(cache.size() <= 2u);
     }
 }

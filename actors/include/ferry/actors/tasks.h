@@ -85,6 +85,8 @@ class task_view_cache {
     : store_(store), capacity_(capacity) {}
   /// Like load_task_view, incrementally.
   [[nodiscard]] result<std::optional<task_view>> get(const std::string& task_id);
+  /// Number of views kept (≤ capacity).
+  [[nodiscard]] size_t size();
 
  private:
   storage::event_store& store_;
