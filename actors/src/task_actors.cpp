@@ -58,9 +58,15 @@ bool sandbox_transition_allowed(ev::SandboxStatus from, ev::SandboxStatus to) {
   using S = ev::SandboxStatus;
   switch (from) {
     case S::none: return to == S::spawning;
-    case S::spawning: return to == S::running || to == S::failed;
-    case S::running: return to == S::terminating || to == S::failed;
+    case S::spawning: return to == S::executing || to == S::failed;
+    case S::executing: return to == S::terminating || to == S::failed;
     case S::terminating: return to == S::terminated || to == S::failed;
+    // Reserved for the full lifecycle (issue #4); `running` is schema version 1 only.
+    case S::initializing:
+    case S::cloning:
+    case S::ready:
+    case S::pushing:
+    case S::running:
     case S::terminated:
     case S::failed: return false;
   }
@@ -244,7 +250,7 @@ void sandbox_ended(sandbox_actor_t* self, bool failed, const std::string& reason
       sandbox_transition(self, ev::SandboxStatus::failed, "killed while starting");
     } else {
       // The kill may have come while spawning and ferry-init's hello after it.
-      if (s.status == ev::SandboxStatus::running)
+      if (s.status == ev::SandboxStatus::executing)
         sandbox_transition(self, ev::SandboxStatus::terminating, "kill requested");
       sandbox_transition(self, ev::SandboxStatus::terminated, "killed on request");
     }
@@ -292,7 +298,7 @@ caf::behavior sandbox_actor(sandbox_actor_t* self, sandbox::sandbox_runtime* run
     },
     [=](running_atom) {
       if (self->state.status == ev::SandboxStatus::spawning)
-        sandbox_transition(self, ev::SandboxStatus::running, "");
+        sandbox_transition(self, ev::SandboxStatus::executing, "");
     },
     [=](cmd_start_atom, uint32_t cmd, std::vector<std::string>& argv) {
       self->send(self->state.task, cmd_start_atom_v, cmd, std::move(argv));
@@ -303,7 +309,7 @@ caf::behavior sandbox_actor(sandbox_actor_t* self, sandbox::sandbox_runtime* run
       // ahead of this in the task's mailbox; output not yet sent must go first.
       after_pending_output(self, [=] {
         self->send(self->state.task, cmd_exit_atom_v, cmd, code, sig, ms);
-        if (self->state.status == ev::SandboxStatus::running)
+        if (self->state.status == ev::SandboxStatus::executing)
           sandbox_transition(self, ev::SandboxStatus::terminating, "command exited");
       });
     },
@@ -312,7 +318,7 @@ caf::behavior sandbox_actor(sandbox_actor_t* self, sandbox::sandbox_runtime* run
       if (s.ended || s.kill_requested)
         return;
       s.kill_requested = true;
-      if (s.status == ev::SandboxStatus::running)
+      if (s.status == ev::SandboxStatus::executing)
         sandbox_transition(self, ev::SandboxStatus::terminating, "kill requested");
       if (s.box)
         s.box->kill();
@@ -593,7 +599,7 @@ result<size_t> recover_interrupted_tasks(const task_deps& d) {
     const auto& v = **view;
     if (!v.sandbox_id.empty() && v.sandbox_status != "terminated" && v.sandbox_status != "failed") {
       ev::SandboxStatus from = ev::SandboxStatus::none;
-      for (auto st : {ev::SandboxStatus::spawning, ev::SandboxStatus::running,
+      for (auto st : {ev::SandboxStatus::spawning, ev::SandboxStatus::executing,
                       ev::SandboxStatus::terminating})
         if (schemas::to_string(st) == v.sandbox_status)
           from = st;

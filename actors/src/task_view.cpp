@@ -19,6 +19,47 @@ bool valid_task_id(std::string_view id) {
   return true;
 }
 
+void apply(task_view& v, const ev::Envelope& env) {
+  v.last_sequence = env.sequence();
+  switch (env.event_type()) {
+    case ev::Event::TaskSubmitted: {
+      auto* x = env.event_as_TaskSubmitted();
+      v.command = x->command() ? x->command()->str() : "";
+      v.repo = x->repo() ? x->repo()->str() : "";
+      v.user = env.user() ? env.user()->str() : "";
+      v.created_ns = env.timestamp_ns();
+      v.status = "queued";
+      break;
+    }
+    case ev::Event::TaskStateChanged:
+      v.status = schemas::to_string(env.event_as_TaskStateChanged()->to());
+      break;
+    case ev::Event::SandboxStateChanged: {
+      auto* x = env.event_as_SandboxStateChanged();
+      v.sandbox_id = x->sandbox_id() ? x->sandbox_id()->str() : "";
+      v.sandbox_backend = x->backend() ? x->backend()->str() : "";
+      v.sandbox_status = schemas::to_string(x->to());
+      v.sandbox_reason = x->reason() ? x->reason()->str() : "";
+      break;
+    }
+    case ev::Event::CommandExited: {
+      auto* x = env.event_as_CommandExited();
+      if (x->signal() == 0)
+        v.exit_code = x->exit_code();
+      break;
+    }
+    case ev::Event::TaskFinished: {
+      auto* x = env.event_as_TaskFinished();
+      v.status = schemas::to_string(x->status());
+      v.reason = x->reason() ? x->reason()->str() : "";
+      v.finished = true;
+      v.finished_ns = env.timestamp_ns();
+      break;
+    }
+    default: break;
+  }
+}
+
 result<void> refresh_task_view(storage::event_store& store, task_view& v) {
   auto stream = "task-" + v.id;
   constexpr uint64_t batch = 512;
@@ -30,44 +71,7 @@ result<void> refresh_task_view(storage::event_store& store, task_view& v) {
       auto e = schemas::verify_envelope(bytes);
       if (!e)
         return fail("task " + v.id + ": " + e.error().message);
-      const auto& env = **e;
-      v.last_sequence = env.sequence();
-      switch (env.event_type()) {
-        case ev::Event::TaskSubmitted: {
-          auto* x = env.event_as_TaskSubmitted();
-          v.command = x->command() ? x->command()->str() : "";
-          v.repo = x->repo() ? x->repo()->str() : "";
-          v.user = env.user() ? env.user()->str() : "";
-          v.created_ns = env.timestamp_ns();
-          v.status = "queued";
-          break;
-        }
-        case ev::Event::TaskStateChanged:
-          v.status = schemas::to_string(env.event_as_TaskStateChanged()->to());
-          break;
-        case ev::Event::SandboxStateChanged: {
-          auto* x = env.event_as_SandboxStateChanged();
-          v.sandbox_id = x->sandbox_id() ? x->sandbox_id()->str() : "";
-          v.sandbox_backend = x->backend() ? x->backend()->str() : "";
-          v.sandbox_status = schemas::to_string(x->to());
-          break;
-        }
-        case ev::Event::CommandExited: {
-          auto* x = env.event_as_CommandExited();
-          if (x->signal() == 0)
-            v.exit_code = x->exit_code();
-          break;
-        }
-        case ev::Event::TaskFinished: {
-          auto* x = env.event_as_TaskFinished();
-          v.status = schemas::to_string(x->status());
-          v.reason = x->reason() ? x->reason()->str() : "";
-          v.finished = true;
-          v.finished_ns = env.timestamp_ns();
-          break;
-        }
-        default: break;
-      }
+      apply(v, **e);
     }
     if (events->size() < batch)
       return {};

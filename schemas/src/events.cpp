@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <ctime>
+#include <random>
 
 #include <nlohmann/json.hpp>
 
@@ -196,6 +197,64 @@ result<const ev::Envelope*> verify_envelope(std::span<const uint8_t> bytes) {
   return e;
 }
 
+std::string random_event_id() {
+  // 48 bits of milliseconds, a 16-bit per-thread counter, 64 random bits: unique without
+  // coordination, and the ids one thread makes increase (also within a millisecond), which keeps
+  // the journal's id index cheap to insert into. Ids must not collide; they need not be secret.
+  thread_local std::mt19937_64 gen{[] {
+    std::random_device rd;
+    std::seed_seq seq{rd(), rd(), rd(), rd(), rd(), rd(), rd(), rd()};
+    return std::mt19937_64(seq);
+  }()};
+  thread_local uint64_t last_ms = 0;
+  thread_local uint16_t counter = 0;
+  uint64_t ms = static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                        std::chrono::system_clock::now().time_since_epoch())
+                                        .count()) &
+                0xffff'ffff'ffffULL;
+  if (ms <= last_ms) {
+    ms = last_ms;  // the clock stood still or stepped back: keep increasing
+    if (++counter == 0)
+      ++ms;  // 65536 ids in one millisecond: borrow the next one
+  } else {
+    counter = 0;
+  }
+  last_ms = ms;
+  static constexpr char hex[] = "0123456789abcdef";
+  const uint64_t head = ms << 16 | counter;
+  const uint64_t tail = gen();
+  std::string out(32, '0');
+  for (int i = 0; i < 16; ++i) {
+    out[i] = hex[(head >> ((15 - i) * 4)) & 0xf];
+    out[16 + i] = hex[(tail >> ((15 - i) * 4)) & 0xf];
+  }
+  return out;
+}
+
+result<void> upcast_envelope(std::string& bytes) {
+  auto* env = ev::GetMutableEnvelope(bytes.data());
+  const auto version = env->schema_version();
+  if (version == current_schema_version)
+    return {};
+  if (version == 0 || version > current_schema_version)
+    return fail(errc::corrupt, "event has schema version " + std::to_string(version) +
+                                 "; this build reads versions 1.." +
+                                 std::to_string(current_schema_version) +
+                                 " (written by a newer ferry?)");
+  // 1 → 2: the sandbox status `running` is called `executing` from version 2 on. Enum fields
+  // that hold `running` are present in the buffer (non-default), so they mutate in place.
+  if (env->event_type() == ev::Event::SandboxStateChanged) {
+    auto* x = static_cast<ev::SandboxStateChanged*>(env->mutable_event());
+    if (x->from() == ev::SandboxStatus::running)
+      x->mutate_from(ev::SandboxStatus::executing);
+    if (x->to() == ev::SandboxStatus::running)
+      x->mutate_to(ev::SandboxStatus::executing);
+  }
+  // Absent means 1; then there is no slot to rewrite, and readers see the content upcast anyway.
+  env->mutate_schema_version(current_schema_version);
+  return {};
+}
+
 std::string_view event_type_name(ev::Event type) {
   switch (type) {
     case ev::Event::TaskSubmitted: return "task_submitted";
@@ -231,6 +290,11 @@ std::string_view to_string(ev::SandboxStatus s) {
     case ev::SandboxStatus::terminating: return "terminating";
     case ev::SandboxStatus::terminated: return "terminated";
     case ev::SandboxStatus::failed: return "failed";
+    case ev::SandboxStatus::initializing: return "initializing";
+    case ev::SandboxStatus::cloning: return "cloning";
+    case ev::SandboxStatus::ready: return "ready";
+    case ev::SandboxStatus::executing: return "executing";
+    case ev::SandboxStatus::pushing: return "pushing";
   }
   return "unknown";
 }
@@ -312,6 +376,8 @@ nlohmann::json to_json(const ev::Envelope& e) {
               {"correlation_id", sv(e.correlation_id())},
               {"causation_id", sv(e.causation_id())},
               {"user", sv(e.user())},
+              {"event_id", sv(e.event_id())},
+              {"schema_version", e.schema_version()},
               {"data", std::move(data)}};
 }
 

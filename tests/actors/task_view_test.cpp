@@ -25,7 +25,10 @@ struct journal_fixture {
     std::string tmpl = (fs::temp_directory_path() / "ferry-view-XXXXXX").string();
     BOOST_REQUIRE(mkdtemp(tmpl.data()));
     dir = tmpl;
-    auto s = ferry::storage::open_journal({dir / "journal", false});
+    ferry::storage::journal_options opts;
+    opts.dir = dir / "journal";
+    opts.durability = ferry::storage::durability::periodic;
+    auto s = ferry::storage::open_journal(opts);
     BOOST_REQUIRE(s.ok());
     store = std::move(*s);
   }
@@ -47,12 +50,12 @@ BOOST_FIXTURE_TEST_CASE(a_view_folds_the_task_lifecycle, journal_fixture) {
   append(sc::task_submitted(meta, id, "make", "repo"));
   append(sc::task_state_changed(meta, ev::TaskStatus::queued, ev::TaskStatus::running, ""));
   append(sc::sandbox_state_changed(meta, "ferry-x", "runsc", ev::SandboxStatus::spawning,
-                                   ev::SandboxStatus::running, ""));
+                                   ev::SandboxStatus::executing, ""));
   auto v = ferry::actors::load_task_view(*store, id);
   BOOST_REQUIRE(v.ok() && v->has_value());
   BOOST_TEST((*v)->status == "running");
   BOOST_TEST((*v)->user == "tok_a");
-  BOOST_TEST((*v)->sandbox_status == "running");
+  BOOST_TEST((*v)->sandbox_status == "executing");
   BOOST_TEST(!(*v)->exit_code.has_value());
   append(sc::command_exited(meta, 1, 2, 0, 5));
   append(sc::task_finished(meta, ev::TaskStatus::failed, 2, "exit 2"));

@@ -34,7 +34,7 @@ void wait_until_sandbox_runs(const api_client& api, const std::string& id) {
   std::string last;
   auto task = api.wait_for_task(
       id,
-      [](const json& t) { return str(t, "status") == "running" && sandbox_status(t) == "running"; },
+      [](const json& t) { return str(t, "status") == "running" && sandbox_status(t) == "executing"; },
       60s, &last);
   BOOST_TEST_REQUIRE(task.has_value(),
                      "task " << id << " and its sandbox were not both running within 60 s; last "
@@ -174,7 +174,7 @@ BOOST_AUTO_TEST_CASE(shutdown_kills_running_sandboxes_promptly_and_a_restart_rea
   api_client api(second);
   const json task = get_task_json(api, id);  // the old token still works, too
   BOOST_TEST(str(task, "status") == "aborted", "after restart: " << task.dump());
-  BOOST_TEST(sandbox_status(task) != "running", "after restart: " << task.dump());
+  BOOST_TEST(sandbox_status(task) != "executing", "after restart: " << task.dump());
 
   ws_client ws;
   ws_handshake hs = api.open_events(ws, id);

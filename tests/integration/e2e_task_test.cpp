@@ -68,7 +68,7 @@ void check_success_story(const std::vector<json>& ev, const std::string& id) {
       return [state](const json& d) { return str(d, "to") == state; };
     };
     const int spawning = next("sandbox spawning", "sandbox_state_changed", to("spawning"));
-    const int running = spawning >= 0 ? next("sandbox running", "sandbox_state_changed", to("running")) : -1;
+    const int running = spawning >= 0 ? next("sandbox executing", "sandbox_state_changed", to("executing")) : -1;
     const int started = running >= 0 ? next("command_started", "command_started", nullptr) : -1;
     const int hello = started >= 0 ? next("output \"hello\"", "output_chunk", [](const json& d) {
       return chunk_text(d).find("hello") != std::string::npos;
@@ -116,10 +116,10 @@ void check_success_story(const std::vector<json>& ev, const std::string& id) {
     BOOST_TEST(std::count_if(ev.begin(), ev.end(),
                              [](const json& e) { return str(e, "type") == "task_finished"; }) == 1);
 
-    // Sandbox states follow none→spawning→running→terminating→terminated and are over before
+    // Sandbox states follow none→spawning→executing→terminating→terminated and are over before
     // the task is reported finished; one sandbox, one backend throughout.
     std::vector<std::string> sandbox_states = check_state_chain(ev, "sandbox_state_changed", "none");
-    const std::vector<std::string> expected_states{"none", "spawning", "running", "terminating",
+    const std::vector<std::string> expected_states{"none", "spawning", "executing", "terminating",
                                                    "terminated"};
     BOOST_TEST(sandbox_states == expected_states, boost::test_tools::per_element());
     int last_sandbox_event = -1;

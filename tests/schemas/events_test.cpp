@@ -25,8 +25,11 @@ BOOST_AUTO_TEST_CASE(envelope_fields_round_trip) {
   BOOST_TEST(e.correlation_id()->str() == "req-1");
   BOOST_TEST(e.causation_id()->str() == "cause-1");
   BOOST_TEST(e.user()->str() == "tok_1");
-  BOOST_TEST(e.schema_version() == 1);
+  BOOST_TEST(e.schema_version() == sc::current_schema_version);
   BOOST_TEST(e.sequence() == 0u);
+  BOOST_TEST(e.event_id()->size() == 32u);
+  BOOST_REQUIRE(e.prev_hash());
+  BOOST_TEST(e.prev_hash()->size() == sc::hash_size);
   BOOST_REQUIRE(e.event_type() == ev::Event::TaskSubmitted);
   BOOST_TEST(e.event_as_TaskSubmitted()->command()->str() == "echo hi");
   BOOST_TEST(e.event_as_TaskSubmitted()->repo()->str() == "git@x:y");
@@ -102,4 +105,42 @@ BOOST_AUTO_TEST_CASE(corrupt_records_are_errors_not_crashes) {
   auto r = sc::verify_envelope(wrong_id);
   BOOST_REQUIRE(!r.ok());
   BOOST_TEST(r.error().message.find("identifier") != std::string::npos);
+}
+
+BOOST_AUTO_TEST_CASE(event_ids_are_unique_and_increase_within_a_thread) {
+  // The journal's id index relies on one writer's ids arriving in increasing order.
+  std::string prev = sc::random_event_id();
+  for (int i = 0; i < 100000; ++i) {
+    auto id = sc::random_event_id();
+    BOOST_REQUIRE_MESSAGE(id > prev, "id " << id << " does not follow " << prev);
+    prev = id;
+  }
+  auto given = sc::envelope_meta{meta};
+  given.event_id = "chosen-1";
+  BOOST_TEST(verified(sc::abort_requested(given, "x")).event_id()->str() == "chosen-1");
+}
+
+BOOST_AUTO_TEST_CASE(version_1_sandbox_running_is_upcast_to_executing) {
+  auto old_meta = meta;
+  old_meta.schema_version = 1;
+  auto bytes = sc::sandbox_state_changed(old_meta, "sb", "runsc", ev::SandboxStatus::running,
+                                         ev::SandboxStatus::terminating, "");
+  BOOST_TEST(verified(bytes).schema_version() == 1);
+  BOOST_REQUIRE(sc::upcast_envelope(bytes).ok());
+  const auto& e = verified(bytes);
+  BOOST_TEST(e.schema_version() == sc::current_schema_version);
+  BOOST_TEST((e.event_as_SandboxStateChanged()->from() == ev::SandboxStatus::executing));
+  BOOST_TEST((e.event_as_SandboxStateChanged()->to() == ev::SandboxStatus::terminating));
+
+  // Current-version bytes are left as they are; unknown newer versions are refused.
+  auto current = sc::abort_requested(meta, "x");
+  auto copy = current;
+  BOOST_REQUIRE(sc::upcast_envelope(copy).ok());
+  BOOST_TEST((copy == current));
+  auto newer_meta = meta;
+  newer_meta.schema_version = 99;
+  auto newer = sc::abort_requested(newer_meta, "x");
+  auto r = sc::upcast_envelope(newer);
+  BOOST_REQUIRE(!r.ok());
+  BOOST_TEST(r.error().message.find("99") != std::string::npos, r.error().message);
 }

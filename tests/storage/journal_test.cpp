@@ -30,13 +30,18 @@ struct temp_dir {
 };
 
 std::unique_ptr<ferry::storage::event_store> open(const fs::path& dir) {
-  auto s = ferry::storage::open_journal({dir / "journal", true});
+  ferry::storage::journal_options o;
+  o.dir = dir / "journal";
+  auto s = ferry::storage::open_journal(o);
   BOOST_REQUIRE_MESSAGE(s.ok(), (s.ok() ? "" : s.error().message));
   return std::move(*s);
 }
 
 std::string out(const std::string& stream, std::string_view text) {
-  return sc::output_chunk({stream, "", "", "u"}, 1, ev::OutputStream::stdout, text);
+  sc::envelope_meta m;
+  m.stream_id = stream;
+  m.user = "u";
+  return sc::output_chunk(m, 1, ev::OutputStream::stdout, text);
 }
 
 std::string text_of(const std::string& bytes) {
@@ -105,7 +110,9 @@ BOOST_AUTO_TEST_CASE(expected_version_mismatch_writes_nothing) {
   std::vector<std::string> e2{out("task-a", "2"), out("task-a", "3")};
   auto conflict = j->append("task-a", e2, expected_version::no_stream());
   BOOST_REQUIRE(!conflict.ok());
-  BOOST_TEST(conflict.error().message.find("expected no stream") != std::string::npos);
+  BOOST_TEST((conflict.error().code == ferry::errc::conflict), conflict.error().message);
+  BOOST_TEST(conflict.error().message.find("task-a") != std::string::npos,
+             conflict.error().message);
   auto conflict2 = j->append("task-a", e2, expected_version::exact(5));
   BOOST_REQUIRE(!conflict2.ok());
   BOOST_TEST(*j->highest_sequence("task-a") == 1u);
@@ -151,9 +158,11 @@ BOOST_AUTO_TEST_CASE(events_survive_reopen_and_positions_continue) {
 BOOST_AUTO_TEST_CASE(second_writer_is_refused_but_secondary_reader_sees_new_events) {
   temp_dir t;
   auto j = open(t.path);
-  auto second = ferry::storage::open_journal({t.path / "journal", true});
+  ferry::storage::journal_options o;
+  o.dir = t.path / "journal";
+  auto second = ferry::storage::open_journal(o);
   BOOST_REQUIRE(!second.ok());
-  BOOST_TEST(second.error().message.find("in use") != std::string::npos);
+  BOOST_TEST((second.error().code == ferry::errc::busy), second.error().message);
 
   std::vector<std::string> e1{out("task-a", "1")};
   BOOST_REQUIRE(j->append("task-a", e1).ok());

@@ -1,140 +1,126 @@
-// ferryctl — Ferry's ops CLI: inspect events, manage tokens. Reads the data directory directly
-// (as a RocksDB secondary, so it works while ferryd runs).
+// ferryctl — Ferry's ops CLI: inspect the event journal, replay state, verify the store, manage
+// tokens. Reads the data directory directly, as a RocksDB secondary, so it works while ferryd
+// runs. The commands live in *_cmd.cpp; exit codes in ctl.h.
 
-#include <unistd.h>
-
-#include <cstdio>
+#include <charconv>
 #include <filesystem>
 #include <string>
 
 #include <CLI/CLI.hpp>
-#include <nlohmann/json.hpp>
 
-#include "ferry/gateway/tokens.h"
-#include "ferry/schemas/events.h"
-#include "ferry/storage/journal.h"
+#include "ctl.h"
 
-namespace fs = std::filesystem;
+using namespace ferry::ctl;
 
 namespace {
 
-/// A private scratch directory for the secondary instance, removed on exit.
-struct scratch_dir {
-  fs::path path;
-  scratch_dir() {
-    std::string tmpl = (fs::temp_directory_path() / "ferryctl-XXXXXX").string();
-    if (mkdtemp(tmpl.data()))
-      path = tmpl;
-  }
-  ~scratch_dir() {
-    std::error_code ec;
-    if (!path.empty())
-      fs::remove_all(path, ec);
-  }
-};
-
-int fail(const std::string& message) {
-  std::fprintf(stderr, "ferryctl: %s\n", message.c_str());
-  return 1;
-}
+/// Sequences and positions start at 1 (CLI11's PositiveNumber names a floating-point range).
+const CLI::Validator at_least_one{
+  [](std::string& in) -> std::string {
+    uint64_t v = 0;
+    auto [end, ec] = std::from_chars(in.data(), in.data() + in.size(), v);
+    if (ec != std::errc() || end != in.data() + in.size() || v == 0)
+      return "expected a whole number >= 1, got '" + in + "'";
+    return {};
+  },
+  ">=1"};
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"ferryctl — inspect Ferry's event journal and manage API tokens"};
+  CLI::App app{"ferryctl — inspect Ferry's event journal, replay state, verify the store and "
+               "manage API tokens"};
   app.require_subcommand(1);
+  app.footer(exit_codes_help);
   std::string data_dir = "./var";
   app.add_option("--data-dir", data_dir, "ferryd's data directory")->capture_default_str();
 
+  // -- events ------------------------------------------------------------------------------------
   auto* events = app.add_subcommand("events", "Inspect the event journal");
   events->require_subcommand(1);
-  auto* show = events->add_subcommand("show", "Print the stored events of a stream");
-  std::string stream;
-  bool as_json = false;
-  uint64_t from = 1;
-  uint64_t limit = 0;
-  show->add_option("stream", stream, "Stream id, e.g. task-0123abcd…")->required();
-  show->add_flag("--json", as_json, "One JSON object per line");
-  show->add_option("--from", from, "First sequence to print")->capture_default_str();
-  show->add_option("--limit", limit, "Print at most this many events (0: all)");
-  auto* streams = events->add_subcommand("streams", "List stream ids");
-  std::string prefix;
-  streams->add_option("--prefix", prefix, "Only streams starting with this");
 
+  streams_args streams_a;
+  auto* streams = events->add_subcommand(
+    "streams", "List streams with their highest sequence and how far they were deleted");
+  auto* kind_opt = streams->add_option(
+    "--kind", streams_a.kind, "Only streams of this kind: task, session, sandbox, user, tokens…");
+  streams->add_option("--prefix", streams_a.prefix, "Only streams starting with this")
+    ->excludes(kind_opt);
+  streams->add_flag("--json", streams_a.json, "One JSON object per line (with the head hash)");
+
+  show_args show_a;
+  auto* show = events->add_subcommand("show", "Print the stored events of a stream, in order");
+  show->add_option("stream", show_a.stream, "Stream id, e.g. task-0123abcd…")->required();
+  show->add_option("--from", show_a.from, "First sequence to print")
+    ->capture_default_str()
+    ->check(at_least_one);
+  show->add_option("--to", show_a.to, "Last sequence to print (default: the last)")
+    ->check(at_least_one);
+  show->add_option("--limit", show_a.limit, "Print at most this many events (0: all)");
+  show->add_flag("--json", show_a.json, "One JSON object per line");
+
+  tail_args tail_a;
+  auto* tail = events->add_subcommand(
+    "tail", "Print the global log (every stream) in position order");
+  tail->add_option("--from-position", tail_a.from_position, "First global position to print")
+    ->capture_default_str()
+    ->check(at_least_one);
+  tail->add_flag("--follow,-f", tail_a.follow,
+                 "Keep printing new events as ferryd appends them, until SIGINT/SIGTERM (exit 0)");
+  tail->add_flag("--json", tail_a.json, "One JSON object per line");
+
+  // -- replay, verify ----------------------------------------------------------------------------
+  replay_args replay_a;
+  auto* replay = app.add_subcommand(
+    "replay", "Rebuild a stream's state with its actor's fold and print it (task streams)");
+  replay->add_option("stream", replay_a.stream, "Stream id, e.g. task-0123abcd…")->required();
+  replay->add_option("--at", replay_a.at, "Stop after this sequence (default: the last)")
+    ->check(at_least_one);
+  replay->add_flag("--timeline", replay_a.timeline,
+                   "Also list every task and sandbox state transition with its time and sequence");
+  replay->add_flag("--json", replay_a.json, "One JSON object");
+
+  verify_args verify_a;
+  auto* verify = app.add_subcommand(
+    "verify", "Check hash chains and stored bytes of one stream or the whole journal");
+  verify->add_option("stream", verify_a.stream, "Only this stream (default: everything)");
+  verify->add_flag("--json", verify_a.json, "One JSON object");
+
+  // -- token -------------------------------------------------------------------------------------
   auto* token = app.add_subcommand("token", "Manage API tokens");
   token->require_subcommand(1);
-  auto* create = token->add_subcommand("create", "Create a token (ferryd must be stopped)");
-  std::string name;
-  bool admin = false;
-  create->add_option("--name", name, "What the token is for")->required();
-  create->add_flag("--admin", admin, "May see every user's tasks");
+  token_create_args create_a;
+  auto* create = token->add_subcommand(
+    "create", "Create a token (ferryd must be stopped; while it runs use POST /api/v1/tokens)");
+  create->add_option("--name", create_a.name, "What the token is for")->required();
+  create->add_flag("--admin", create_a.admin, "May see every user's tasks and mint tokens");
 
-  CLI11_PARSE(app, argc, argv);
-  fs::path journal_dir = fs::path(data_dir) / "journal";
-
-  if (*show || *streams) {
-    scratch_dir scratch;
-    if (scratch.path.empty())
-      return fail("cannot create a scratch directory in " + fs::temp_directory_path().string());
-    auto store = ferry::storage::open_journal_secondary(journal_dir, scratch.path);
-    if (!store)
-      return fail(store.error().message);
-    if (*streams) {
-      auto names = (*store)->list_streams(prefix);
-      if (!names)
-        return fail(names.error().message);
-      for (const auto& n : *names) {
-        auto head = (*store)->highest_sequence(n);
-        std::printf("%s\t%llu\n", n.c_str(),
-                    static_cast<unsigned long long>(head ? *head : 0));
-      }
-      return 0;
-    }
-    auto head = (*store)->highest_sequence(stream);
-    if (!head)
-      return fail(head.error().message);
-    if (*head == 0)
-      return fail("stream '" + stream + "' has no events (see `ferryctl events streams`)");
-    uint64_t printed = 0;
-    uint64_t next = from == 0 ? 1 : from;
-    for (;;) {
-      auto batch = (*store)->read_stream(stream, next, 512);
-      if (!batch)
-        return fail(batch.error().message);
-      for (const auto& bytes : *batch) {
-        auto e = ferry::schemas::verify_envelope(bytes);
-        if (!e)
-          return fail(stream + " seq " + std::to_string(next) + ": " + e.error().message);
-        if (as_json)
-          std::printf("%s\n", ferry::schemas::to_json(**e)
-                                .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)
-                                .c_str());
-        else
-          std::printf("%s\n", ferry::schemas::to_text(**e).c_str());
-        next = (*e)->sequence() + 1;
-        if (limit && ++printed >= limit)
-          return 0;
-      }
-      if (batch->size() < 512)
-        break;
-    }
-    return 0;
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    // --help is a "parse error" with code 0; every real one is a usage error (CLI11's own codes
+    // differ per error kind).
+    return app.exit(e) == 0 ? exit_ok : exit_usage;
   }
 
-  if (*create) {
-    auto store = ferry::storage::open_journal({journal_dir, true});
-    if (!store)
-      return fail(store.error().message +
-                  "\n(while ferryd runs, create tokens through its API: POST /api/v1/tokens "
-                  "with an admin token, see the README)");
-    auto reg = ferry::gateway::token_registry::load(**store);
-    if (!reg)
-      return fail(reg.error().message);
-    auto secret = (*reg)->create(name, admin);
-    if (!secret)
-      return fail(secret.error().message);
-    std::printf("%s\n", secret->c_str());
-    return 0;
-  }
-  return 0;
+  const std::filesystem::path dir = data_dir;
+  // Reading commands stop cooperatively on SIGINT/SIGTERM or a closed stdout, so the scratch
+  // directory is always removed. verify runs to the end or dies by the signal (it has no loop
+  // of ours to stop); token create keeps RocksDB's own crash safety.
+  if (*streams || *show || *tail || *replay)
+    install_stop_handlers();
+  int code = exit_usage;
+  if (*streams)
+    code = run_streams(dir, streams_a);
+  else if (*show)
+    code = run_show(dir, show_a);
+  else if (*tail)
+    code = run_tail(dir, tail_a);
+  else if (*replay)
+    code = run_replay(dir, replay_a);
+  else if (*verify)
+    code = run_verify(dir, verify_a);
+  else if (*create)
+    code = run_token_create(dir, create_a);
+  return finish_output(code);
 }

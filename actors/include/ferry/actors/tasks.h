@@ -34,6 +34,9 @@ class actor_system_config;
 namespace ferry::storage {
 class event_store;
 }
+namespace ferry::events::v1 {
+struct Envelope;
+}
 namespace ferry::sandbox {
 class sandbox_runtime;
 }
@@ -63,11 +66,17 @@ struct task_view {
   std::string sandbox_id;
   std::string sandbox_backend;
   std::string sandbox_status;
+  std::string sandbox_reason;  ///< reason given with the sandbox's latest state change
   int64_t created_ns = 0;
   int64_t finished_ns = 0;
   uint64_t last_sequence = 0;
   bool finished = false;
 };
+
+/// The fold: applies one event of the stream `task-<view.id>` (verified, upcast) to `view`. Every
+/// task view — load_task_view, refresh_task_view, the gateway's cache, `ferryctl replay` — is
+/// built by this one function, so they all agree with each other.
+void apply(task_view& view, const events::v1::Envelope& event);
 
 /// Folds the stream `task-<id>`; nullopt when there is no such task.
 [[nodiscard]] result<std::optional<task_view>> load_task_view(storage::event_store& store,

@@ -23,13 +23,28 @@ namespace ferry::schemas {
 
 namespace ev = ferry::events::v1;
 
-/// Bookkeeping a writer supplies for an event; the journal adds sequence, position and time.
+/// The schema version writers write (see Envelope.schema_version in events.fbs).
+inline constexpr uint16_t current_schema_version = 2;
+
+/// Size of Envelope.prev_hash (SHA-256).
+inline constexpr size_t hash_size = 32;
+
+/// Bookkeeping a writer supplies for an event; the journal adds sequence, position, time and the
+/// hash link.
 struct envelope_meta {
   std::string stream_id;
   std::string correlation_id;
   std::string causation_id;
   std::string user;
+  /// Unique within the stream; empty: build_envelope makes one (random_event_id).
+  std::string event_id{};
+  /// Only tests and migrations write anything but the current version.
+  uint16_t schema_version = current_schema_version;
 };
+
+/// A new event id: 32 lowercase hex digits — 48 bits of Unix milliseconds, a 16-bit per-thread
+/// counter, 64 random bits. Unique, and increasing among the ids one thread makes; not a secret.
+std::string random_event_id();
 
 /// Builds a finished Envelope. `make_event(fbb)` creates the event table and returns
 /// `{ev::Event::X, offset.Union()}`.
@@ -40,6 +55,10 @@ std::string build_envelope(const envelope_meta& meta, MakeEvent&& make_event) {
   auto corr = fbb.CreateString(meta.correlation_id);
   auto cause = fbb.CreateString(meta.causation_id);
   auto user = fbb.CreateString(meta.user);
+  auto id = fbb.CreateString(meta.event_id.empty() ? random_event_id() : meta.event_id);
+  // Zeroed placeholder the journal overwrites in place with the hash of the previous event.
+  const uint8_t zero_hash[hash_size] = {};
+  auto prev = fbb.CreateVector(zero_hash, hash_size);
   auto [type, body] = make_event(fbb);
   ev::EnvelopeBuilder b(fbb);
   // Force the journal-stamped scalars to be present so they can be mutated in place.
@@ -47,8 +66,10 @@ std::string build_envelope(const envelope_meta& meta, MakeEvent&& make_event) {
   b.add_sequence(0);
   b.add_position(0);
   b.add_timestamp_ns(0);
-  b.add_schema_version(1);
+  b.add_schema_version(meta.schema_version);
   fbb.ForceDefaults(false);
+  b.add_event_id(id);
+  b.add_prev_hash(prev);
   b.add_stream_id(stream);
   b.add_correlation_id(corr);
   b.add_causation_id(cause);
@@ -89,6 +110,12 @@ inline result<const ev::Envelope*> verify_envelope(std::string_view bytes) {
   return verify_envelope(
     std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()));
 }
+
+/// Rewrites an older-version envelope in `bytes` to the current schema version in place (the
+/// bytes must already have passed verify_envelope). Current-version bytes are left untouched.
+/// Fails for a version newer than this build knows (written by a newer ferry).
+///   1 → 2: SandboxStateChanged `running` becomes `executing`.
+result<void> upcast_envelope(std::string& bytes);
 
 /// Stable snake_case name of an event type ("task_submitted", …).
 std::string_view event_type_name(ev::Event type);

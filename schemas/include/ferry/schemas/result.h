@@ -11,9 +11,29 @@
 
 namespace ferry {
 
+/// What kind of failure an error is, for callers that react differently to each (e.g. retry a
+/// conflict with a fresh version, map not_found to 404). Most errors are `failed`.
+enum class errc {
+  /// Anything not listed below.
+  failed,
+  /// An optimistic-concurrency check failed (expected version, duplicate id); nothing was written.
+  conflict,
+  /// The caller's input is malformed (bad stream name, empty batch, garbled bytes from a client).
+  invalid_argument,
+  /// Stored data failed a check (FlatBuffers verifier, hash chain): the store needs attention.
+  corrupt,
+  /// The object (stream, snapshot, directory) does not exist.
+  not_found,
+  /// The resource is held by someone else (e.g. the journal's lock by a running ferryd).
+  busy,
+  /// The component was closed or is shutting down.
+  closed,
+};
+
 /// An error with a message that says what failed, on which object, and why.
 struct error_info {
   std::string message;
+  errc code = errc::failed;
 };
 
 /// Either a T or an error. Check before use: `if (!r) return r.error();`.
@@ -57,5 +77,9 @@ class [[nodiscard]] result<void> {
 
 /// Shorthand for `return ferry::fail("...")`.
 inline error_info fail(std::string message) { return error_info{std::move(message)}; }
+/// Shorthand for `return ferry::fail(errc::conflict, "...")`.
+inline error_info fail(errc code, std::string message) {
+  return error_info{std::move(message), code};
+}
 
 }  // namespace ferry
