@@ -16,9 +16,11 @@
 //  - Durability (journal_options::durability): `fsync` (default) acknowledges only after the
 //    write-ahead log is fsynced; concurrent appends share one fsync (group commit).
 //  - Tamper evidence: each stream is a SHA-256 hash chain. The journal stamps into every event the
-//    hash of the previous event's stored bytes (Envelope.prev_hash); the stream's head record
-//    keeps the hash of its last event. verify() names the first event whose bytes no longer match
-//    what the chain committed to.
+//    hash of the previous event's stored bytes (Envelope.prev_hash) and records each event's own
+//    hash in its global index entry. verify() names the first event whose bytes no longer match
+//    what was recorded or what its successor committed to. Removing a stream's newest events
+//    together with their index entries is only visible against an externally recorded head hash
+//    (stream_info::head_hash; ferryctl prints it).
 //  - Every record read passes the FlatBuffers verifier; corrupt bytes are an errc::corrupt error
 //    naming the stream, sequence and (when known) position, never a crash. Readers get events
 //    upcast to the current schema version (schemas::upcast_envelope); verify() checks the bytes
@@ -32,10 +34,14 @@
 //    stream's owner) appends to a stream, with exact expected versions; the journal's version
 //    check is what fences out a stale writer. Appends to different streams run concurrently.
 //  - All writes (appends, deletions) are applied in order by one internal commit thread, which
-//    groups whatever is queued into one RocksDB write and one fsync. append_async's callback runs
-//    on that thread: it must be short and must not block (in particular it must not call the
-//    blocking append(), which would deadlock); queueing another append_async from it is fine.
-//  - A `subscription` is used by one thread at a time; close() may be called from any thread.
+//    groups whatever is queued into one RocksDB write; a sync thread fsyncs the log once for every
+//    group written meanwhile, then publishes and answers. append_async's callback runs on one of
+//    these internal threads: it must be short and must not block (the blocking append() called
+//    from it fails instead of deadlocking); queueing another append_async from it is fine.
+//  - A `subscription` is used by one thread at a time; close() may be called from any thread. It
+//    must not outlive its event_store.
+//  - Readers (and subscriptions) see the published state: an event becomes visible when it is
+//    durable and acknowledged, never before (the commit thread writes ahead of the fsync).
 
 #include <array>
 #include <chrono>
@@ -127,7 +133,7 @@ struct snapshot_criteria {
 /// One finding of verify().
 struct verify_problem {
   std::string stream;
-  /// The first event of the stream that fails (0 when the problem is the stream's head record).
+  /// The first event of the stream that fails (0 when the problem is the stream's record).
   uint64_t sequence = 0;
   /// Its global position when known, else 0.
   uint64_t position = 0;
