@@ -208,7 +208,8 @@ result<std::unique_ptr<bus>> connect_nats(const std::string& url) {
 }
 
 result<std::unique_ptr<embedded_nats>> start_embedded_nats(const std::string& binary,
-                                                           const std::filesystem::path& store_dir) {
+                                                           const std::filesystem::path& store_dir,
+                                                           uint16_t port) {
   std::error_code ec;
   std::filesystem::create_directories(store_dir, ec);
   if (ec)
@@ -221,7 +222,8 @@ result<std::unique_ptr<embedded_nats>> start_embedded_nats(const std::string& bi
   auto log_offset = std::filesystem::exists(log_path, ec) ? std::filesystem::file_size(log_path, ec)
                                                           : 0;
   sandbox::spawn_options o;
-  o.argv = {binary, "-a", "127.0.0.1", "-p", "-1", "-js", "-sd", store_dir.string(),
+  o.argv = {binary, "-a", "127.0.0.1", "-p", port ? std::to_string(port) : "-1", "-js",
+            "-sd", store_dir.string(),
             "-l", log_path, "-P", pid_path};
   o.out = sandbox::stdio::null;
   o.err = sandbox::stdio::null;
@@ -235,9 +237,9 @@ result<std::unique_ptr<embedded_nats>> start_embedded_nats(const std::string& bi
       in.seekg(static_cast<std::streamoff>(log_offset));
       log.assign(std::istreambuf_iterator<char>(in), {});
     }
-    if (auto port = logged_client_port(log); !port.empty())
+    if (auto logged = logged_client_port(log); !logged.empty())
       return std::unique_ptr<embedded_nats>(
-        new embedded_nats_server(std::move(*proc), "nats://127.0.0.1:" + port));
+        new embedded_nats_server(std::move(*proc), "nats://127.0.0.1:" + logged));
     if (auto st = proc->try_wait())
       return fail(binary + " exited during start-up (code " + std::to_string(st->exit_code) +
                   "); its log " + log_path + " says: " + log);

@@ -2,7 +2,10 @@
 
 #include <openssl/rand.h>
 
+#include <algorithm>
 #include <condition_variable>
+#include <deque>
+#include <optional>
 #include <cstdio>
 #include <functional>
 #include <mutex>
@@ -36,18 +39,13 @@ std::string random_hex(size_t bytes) {
   return out;
 }
 
-/// Appends `envs` to `stream`, then publishes each stored event on `subject`. A publish failure
-/// is logged, not fatal: the journal is the source of truth and streamers catch up from it.
-result<void> record(const task_deps& d, const std::string& stream, const std::string& subject,
-                    std::vector<std::string>& envs,
+/// Appends `envs` to `stream`. Publishing is the outbox relay's job (outbox.h): it carries every
+/// stored event to NATS in journal order, so an actor never waits for NATS.
+result<void> record(const task_deps& d, const std::string& stream, std::vector<std::string>& envs,
                     storage::expected_version expected = storage::expected_version::any()) {
   auto appended = d.store->append(stream, envs, expected);
   if (!appended)
     return appended.error();
-  if (d.events)
-    for (const auto& e : envs)
-      if (auto p = d.events->publish(subject, e); !p)
-        std::fprintf(stderr, "ferryd: warning: %s\n", p.error().message.c_str());
   return {};
 }
 
@@ -336,7 +334,6 @@ struct task_state {
   task_deps deps;
   std::string id;
   std::string stream;
-  std::string subject;
   task_request req;
   caf::actor sandbox;
   std::optional<int32_t> exit_code;
@@ -354,7 +351,7 @@ using task_actor_t = caf::stateful_actor<task_state>;
 /// is killed and the actor stops, loudly.
 bool persist(task_actor_t* self, std::vector<std::string> envs) {
   auto& s = self->state;
-  if (auto r = record(s.deps, s.stream, s.subject, envs); !r) {
+  if (auto r = record(s.deps, s.stream, envs); !r) {
     std::fprintf(stderr, "ferryd: error: task %s: cannot record event: %s\n", s.id.c_str(),
                  r.error().message.c_str());
     if (s.sandbox)
@@ -402,12 +399,20 @@ void finish_task(task_actor_t* self) {
   self->quit();
 }
 
+void start_sandbox(task_actor_t* self) {
+  auto& s = self->state;
+  std::vector<std::string> argv{"/bin/sh", "-c", s.req.command};
+  s.sandbox = self->spawn<caf::detached + caf::monitored>(
+    sandbox_actor, s.deps.runtime, caf::actor{self}, "ferry-" + s.id, std::move(argv));
+  self->send(s.sandbox, start_atom_v);
+}
+
 caf::behavior task_actor(task_actor_t* self, task_deps deps, std::string id, task_request req) {
   auto& s = self->state;
   s.deps = deps;
   s.id = id;
   s.stream = "task-" + id;
-  s.subject = task_subject(id);
+
   s.req = std::move(req);
   self->set_down_handler([=](caf::down_msg& dm) {
     auto& s = self->state;
@@ -419,24 +424,40 @@ caf::behavior task_actor(task_actor_t* self, task_deps deps, std::string id, tas
     }
   });
   return {
-    [=](start_atom) -> caf::message {
+    [=](start_atom, uint32_t position, uint32_t running, uint32_t limit,
+        std::string& why) -> caf::message {
+      // Submission: durable before the id is handed out. Position 0: a slot is free, run now;
+      // else wait for run_atom from the manager.
       auto& s = self->state;
       auto m = s.meta();
-      std::vector<std::string> envs{
-        schemas::task_submitted(m, s.id, s.req.command, s.req.repo),
-        schemas::task_state_changed(m, ev::TaskStatus::queued, ev::TaskStatus::running, ""),
-      };
-      if (auto r = record(s.deps, s.stream, s.subject, envs,
-                          storage::expected_version::no_stream());
-          !r) {
+      std::vector<std::string> envs{schemas::task_submitted(m, s.id, s.req.command, s.req.repo)};
+      if (position == 0)
+        envs.push_back(
+          schemas::task_state_changed(m, ev::TaskStatus::queued, ev::TaskStatus::running, ""));
+      else
+        envs.push_back(schemas::task_queued(m, position, running, limit, why));
+      if (auto r = record(s.deps, s.stream, envs, storage::expected_version::no_stream()); !r) {
         self->quit();
         return caf::make_message(false, r.error().message);
       }
-      std::vector<std::string> argv{"/bin/sh", "-c", s.req.command};
-      s.sandbox = self->spawn<caf::detached + caf::monitored>(
-        sandbox_actor, s.deps.runtime, caf::actor{self}, "ferry-" + s.id, std::move(argv));
-      self->send(s.sandbox, start_atom_v);
+      if (position == 0)
+        start_sandbox(self);
       return caf::make_message(true, s.id);
+    },
+    [=](run_atom) {
+      auto& s = self->state;
+      if (s.finished || s.abort_requested || s.sandbox)
+        return;
+      if (!persist(self, schemas::task_state_changed(s.meta(), ev::TaskStatus::queued,
+                                                     ev::TaskStatus::running, "")))
+        return;
+      start_sandbox(self);
+    },
+    [=](queued_atom, uint32_t position, uint32_t running, uint32_t limit, std::string& why) {
+      auto& s = self->state;
+      if (s.finished || s.abort_requested || s.sandbox)
+        return;
+      persist(self, schemas::task_queued(s.meta(), position, running, limit, why));
     },
     [=](sbx_state_atom, int8_t from, int8_t to, std::string& reason, std::string& backend,
         std::string& sandbox_id) {
@@ -485,7 +506,10 @@ caf::behavior task_actor(task_actor_t* self, task_deps deps, std::string id, tas
         self->send<caf::message_priority::high>(s.sandbox, kill_atom_v);
       auto m = s.meta();
       m.user = user;
-      persist(self, schemas::abort_requested(m, reason));
+      if (!persist(self, schemas::abort_requested(m, reason)))
+        return rp;
+      if (!s.sandbox)
+        finish_task(self);  // still queued: nothing runs, it ends here
       return rp;
     },
   };
@@ -493,23 +517,169 @@ caf::behavior task_actor(task_actor_t* self, task_deps deps, std::string id, tas
 
 // -- task manager ----------------------------------------------------------------------------------
 
+/// The job queue: which tasks run, which wait, and in what order they start.
+///
+/// Fairness: when a slot frees, the next task comes from the user with the fewest running tasks
+/// (ties: the user whose oldest waiting task was submitted first), among users below the per-user
+/// limit. So one user's 50 tasks never starve another user's first. Positions reported to
+/// waiting tasks are projected with the same rule.
+struct job_queue {
+  struct waiting_task {
+    std::string id;
+    caf::actor actor;
+    uint64_t order;  // submission order
+  };
+
+  task_limits limits;
+  uint32_t running_total = 0;
+  std::map<std::string, uint32_t> running_by_user;
+  std::map<std::string, std::deque<waiting_task>> waiting;  // per user, oldest first
+  std::map<std::string, std::string> running_user;         // running task id → user
+  std::map<std::string, uint32_t> reported;                // waiting task id → last position
+  uint64_t next_order = 0;
+
+  uint32_t running_of(const std::string& user) const {
+    auto it = running_by_user.find(user);
+    return it == running_by_user.end() ? 0 : it->second;
+  }
+
+  size_t waiting_of(const std::string& user) const {
+    auto it = waiting.find(user);
+    return it == waiting.end() ? 0 : it->second.size();
+  }
+
+  bool may_start(const std::string& user) const {
+    return running_total < limits.max_running && running_of(user) < limits.max_running_per_user;
+  }
+
+  void mark_running(const std::string& id, const std::string& user) {
+    ++running_total;
+    ++running_by_user[user];
+    running_user[id] = user;
+  }
+
+  /// The user whose task starts next, if any may start now.
+  std::optional<std::string> next_user() const {
+    std::optional<std::string> best;
+    uint32_t best_running = 0;
+    uint64_t best_order = 0;
+    for (const auto& [user, q] : waiting) {
+      if (q.empty() || running_of(user) >= limits.max_running_per_user)
+        continue;
+      auto r = running_of(user);
+      if (!best || r < best_running || (r == best_running && q.front().order < best_order)) {
+        best = user;
+        best_running = r;
+        best_order = q.front().order;
+      }
+    }
+    return best;
+  }
+
+  /// Projected start order of every waiting task: id → position (1 = next).
+  std::map<std::string, uint32_t> positions() const {
+    std::map<std::string, uint32_t> out;
+    std::map<std::string, uint32_t> running = running_by_user;
+    std::map<std::string, size_t> taken;
+    uint32_t pos = 0;
+    for (;;) {
+      const waiting_task* best = nullptr;
+      std::string best_user;
+      for (const auto& [user, q] : waiting) {
+        size_t i = taken[user];
+        if (i >= q.size())
+          continue;
+        auto r = running[user];
+        if (!best || r < running[best_user] ||
+            (r == running[best_user] && q[i].order < best->order)) {
+          best = &q[i];
+          best_user = user;
+        }
+      }
+      if (!best)
+        return out;
+      out[best->id] = ++pos;
+      ++taken[best_user];
+      ++running[best_user];
+    }
+  }
+
+  std::string why_waiting() const {
+    return running_total >= limits.max_running ? "global limit" : "per-user limit";
+  }
+};
+
 struct manager_state {
   static inline const char* name = "ferry.task_manager";
   task_deps deps;
   std::map<std::string, caf::actor> live;
+  job_queue queue;
   bool shutting_down = false;
   std::vector<caf::response_promise> shutdown_waiters;
 };
 
 using manager_actor_t = caf::stateful_actor<manager_state>;
 
+/// Starts whatever may start now, then tells waiting tasks whose place changed.
+void dispatch(manager_actor_t* self) {
+  auto& q = self->state.queue;
+  while (q.running_total < q.limits.max_running) {
+    auto user = q.next_user();
+    if (!user)
+      break;
+    auto& list = q.waiting[*user];
+    auto next = std::move(list.front());
+    list.pop_front();
+    if (list.empty())
+      q.waiting.erase(*user);
+    q.reported.erase(next.id);
+    q.mark_running(next.id, *user);
+    self->send(next.actor, run_atom_v);
+  }
+  for (const auto& [id, pos] : q.positions()) {
+    auto& last = q.reported[id];
+    if (last == pos)
+      continue;
+    last = pos;
+    for (const auto& [user, list] : q.waiting)
+      for (const auto& w : list)
+        if (w.id == id)
+          self->send(w.actor, queued_atom_v, pos, q.running_total, q.limits.max_running,
+                     q.why_waiting());
+  }
+}
+
 caf::behavior task_manager(manager_actor_t* self, task_deps deps) {
   self->state.deps = deps;
+  self->state.queue.limits = deps.limits;
   self->set_down_handler([=](caf::down_msg& dm) {
     auto& s = self->state;
     for (auto it = s.live.begin(); it != s.live.end(); ++it)
       if (it->second.address() == dm.source) {
+        const std::string id = it->first;
         s.live.erase(it);
+        auto& q = s.queue;
+        if (auto r = q.running_user.find(id); r != q.running_user.end()) {
+          --q.running_total;
+          if (--q.running_by_user[r->second] == 0)
+            q.running_by_user.erase(r->second);
+          q.running_user.erase(r);
+        } else {
+          // Ended while waiting (aborted): drop it from its queue.
+          for (auto u = q.waiting.begin(); u != q.waiting.end(); ++u) {
+            auto& list = u->second;
+            list.erase(std::remove_if(list.begin(), list.end(),
+                                      [&](const job_queue::waiting_task& w) { return w.id == id; }),
+                       list.end());
+            if (list.empty()) {
+              q.waiting.erase(u);
+              break;
+            }
+          }
+          q.reported.erase(id);
+        }
+        if (!s.shutting_down)
+          dispatch(self);
         break;
       }
     if (s.shutting_down && s.live.empty()) {
@@ -520,21 +690,49 @@ caf::behavior task_manager(manager_actor_t* self, task_deps deps) {
   });
   return {
     [=](submit_atom, std::string& command, std::string& repo, std::string& user,
-        std::string& correlation) -> caf::result<bool, std::string> {
+        std::string& correlation) -> caf::result<int32_t, std::string, uint32_t> {
       auto& s = self->state;
       if (s.shutting_down)
-        return {false, std::string("ferryd is shutting down; not accepting tasks")};
+        return {static_cast<int32_t>(errc::closed),
+                std::string("ferryd is shutting down; not accepting tasks"), uint32_t{0}};
+      auto& q = s.queue;
+      const bool run_now = q.may_start(user) && q.waiting_of(user) == 0;
+      if (!run_now && q.waiting_of(user) >= q.limits.max_queued_per_user)
+        return {static_cast<int32_t>(errc::busy),
+                "too many waiting tasks: " + std::to_string(q.waiting_of(user)) +
+                  " of yours are queued (limit " + std::to_string(q.limits.max_queued_per_user) +
+                  "); try again later",
+                uint32_t{0}};
       auto id = random_hex(8);
-      task_request req{std::move(command), std::move(repo), std::move(user),
-                       std::move(correlation)};
+      task_request req{std::move(command), std::move(repo), user, std::move(correlation)};
       auto task = self->spawn<caf::monitored>(task_actor, s.deps, id, std::move(req));
       s.live.emplace(id, task);
-      auto rp = self->make_response_promise<bool, std::string>();
-      self->request(task, caf::infinite, start_atom_v)
-        .then([rp](bool ok, std::string& text) mutable { rp.deliver(ok, std::move(text)); },
-              [rp](caf::error& err) mutable {
-                rp.deliver(false, "task failed to start: " + to_string(err));
-              });
+      uint32_t position = 0;
+      std::string why;
+      if (run_now) {
+        q.mark_running(id, user);
+      } else {
+        q.waiting[user].push_back({id, task, q.next_order++});
+        position = q.positions()[id];
+        q.reported[id] = position;
+        why = q.why_waiting();
+      }
+      auto rp = self->make_response_promise<int32_t, std::string, uint32_t>();
+      self
+        ->request(task, caf::infinite, start_atom_v, position, q.running_total,
+                  q.limits.max_running, std::move(why))
+        .then(
+          [rp, position](bool ok, std::string& text) mutable {
+            rp.deliver(static_cast<int32_t>(ok ? 0 : static_cast<int>(errc::failed)),
+                       std::move(text), position);
+          },
+          [rp](caf::error& err) mutable {
+            rp.deliver(static_cast<int32_t>(errc::failed),
+                       "task failed to start: " + to_string(err), uint32_t{0});
+          });
+      // A new waiting task may move others back (it can go ahead of a busier user's).
+      if (!run_now)
+        dispatch(self);
       return rp;
     },
     [=](abort_atom, std::string& id, std::string& user, std::string& reason) -> caf::result<int32_t> {
@@ -609,7 +807,7 @@ result<size_t> recover_interrupted_tasks(const task_deps& d) {
     }
     envs.push_back(schemas::task_finished(m, ev::TaskStatus::failed, -1,
                                           "interrupted: ferryd stopped while the task ran"));
-    if (auto r = record(d, stream, task_subject(id), envs,
+    if (auto r = record(d, stream, envs,
                         storage::expected_version::exact(*head));
         !r)
       return r.error();
@@ -623,15 +821,18 @@ class caf_task_service final : public task_service {
   caf_task_service(caf::actor_system& sys, caf::actor mgr) : sys_(sys), mgr_(std::move(mgr)) {}
   ~caf_task_service() override { caf::anon_send_exit(mgr_, caf::exit_reason::user_shutdown); }
 
-  result<std::string> submit(const task_request& req) override {
+  result<submission> submit(const task_request& req) override {
     caf::scoped_actor self{sys_};
-    result<std::string> out = fail("task manager did not answer");
+    result<submission> out = fail("task manager did not answer");
     self
       ->request(mgr_, std::chrono::seconds(30), submit_atom_v, req.command, req.repo, req.user,
                 req.correlation_id)
       .receive(
-        [&](bool ok, std::string& text) {
-          out = ok ? result<std::string>(std::move(text)) : result<std::string>(fail(text));
+        [&](int32_t code, std::string& text, uint32_t position) {
+          if (code == 0)
+            out = submission{std::move(text), position};
+          else
+            out = fail(static_cast<errc>(code), std::move(text));
         },
         [&](caf::error& err) { out = fail("submit: " + to_string(err)); });
     return out;

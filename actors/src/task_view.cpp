@@ -33,6 +33,10 @@ void apply(task_view& v, const ev::Envelope& env) {
     }
     case ev::Event::TaskStateChanged:
       v.status = schemas::to_string(env.event_as_TaskStateChanged()->to());
+      v.queue_position = 0;
+      break;
+    case ev::Event::TaskQueued:
+      v.queue_position = env.event_as_TaskQueued()->position();
       break;
     case ev::Event::SandboxStateChanged: {
       auto* x = env.event_as_SandboxStateChanged();
@@ -54,6 +58,7 @@ void apply(task_view& v, const ev::Envelope& env) {
       v.reason = x->reason() ? x->reason()->str() : "";
       v.finished = true;
       v.finished_ns = env.timestamp_ns();
+      v.queue_position = 0;
       break;
     }
     default: break;

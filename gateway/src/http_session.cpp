@@ -45,6 +45,8 @@ json task_json(const actors::task_view& v) {
                   {"status", v.sandbox_status}};
   if (v.finished)
     j["finished_ns"] = v.finished_ns;
+  if (v.status == "queued")
+    j["queue_position"] = v.queue_position;
   return j;
 }
 
@@ -302,19 +304,22 @@ void http_session::route(request_t& req) {
     actors::task_request treq{cmd->get<std::string>(), std::move(repo), who->id,
                               "req-" + random_hex(8)};
     net::post(srv_.blocking(), [self, treq = std::move(treq), &deps, version, keep] {
-      auto id = deps.tasks->submit(treq);
+      auto sub = deps.tasks->submit(treq);
       response_t res;
-      if (!id) {
-        res = error_response(http::status::service_unavailable, id.error().message, version,
-                             keep);
+      if (!sub) {
+        res = error_response(sub.error().code == errc::busy ? http::status::too_many_requests
+                                                            : http::status::service_unavailable,
+                             sub.error().message, version, keep);
       } else {
-        res = json_response(http::status::created,
-                            json{{"id", *id},
-                                 {"status", "running"},
-                                 {"url", "/api/v1/tasks/" + *id},
-                                 {"events", "/api/v1/tasks/" + *id + "/events"}},
-                            version, keep);
-        res.set(http::field::location, "/api/v1/tasks/" + *id);
+        const std::string& id = sub->id;
+        json body{{"id", id},
+                  {"status", sub->queue_position ? "queued" : "running"},
+                  {"url", "/api/v1/tasks/" + id},
+                  {"events", "/api/v1/tasks/" + id + "/events"}};
+        if (sub->queue_position)
+          body["queue_position"] = sub->queue_position;
+        res = json_response(http::status::created, body, version, keep);
+        res.set(http::field::location, "/api/v1/tasks/" + id);
       }
       net::post(self->stream_.get_executor(),
                 [self, res = std::move(res)]() mutable { self->send(std::move(res)); });

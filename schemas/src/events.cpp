@@ -255,6 +255,21 @@ result<void> upcast_envelope(std::string& bytes) {
   return {};
 }
 
+std::string task_queued(const envelope_meta& m, uint32_t position, uint32_t running,
+                        uint32_t limit, std::string_view reason) {
+  return build_envelope(m, [&](fbb_t& fbb) {
+    auto r = fbb.CreateString(reason);
+    ev::TaskQueuedBuilder b(fbb);
+    fbb.ForceDefaults(true);
+    b.add_position(position);
+    b.add_running(running);
+    b.add_limit(limit);
+    fbb.ForceDefaults(false);
+    b.add_reason(r);
+    return std::pair{ev::Event::TaskQueued, b.Finish().Union()};
+  });
+}
+
 std::string_view event_type_name(ev::Event type) {
   switch (type) {
     case ev::Event::TaskSubmitted: return "task_submitted";
@@ -266,6 +281,7 @@ std::string_view event_type_name(ev::Event type) {
     case ev::Event::AbortRequested: return "abort_requested";
     case ev::Event::TaskFinished: return "task_finished";
     case ev::Event::TokenCreated: return "token_created";
+    case ev::Event::TaskQueued: return "task_queued";
     case ev::Event::NONE: break;
   }
   return "unknown";
@@ -364,6 +380,12 @@ nlohmann::json to_json(const ev::Envelope& e) {
       auto* x = e.event_as_TokenCreated();
       // The hash is deliberately not rendered: nothing outside the journal needs it.
       data = {{"token_id", sv(x->token_id())}, {"name", sv(x->name())}, {"admin", x->admin()}};
+      break;
+    }
+    case ev::Event::TaskQueued: {
+      auto* x = e.event_as_TaskQueued();
+      data = {{"position", x->position()}, {"running", x->running()}, {"limit", x->limit()},
+              {"reason", sv(x->reason())}};
       break;
     }
     case ev::Event::NONE: break;

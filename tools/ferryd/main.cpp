@@ -14,6 +14,7 @@
 #include <caf/all.hpp>
 
 #include "ferry/actors/bus.h"
+#include "ferry/actors/outbox.h"
 #include "ferry/actors/tasks.h"
 #include "ferry/gateway/gateway.h"
 #include "ferry/gateway/tokens.h"
@@ -71,6 +72,7 @@ int run(int argc, char** argv) {
   std::string init_binary;
   bool ignore_cgroups = false;
   bool no_fsync = false;
+  ferry::actors::task_limits limits;
   app.add_option("--listen", listen, "HTTP/WebSocket address HOST:PORT (port 0: pick a free one)")
     ->capture_default_str();
   app.add_option("--data-dir", data_dir, "Where the journal, NATS store and sandboxes live")
@@ -86,6 +88,17 @@ int run(int argc, char** argv) {
                  "ferry-init binary mounted into sandboxes (default: next to ferryd)");
   app.add_flag("--runsc-ignore-cgroups", ignore_cgroups,
                "Pass --ignore-cgroups to runsc (needed inside `ip netns exec`)");
+  app.add_option("--max-running", limits.max_running, "Tasks running at once, all users")
+    ->check(CLI::Range(1u, 10000u))
+    ->capture_default_str();
+  app.add_option("--max-running-per-user", limits.max_running_per_user,
+                 "Tasks one user may have running at once")
+    ->check(CLI::Range(1u, 10000u))
+    ->capture_default_str();
+  app.add_option("--max-queued-per-user", limits.max_queued_per_user,
+                 "Tasks one user may have waiting for a slot; more are refused")
+    ->check(CLI::Range(0u, 100000u))
+    ->capture_default_str();
   app.add_flag("--no-fsync", no_fsync,
                "Acknowledge appends before fsync; fsync every 100 ms instead (a machine crash may "
                "lose the last 100 ms of events; a ferryd crash loses nothing)");
@@ -126,6 +139,13 @@ int run(int argc, char** argv) {
   auto bus = ferry::actors::connect_nats(nats_url);
   if (!bus)
     die(bus.error().message);
+  // Every stored event reaches NATS through the relay (JetStream stream FERRY_EVENTS), in
+  // journal order; actors never wait for NATS.
+  ferry::actors::outbox_options oo;
+  oo.nats_url = nats_url;
+  auto relay = ferry::actors::start_outbox_relay(**store, oo);
+  if (!relay)
+    die("outbox relay: " + relay.error().message);
 
   ferry::sandbox::runsc_options ro;
   ro.runsc = runsc;
@@ -147,7 +167,7 @@ int run(int argc, char** argv) {
   ferry::actors::add_message_types(cfg);
   caf::actor_system sys{cfg};
 
-  ferry::actors::task_deps deps{store->get(), bus->get(), runtime->get()};
+  ferry::actors::task_deps deps{store->get(), runtime->get(), limits};
   auto tasks = ferry::actors::start_task_manager(sys, deps);
   if (!tasks)
     die(tasks.error().message);
@@ -192,6 +212,12 @@ int run(int argc, char** argv) {
   sys.await_all_actors_done();
   if (auto r = (*store)->flush(); !r)
     std::fprintf(stderr, "ferryd: error: %s\n", r.error().message.c_str());
+  // Let the relay hand the last events to NATS (bounded: a restart resumes from its cursor).
+  if (!(*relay)->wait_for((*store)->last_position(), std::chrono::seconds(2)))
+    std::fprintf(stderr, "ferryd: warning: %s; the next start publishes the rest\n",
+                 (*relay)->stats().last_error.empty() ? "NATS did not acknowledge every event"
+                                                       : (*relay)->stats().last_error.c_str());
+  relay->reset();
   (void)(*bus)->flush(std::chrono::seconds(2));
   bus->reset();
   if (nats_child)

@@ -8,6 +8,7 @@
 // library thread; they must not block for long.
 
 #include <chrono>
+#include <cstdint>
 #include <filesystem>
 #include <functional>
 #include <memory>
@@ -60,8 +61,9 @@ class embedded_nats {
 };
 
 /// Starts `binary` (`nats-server`) with its JetStream store under `store_dir`; waits until it
-/// accepts clients.
+/// accepts clients. `port` 0 picks a free one; a fixed port lets a restarted server keep the URL
+/// its clients reconnect to.
 [[nodiscard]] result<std::unique_ptr<embedded_nats>> start_embedded_nats(
-  const std::string& binary, const std::filesystem::path& store_dir);
+  const std::string& binary, const std::filesystem::path& store_dir, uint16_t port = 0);
 
 }  // namespace ferry::actors

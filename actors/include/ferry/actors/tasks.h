@@ -67,6 +67,7 @@ struct task_view {
   std::string sandbox_backend;
   std::string sandbox_status;
   std::string sandbox_reason;  ///< reason given with the sandbox's latest state change
+  uint32_t queue_position = 0;  ///< while queued: 1 = starts at the next free slot; else 0
   int64_t created_ns = 0;
   int64_t finished_ns = 0;
   uint64_t last_sequence = 0;
@@ -110,20 +111,38 @@ bool valid_task_id(std::string_view id);
 /// Outcome of an abort request.
 enum class abort_outcome { aborted, already_finished, not_found, pending };
 
+/// Concurrency limits of the task manager's job queue.
+struct task_limits {
+  /// Tasks running at once, all users together.
+  uint32_t max_running = 8;
+  /// Tasks one user may have running at once.
+  uint32_t max_running_per_user = 8;
+  /// Tasks one user may have waiting; a submission past that is refused.
+  uint32_t max_queued_per_user = 200;
+};
+
 /// What the actors need from the rest of ferryd. All must outlive the task_service.
 struct task_deps {
   storage::event_store* store = nullptr;
-  bus* events = nullptr;  ///< may be null: events are then only persisted
   sandbox::sandbox_runtime* runtime = nullptr;
+  task_limits limits;
 };
 
 /// Facade over the task manager actor for non-actor threads.
 class task_service {
  public:
   virtual ~task_service() = default;
-  /// Persists task_submitted and starts the task. Returns the new task id once the submission is
-  /// durable.
-  [[nodiscard]] virtual result<std::string> submit(const task_request& req) = 0;
+  /// Where a submission landed.
+  struct submission {
+    std::string id;
+    /// 0: started at once; else its place in the queue (1 = next to start).
+    uint32_t queue_position = 0;
+  };
+  /// Persists task_submitted and starts the task, or queues it when a concurrency limit is
+  /// reached (task_queued). Returns once the submission is durable. Fails with errc::busy when
+  /// the user already has task_limits::max_queued_per_user tasks waiting, errc::closed while
+  /// shutting down.
+  [[nodiscard]] virtual result<submission> submit(const task_request& req) = 0;
   /// Asks the task to stop: kills its sandbox's processes, records abort_requested and, once the
   /// sandbox is gone, task_finished(aborted). Waits up to `wait` for the end.
   [[nodiscard]] virtual result<abort_outcome> abort(const std::string& task_id,

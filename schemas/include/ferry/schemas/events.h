@@ -98,6 +98,8 @@ std::string command_exited(const envelope_meta& m, uint32_t command_id, int32_t 
 std::string abort_requested(const envelope_meta& m, std::string_view reason);
 std::string task_finished(const envelope_meta& m, ev::TaskStatus status, int32_t exit_code,
                           std::string_view reason);
+std::string task_queued(const envelope_meta& m, uint32_t position, uint32_t running,
+                        uint32_t limit, std::string_view reason);
 std::string token_created(const envelope_meta& m, std::string_view token_id,
                           std::string_view name, std::string_view sha256_hex, bool admin);
 

@@ -1,0 +1,305 @@
+// outbox_relay: journal → JetStream, at least once, de-duplicated by message id (see outbox.h).
+// natsX_Verb / js_Verb names stay in this file.
+
+#include <pthread.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdio>
+#include <mutex>
+#include <thread>
+
+#include <nats/nats.h>
+
+#include "ferry/actors/outbox.h"
+#include "ferry/schemas/events.h"
+
+namespace ferry::actors {
+
+std::string event_subject(std::string_view stream_id) {
+  std::string subject = "ferry.ev.";
+  auto dash = stream_id.find('-');
+  std::string_view kind = stream_id.substr(0, dash);
+  auto clean = [](std::string_view part, std::string& out) {
+    for (char c : part)
+      out.push_back(c == '.' || c == '*' || c == '>' || c == ' ' ? '_' : c);
+  };
+  clean(kind, subject);
+  if (dash != std::string_view::npos) {
+    subject.push_back('.');
+    clean(stream_id.substr(dash + 1), subject);
+  }
+  return subject;
+}
+
+namespace {
+
+namespace ev = ferry::events::v1;
+
+std::string nats_text(natsStatus s) { return natsStatus_GetText(s); }
+
+/// Counts JetStream's negative acknowledgements of the batch in flight.
+void on_publish_error(jsCtx*, jsPubAckErr* pae, void* closure) {
+  auto* errors = static_cast<std::atomic<uint64_t>*>(closure);
+  errors->fetch_add(1);
+  (void)pae;
+}
+
+class relay final : public outbox_relay {
+ public:
+  relay(storage::event_store& store, outbox_options opts, natsConnection* nc)
+    : store_(store), opts_(std::move(opts)), nc_(nc),
+      cursor_stream_("outbox-" + opts_.jetstream_stream) {}
+
+  ~relay() override {
+    {
+      std::lock_guard<std::mutex> guard(mtx_);
+      stopping_ = true;
+    }
+    cv_.notify_all();
+    if (sub_)
+      sub_->close();
+    if (thread_.joinable())
+      thread_.join();
+    if (js_)
+      jsCtx_Destroy(js_);
+    natsConnection_Destroy(nc_);
+  }
+
+  result<void> start() {
+    jsOptions jo;
+    jsOptions_Init(&jo);
+    jo.PublishAsync.MaxPending = static_cast<int64_t>(opts_.batch) * 2;
+    jo.PublishAsync.ErrHandler = on_publish_error;
+    jo.PublishAsync.ErrHandlerClosure = &errors_;
+    if (auto s = natsConnection_JetStream(&js_, nc_, &jo); s != NATS_OK)
+      return fail("open JetStream on " + opts_.nats_url + ": " + nats_text(s));
+    auto saved = store_.load_snapshot(cursor_stream_);
+    if (!saved)
+      return saved.error();
+    cursor_ = *saved ? (*saved)->sequence : 0;
+    saved_cursor_ = cursor_;
+    sub_ = store_.subscribe(cursor_ + 1);
+    thread_ = std::thread([this] { run(); });
+    pthread_setname_np(thread_.native_handle(), "outbox-relay");
+    return {};
+  }
+
+  outbox_stats stats() const override {
+    std::lock_guard<std::mutex> guard(mtx_);
+    return outbox_stats{cursor_, published_, retries_, last_error_};
+  }
+
+  bool wait_for(uint64_t position, std::chrono::milliseconds timeout) override {
+    std::unique_lock<std::mutex> lock(mtx_);
+    return cv_.wait_for(lock, timeout, [&] { return cursor_ >= position || stopping_; }) &&
+           cursor_ >= position;
+  }
+
+ private:
+  bool stopping() {
+    std::lock_guard<std::mutex> guard(mtx_);
+    return stopping_;
+  }
+
+  void sleep_backoff() {
+    std::unique_lock<std::mutex> lock(mtx_);
+    cv_.wait_for(lock, backoff_, [&] { return stopping_; });
+    backoff_ = std::min(backoff_ * 2, std::chrono::milliseconds(2000));
+  }
+
+  void note_error(std::string e) {
+    std::lock_guard<std::mutex> guard(mtx_);
+    if (e != last_error_)
+      std::fprintf(stderr, "ferry outbox: %s (retrying)\n", e.c_str());
+    last_error_ = std::move(e);
+    ++retries_;
+  }
+
+  /// Creates or updates the JetStream stream. REQUIRES: relay thread.
+  result<void> ensure_stream() {
+    jsStreamConfig cfg;
+    jsStreamConfig_Init(&cfg);
+    cfg.Name = opts_.jetstream_stream.c_str();
+    const char* subjects[] = {"ferry.ev.>"};
+    cfg.Subjects = subjects;
+    cfg.SubjectsLen = 1;
+    cfg.Storage = js_FileStorage;
+    cfg.MaxAge = std::chrono::duration_cast<std::chrono::nanoseconds>(opts_.max_age).count();
+    cfg.Duplicates =
+      std::chrono::duration_cast<std::chrono::nanoseconds>(opts_.duplicate_window).count();
+    jsStreamInfo* si = nullptr;
+    jsErrCode jerr = static_cast<jsErrCode>(0);
+    auto s = js_AddStream(&si, js_, &cfg, nullptr, &jerr);
+    if (s != NATS_OK && jerr == JSStreamNameExistErr)
+      s = js_UpdateStream(&si, js_, &cfg, nullptr, &jerr);
+    if (si)
+      jsStreamInfo_Destroy(si);
+    if (s != NATS_OK)
+      return fail("create JetStream stream " + opts_.jetstream_stream + ": " + nats_text(s) +
+                  (jerr ? " (JetStream error " + std::to_string(static_cast<int>(jerr)) + ")"
+                        : std::string()));
+    return {};
+  }
+
+  /// Publishes `batch` and waits for every acknowledgement. REQUIRES: relay thread.
+  result<void> publish(const std::vector<std::string>& batch) {
+    errors_.store(0);
+    jsPubOptions po;
+    std::string prev_id;
+    for (const auto& bytes : batch) {
+      const auto* env = ev::GetEnvelope(bytes.data());  // verified by the journal
+      const std::string stream = env->stream_id() ? env->stream_id()->str() : std::string();
+      std::string id = stream + ":" + std::to_string(env->sequence());
+      const std::string subject = event_subject(stream);
+      jsPubOptions_Init(&po);
+      po.MsgId = id.c_str();
+      // Order: each message must follow the one before it in the journal. After a connection
+      // loss, nats.c re-sends what was still in its buffer; those stale messages no longer
+      // follow what the server stored, so it refuses them instead of storing them ahead of the
+      // gap the re-sent round fills. (Repeats of stored messages are answered as duplicates
+      // before this check.)
+      if (!prev_id.empty())
+        po.ExpectLastMsgId = prev_id.c_str();
+      auto s = js_PublishAsync(js_, subject.c_str(), bytes.data(), static_cast<int>(bytes.size()),
+                               &po);
+      if (s != NATS_OK)
+        return fail("publish " + id + " on " + subject + ": " + nats_text(s));
+      prev_id = std::move(id);
+    }
+    jsPubOptions_Init(&po);
+    po.MaxWait = opts_.ack_wait.count();
+    auto s = js_PublishAsyncComplete(js_, &po);
+    if (s != NATS_OK)
+      return fail("wait for JetStream acknowledgements: " + nats_text(s));
+    if (auto n = errors_.load(); n > 0)
+      return fail(std::to_string(n) + " of " + std::to_string(batch.size()) +
+                  " events were refused by JetStream");
+    return {};
+  }
+
+  /// Drops what a failed round left pending, so it is not acknowledged into a later round.
+  void discard_pending() {
+    natsMsgList pending;
+    if (js_PublishAsyncGetPendingList(&pending, js_) == NATS_OK)
+      natsMsgList_Destroy(&pending);
+  }
+
+  void save_cursor(bool force) {
+    auto now = std::chrono::steady_clock::now();
+    if (cursor_ == saved_cursor_ || (!force && now - last_save_ < opts_.cursor_save_interval))
+      return;
+    auto ts = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                std::chrono::system_clock::now().time_since_epoch())
+                .count();
+    if (auto ok = store_.save_snapshot({cursor_stream_, cursor_, ts, {}}); !ok) {
+      note_error("save the relay cursor: " + ok.error().message);
+      return;
+    }
+    storage::snapshot_criteria older;
+    older.max_sequence = cursor_ - 1;
+    (void)store_.delete_snapshots(cursor_stream_, older);
+    saved_cursor_ = cursor_;
+    last_save_ = now;
+  }
+
+  void run() {
+    bool stream_ready = false;
+    std::vector<std::string> batch;
+    while (!stopping()) {
+      if (!stream_ready) {
+        if (auto ok = ensure_stream(); !ok) {
+          note_error(ok.error().message);
+          sleep_backoff();
+          continue;
+        }
+        stream_ready = true;
+      }
+      if (batch.empty()) {
+        auto next = sub_->next(opts_.batch, std::chrono::milliseconds(200));
+        if (!next) {
+          if (next.error().code == errc::closed)
+            break;
+          note_error("read the journal: " + next.error().message);
+          sleep_backoff();
+          continue;
+        }
+        batch = std::move(*next);
+        if (batch.empty()) {
+          save_cursor(true);  // idle: make the cursor current
+          continue;
+        }
+      }
+      if (auto ok = publish(batch); !ok) {
+        discard_pending();
+        note_error(ok.error().message);
+        // The stream may have been lost with the server's store: make sure it exists again.
+        stream_ready = false;
+        sleep_backoff();
+        continue;
+      }
+      const uint64_t last = ev::GetEnvelope(batch.back().data())->position();
+      {
+        std::lock_guard<std::mutex> guard(mtx_);
+        cursor_ = last;
+        published_ += batch.size();
+        last_error_.clear();
+        backoff_ = std::chrono::milliseconds(100);
+      }
+      cv_.notify_all();
+      batch.clear();
+      save_cursor(false);
+    }
+    save_cursor(true);
+  }
+
+  storage::event_store& store_;
+  const outbox_options opts_;
+  natsConnection* nc_;
+  jsCtx* js_ = nullptr;
+  const std::string cursor_stream_;
+  std::unique_ptr<storage::subscription> sub_;
+  std::thread thread_;
+  std::atomic<uint64_t> errors_{0};
+
+  mutable std::mutex mtx_;
+  std::condition_variable cv_;
+  bool stopping_ = false;          // GUARDED_BY(mtx_)
+  uint64_t cursor_ = 0;            // GUARDED_BY(mtx_); written by the relay thread only
+  uint64_t published_ = 0;         // GUARDED_BY(mtx_)
+  uint64_t retries_ = 0;           // GUARDED_BY(mtx_)
+  std::string last_error_;         // GUARDED_BY(mtx_)
+  std::chrono::milliseconds backoff_{100};  // GUARDED_BY(mtx_)
+
+  // Relay thread only.
+  uint64_t saved_cursor_ = 0;
+  std::chrono::steady_clock::time_point last_save_{};
+};
+
+}  // namespace
+
+result<std::unique_ptr<outbox_relay>> start_outbox_relay(storage::event_store& store,
+                                                         const outbox_options& opts) {
+  natsOptions* no = nullptr;
+  if (auto s = natsOptions_Create(&no); s != NATS_OK)
+    return fail("create NATS options: " + nats_text(s));
+  natsOptions_SetURL(no, opts.nats_url.c_str());
+  natsOptions_SetName(no, "ferryd-outbox");
+  natsOptions_SetMaxReconnect(no, -1);
+  natsOptions_SetReconnectWait(no, 250);
+  // Not connected yet is fine: the relay retries in the background.
+  natsOptions_SetRetryOnFailedConnect(no, true, nullptr, nullptr);
+  natsConnection* nc = nullptr;
+  auto s = natsConnection_Connect(&nc, no);
+  natsOptions_Destroy(no);
+  if (s != NATS_OK && s != NATS_NOT_YET_CONNECTED)
+    return fail("connect the outbox relay to NATS at " + opts.nats_url + ": " + nats_text(s));
+
+  auto r = std::make_unique<relay>(store, opts, nc);
+  if (auto ok = r->start(); !ok)
+    return ok.error();
+  return std::unique_ptr<outbox_relay>(std::move(r));
+}
+
+}  // namespace ferry::actors
