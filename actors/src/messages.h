@@ -39,6 +39,7 @@ CAF_BEGIN_TYPE_ID_BLOCK(ferry, caf::first_custom_type_id)
   // task manager → queued task
   CAF_ADD_ATOM(ferry, ferry::actors, run_atom, "run")
   CAF_ADD_ATOM(ferry, ferry::actors, queued_atom, "queued")
+  CAF_ADD_ATOM(ferry, ferry::actors, steer_atom, "steer")
   // sandbox → task facts, observer → sandbox
   CAF_ADD_ATOM(ferry, ferry::actors, sbx_state_atom, "sbx_state")
   CAF_ADD_ATOM(ferry, ferry::actors, running_atom, "sbx_run")

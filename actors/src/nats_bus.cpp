@@ -29,6 +29,7 @@ error_info nats_error(std::string_view what, natsStatus s) {
 /// State shared with the C library's callback thread. Freed by the on-complete callback, which
 /// nats.c calls once no message callback runs any more.
 struct sub_closure {
+  virtual ~sub_closure() = default;
   message_handler handler;
   std::mutex done_mtx;
   std::condition_variable done_cv;
@@ -41,6 +42,28 @@ void on_nats_message(natsConnection*, natsSubscription*, natsMsg* msg, void* clo
   std::string_view data(natsMsg_GetData(msg), static_cast<size_t>(natsMsg_GetDataLength(msg)));
   c->handler(subject, data);
   natsMsg_Destroy(msg);
+}
+
+/// A served subject: the handler plus the connection answers go out on.
+struct serve_closure : sub_closure {
+  request_handler on_request;
+  natsConnection* nc = nullptr;
+};
+
+void on_nats_request(natsConnection*, natsSubscription*, natsMsg* msg, void* closure) {
+  auto* c = static_cast<serve_closure*>(closure);
+  std::string subject = natsMsg_GetSubject(msg);
+  std::string data(natsMsg_GetData(msg), static_cast<size_t>(natsMsg_GetDataLength(msg)));
+  const char* reply_to = natsMsg_GetReply(msg);
+  std::string reply_subject = reply_to ? reply_to : "";
+  natsMsg_Destroy(msg);
+  natsConnection* nc = c->nc;
+  c->on_request(subject, data, [nc, reply_subject](std::string_view answer) {
+    if (reply_subject.empty())
+      return;  // a publish, not a request: nobody waits for an answer
+    natsConnection_Publish(nc, reply_subject.c_str(), answer.data(),
+                           static_cast<int>(answer.size()));
+  });
 }
 
 void on_nats_complete(void* closure) {
@@ -103,6 +126,38 @@ class nats_bus final : public bus {
     if (auto f = natsConnection_FlushTimeout(nc_, 5000); f != NATS_OK)
       return nats_error("flush subscription to " + subject, f);
     return std::unique_ptr<subscription>(std::move(result_sub));
+  }
+
+  result<std::unique_ptr<subscription>> serve(std::string subject,
+                                              request_handler on_request) override {
+    auto closure = std::make_unique<serve_closure>();
+    closure->on_request = std::move(on_request);
+    closure->nc = nc_;
+    natsSubscription* sub = nullptr;
+    auto s = natsConnection_Subscribe(&sub, nc_, subject.c_str(), on_nats_request, closure.get());
+    if (s != NATS_OK)
+      return nats_error("serve " + subject, s);
+    natsSubscription_SetOnCompleteCB(sub, on_nats_complete, closure.get());
+    auto result_sub = std::make_unique<nats_subscription>(sub, std::move(closure));
+    if (auto f = natsConnection_FlushTimeout(nc_, 5000); f != NATS_OK)
+      return nats_error("flush subscription to " + subject, f);
+    return std::unique_ptr<subscription>(std::move(result_sub));
+  }
+
+  result<std::string> request(std::string_view subject, std::string_view payload,
+                              std::chrono::milliseconds timeout) override {
+    std::string subj(subject);
+    natsMsg* reply = nullptr;
+    auto s = natsConnection_Request(&reply, nc_, subj.c_str(), payload.data(),
+                                    static_cast<int>(payload.size()),
+                                    static_cast<int64_t>(timeout.count()));
+    if (s == NATS_NO_RESPONDERS)
+      return fail(errc::not_found, "request on " + subj + ": nobody serves it");
+    if (s != NATS_OK)
+      return nats_error("request on " + subj, s);
+    std::string out(natsMsg_GetData(reply), static_cast<size_t>(natsMsg_GetDataLength(reply)));
+    natsMsg_Destroy(reply);
+    return out;
   }
 
   result<void> flush(std::chrono::milliseconds timeout) override {

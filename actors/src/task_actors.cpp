@@ -349,17 +349,23 @@ using task_actor_t = caf::stateful_actor<task_state>;
 
 /// Persists (and publishes) one event; on a journal failure the task cannot go on: its sandbox
 /// is killed and the actor stops, loudly.
+/// The journal refused an event: the task cannot go on. Kills its sandbox and stops, loudly.
+void persist_failed(task_actor_t* self, const error_info& e) {
+  auto& s = self->state;
+  std::fprintf(stderr, "ferryd: error: task %s: cannot record event: %s\n", s.id.c_str(),
+               e.message.c_str());
+  if (s.sandbox)
+    self->send<caf::message_priority::high>(s.sandbox, kill_atom_v);
+  for (auto& rp : s.end_waiters)
+    rp.deliver(static_cast<int32_t>(abort_outcome::pending));
+  s.end_waiters.clear();
+  self->quit(caf::sec::runtime_error);
+}
+
 bool persist(task_actor_t* self, std::vector<std::string> envs) {
   auto& s = self->state;
   if (auto r = record(s.deps, s.stream, envs); !r) {
-    std::fprintf(stderr, "ferryd: error: task %s: cannot record event: %s\n", s.id.c_str(),
-                 r.error().message.c_str());
-    if (s.sandbox)
-      self->send<caf::message_priority::high>(s.sandbox, kill_atom_v);
-    for (auto& rp : s.end_waiters)
-      rp.deliver(static_cast<int32_t>(abort_outcome::pending));
-    s.end_waiters.clear();
-    self->quit(caf::sec::runtime_error);
+    persist_failed(self, r.error());
     return false;
   }
   return true;
@@ -491,6 +497,23 @@ caf::behavior task_actor(task_actor_t* self, task_deps deps, std::string id, tas
       if (sig == 0)
         s.exit_code = code;
       persist(self, schemas::command_exited(s.meta(), cmd, code, sig, ms));
+    },
+    [=](steer_atom, std::string& user,
+        std::string& text) -> caf::result<int32_t, std::string, uint64_t> {
+      // Persisted at once; the session takes it into its next turn.
+      auto& s = self->state;
+      if (s.finished || s.abort_requested)
+        return {static_cast<int32_t>(errc::conflict), std::string("the task has ended"),
+                uint64_t{0}};
+      auto m = s.meta();
+      m.user = user;
+      std::vector<std::string> envs{schemas::steering_comment(m, text)};
+      auto appended = s.deps.store->append(s.stream, envs);
+      if (!appended) {
+        persist_failed(self, appended.error());
+        return {static_cast<int32_t>(errc::failed), appended.error().message, uint64_t{0}};
+      }
+      return {int32_t{0}, std::string(), appended->last_sequence};
     },
     [=](abort_atom, std::string& reason, std::string& user) -> caf::result<int32_t> {
       auto& s = self->state;
@@ -735,6 +758,24 @@ caf::behavior task_manager(manager_actor_t* self, task_deps deps) {
         dispatch(self);
       return rp;
     },
+    [=](steer_atom, std::string& id, std::string& user,
+        std::string& text) -> caf::result<int32_t, std::string, uint64_t> {
+      auto& s = self->state;
+      auto it = s.live.find(id);
+      if (it == s.live.end())
+        return {static_cast<int32_t>(errc::not_found), "no live task " + id, uint64_t{0}};
+      auto rp = self->make_response_promise<int32_t, std::string, uint64_t>();
+      self->request(it->second, caf::infinite, steer_atom_v, std::move(user), std::move(text))
+        .then(
+          [rp](int32_t code, std::string& message, uint64_t seq) mutable {
+            rp.deliver(code, std::move(message), seq);
+          },
+          [rp](caf::error& err) mutable {
+            rp.deliver(static_cast<int32_t>(errc::failed), "steer: " + to_string(err),
+                       uint64_t{0});
+          });
+      return rp;
+    },
     [=](abort_atom, std::string& id, std::string& user, std::string& reason) -> caf::result<int32_t> {
       auto& s = self->state;
       auto it = s.live.find(id);
@@ -851,6 +892,41 @@ class caf_task_service final : public task_service {
                    out = fail("abort " + task_id + ": " + to_string(err));
                });
     return out;
+  }
+
+  void abort_async(const std::string& task_id, const std::string& user, const std::string& reason,
+                   std::chrono::milliseconds wait, abort_callback done) override {
+    // The manager goes in as a spawn argument: CAF 0.17 dereferences a null argument tuple
+    // when a function actor takes none (UBSan flags it).
+    sys_.spawn(
+      [=](caf::event_based_actor* self, caf::actor mgr) {
+        self->request(mgr, wait, abort_atom_v, task_id, user, reason)
+          .then([=](int32_t outcome) { done(static_cast<abort_outcome>(outcome)); },
+                [=](caf::error& err) {
+                  if (err == caf::sec::request_timeout)
+                    done(abort_outcome::pending);
+                  else
+                    done(fail("abort " + task_id + ": " + to_string(err)));
+                });
+      },
+      mgr_);
+  }
+
+  void steer_async(const std::string& task_id, const std::string& user, const std::string& text,
+                   steer_callback done) override {
+    sys_.spawn(
+      [=](caf::event_based_actor* self, caf::actor mgr) {
+        self->request(mgr, std::chrono::seconds(30), steer_atom_v, task_id, user, text)
+          .then(
+            [=](int32_t code, std::string& message, uint64_t seq) {
+              if (code == 0)
+                done(seq);
+              else
+                done(fail(static_cast<errc>(code), std::move(message)));
+            },
+            [=](caf::error& err) { done(fail("steer " + task_id + ": " + to_string(err))); });
+      },
+      mgr_);
   }
 
   size_t running() override {

@@ -356,21 +356,90 @@ void http_session::route(request_t& req) {
       if (body.is_object() && body.contains("reason") && body["reason"].is_string())
         reason = body["reason"].get<std::string>();
     }
+    // Through the control subject, so whichever ferryd runs the task aborts it.
     net::post(srv_.blocking(), [self, task_id, user = who->id, reason, &deps, version, keep] {
-      auto outcome = deps.tasks->abort(task_id, user, reason, std::chrono::seconds(5));
+      json request{{"user", user}, {"reason", reason}, {"wait_ms", 5000}};
+      auto answer = deps.events->request(actors::task_control_subject(task_id, "abort"),
+                                         request.dump(-1, ' ', false,
+                                                      json::error_handler_t::replace),
+                                         std::chrono::seconds(7));
+      auto reply = answer ? json::parse(*answer, nullptr, false) : json();
       auto after = self->srv_.views().get(task_id);
       json j = after && *after ? task_json(**after) : json{{"id", task_id}};
       response_t res;
-      if (!outcome)
-        res = error_response(http::status::internal_server_error, outcome.error().message,
-                             version, keep);
-      else if (*outcome == actors::abort_outcome::aborted)
+      const std::string outcome =
+        reply.is_object() && reply.contains("outcome") && reply["outcome"].is_string()
+          ? reply["outcome"].get<std::string>()
+          : std::string();
+      if (!answer)
+        res = error_response(http::status::service_unavailable,
+                             "abort: " + answer.error().message, version, keep);
+      else if (outcome.empty())
+        res = error_response(http::status::internal_server_error,
+                             "abort: unexpected answer " + *answer, version, keep);
+      else if (outcome == "aborted")
         res = json_response(http::status::ok, j, version, keep);
-      else if (*outcome == actors::abort_outcome::pending)
+      else if (outcome == "pending")
         res = json_response(http::status::accepted, j, version, keep);
       else {
         j["error"] = "task already finished";
         res = json_response(http::status::conflict, j, version, keep);
+      }
+      net::post(self->stream_.get_executor(),
+                [self, res = std::move(res)]() mutable { self->send(std::move(res)); });
+    });
+    return;
+  }
+  if (segs.size() == 5 && segs[4] == "steer") {
+    if (req.method() != http::verb::post)
+      return send(method_not_allowed(req, http::verb::post, ""));
+    auto parsed = json_object_body(req);
+    if (auto* bad = std::get_if<response_t>(&parsed))
+      return send(std::move(*bad));
+    auto& body = std::get<json>(parsed);
+    auto text_it = body.find("text");
+    if (text_it == body.end() || !text_it->is_string() || text_it->get<std::string>().empty())
+      return send(error_response(http::status::bad_request,
+                                 "body must be {\"text\": \"<non-empty comment>\"}", version,
+                                 keep));
+    auto text = text_it->get<std::string>();
+    if (text.size() > actors::max_steering_bytes)
+      return send(error_response(http::status::payload_too_large,
+                                 "a steering comment may have at most " +
+                                   std::to_string(actors::max_steering_bytes) + " bytes",
+                                 version, keep));
+    if ((*view)->finished)
+      return send(json_response(http::status::conflict,
+                                json{{"error", "task already finished"},
+                                     {"status", (*view)->status}},
+                                version, keep));
+    net::post(srv_.blocking(), [self, task_id, user = who->id, text = std::move(text), &deps,
+                                version, keep] {
+      json request{{"user", user}, {"text", text}};
+      auto answer = deps.events->request(actors::task_control_subject(task_id, "steer"),
+                                         request.dump(-1, ' ', false,
+                                                      json::error_handler_t::replace),
+                                         std::chrono::seconds(5));
+      auto reply = answer ? json::parse(*answer, nullptr, false) : json();
+      response_t res;
+      if (!answer)
+        res = error_response(http::status::service_unavailable,
+                             "steer: " + answer.error().message, version, keep);
+      else if (reply.is_object() && reply.contains("seq"))
+        res = json_response(http::status::accepted,
+                            json{{"id", task_id}, {"seq", reply["seq"]}}, version, keep);
+      else {
+        std::string code = reply.is_object() && reply.contains("code") && reply["code"].is_string()
+                             ? reply["code"].get<std::string>()
+                             : "failed";
+        std::string message = reply.is_object() && reply.contains("error") &&
+                                  reply["error"].is_string()
+                                ? reply["error"].get<std::string>()
+                                : *answer;
+        auto status = code == "conflict" || code == "not_found" ? http::status::conflict
+                      : code == "invalid_argument" ? http::status::bad_request
+                                                   : http::status::internal_server_error;
+        res = error_response(status, "steer: " + message, version, keep);
       }
       net::post(self->stream_.get_executor(),
                 [self, res = std::move(res)]() mutable { self->send(std::move(res)); });

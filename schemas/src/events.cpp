@@ -270,6 +270,13 @@ std::string task_queued(const envelope_meta& m, uint32_t position, uint32_t runn
   });
 }
 
+std::string steering_comment(const envelope_meta& m, std::string_view text) {
+  return build_envelope(m, [&](fbb_t& fbb) {
+    auto t = fbb.CreateString(text);
+    return std::pair{ev::Event::SteeringComment, ev::CreateSteeringComment(fbb, t).Union()};
+  });
+}
+
 std::string_view event_type_name(ev::Event type) {
   switch (type) {
     case ev::Event::TaskSubmitted: return "task_submitted";
@@ -282,6 +289,7 @@ std::string_view event_type_name(ev::Event type) {
     case ev::Event::TaskFinished: return "task_finished";
     case ev::Event::TokenCreated: return "token_created";
     case ev::Event::TaskQueued: return "task_queued";
+    case ev::Event::SteeringComment: return "steering_comment";
     case ev::Event::NONE: break;
   }
   return "unknown";
@@ -388,6 +396,9 @@ nlohmann::json to_json(const ev::Envelope& e) {
               {"reason", sv(x->reason())}};
       break;
     }
+    case ev::Event::SteeringComment:
+      data = {{"text", sv(e.event_as_SteeringComment()->text())}};
+      break;
     case ev::Event::NONE: break;
   }
   return json{{"stream", sv(e.stream_id())},

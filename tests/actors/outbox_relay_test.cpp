@@ -63,7 +63,8 @@ uint64_t append_events(ferry::storage::event_store& store, const std::string& st
   for (int i = 0; i < count;) {
     std::vector<std::string> batch;
     for (int k = 0; k < 1 + i % 5 && i < count; ++k, ++i)
-      batch.push_back(sc::output_chunk(m, 1, ev::OutputStream::stdout, "line " + std::to_string(i)));
+      batch.push_back(
+        sc::output_chunk(m, 1, ev::OutputStream::stdout, "line " + std::to_string(i)));
     auto r = store.append(stream, batch);
     BOOST_REQUIRE_MESSAGE(r.ok(), (r.ok() ? "" : r.error().message));
     last = r->last_position;
@@ -255,6 +256,7 @@ BOOST_AUTO_TEST_CASE(a_restarted_relay_resumes_from_its_saved_cursor) {
   auto relay = ferry::actors::start_outbox_relay(*store, o);
   BOOST_REQUIRE(relay.ok());
   BOOST_REQUIRE((*relay)->wait_for(last, 30s));
-  BOOST_TEST((*relay)->stats().published == 300u, "a restarted relay re-sent what was acknowledged");
+  BOOST_TEST((*relay)->stats().published == 300u,
+             "a restarted relay re-sent what was acknowledged");
   check_exactly_once(read_jetstream(o.nats_url, o.jetstream_stream), {{"task-c", 800}});
 }

@@ -58,7 +58,8 @@ task_record read_task(ferry::storage::event_store& store, const std::string& id)
       case ev::Event::SandboxStateChanged: t.had_sandbox = true; break;
       case ev::Event::TaskFinished:
         t.finished_ns = e.timestamp_ns();
-        t.final_status = std::string(ferry::schemas::to_string(e.event_as_TaskFinished()->status()));
+        t.final_status =
+          std::string(ferry::schemas::to_string(e.event_as_TaskFinished()->status()));
         break;
       default: break;
     }

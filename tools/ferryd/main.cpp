@@ -171,6 +171,10 @@ int run(int argc, char** argv) {
   auto tasks = ferry::actors::start_task_manager(sys, deps);
   if (!tasks)
     die(tasks.error().message);
+  // Abort and steer arrive as requests on ferry.ctl.task.<id>.{abort,steer}, from any gateway.
+  auto control = ferry::actors::start_task_control(**bus, **tasks);
+  if (!control)
+    die("task control subjects: " + control.error().message);
 
   auto tokens = ferry::gateway::token_registry::load(**store);
   if (!tokens)
@@ -208,6 +212,7 @@ int run(int argc, char** argv) {
   if (auto r = (*tasks)->shutdown(std::chrono::seconds(15)); !r)
     std::fprintf(stderr, "ferryd: warning: %s\n", r.error().message.c_str());
   gw->reset();
+  control->reset();
   tasks->reset();
   sys.await_all_actors_done();
   if (auto r = (*store)->flush(); !r)

@@ -32,6 +32,17 @@ class subscription {
 
 using message_handler = std::function<void(std::string_view subject, std::string_view payload)>;
 
+/// Answers one request; may be called later and from any thread, at most once. REQUIRES: the
+/// bus is still alive.
+using responder = std::function<void(std::string_view answer)>;
+using request_handler =
+  std::function<void(std::string_view subject, std::string_view payload, responder reply)>;
+
+/// Control subjects: requests to one task (request/reply; the answer is the acknowledgement).
+inline std::string task_control_subject(std::string_view task_id, std::string_view verb) {
+  return "ferry.ctl.task." + std::string(task_id) + "." + std::string(verb);
+}
+
 class bus {
  public:
   virtual ~bus() = default;
@@ -43,6 +54,16 @@ class bus {
   /// When this returns, the server knows about the subscription (it has been flushed).
   [[nodiscard]] virtual result<std::unique_ptr<subscription>> subscribe(
     std::string subject, message_handler on_message) = 0;
+  /// Serves requests on `subject` (wildcards allowed): `on_request` gets each with a responder.
+  [[nodiscard]] virtual result<std::unique_ptr<subscription>> serve(
+    std::string subject, request_handler on_request) = 0;
+
+  /// Sends a request and waits up to `timeout` for the answer. errc::not_found when nobody
+  /// serves the subject; a timeout is an error too.
+  [[nodiscard]] virtual result<std::string> request(std::string_view subject,
+                                                    std::string_view payload,
+                                                    std::chrono::milliseconds timeout) = 0;
+
   /// Waits until everything published so far reached the server.
   [[nodiscard]] virtual result<void> flush(std::chrono::milliseconds timeout) = 0;
 };

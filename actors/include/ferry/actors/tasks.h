@@ -15,6 +15,7 @@
 // timeouts) and must not be made from inside an actor.
 
 #include <chrono>
+#include <functional>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -149,12 +150,40 @@ class task_service {
                                                     const std::string& user,
                                                     const std::string& reason,
                                                     std::chrono::milliseconds wait) = 0;
+  /// abort() without blocking: `done` runs once, on an actor thread (keep it short).
+  using abort_callback = std::function<void(result<abort_outcome>)>;
+  virtual void abort_async(const std::string& task_id, const std::string& user,
+                           const std::string& reason, std::chrono::milliseconds wait,
+                           abort_callback done) = 0;
+  /// Persists a steering comment on the task's stream at once (steering_comment) for the
+  /// session's next turn; `done` gets its sequence, errc::not_found for no live task,
+  /// errc::conflict when the task is ending.
+  using steer_callback = std::function<void(result<uint64_t>)>;
+  virtual void steer_async(const std::string& task_id, const std::string& user,
+                           const std::string& text, steer_callback done) = 0;
   /// Number of tasks with a live actor.
   [[nodiscard]] virtual size_t running() = 0;
   /// Refuses new tasks, aborts running ones ("ferryd shutting down") and waits up to `wait`
   /// until their sandboxes are gone.
   [[nodiscard]] virtual result<void> shutdown(std::chrono::milliseconds wait) = 0;
 };
+
+/// Serves the control subjects `ferry.ctl.task.<id>.abort` and `ferry.ctl.task.<id>.steer`
+/// (request/reply, JSON) on `events` for `tasks`, so any gateway instance can control any task:
+///   abort: {"user", "reason", "wait_ms"} → {"outcome": "aborted" | "pending" |
+///          "already_finished" | "not_found"} once the task ended (or wait_ms passed: pending)
+///   steer: {"user", "text"} → {"seq": N} once the comment is persisted, or
+///          {"error": "...", "code": "not_found" | "conflict" | "invalid_argument" | "failed"}
+/// Destroying the returned handle stops serving. Both must outlive nothing but each other.
+class task_control {
+ public:
+  virtual ~task_control() = default;
+};
+[[nodiscard]] result<std::unique_ptr<task_control>> start_task_control(bus& events,
+                                                                       task_service& tasks);
+
+/// Longest steering comment accepted, in bytes.
+inline constexpr size_t max_steering_bytes = 16 * 1024;
 
 /// Spawns the task manager in `sys`. Before it accepts work it finishes tasks that an earlier
 /// ferryd left running (their sandboxes are gone): each gets task_finished(failed, "interrupted").

@@ -100,6 +100,7 @@ std::string task_finished(const envelope_meta& m, ev::TaskStatus status, int32_t
                           std::string_view reason);
 std::string task_queued(const envelope_meta& m, uint32_t position, uint32_t running,
                         uint32_t limit, std::string_view reason);
+std::string steering_comment(const envelope_meta& m, std::string_view text);
 std::string token_created(const envelope_meta& m, std::string_view token_id,
                           std::string_view name, std::string_view sha256_hex, bool admin);
 
