@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <deque>
 #include <cstdio>
 #include <mutex>
 #include <thread>
@@ -39,12 +40,8 @@ namespace ev = ferry::events::v1;
 
 std::string nats_text(natsStatus s) { return natsStatus_GetText(s); }
 
-/// Counts JetStream's negative acknowledgements of the batch in flight.
-void on_publish_error(jsCtx*, jsPubAckErr* pae, void* closure) {
-  auto* errors = static_cast<std::atomic<uint64_t>*>(closure);
-  errors->fetch_add(1);
-  (void)pae;
-}
+class relay;
+void on_publish_ack(jsCtx*, natsMsg* msg, jsPubAck* pa, jsPubAckErr* pae, void* closure);
 
 class relay final : public outbox_relay {
  public:
@@ -62,17 +59,19 @@ class relay final : public outbox_relay {
       sub_->close();
     if (thread_.joinable())
       thread_.join();
-    if (js_)
+    if (js_) {
+      discard_pending();  // no acknowledgement callback may reach a relay being destroyed
       jsCtx_Destroy(js_);
+    }
     natsConnection_Destroy(nc_);
   }
 
   result<void> start() {
     jsOptions jo;
     jsOptions_Init(&jo);
-    jo.PublishAsync.MaxPending = static_cast<int64_t>(opts_.batch) * 2;
-    jo.PublishAsync.ErrHandler = on_publish_error;
-    jo.PublishAsync.ErrHandlerClosure = &errors_;
+    jo.PublishAsync.MaxPending = static_cast<int64_t>(max_in_flight) * 2;
+    jo.PublishAsync.AckHandler = on_publish_ack;
+    jo.PublishAsync.AckHandlerClosure = this;
     if (auto s = natsConnection_JetStream(&js_, nc_, &jo); s != NATS_OK)
       return fail("open JetStream on " + opts_.nats_url + ": " + nats_text(s));
     auto saved = store_.load_snapshot(cursor_stream_);
@@ -143,44 +142,63 @@ class relay final : public outbox_relay {
     return {};
   }
 
-  /// Publishes `batch` and waits for every acknowledgement. REQUIRES: relay thread.
-  result<void> publish(const std::vector<std::string>& batch) {
-    errors_.store(0);
+  /// Publishes one event, chained to the one sent before it. REQUIRES: relay thread.
+  result<void> publish_one(const std::string& bytes) {
+    const auto* env = ev::GetEnvelope(bytes.data());  // verified by the journal
+    const std::string stream = env->stream_id() ? env->stream_id()->str() : std::string();
+    std::string id = stream + ":" + std::to_string(env->sequence());
+    const std::string subject = event_subject(stream);
     jsPubOptions po;
-    std::string prev_id;
-    for (const auto& bytes : batch) {
-      const auto* env = ev::GetEnvelope(bytes.data());  // verified by the journal
-      const std::string stream = env->stream_id() ? env->stream_id()->str() : std::string();
-      std::string id = stream + ":" + std::to_string(env->sequence());
-      const std::string subject = event_subject(stream);
-      jsPubOptions_Init(&po);
-      po.MsgId = id.c_str();
-      // Order: each message must follow the one before it in the journal. After a connection
-      // loss, nats.c re-sends what was still in its buffer; those stale messages no longer
-      // follow what the server stored, so it refuses them instead of storing them ahead of the
-      // gap the re-sent round fills. (Repeats of stored messages are answered as duplicates
-      // before this check.)
-      if (!prev_id.empty())
-        po.ExpectLastMsgId = prev_id.c_str();
-      auto s = js_PublishAsync(js_, subject.c_str(), bytes.data(), static_cast<int>(bytes.size()),
-                               &po);
-      if (s != NATS_OK)
-        return fail("publish " + id + " on " + subject + ": " + nats_text(s));
-      prev_id = std::move(id);
-    }
     jsPubOptions_Init(&po);
-    po.MaxWait = opts_.ack_wait.count();
-    auto s = js_PublishAsyncComplete(js_, &po);
+    po.MsgId = id.c_str();
+    // Order: each message must follow the one before it in the journal. After a connection
+    // loss, nats.c re-sends what was still in its buffer; those stale messages no longer follow
+    // what the server stored, so it refuses them instead of storing them ahead of the gap the
+    // re-sent events fill. (Repeats of stored messages are answered as duplicates first.)
+    if (!last_sent_id_.empty())
+      po.ExpectLastMsgId = last_sent_id_.c_str();
+    {
+      std::lock_guard<std::mutex> guard(mtx_);
+      in_flight_.push_back({env->position(), id, std::chrono::steady_clock::now()});
+    }
+    published_once_ = true;
+    auto s = js_PublishAsync(js_, subject.c_str(), bytes.data(), static_cast<int>(bytes.size()),
+                             &po);
     if (s != NATS_OK)
-      return fail("wait for JetStream acknowledgements: " + nats_text(s));
-    if (auto n = errors_.load(); n > 0)
-      return fail(std::to_string(n) + " of " + std::to_string(batch.size()) +
-                  " events were refused by JetStream");
+      return fail("publish " + id + " on " + subject + ": " + nats_text(s));
+    last_sent_id_ = std::move(id);
     return {};
   }
 
+ public:
+  /// JetStream's answer to one publish (a nats.c thread). Answers come in publish order.
+  void on_ack(natsMsg* msg, jsPubAck* pa, jsPubAckErr* pae) {
+    const char* id = nullptr;
+    if (msg)
+      natsMsgHeader_Get(msg, "Nats-Msg-Id", &id);
+    {
+      std::lock_guard<std::mutex> guard(mtx_);
+      if (in_flight_.empty() || !id || in_flight_.front().id != id) {
+        failed_ = failed_.empty() ? std::string("an acknowledgement arrived out of order") : failed_;
+      } else if (pae || !pa) {
+        failed_ = "JetStream refused " + in_flight_.front().id + ": " +
+                  (pae && pae->ErrText ? pae->ErrText : "no answer") +
+                  (pae ? " (" + nats_text(pae->Err) + ")" : std::string());
+      } else {
+        cursor_ = in_flight_.front().position;
+        ++published_;
+        in_flight_.pop_front();
+      }
+    }
+    cv_.notify_all();
+  }
+
+ private:
   /// Drops what a failed round left pending, so it is not acknowledged into a later round.
   void discard_pending() {
+    // nats.c 3.4 dereferences its pending map, which exists only after a first async publish.
+    if (!published_once_)
+      return;
     natsMsgList pending;
     if (js_PublishAsyncGetPendingList(&pending, js_) == NATS_OK)
       natsMsgList_Destroy(&pending);
@@ -204,9 +222,26 @@ class relay final : public outbox_relay {
     last_save_ = now;
   }
 
+  /// Starts over from the cursor after a failure: forget what is in flight, read the journal
+  /// again from the first unacknowledged event. REQUIRES: relay thread.
+  void restart_from_cursor(const std::string& why) {
+    discard_pending();
+    uint64_t from;
+    {
+      std::lock_guard<std::mutex> guard(mtx_);
+      in_flight_.clear();
+      failed_.clear();
+      from = cursor_ + 1;
+    }
+    last_sent_id_.clear();
+    note_error(why);
+    sub_->close();
+    sub_ = store_.subscribe(from);
+    sleep_backoff();
+  }
+
   void run() {
     bool stream_ready = false;
-    std::vector<std::string> batch;
     while (!stopping()) {
       if (!stream_ready) {
         if (auto ok = ensure_stream(); !ok) {
@@ -216,43 +251,64 @@ class relay final : public outbox_relay {
         }
         stream_ready = true;
       }
-      if (batch.empty()) {
-        auto next = sub_->next(opts_.batch, std::chrono::milliseconds(200));
-        if (!next) {
-          if (next.error().code == errc::closed)
-            break;
-          note_error("read the journal: " + next.error().message);
-          sleep_backoff();
-          continue;
-        }
-        batch = std::move(*next);
-        if (batch.empty()) {
-          save_cursor(true);  // idle: make the cursor current
-          continue;
-        }
+      std::string failure;
+      size_t in_flight = 0;
+      {
+        std::unique_lock<std::mutex> lock(mtx_);
+        // Events wait for nothing but room: publishing goes on while earlier acks are out.
+        cv_.wait_for(lock, std::chrono::milliseconds(50), [&] {
+          return stopping_ || !failed_.empty() || in_flight_.size() < max_in_flight;
+        });
+        failure = failed_;
+        in_flight = in_flight_.size();
+        if (failure.empty() && !in_flight_.empty() &&
+            std::chrono::steady_clock::now() - in_flight_.front().sent > opts_.ack_wait)
+          failure = "no acknowledgement from JetStream within " +
+                    std::to_string(opts_.ack_wait.count()) + " ms";
       }
-      if (auto ok = publish(batch); !ok) {
-        discard_pending();
-        note_error(ok.error().message);
+      if (!failure.empty()) {
         // The stream may have been lost with the server's store: make sure it exists again.
         stream_ready = false;
+        restart_from_cursor(failure);
+        continue;
+      }
+      if (in_flight >= max_in_flight)
+        continue;
+      auto next = sub_->next(std::min(opts_.batch, max_in_flight - in_flight),
+                             std::chrono::milliseconds(in_flight ? 5 : 200));
+      if (!next) {
+        if (next.error().code == errc::closed)
+          break;
+        note_error("read the journal: " + next.error().message);
         sleep_backoff();
         continue;
       }
-      const uint64_t last = ev::GetEnvelope(batch.back().data())->position();
+      for (const auto& bytes : *next)
+        if (auto ok = publish_one(bytes); !ok) {
+          std::lock_guard<std::mutex> guard(mtx_);
+          failed_ = ok.error().message;
+          break;
+        }
       {
         std::lock_guard<std::mutex> guard(mtx_);
-        cursor_ = last;
-        published_ += batch.size();
-        last_error_.clear();
-        backoff_ = std::chrono::milliseconds(100);
+        if (in_flight_.empty() && failed_.empty()) {
+          if (!last_error_.empty())
+            last_error_.clear();
+          backoff_ = std::chrono::milliseconds(100);
+        }
       }
-      cv_.notify_all();
-      batch.clear();
-      save_cursor(false);
+      save_cursor(next->empty());
     }
     save_cursor(true);
   }
+
+  struct sent_event {
+    uint64_t position;
+    std::string id;
+    std::chrono::steady_clock::time_point sent;
+  };
+  /// Events published and not yet acknowledged, at most this many.
+  static constexpr size_t max_in_flight = 4096;
 
   storage::event_store& store_;
   const outbox_options opts_;
@@ -261,7 +317,6 @@ class relay final : public outbox_relay {
   const std::string cursor_stream_;
   std::unique_ptr<storage::subscription> sub_;
   std::thread thread_;
-  std::atomic<uint64_t> errors_{0};
 
   mutable std::mutex mtx_;
   std::condition_variable cv_;
@@ -271,11 +326,20 @@ class relay final : public outbox_relay {
   uint64_t retries_ = 0;           // GUARDED_BY(mtx_)
   std::string last_error_;         // GUARDED_BY(mtx_)
   std::chrono::milliseconds backoff_{100};  // GUARDED_BY(mtx_)
+  std::deque<sent_event> in_flight_;        // GUARDED_BY(mtx_)
+  std::string failed_;                      // GUARDED_BY(mtx_); set by the ack handler
 
-  // Relay thread only.
+  // Relay thread only (and the destructor, after the thread ended).
+  std::string last_sent_id_;
+  bool published_once_ = false;
   uint64_t saved_cursor_ = 0;
   std::chrono::steady_clock::time_point last_save_{};
 };
+
+void on_publish_ack(jsCtx*, natsMsg* msg, jsPubAck* pa, jsPubAckErr* pae, void* closure) {
+  static_cast<relay*>(closure)->on_ack(msg, pa, pae);
+  natsMsg_Destroy(msg);  // ours; `pa` and `pae` belong to the library
+}
 
 }  // namespace
 
@@ -288,6 +352,8 @@ result<std::unique_ptr<outbox_relay>> start_outbox_relay(storage::event_store& s
   natsOptions_SetName(no, "ferryd-outbox");
   natsOptions_SetMaxReconnect(no, -1);
   natsOptions_SetReconnectWait(no, 250);
+  // Latency: write each publish to the socket at once instead of waiting for the flusher.
+  natsOptions_SetSendAsap(no, true);
   // Not connected yet is fine: the relay retries in the background.
   natsOptions_SetRetryOnFailedConnect(no, true, nullptr, nullptr);
   natsConnection* nc = nullptr;

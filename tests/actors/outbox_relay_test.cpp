@@ -228,7 +228,8 @@ BOOST_AUTO_TEST_CASE(server_restarts_lose_and_duplicate_nothing_and_never_block_
   BOOST_REQUIRE_MESSAGE((*relay)->wait_for(end, 120s),
                         "relay stuck at " << (*relay)->stats().cursor << " of " << end << ": "
                                           << (*relay)->stats().last_error);
-  BOOST_TEST_MESSAGE("relay: " << (*relay)->stats().retries << " batches re-sent");
+  BOOST_TEST_MESSAGE("relay: started over from its cursor " << (*relay)->stats().retries
+                                                            << " time(s)");
   std::map<std::string, uint64_t> highest;
   for (int s = 0; s < streams; ++s)
     highest["task-r" + std::to_string(s)] = per_stream;

@@ -19,6 +19,7 @@
 #include <nlohmann/json.hpp>
 
 #include "bench_support.h"
+#include "events_bench.h"
 #include "journal_bench.h"
 #include "rocks_baseline.h"
 
@@ -521,7 +522,31 @@ int main(int argc, char** argv) {
                  "Run only these figure groups (repeatable; e.g. to profile one): durable, "
                  "unsynced, latency, replay")
     ->check(CLI::IsMember({"durable", "unsynced", "latency", "replay"}));
+  ferry::bench::events_options eo;
+  auto* events = app.add_subcommand(
+    "events", "End-to-end event latency (actor → journal → relay → NATS → subscriber)");
+  events->add_option("--dir", dir, "Where to make the temporary directory");
+  events->add_option("--rate", eo.rates, "Offered rates, events/s (repeatable)")
+    ->capture_default_str()
+    ->check(CLI::Range(1.0, 1'000'000.0));
+  events->add_option("--tasks", eo.tasks, "Concurrent task streams")
+    ->capture_default_str()
+    ->check(CLI::Range(1, 100000));
+  events->add_option("--seconds", eo.seconds, "Measured time per rate")
+    ->capture_default_str()
+    ->check(CLI::Range(0.01, 3600.0));
+  events->add_option("--nats-server", eo.nats_server, "nats-server binary")->capture_default_str();
+  events->add_flag("--check", eo.check, "Exit non-zero when a figure misses its target");
   CLI11_PARSE(app, argc, argv);
+
+  if (*events) {
+    std::error_code ec;
+    eo.dir = dir.empty() ? fs::temp_directory_path(ec) : fs::path(dir);
+    if (eo.dir.empty())
+      eo.dir = "/tmp";
+    eo.warmup = std::min(0.5, eo.seconds / 5);
+    return ferry::bench::run_events_bench(eo);
+  }
 
   if (dir.empty()) {
     std::error_code ec;

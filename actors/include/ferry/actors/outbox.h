@@ -4,10 +4,14 @@
 // The journal is the source of truth; NATS is the transport. The relay tails the journal's global
 // log (storage::event_store::subscribe) from a persisted cursor and publishes each event to
 // `ferry.ev.<kind>.<id>` (event_subject) with the JetStream message id `<stream>:<seq>`, so the
-// server de-duplicates re-sends. The cursor advances only after JetStream acknowledged every
-// message of a batch; it is saved in the journal's snapshot store (stream `outbox-<js stream>`)
-// at most every `cursor_save_interval`, so a restart re-sends at most that much (de-duplicated
-// by the server within its duplicate window, and by subscribers on (stream, seq) beyond it).
+// server de-duplicates re-sends, and with the previous event's id as the expected last message
+// id, so a stale re-send after a connection loss cannot be stored out of order. Publishing is
+// pipelined (up to 4096 events in flight); the cursor advances as JetStream's acknowledgements
+// arrive, in order. Any refusal, lost acknowledgement or timeout makes the relay start over
+// from the cursor. The cursor is saved in the journal's snapshot store (stream
+// `outbox-<js stream>`) at most every `cursor_save_interval`, so a restart re-sends at most that
+// much (de-duplicated by the server within its duplicate window, and by subscribers on
+// (stream, seq) beyond it).
 //
 // Actors never wait for the relay: with NATS down they keep persisting, the relay retries with
 // backoff and catches up after the reconnect. Core NATS subscribers of `ferry.ev.…` (the
@@ -41,9 +45,10 @@ struct outbox_options {
   std::chrono::hours max_age{24 * 7};
   /// JetStream's duplicate window for message ids.
   std::chrono::seconds duplicate_window{120};
-  /// Events published per acknowledgement round.
+  /// Events read from the journal at a time.
   size_t batch = 1024;
-  /// How long to wait for JetStream's acknowledgements of a batch before re-sending it.
+  /// How long an event may wait for its acknowledgement before the relay starts over from the
+  /// cursor.
   std::chrono::milliseconds ack_wait{5000};
   /// How often the cursor is saved while events flow.
   std::chrono::milliseconds cursor_save_interval{250};
@@ -54,7 +59,7 @@ struct outbox_stats {
   uint64_t cursor = 0;
   /// Events acknowledged since start.
   uint64_t published = 0;
-  /// Batches that had to be sent again (NATS down, timeouts, errors).
+  /// Times the relay started over from its cursor (NATS down, timeouts, refusals).
   uint64_t retries = 0;
   /// The last error seen; empty when the last batch went through.
   std::string last_error;

@@ -1,0 +1,254 @@
+// ferry-bench events: end-to-end event latency — a command to an actor, persisted (fsync),
+// carried by the outbox relay to NATS (JetStream), received by a core subscriber — at fixed
+// offered rates over 50 concurrent task streams, next to a raw NATS publish→receive and a raw
+// synced RocksDB write measured in the same run.
+
+#include "events_bench.h"
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include <caf/all.hpp>
+#include <rocksdb/db.h>
+
+#include "bench_support.h"
+#include "ferry/actors/bus.h"
+#include "ferry/actors/outbox.h"
+#include "ferry/schemas/events.h"
+#include "ferry/storage/journal.h"
+
+namespace ferry::bench {
+
+namespace {
+
+namespace ev = ferry::events::v1;
+using clock = std::chrono::steady_clock;
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(clock::now().time_since_epoch())
+    .count();
+}
+
+/// Latencies of messages that carry their send time.
+struct sink {
+  std::mutex mtx;
+  std::vector<int64_t> samples;
+  std::atomic<bool> recording{false};
+  std::atomic<uint64_t> received{0};
+
+  void add(int64_t sent_ns) {
+    const int64_t lat = now_ns() - sent_ns;
+    received.fetch_add(1);
+    if (!recording.load())
+      return;
+    std::lock_guard<std::mutex> guard(mtx);
+    samples.push_back(lat);
+  }
+
+  std::vector<int64_t> take() {
+    std::lock_guard<std::mutex> guard(mtx);
+    return std::move(samples);
+  }
+};
+
+/// The send time an event carries in its output chunk (8 bytes).
+int64_t sent_time_of(std::string_view payload) {
+  std::string copy(payload);  // aligned for the verifier
+  auto env = schemas::verify_envelope(copy);
+  if (!env || (*env)->event_type() != ev::Event::OutputChunk)
+    return 0;
+  auto* data = (*env)->event_as_OutputChunk()->data();
+  if (!data || data->size() != sizeof(int64_t))
+    return 0;
+  int64_t t = 0;
+  std::memcpy(&t, data->data(), sizeof t);
+  return t;
+}
+
+/// Open loop: calls send() `rate` times a second for warmup + measure; `sink.recording` is on
+/// during the measured part only. Returns how many sends were measured.
+uint64_t drive(double rate, double warmup_s, double measure_s, sink& s,
+               const std::function<void(uint64_t i)>& send) {
+  const auto start = clock::now();
+  const auto period = std::chrono::duration<double>(1.0 / rate);
+  const uint64_t warm = static_cast<uint64_t>(warmup_s * rate);
+  const uint64_t total = warm + static_cast<uint64_t>(measure_s * rate);
+  for (uint64_t i = 0; i < total; ++i) {
+    std::this_thread::sleep_until(start +
+                                  std::chrono::duration_cast<clock::duration>(period * i));
+    if (i == warm)
+      s.recording = true;
+    send(i);
+  }
+  return total - warm;
+}
+
+void wait_until_received(sink& s, uint64_t expected, std::chrono::seconds limit) {
+  const auto deadline = clock::now() + limit;
+  while (s.received.load() < expected && clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  s.recording = false;
+}
+
+struct row {
+  std::string name;
+  latency_summary ferry, nats, rocks;
+  uint64_t lost = 0;
+};
+
+}  // namespace
+
+int run_events_bench(const events_options& o) {
+  temp_dir tmp(o.dir, "ferry-bench-events-");
+  if (tmp.path().empty()) {
+    std::fprintf(stderr, "ferry-bench: cannot make a temporary directory in %s\n",
+                 o.dir.c_str());
+    return 2;
+  }
+  auto nats = actors::start_embedded_nats(o.nats_server, tmp.path() / "nats");
+  if (!nats) {
+    std::fprintf(stderr, "ferry-bench: %s\n", nats.error().message.c_str());
+    return 1;
+  }
+  storage::journal_options jo;
+  jo.dir = tmp.path() / "journal";
+  auto store = storage::open_journal(jo);
+  if (!store) {
+    std::fprintf(stderr, "ferry-bench: %s\n", store.error().message.c_str());
+    return 1;
+  }
+  actors::outbox_options oo;
+  oo.nats_url = (*nats)->url();
+  auto relay = actors::start_outbox_relay(**store, oo);
+  auto bus = actors::connect_nats((*nats)->url());
+  if (!relay || !bus) {
+    std::fprintf(stderr, "ferry-bench: %s\n",
+                 (!relay ? relay.error() : bus.error()).message.c_str());
+    return 1;
+  }
+  sink events_sink, nats_sink;
+  auto events_sub = (*bus)->subscribe("ferry.ev.bench.>", [&](std::string_view,
+                                                              std::string_view payload) {
+    if (auto t = sent_time_of(payload))
+      events_sink.add(t);
+  });
+  auto raw_sub = (*bus)->subscribe("bench.raw", [&](std::string_view, std::string_view payload) {
+    int64_t t = 0;
+    if (payload.size() >= sizeof t) {
+      std::memcpy(&t, payload.data(), sizeof t);
+      nats_sink.add(t);
+    }
+  });
+  if (!events_sub || !raw_sub) {
+    std::fprintf(stderr, "ferry-bench: cannot subscribe\n");
+    return 1;
+  }
+
+  // The "tasks": one actor per stream that persists what it is told (like a task actor does).
+  caf::actor_system_config cfg;
+  caf::actor_system sys{cfg};
+  std::vector<caf::actor> tasks;
+  storage::event_store* journal = store->get();
+  for (int i = 0; i < o.tasks; ++i)
+    tasks.push_back(sys.spawn(
+      [journal](caf::event_based_actor*, std::string stream) -> caf::behavior {
+        return {[journal, stream](int64_t sent_ns) {
+          schemas::envelope_meta m;
+          m.stream_id = stream;
+          m.user = "bench";
+          std::string data(sizeof sent_ns, '\0');
+          std::memcpy(data.data(), &sent_ns, sizeof sent_ns);
+          std::vector<std::string> envs{
+            schemas::output_chunk(m, 1, ev::OutputStream::stdout, data)};
+          journal->append_async(stream, std::move(envs), storage::expected_version::any(), {});
+        }};
+      },
+      "bench-" + std::to_string(i)));
+
+  // Baseline: synced single-event RocksDB writes, one at a time.
+  auto rocks_baseline = [&](double seconds) {
+    rocksdb::Options ro;
+    ro.create_if_missing = true;
+    rocksdb::DB* raw = nullptr;
+    std::vector<int64_t> lat;
+    if (!rocksdb::DB::Open(ro, (tmp.path() / "rocks").string(), &raw).ok())
+      return summarize(lat);
+    std::unique_ptr<rocksdb::DB> db(raw);
+    rocksdb::WriteOptions wo;
+    wo.sync = true;
+    std::string value(256, 'x');
+    const auto end = clock::now() + std::chrono::duration<double>(seconds);
+    for (uint64_t i = 0; clock::now() < end; ++i) {
+      auto t0 = now_ns();
+      (void)db->Put(wo, "k" + std::to_string(i), value);
+      lat.push_back(now_ns() - t0);
+    }
+    return summarize(lat);
+  };
+
+  std::vector<row> rows;
+  for (double rate : o.rates) {
+    row r;
+    r.name = std::to_string(static_cast<int>(rate)) + " events/s, " + std::to_string(o.tasks) +
+             " tasks";
+    progress("events: " + r.name + " ...");
+    uint64_t before = events_sink.received.load();
+    uint64_t sent = 0;
+    drive(rate, o.warmup, o.seconds, events_sink, [&](uint64_t i) {
+      caf::anon_send(tasks[i % tasks.size()], static_cast<int64_t>(now_ns()));
+      ++sent;
+    });
+    wait_until_received(events_sink, before + sent, std::chrono::seconds(10));
+    r.lost = before + sent - std::min(before + sent, events_sink.received.load());
+    auto f = events_sink.take();
+    r.ferry = summarize(f);
+
+    progress("events: raw NATS at the same rate ...");
+    before = nats_sink.received.load();
+    sent = 0;
+    drive(rate, o.warmup, o.seconds, nats_sink, [&](uint64_t) {
+      int64_t t = now_ns();
+      (void)(*bus)->publish("bench.raw", std::string_view(reinterpret_cast<const char*>(&t),
+                                                          sizeof t));
+      ++sent;
+    });
+    wait_until_received(nats_sink, before + sent, std::chrono::seconds(10));
+    auto n = nats_sink.take();
+    r.nats = summarize(n);
+    progress("events: raw synced RocksDB writes ...");
+    r.rocks = rocks_baseline(std::min(o.seconds, 2.0));
+    rows.push_back(std::move(r));
+  }
+  for (auto& t : tasks)
+    caf::anon_send_exit(t, caf::exit_reason::user_shutdown);
+  sys.await_all_actors_done();
+
+  std::printf("ferry-bench events: command → actor → persisted (fsync) → outbox relay → NATS "
+              "(JetStream) → subscriber\n");
+  std::printf("%-28s %9s %9s %9s %9s %9s %9s %8s %7s  %-12s %s\n", "offered load", "p50 ms",
+              "p99 ms", "max ms", "NATS p50", "NATS p99", "RDB p99", "ratio", "lost",
+              "target", "result");
+  bool ok = true;
+  for (const auto& r : rows) {
+    const double base_p99 = (r.nats.p99_us + r.rocks.p99_us) / 1000.0;
+    const double ratio = base_p99 > 0 ? (r.ferry.p99_us / 1000.0) / base_p99 : 0;
+    const bool has_target = r.name.rfind("10000 ", 0) == 0;
+    const bool pass = r.ferry.p99_us <= 5000 && r.lost == 0;
+    if (has_target && !pass)
+      ok = false;
+    std::printf("%-28s %9.3f %9.3f %9.3f %9.3f %9.3f %9.3f %8.2f %7llu  %-12s %s\n",
+                r.name.c_str(), r.ferry.p50_us / 1000.0, r.ferry.p99_us / 1000.0,
+                r.ferry.max_us / 1000.0, r.nats.p50_us / 1000.0, r.nats.p99_us / 1000.0,
+                r.rocks.p99_us / 1000.0, ratio, static_cast<unsigned long long>(r.lost),
+                has_target ? "p99 <= 5 ms" : "", has_target ? (pass ? "PASS" : "FAIL") : "");
+  }
+  std::printf("ratio: ferry p99 / (raw NATS p99 + raw synced RocksDB write p99), same run.\n");
+  return o.check && !ok ? 1 : 0;
+}
+
+}  // namespace ferry::bench
