@@ -204,21 +204,30 @@ class relay final : public outbox_relay {
       natsMsgList_Destroy(&pending);
   }
 
+  /// Saves the cursor (at most every cursor_save_interval unless forced). REQUIRES: relay
+  /// thread.
   void save_cursor(bool force) {
+    // One reading of the cursor: acknowledgements move it meanwhile, and deleting "older"
+    // snapshots against a newer reading would delete the one just saved.
+    uint64_t cursor;
+    {
+      std::lock_guard<std::mutex> guard(mtx_);
+      cursor = cursor_;
+    }
     auto now = std::chrono::steady_clock::now();
-    if (cursor_ == saved_cursor_ || (!force && now - last_save_ < opts_.cursor_save_interval))
+    if (cursor == saved_cursor_ || (!force && now - last_save_ < opts_.cursor_save_interval))
       return;
     auto ts = std::chrono::duration_cast<std::chrono::nanoseconds>(
                 std::chrono::system_clock::now().time_since_epoch())
                 .count();
-    if (auto ok = store_.save_snapshot({cursor_stream_, cursor_, ts, {}}); !ok) {
+    if (auto ok = store_.save_snapshot({cursor_stream_, cursor, ts, {}}); !ok) {
       note_error("save the relay cursor: " + ok.error().message);
       return;
     }
     storage::snapshot_criteria older;
-    older.max_sequence = cursor_ - 1;
+    older.max_sequence = cursor - 1;
     (void)store_.delete_snapshots(cursor_stream_, older);
-    saved_cursor_ = cursor_;
+    saved_cursor_ = cursor;
     last_save_ = now;
   }
 
@@ -321,7 +330,7 @@ class relay final : public outbox_relay {
   mutable std::mutex mtx_;
   std::condition_variable cv_;
   bool stopping_ = false;          // GUARDED_BY(mtx_)
-  uint64_t cursor_ = 0;            // GUARDED_BY(mtx_); written by the relay thread only
+  uint64_t cursor_ = 0;            // GUARDED_BY(mtx_); advanced by acknowledgements
   uint64_t published_ = 0;         // GUARDED_BY(mtx_)
   uint64_t retries_ = 0;           // GUARDED_BY(mtx_)
   std::string last_error_;         // GUARDED_BY(mtx_)
