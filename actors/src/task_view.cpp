@@ -2,6 +2,8 @@
 
 #include <cctype>
 
+#include <nlohmann/json.hpp>
+
 #include "ferry/actors/tasks.h"
 #include "ferry/schemas/events.h"
 #include "ferry/storage/journal.h"
@@ -63,6 +65,29 @@ void apply(task_view& v, const ev::Envelope& env) {
     }
     default: break;
   }
+}
+
+nlohmann::json to_json(const task_view& v) {
+  using nlohmann::json;
+  json j{{"id", v.id},
+         {"status", v.status},
+         {"command", v.command},
+         {"repo", v.repo},
+         {"user", v.user},
+         {"exit_code", v.exit_code ? json(*v.exit_code) : json(nullptr)},
+         {"reason", v.reason},
+         {"finished", v.finished},
+         {"last_seq", v.last_sequence},
+         {"created_ns", v.created_ns}};
+  j["sandbox"] = {{"id", v.sandbox_id},
+                  {"backend", v.sandbox_backend},
+                  {"status", v.sandbox_status},
+                  {"reason", v.sandbox_reason}};
+  if (v.finished)
+    j["finished_ns"] = v.finished_ns;
+  if (v.status == "queued")
+    j["queue_position"] = v.queue_position;
+  return j;
 }
 
 result<void> refresh_task_view(storage::event_store& store, task_view& v) {

@@ -30,23 +30,8 @@ response_t error_response(http::status status, std::string_view message, unsigne
 }
 
 json task_json(const actors::task_view& v) {
-  json j{{"id", v.id},
-         {"status", v.status},
-         {"command", v.command},
-         {"repo", v.repo},
-         {"user", v.user},
-         {"exit_code", v.exit_code ? json(*v.exit_code) : json(nullptr)},
-         {"reason", v.reason},
-         {"finished", v.finished},
-         {"last_seq", v.last_sequence},
-         {"created_ns", v.created_ns},
-         {"events", "/api/v1/tasks/" + v.id + "/events"}};
-  j["sandbox"] = {{"id", v.sandbox_id}, {"backend", v.sandbox_backend},
-                  {"status", v.sandbox_status}};
-  if (v.finished)
-    j["finished_ns"] = v.finished_ns;
-  if (v.status == "queued")
-    j["queue_position"] = v.queue_position;
+  json j = actors::to_json(v);
+  j["events"] = "/api/v1/tasks/" + v.id + "/events";
   return j;
 }
 

@@ -58,18 +58,6 @@ std::string_view sv(const flatbuffers::String* s) {
   return s ? std::string_view(s->data(), s->size()) : std::string_view{};
 }
 
-std::string iso_time(int64_t ns) {
-  auto secs = static_cast<time_t>(ns / 1'000'000'000);
-  auto millis = static_cast<int>((ns / 1'000'000) % 1000);
-  std::tm tm{};
-  gmtime_r(&secs, &tm);
-  char buf[40];
-  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%S", &tm);
-  char out[48];
-  std::snprintf(out, sizeof out, "%s.%03dZ", buf, millis);
-  return out;
-}
-
 }  // namespace
 
 std::string task_submitted(const envelope_meta& m, std::string_view task_id,
@@ -195,6 +183,18 @@ result<const ev::Envelope*> verify_envelope(std::span<const uint8_t> bytes) {
   if (static_cast<int>(type) > static_cast<int>(ev::Event::MAX))
     return fail("event record has unknown event type " + std::to_string(static_cast<int>(type)));
   return e;
+}
+
+std::string iso_time(int64_t ns) {
+  auto secs = static_cast<time_t>(ns / 1'000'000'000);
+  auto millis = static_cast<int>((ns / 1'000'000) % 1000);
+  std::tm tm{};
+  gmtime_r(&secs, &tm);
+  char buf[40];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%S", &tm);
+  char out[48];
+  std::snprintf(out, sizeof out, "%s.%03dZ", buf, millis);
+  return out;
 }
 
 std::string random_event_id() {

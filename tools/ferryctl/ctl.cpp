@@ -169,16 +169,4 @@ int finish_output(int code) {
   return 128 + SIGPIPE;
 }
 
-std::string iso_time(int64_t ns) {
-  auto secs = static_cast<time_t>(ns / 1'000'000'000);
-  auto millis = static_cast<int>((ns / 1'000'000) % 1000);
-  std::tm tm{};
-  gmtime_r(&secs, &tm);
-  char buf[40];
-  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%S", &tm);
-  char out[48];
-  std::snprintf(out, sizeof out, "%s.%03dZ", buf, millis);
-  return out;
-}
-
 }  // namespace ferry::ctl

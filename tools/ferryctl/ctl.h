@@ -11,6 +11,7 @@
 #include <string>
 #include <string_view>
 
+#include "ferry/schemas/events.h"
 #include "ferry/schemas/result.h"
 #include "ferry/storage/journal.h"
 
@@ -105,8 +106,8 @@ int early_stop_exit_code();
 /// be written exits 141 instead (see early_stop_exit_code). Otherwise returns `code`.
 int finish_output(int code);
 
-/// ISO 8601 UTC with milliseconds ("2026-11-26T21:15:32.756Z") of nanoseconds since the epoch.
-std::string iso_time(int64_t ns);
+/// ISO 8601 UTC with milliseconds, as events are rendered everywhere.
+using schemas::iso_time;
 
 // -- commands: each returns the process exit code, having printed its output and errors ---------
 

@@ -51,23 +51,9 @@ std::string to_line(const json& j) {
 }
 
 json view_json(const actors::task_view& v) {
-  // The shape of GET /api/v1/tasks/{id} (gateway), plus the sandbox's reason.
-  json j{{"id", v.id},
-         {"status", v.status},
-         {"command", v.command},
-         {"repo", v.repo},
-         {"user", v.user},
-         {"exit_code", v.exit_code ? json(*v.exit_code) : json(nullptr)},
-         {"reason", v.reason},
-         {"finished", v.finished},
-         {"last_seq", v.last_sequence},
-         {"created_ns", v.created_ns}};
-  j["sandbox"] = {{"id", v.sandbox_id},
-                  {"backend", v.sandbox_backend},
-                  {"status", v.sandbox_status.empty() ? "none" : v.sandbox_status},
-                  {"reason", v.sandbox_reason}};
-  if (v.finished)
-    j["finished_ns"] = v.finished_ns;
+  json j = actors::to_json(v);  // the shape of GET /api/v1/tasks/{id}
+  if (v.sandbox_status.empty())
+    j["sandbox"]["status"] = "none";
   return j;
 }
 

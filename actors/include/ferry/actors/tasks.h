@@ -24,6 +24,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include <nlohmann/json_fwd.hpp>
+
 #include "ferry/actors/bus.h"
 #include "ferry/schemas/result.h"
 
@@ -74,6 +76,9 @@ struct task_view {
   uint64_t last_sequence = 0;
   bool finished = false;
 };
+
+/// The view as JSON: the body of GET /api/v1/tasks/{id} and of `ferryctl replay --json`.
+nlohmann::json to_json(const task_view& view);
 
 /// The fold: applies one event of the stream `task-<view.id>` (verified, upcast) to `view`. Every
 /// task view — load_task_view, refresh_task_view, the gateway's cache, `ferryctl replay` — is

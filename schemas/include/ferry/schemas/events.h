@@ -120,6 +120,9 @@ inline result<const ev::Envelope*> verify_envelope(std::string_view bytes) {
 ///   1 → 2: SandboxStateChanged `running` becomes `executing`.
 result<void> upcast_envelope(std::string& bytes);
 
+/// `ns` (since the Unix epoch) as UTC ISO 8601 with milliseconds: 2026-11-26T21:15:32.756Z.
+std::string iso_time(int64_t ns);
+
 /// Stable snake_case name of an event type ("task_submitted", …).
 std::string_view event_type_name(ev::Event type);
 std::string_view to_string(ev::TaskStatus s);
