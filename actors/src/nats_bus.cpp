@@ -147,6 +147,9 @@ class nats_bus final : public bus {
   result<std::string> request(std::string_view subject, std::string_view payload,
                               std::chrono::milliseconds timeout) override {
     std::string subj(subject);
+    // While reconnecting nats.c would hold the request until the timeout; say so at once.
+    if (natsConnection_Status(nc_) != NATS_CONN_STATUS_CONNECTED)
+      return fail(errc::closed, "request on " + subj + ": not connected to NATS");
     natsMsg* reply = nullptr;
     auto s = natsConnection_Request(&reply, nc_, subj.c_str(), payload.data(),
                                     static_cast<int>(payload.size()),

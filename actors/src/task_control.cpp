@@ -12,6 +12,16 @@
 
 namespace ferry::actors {
 
+std::string_view to_string(abort_outcome o) {
+  switch (o) {
+    case abort_outcome::aborted: return "aborted";
+    case abort_outcome::already_finished: return "already_finished";
+    case abort_outcome::not_found: return "not_found";
+    case abort_outcome::pending: return "pending";
+  }
+  return "pending";
+}
+
 namespace {
 
 using json = nlohmann::json;
@@ -32,16 +42,6 @@ std::string_view code_name(errc c) {
 std::string error_answer(std::string_view message, errc code) {
   return json{{"error", message}, {"code", code_name(code)}}.dump(
     -1, ' ', false, json::error_handler_t::replace);
-}
-
-std::string_view outcome_name(abort_outcome o) {
-  switch (o) {
-    case abort_outcome::aborted: return "aborted";
-    case abort_outcome::already_finished: return "already_finished";
-    case abort_outcome::not_found: return "not_found";
-    case abort_outcome::pending: return "pending";
-  }
-  return "pending";
 }
 
 /// The task id in `ferry.ctl.task.<id>.<verb>`, or "" when the subject has another shape.
@@ -96,7 +96,7 @@ result<std::unique_ptr<task_control>> start_task_control(bus& events, task_servi
                       [reply](result<abort_outcome> r) {
                         if (!r)
                           return reply(error_answer(r.error().message, r.error().code));
-                        reply(json{{"outcome", outcome_name(*r)}}.dump());
+                        reply(json{{"outcome", to_string(*r)}}.dump());
                       });
   });
   if (!abort_sub)

@@ -5,6 +5,7 @@
 #include <charconv>
 #include <variant>
 #include <cstdio>
+#include <optional>
 
 #include "ferry/actors/tasks.h"
 #include "ferry/storage/journal.h"
@@ -349,16 +350,28 @@ void http_session::route(request_t& req) {
                                                       json::error_handler_t::replace),
                                          std::chrono::seconds(7));
       auto reply = answer ? json::parse(*answer, nullptr, false) : json();
-      auto after = self->srv_.views().get(task_id);
-      json j = after && *after ? task_json(**after) : json{{"id", task_id}};
-      response_t res;
-      const std::string outcome =
+      std::string outcome =
         reply.is_object() && reply.contains("outcome") && reply["outcome"].is_string()
           ? reply["outcome"].get<std::string>()
           : std::string();
-      if (!answer)
+      std::optional<error_info> local_error;
+      if (!answer) {
+        // NATS is unreachable: a stop must not wait for it. Abort here, in this process's
+        // task manager (the one running the task when a single ferryd serves it all).
+        std::fprintf(stderr, "ferryd: warning: abort %s over NATS failed (%s); aborting locally\n",
+                     task_id.c_str(), answer.error().message.c_str());
+        auto local = deps.tasks->abort(task_id, user, reason, std::chrono::seconds(5));
+        if (!local)
+          local_error = local.error();
+        else
+          outcome = actors::to_string(*local);
+      }
+      auto after = self->srv_.views().get(task_id);
+      json j = after && *after ? task_json(**after) : json{{"id", task_id}};
+      response_t res;
+      if (local_error)
         res = error_response(http::status::service_unavailable,
-                             "abort: " + answer.error().message, version, keep);
+                             "abort: " + local_error->message, version, keep);
       else if (outcome.empty())
         res = error_response(http::status::internal_server_error,
                              "abort: unexpected answer " + *answer, version, keep);

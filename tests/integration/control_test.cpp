@@ -129,3 +129,30 @@ BOOST_AUTO_TEST_CASE(steer_is_persisted_at_once_and_abort_over_nats_preempts_the
   BOOST_TEST(comments[1].second == "and add a test");
   BOOST_TEST(abort_user == "ops");
 }
+
+BOOST_AUTO_TEST_CASE(abort_still_preempts_when_nats_is_down) {
+  // The REST abort goes through the control subject; with NATS unreachable it must not wait
+  // for it: the serving ferryd aborts the task itself.
+  temp_dir nats_dir("ferry-nats");
+  auto nats = ferry::actors::start_embedded_nats("nats-server", nats_dir.path() / "store");
+  BOOST_TEST_REQUIRE(nats.ok(), (nats.ok() ? "" : nats.error().message));
+  ferryd_options opts(FERRYD_BINARY);
+  opts.extra_args = {"--nats-url", (*nats)->url()};
+  ferryd_process ferryd(opts);
+  api_client api(ferryd);
+
+  const std::string id = submit_task(api, "sleep 60");
+  sandbox_sweeper sweep(id);
+  BOOST_TEST_REQUIRE(str(wait_for_status(api, id, "running", 30s), "status") == "running");
+  (*nats)->stop();
+
+  const auto t0 = std::chrono::steady_clock::now();
+  http_response r = api.abort(id);
+  const auto ms =
+    std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0);
+  BOOST_TEST_MESSAGE("abort with NATS down answered in " << ms.count() << " ms");
+  BOOST_TEST(r.status == 200, r.summary());
+  BOOST_TEST(ms.count() < 3000, "the abort waited for the unreachable NATS");
+  BOOST_TEST(str(get_task_json(api, id), "status") == "aborted");
+  BOOST_TEST(sandbox_processes(id).empty(), "processes of the aborted sandbox are left");
+}

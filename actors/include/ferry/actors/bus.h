@@ -59,7 +59,7 @@ class bus {
     std::string subject, request_handler on_request) = 0;
 
   /// Sends a request and waits up to `timeout` for the answer. errc::not_found when nobody
-  /// serves the subject; a timeout is an error too.
+  /// serves the subject, errc::closed at once while not connected; a timeout is an error too.
   [[nodiscard]] virtual result<std::string> request(std::string_view subject,
                                                     std::string_view payload,
                                                     std::chrono::milliseconds timeout) = 0;

@@ -117,6 +117,9 @@ bool valid_task_id(std::string_view id);
 /// Outcome of an abort request.
 enum class abort_outcome { aborted, already_finished, not_found, pending };
 
+/// "aborted", "already_finished", "not_found", "pending" (the control subject's answers).
+std::string_view to_string(abort_outcome o);
+
 /// Concurrency limits of the task manager's job queue.
 struct task_limits {
   /// Tasks running at once, all users together.
