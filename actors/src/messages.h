@@ -21,6 +21,23 @@ typename Inspector::result_type inspect(Inspector& f, output_piece& x) {
   return f(caf::meta::type_name("output_piece"), x.command_id, x.stream, x.data);
 }
 
+/// What the journal said about one persist (see persistent.h).
+struct persist_outcome {
+  int32_t code = 0;  ///< 0: durable; else an errc
+  std::string error;
+  uint64_t first_sequence = 0;
+  uint64_t last_sequence = 0;
+  uint64_t first_position = 0;
+  uint64_t last_position = 0;
+  std::vector<std::string> stamped;  ///< the stored envelopes, for apply
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, persist_outcome& x) {
+  return f(caf::meta::type_name("persist_outcome"), x.code, x.error, x.first_sequence,
+           x.last_sequence, x.first_position, x.last_position, x.stamped);
+}
+
 }  // namespace ferry::actors
 
 CAF_BEGIN_TYPE_ID_BLOCK(ferry, caf::first_custom_type_id)
@@ -28,6 +45,7 @@ CAF_BEGIN_TYPE_ID_BLOCK(ferry, caf::first_custom_type_id)
   CAF_ADD_TYPE_ID(ferry, (std::vector<std::string>))
   CAF_ADD_TYPE_ID(ferry, (ferry::actors::output_piece))
   CAF_ADD_TYPE_ID(ferry, (std::vector<ferry::actors::output_piece>))
+  CAF_ADD_TYPE_ID(ferry, (ferry::actors::persist_outcome))
 
   // task manager
   CAF_ADD_ATOM(ferry, ferry::actors, submit_atom, "submit")
@@ -49,5 +67,22 @@ CAF_BEGIN_TYPE_ID_BLOCK(ferry, caf::first_custom_type_id)
   CAF_ADD_ATOM(ferry, ferry::actors, ended_atom, "sbx_ended")
   // task → sandbox (sent with high priority)
   CAF_ADD_ATOM(ferry, ferry::actors, kill_atom, "kill")
+  // persistent actors (persistent.h)
+  CAF_ADD_ATOM(ferry, ferry::actors, persisted_atom, "persisted")
+  CAF_ADD_ATOM(ferry, ferry::actors, fence_atom, "fence")
+  // any state machine: a transition request (the runtime glue and tests)
+  CAF_ADD_ATOM(ferry, ferry::actors, goto_atom, "goto")
+  // sandbox: record the kill (after the urgent part ran); task: record the abort
+  CAF_ADD_ATOM(ferry, ferry::actors, killed_atom, "killed")
+  CAF_ADD_ATOM(ferry, ferry::actors, abort_rec_atom, "abort_rec")
+  // task → session
+  CAF_ADD_ATOM(ferry, ferry::actors, turn_begin_atom, "turn_begin")
+  CAF_ADD_ATOM(ferry, ferry::actors, turn_end_atom, "turn_end")
+  CAF_ADD_ATOM(ferry, ferry::actors, close_atom, "close")
+  // manager → task
+  CAF_ADD_ATOM(ferry, ferry::actors, resume_atom, "resume")
+  CAF_ADD_ATOM(ferry, ferry::actors, down_atom, "down")
+  CAF_ADD_ATOM(ferry, ferry::actors, status_atom, "status")
+  CAF_ADD_ATOM(ferry, ferry::actors, restart_atom, "restart")
 
 CAF_END_TYPE_ID_BLOCK(ferry)

@@ -36,6 +36,20 @@ void apply(task_view& v, const ev::Envelope& env) {
     case ev::Event::TaskStateChanged:
       v.status = schemas::to_string(env.event_as_TaskStateChanged()->to());
       v.queue_position = 0;
+      if (env.event_as_TaskStateChanged()->from() == ev::TaskStatus::interrupted) {
+        // Resumed: the task runs again.
+        v.finished = false;
+        v.resumable = false;
+        v.finished_ns = 0;
+        v.reason.clear();
+        v.exit_code.reset();
+      }
+      break;
+    case ev::Event::TaskInterrupted:
+      v.resumable = env.event_as_TaskInterrupted()->resumable();
+      break;
+    case ev::Event::AbortRequested:
+      v.abort_requested = true;
       break;
     case ev::Event::TaskQueued:
       v.queue_position = env.event_as_TaskQueued()->position();
@@ -87,7 +101,40 @@ nlohmann::json to_json(const task_view& v) {
     j["finished_ns"] = v.finished_ns;
   if (v.status == "queued")
     j["queue_position"] = v.queue_position;
+  if (v.status == "interrupted")
+    j["resumable"] = v.resumable;
+  if (v.abort_requested)
+    j["abort_requested"] = true;
   return j;
+}
+
+result<task_view> task_view_from_json(const nlohmann::json& j) {
+  try {
+    task_view v;
+    v.id = j.at("id").get<std::string>();
+    v.status = j.at("status").get<std::string>();
+    v.command = j.at("command").get<std::string>();
+    v.repo = j.at("repo").get<std::string>();
+    v.user = j.at("user").get<std::string>();
+    if (!j.at("exit_code").is_null())
+      v.exit_code = j.at("exit_code").get<int>();
+    v.reason = j.at("reason").get<std::string>();
+    v.finished = j.at("finished").get<bool>();
+    v.last_sequence = j.at("last_seq").get<uint64_t>();
+    v.created_ns = j.at("created_ns").get<int64_t>();
+    const auto& sb = j.at("sandbox");
+    v.sandbox_id = sb.at("id").get<std::string>();
+    v.sandbox_backend = sb.at("backend").get<std::string>();
+    v.sandbox_status = sb.at("status").get<std::string>();
+    v.sandbox_reason = sb.at("reason").get<std::string>();
+    v.finished_ns = j.value("finished_ns", int64_t{0});
+    v.queue_position = j.value("queue_position", uint32_t{0});
+    v.resumable = j.value("resumable", false);
+    v.abort_requested = j.value("abort_requested", false);
+    return v;
+  } catch (const nlohmann::json::exception& e) {
+    return fail(errc::corrupt, std::string("task view: ") + e.what());
+  }
 }
 
 result<void> refresh_task_view(storage::event_store& store, task_view& v) {
@@ -138,7 +185,7 @@ result<std::optional<task_view>> task_view_cache::get(const std::string& task_id
   v.id = task_id;
   // A finished task's stream does not grow; anything else is brought up to date (outside the
   // lock: reads of different tasks proceed in parallel).
-  if (!v.finished)
+  if (!v.finished || v.status == "interrupted")  // an interrupted task can be resumed
     if (auto r = refresh_task_view(store_, v); !r)
       return r.error();
   if (v.last_sequence == 0)

@@ -444,6 +444,34 @@ void http_session::route(request_t& req) {
     });
     return;
   }
+  if (segs.size() == 5 && segs[4] == "resume") {
+    // An interrupted task (ferryd stopped while it ran) continues in a fresh sandbox.
+    if (req.method() != http::verb::post)
+      return send(method_not_allowed(req, http::verb::post, ""));
+    if ((*view)->status != "interrupted" || !(*view)->resumable)
+      return send(json_response(http::status::conflict,
+                                json{{"error", "only an interrupted task can be resumed"},
+                                     {"status", (*view)->status}},
+                                version, keep));
+    net::post(srv_.blocking(), [self, task_id, user = who->id, &deps, version, keep] {
+      auto sub = deps.tasks->resume(task_id, user);
+      response_t res;
+      if (!sub) {
+        auto status = sub.error().code == errc::conflict    ? http::status::conflict
+                      : sub.error().code == errc::not_found ? http::status::not_found
+                                                            : http::status::service_unavailable;
+        res = error_response(status, "resume: " + sub.error().message, version, keep);
+      } else {
+        json body{{"id", task_id}, {"status", sub->queue_position ? "queued" : "running"}};
+        if (sub->queue_position)
+          body["queue_position"] = sub->queue_position;
+        res = json_response(http::status::accepted, body, version, keep);
+      }
+      net::post(self->stream_.get_executor(),
+                [self, res = std::move(res)]() mutable { self->send(std::move(res)); });
+    });
+    return;
+  }
   if (segs.size() == 5 && segs[4] == "events") {
     if (req.method() != http::verb::get)
       return send(method_not_allowed(req, http::verb::get, ""));

@@ -277,6 +277,79 @@ std::string steering_comment(const envelope_meta& m, std::string_view text) {
   });
 }
 
+std::string actor_recovered(const envelope_meta& m, uint32_t incarnation,
+                            uint64_t snapshot_sequence, uint64_t replayed,
+                            std::string_view reason) {
+  return build_envelope(m, [&](fbb_t& fbb) {
+    auto r = fbb.CreateString(reason);
+    ev::ActorRecoveredBuilder b(fbb);
+    fbb.ForceDefaults(true);
+    b.add_incarnation(incarnation);
+    b.add_snapshot_sequence(snapshot_sequence);
+    b.add_replayed(replayed);
+    fbb.ForceDefaults(false);
+    b.add_reason(r);
+    return std::pair{ev::Event::ActorRecovered, b.Finish().Union()};
+  });
+}
+
+std::string transition_refused(const envelope_meta& m, std::string_view machine,
+                               std::string_view from, std::string_view to,
+                               std::string_view reason) {
+  return build_envelope(m, [&](fbb_t& fbb) {
+    auto ma = fbb.CreateString(machine);
+    auto f = fbb.CreateString(from);
+    auto t = fbb.CreateString(to);
+    auto r = fbb.CreateString(reason);
+    return std::pair{ev::Event::TransitionRefused,
+                     ev::CreateTransitionRefused(fbb, ma, f, t, r).Union()};
+  });
+}
+
+std::string task_interrupted(const envelope_meta& m, std::string_view reason, bool resumable) {
+  return build_envelope(m, [&](fbb_t& fbb) {
+    auto r = fbb.CreateString(reason);
+    ev::TaskInterruptedBuilder b(fbb);
+    b.add_reason(r);
+    fbb.ForceDefaults(true);
+    b.add_resumable(resumable);
+    fbb.ForceDefaults(false);
+    return std::pair{ev::Event::TaskInterrupted, b.Finish().Union()};
+  });
+}
+
+std::string turn_started(const envelope_meta& m, uint32_t turn, std::string_view input,
+                         std::string_view sandbox_id, const std::vector<uint64_t>& steering) {
+  return build_envelope(m, [&](fbb_t& fbb) {
+    auto in = fbb.CreateString(input);
+    auto sb = fbb.CreateString(sandbox_id);
+    auto st = fbb.CreateVector(steering);
+    return std::pair{ev::Event::TurnStarted, ev::CreateTurnStarted(fbb, turn, in, sb, st).Union()};
+  });
+}
+
+std::string turn_ended(const envelope_meta& m, uint32_t turn, std::string_view outcome,
+                       uint64_t input_tokens, uint64_t output_tokens) {
+  return build_envelope(m, [&](fbb_t& fbb) {
+    auto o = fbb.CreateString(outcome);
+    ev::TurnEndedBuilder b(fbb);
+    fbb.ForceDefaults(true);
+    b.add_turn(turn);
+    b.add_input_tokens(input_tokens);
+    b.add_output_tokens(output_tokens);
+    fbb.ForceDefaults(false);
+    b.add_outcome(o);
+    return std::pair{ev::Event::TurnEnded, b.Finish().Union()};
+  });
+}
+
+std::string session_closed(const envelope_meta& m, std::string_view reason) {
+  return build_envelope(m, [&](fbb_t& fbb) {
+    auto r = fbb.CreateString(reason);
+    return std::pair{ev::Event::SessionClosed, ev::CreateSessionClosed(fbb, r).Union()};
+  });
+}
+
 std::string_view event_type_name(ev::Event type) {
   switch (type) {
     case ev::Event::TaskSubmitted: return "task_submitted";
@@ -290,6 +363,12 @@ std::string_view event_type_name(ev::Event type) {
     case ev::Event::TokenCreated: return "token_created";
     case ev::Event::TaskQueued: return "task_queued";
     case ev::Event::SteeringComment: return "steering_comment";
+    case ev::Event::ActorRecovered: return "actor_recovered";
+    case ev::Event::TransitionRefused: return "transition_refused";
+    case ev::Event::TaskInterrupted: return "task_interrupted";
+    case ev::Event::TurnStarted: return "turn_started";
+    case ev::Event::TurnEnded: return "turn_ended";
+    case ev::Event::SessionClosed: return "session_closed";
     case ev::Event::NONE: break;
   }
   return "unknown";
@@ -302,6 +381,7 @@ std::string_view to_string(ev::TaskStatus s) {
     case ev::TaskStatus::succeeded: return "succeeded";
     case ev::TaskStatus::failed: return "failed";
     case ev::TaskStatus::aborted: return "aborted";
+    case ev::TaskStatus::interrupted: return "interrupted";
   }
   return "unknown";
 }
@@ -399,6 +479,44 @@ nlohmann::json to_json(const ev::Envelope& e) {
     case ev::Event::SteeringComment:
       data = {{"text", sv(e.event_as_SteeringComment()->text())}};
       break;
+    case ev::Event::ActorRecovered: {
+      auto* x = e.event_as_ActorRecovered();
+      data = {{"incarnation", x->incarnation()},
+              {"snapshot_sequence", x->snapshot_sequence()},
+              {"replayed", x->replayed()},
+              {"reason", sv(x->reason())}};
+      break;
+    }
+    case ev::Event::TransitionRefused: {
+      auto* x = e.event_as_TransitionRefused();
+      data = {{"machine", sv(x->machine())}, {"from", sv(x->from())}, {"to", sv(x->to())},
+              {"reason", sv(x->reason())}};
+      break;
+    }
+    case ev::Event::TaskInterrupted: {
+      auto* x = e.event_as_TaskInterrupted();
+      data = {{"reason", sv(x->reason())}, {"resumable", x->resumable()}};
+      break;
+    }
+    case ev::Event::TurnStarted: {
+      auto* x = e.event_as_TurnStarted();
+      json steering = json::array();
+      if (x->steering())
+        for (auto seq : *x->steering())
+          steering.push_back(seq);
+      data = {{"turn", x->turn()}, {"input", sv(x->input())}, {"sandbox_id", sv(x->sandbox_id())},
+              {"steering", std::move(steering)}};
+      break;
+    }
+    case ev::Event::SessionClosed:
+      data = {{"reason", sv(e.event_as_SessionClosed()->reason())}};
+      break;
+    case ev::Event::TurnEnded: {
+      auto* x = e.event_as_TurnEnded();
+      data = {{"turn", x->turn()}, {"outcome", sv(x->outcome())},
+              {"input_tokens", x->input_tokens()}, {"output_tokens", x->output_tokens()}};
+      break;
+    }
     case ev::Event::NONE: break;
   }
   return json{{"stream", sv(e.stream_id())},

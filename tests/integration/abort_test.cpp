@@ -189,7 +189,7 @@ BOOST_AUTO_TEST_CASE(shutdown_kills_running_sandboxes_promptly_and_a_restart_rea
   }
 }
 
-BOOST_AUTO_TEST_CASE(after_a_crash_a_restart_removes_the_orphaned_sandbox_and_fails_its_task) {
+BOOST_AUTO_TEST_CASE(after_a_crash_the_task_is_interrupted_and_can_be_resumed) {
   temp_dir dir("ferry-crash");
   const auto data_dir = dir.path() / "data";
   ferryd_process first(ferryd_options(FERRYD_BINARY, data_dir));
@@ -210,24 +210,61 @@ BOOST_AUTO_TEST_CASE(after_a_crash_a_restart_removes_the_orphaned_sandbox_and_fa
   BOOST_TEST(left.empty(), "the restart left the orphaned sandbox running: " << describe(left));
   BOOST_TEST(processes_with_cmdline_containing((data_dir / "nats").string()).size() == 1u,
              "the crashed ferryd's nats-server must be replaced, not duplicated");
+
+  // Recovered from its events: the sandbox is gone, so the task ends `interrupted`, resumable.
+  api_client api(second);
+  std::string last;
+  auto task = api.wait_for_task(
+    id, [](const json& t) { return str(t, "status") == "interrupted"; }, 20s, &last);
+  BOOST_TEST_REQUIRE(task.has_value(), "not interrupted 20 s after the restart; last: " << last);
+  BOOST_TEST(str(*task, "reason").find("interrupted") != std::string::npos, task->dump());
+  BOOST_TEST(field(*task, "resumable") == json(true), task->dump());
+  BOOST_TEST(sandbox_status(*task) == "failed", task->dump());
   std::error_code ec;
   BOOST_TEST(std::filesystem::is_empty(data_dir / "sandboxes", ec),
              "the orphan's bundle and workspace are still on disk");
 
-  api_client api(second);
-  const json task = get_task_json(api, id);
-  BOOST_TEST(str(task, "status") == "failed", "after the crash: " << task.dump());
-  BOOST_TEST(str(task, "reason").find("interrupted") != std::string::npos, task.dump());
-  BOOST_TEST(sandbox_status(task) == "failed", task.dump());
+  {
+    ws_client ws;
+    ws_handshake hs = api.open_events(ws, id);
+    BOOST_TEST_REQUIRE(hs.upgraded, "events after the crash: " << hs.summary());
+    ws_transcript t = read_until_close(ws, 15s);
+    check_clean_stream(t, "viewer after the crash");
+    BOOST_TEST_REQUIRE(t.events.size() >= 3u);
+    BOOST_TEST_CONTEXT("events:" << describe_events(t.events)) {
+      BOOST_TEST(str(t.events.back(), "type") == "task_finished");
+      BOOST_TEST(str(data_of(t.events.back()), "status") == "interrupted");
+      const auto& why = t.events[t.events.size() - 2];
+      BOOST_TEST(str(why, "type") == "task_interrupted");
+      BOOST_TEST(data_of(why)["resumable"] == json(true));
+      BOOST_TEST(str(data_of(why), "reason").find("sandbox is gone") != std::string::npos);
+      // The recovered actor fenced the stream before it wrote anything.
+      bool recovered = false;
+      for (const auto& e : t.events)
+        recovered = recovered || str(e, "type") == "actor_recovered";
+      BOOST_TEST(recovered);
+    }
+  }
 
-  ws_client ws;
-  ws_handshake hs = api.open_events(ws, id);
-  BOOST_TEST_REQUIRE(hs.upgraded, "events after the crash: " << hs.summary());
-  ws_transcript t = read_until_close(ws, 15s);
-  check_clean_stream(t, "viewer after the crash");
-  BOOST_TEST_REQUIRE(!t.events.empty());
-  BOOST_TEST(str(t.events.back(), "type") == "task_finished");
-  BOOST_TEST(str(data_of(t.events.back()), "status") == "failed");
+  // Resume: a new turn in a fresh sandbox; then it can be aborted like any running task.
+  http_response r = api.authorized("POST", "/api/v1/tasks/" + id + "/resume");
+  BOOST_TEST_REQUIRE(r.status == 202, "resume: " << r.summary());
+  auto again = api.wait_for_task(
+    id,
+    [](const json& t) { return str(t, "status") == "running" && sandbox_status(t) == "executing"; },
+    60s, &last);
+  BOOST_TEST_REQUIRE(again.has_value(), "resumed task not running; last: " << last);
+  BOOST_TEST(str(field(*again, "sandbox"), "id").find("-2") != std::string::npos,
+             "a resumed task runs in a fresh sandbox: " << again->dump());
+  // Resuming twice is refused while it runs.
+  BOOST_TEST(api.authorized("POST", "/api/v1/tasks/" + id + "/resume").status == 409);
+  BOOST_TEST(eventually([&] { return !sandbox_processes(id).empty(); }, 5s));
+  r = api.abort(id);
+  BOOST_TEST((r.status == 200 || r.status == 202), "abort: " << r.summary());
+  auto ended = api.wait_for_task(id, is_aborted, 10s, &last);
+  BOOST_TEST(ended.has_value(), "resumed task not aborted; last: " << last);
+  BOOST_TEST(eventually([&] { return sandbox_processes(id).empty(); }, 5s),
+             "sandbox processes left: " << describe(sandbox_processes(id)));
 }
 
 BOOST_FIXTURE_TEST_CASE(an_abort_right_after_submission_still_stops_the_task, running_ferryd) {

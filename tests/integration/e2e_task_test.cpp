@@ -116,11 +116,13 @@ void check_success_story(const std::vector<json>& ev, const std::string& id) {
     BOOST_TEST(std::count_if(ev.begin(), ev.end(),
                              [](const json& e) { return str(e, "type") == "task_finished"; }) == 1);
 
-    // Sandbox states follow none→spawning→executing→terminating→terminated and are over before
-    // the task is reported finished; one sandbox, one backend throughout.
+    // Sandbox states follow the lifecycle (ferry/actors/lifecycle.h) — up, ready, the command
+    // runs, ready again, then the end — and are over before the task is reported finished; one
+    // sandbox, one backend throughout.
     std::vector<std::string> sandbox_states = check_state_chain(ev, "sandbox_state_changed", "none");
-    const std::vector<std::string> expected_states{"none", "spawning", "executing", "terminating",
-                                                   "terminated"};
+    const std::vector<std::string> expected_states{"none",      "spawning", "initializing",
+                                                   "ready",     "executing", "ready",
+                                                   "terminating", "terminated"};
     BOOST_TEST(sandbox_states == expected_states, boost::test_tools::per_element());
     int last_sandbox_event = -1;
     std::string sandbox_id, backend;

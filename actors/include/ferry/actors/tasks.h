@@ -1,13 +1,14 @@
 #pragma once
 // ferry_actors public header: the task and sandbox actors and the task manager that owns them.
 //
-// Every task is a CAF actor (`task_state`) that is the single writer of its stream `task-<id>`:
-// each fact — its own state changes and those its sandbox actor reports — is appended to the
-// journal first, then published on `ferry.ev.task.<id>`. The sandbox actor (`sandbox_state`,
-// detached: it makes blocking runtime calls) drives one sandbox through
-//   spawning → running → terminating → terminated, or any state → failed (with a reason);
-// a transition outside this list is refused and logged, never applied.
-// Task status: queued → running → succeeded | failed | aborted (recorded by task_finished).
+// Every task, its session and each of its sandboxes is a persistent CAF actor, the single
+// writer of its own stream (`task-<id>`, `session-<id>`, `sandbox-<sandbox id>`): a command is
+// validated, its events appended, then applied, then answered. The task's stream is its
+// timeline: it also records what its session and sandbox report, so one stream tells the whole
+// story (the outbox relay publishes it on `ferry.ev.task.<id>`). The state machines are in
+// ferry/actors/lifecycle.h; a transition outside them is recorded as `transition_refused`.
+// Task status: queued → running → succeeded | failed | aborted | interrupted (→ running when
+// resumed).
 //
 // Non-actor code (HTTP handlers, ferryd's main) talks to the manager through `task_service`.
 //
@@ -61,7 +62,7 @@ struct task_request {
 struct task_view {
   std::string id;
   std::string user;
-  std::string status;  ///< queued | running | succeeded | failed | aborted
+  std::string status;  ///< queued | running | succeeded | failed | aborted | interrupted
   std::string command;
   std::string repo;
   std::optional<int> exit_code;
@@ -71,6 +72,8 @@ struct task_view {
   std::string sandbox_status;
   std::string sandbox_reason;  ///< reason given with the sandbox's latest state change
   uint32_t queue_position = 0;  ///< while queued: 1 = starts at the next free slot; else 0
+  bool resumable = false;        ///< interrupted and can be resumed
+  bool abort_requested = false;
   int64_t created_ns = 0;
   int64_t finished_ns = 0;
   uint64_t last_sequence = 0;
@@ -79,6 +82,9 @@ struct task_view {
 
 /// The view as JSON: the body of GET /api/v1/tasks/{id} and of `ferryctl replay --json`.
 nlohmann::json to_json(const task_view& view);
+
+/// The inverse of to_json (task snapshots).
+[[nodiscard]] result<task_view> task_view_from_json(const nlohmann::json& j);
 
 /// The fold: applies one event of the stream `task-<view.id>` (verified, upcast) to `view`. Every
 /// task view — load_task_view, refresh_task_view, the gateway's cache, `ferryctl replay` — is
@@ -135,6 +141,10 @@ struct task_deps {
   storage::event_store* store = nullptr;
   sandbox::sandbox_runtime* runtime = nullptr;
   task_limits limits;
+  /// Test seam (null in production): called at named points of every task actor ("begin_turn",
+  /// "output", "sandbox_state") with the task id; throwing from it crashes that actor, which the
+  /// supervision then restarts from its events.
+  std::function<void(std::string_view point, const std::string& task_id)> fault;
 };
 
 /// Facade over the task manager actor for non-actor threads.
@@ -169,6 +179,11 @@ class task_service {
   using steer_callback = std::function<void(result<uint64_t>)>;
   virtual void steer_async(const std::string& task_id, const std::string& user,
                            const std::string& text, steer_callback done) = 0;
+  /// Resumes an interrupted task (status `interrupted`, resumable): its actor is recovered from
+  /// its events and, when the concurrency limits allow, runs a new turn in a fresh sandbox.
+  /// errc::not_found, errc::conflict (not interrupted, or live), errc::closed.
+  [[nodiscard]] virtual result<submission> resume(const std::string& task_id,
+                                                  const std::string& user) = 0;
   /// Number of tasks with a live actor.
   [[nodiscard]] virtual size_t running() = 0;
   /// Refuses new tasks, aborts running ones ("ferryd shutting down") and waits up to `wait`
@@ -193,8 +208,9 @@ class task_control {
 /// Longest steering comment accepted, in bytes.
 inline constexpr size_t max_steering_bytes = 16 * 1024;
 
-/// Spawns the task manager in `sys`. Before it accepts work it finishes tasks that an earlier
-/// ferryd left running (their sandboxes are gone): each gets task_finished(failed, "interrupted").
+/// Spawns the task manager in `sys`. Before it accepts work it recovers every task an earlier
+/// ferryd left unfinished from its events: queued ones wait again; a running one whose sandbox
+/// is gone ends `interrupted` (task_interrupted + task_finished(interrupted)), resumable.
 [[nodiscard]] result<std::unique_ptr<task_service>> start_task_manager(caf::actor_system& sys,
                                                                        task_deps deps);
 

@@ -101,6 +101,20 @@ std::string task_finished(const envelope_meta& m, ev::TaskStatus status, int32_t
 std::string task_queued(const envelope_meta& m, uint32_t position, uint32_t running,
                         uint32_t limit, std::string_view reason);
 std::string steering_comment(const envelope_meta& m, std::string_view text);
+/// A persistent actor recovered and took over its stream (fences out older incarnations).
+std::string actor_recovered(const envelope_meta& m, uint32_t incarnation,
+                            uint64_t snapshot_sequence, uint64_t replayed,
+                            std::string_view reason);
+/// A state machine ("task", "session", "sandbox") refused a transition.
+std::string transition_refused(const envelope_meta& m, std::string_view machine,
+                               std::string_view from, std::string_view to,
+                               std::string_view reason);
+std::string task_interrupted(const envelope_meta& m, std::string_view reason, bool resumable);
+std::string turn_started(const envelope_meta& m, uint32_t turn, std::string_view input,
+                         std::string_view sandbox_id, const std::vector<uint64_t>& steering);
+std::string turn_ended(const envelope_meta& m, uint32_t turn, std::string_view outcome,
+                       uint64_t input_tokens, uint64_t output_tokens);
+std::string session_closed(const envelope_meta& m, std::string_view reason);
 std::string token_created(const envelope_meta& m, std::string_view token_id,
                           std::string_view name, std::string_view sha256_hex, bool admin);
 

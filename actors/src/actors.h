@@ -1,0 +1,212 @@
+#pragma once
+// Private: the task, session and sandbox actors (persistent, see persistent.h) and what the task
+// manager and the white-box tests need to spawn them. The contract is in ferry/actors/tasks.h
+// and the state machines in ferry/actors/lifecycle.h.
+
+#include <condition_variable>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "ferry/actors/lifecycle.h"
+#include "ferry/actors/tasks.h"
+#include "ferry/sandbox/sandbox.h"
+#include "persistent.h"
+
+namespace ferry::actors {
+
+namespace ev = ferry::events::v1;
+
+// -- sandbox actor -------------------------------------------------------------------------------
+
+class observer_adapter;
+
+/// Stream of a sandbox's own record.
+inline std::string sandbox_stream(const std::string& sandbox_id) {
+  return "sandbox-" + sandbox_id;
+}
+
+struct sandbox_state {
+  static inline const char* name = "ferry.sandbox";
+  journal_slot journal;
+  // Folded from sandbox-<id>.
+  ev::SandboxStatus status = ev::SandboxStatus::none;
+  std::string id;
+  std::string task_id;
+  std::string backend;
+  // Runtime glue (not event-sourced).
+  sandbox::sandbox_runtime* runtime = nullptr;
+  caf::actor task;
+  std::vector<std::string> argv;
+  bool kill_requested = false;
+  bool ended = false;
+  bool output_in_flight = false;  // a batch awaits the task's acknowledgement
+  bool output_waiting = false;    // more output was announced meanwhile
+  /// Facts that must reach the task after output still waiting to be sent (exit, end).
+  std::vector<std::function<void()>> after_output;
+  // Declared before `box`: the observer must outlive the sandbox that calls it.
+  std::unique_ptr<observer_adapter> observer;
+  std::unique_ptr<sandbox::sandbox> box;
+
+  sandbox_state();
+  ~sandbox_state();
+  void apply(const ev::Envelope& env);
+  nlohmann::json snapshot() const;
+  result<void> restore(const nlohmann::json& j);
+  schemas::envelope_meta meta() const;
+};
+
+using sandbox_actor_t = caf::stateful_actor<sandbox_state>;
+
+/// How a sandbox actor begins.
+struct sandbox_args {
+  storage::event_store* store = nullptr;
+  sandbox::sandbox_runtime* runtime = nullptr;  ///< may be null when nothing is started
+  caf::actor task;                              ///< gets the mirrored facts; may be null
+  std::string id;
+  std::string task_id;
+  std::vector<std::string> argv;
+  /// Recover from the stream (ferryd restarted, task actor recovered): the sandbox is re-attached
+  /// when still alive, else recorded failed with this reason.
+  std::optional<std::string> recover_reason;
+  /// See journal_slot::synchronous (tests under the deterministic coordinator).
+  bool synchronous_journal = false;
+};
+
+/// Messages: start, goto(int8 to, reason) → bool, kill (urgent), and the runtime's callbacks.
+caf::behavior sandbox_actor(sandbox_actor_t* self, sandbox_args args);
+
+// -- session actor -------------------------------------------------------------------------------
+
+inline std::string session_stream(const std::string& task_id) { return "session-" + task_id; }
+
+struct session_state {
+  static inline const char* name = "ferry.session";
+  journal_slot journal;
+  std::string task_id;
+  std::string user;
+  // Folded from session-<task id>.
+  session_status status = session_status::idle;
+  uint32_t turn = 0;
+  uint64_t delivered_upto = 0;  ///< highest task-stream seq of a comment delivered to a turn
+  uint64_t input_tokens = 0;
+  uint64_t output_tokens = 0;
+  /// Steering comments not yet delivered: (task-stream seq, text). Given by the task actor (the
+  /// comments live in the task's stream), bounded by the task's steering limit.
+  std::vector<std::pair<uint64_t, std::string>> pending;
+
+  void apply(const ev::Envelope& env);
+  nlohmann::json snapshot() const;
+  result<void> restore(const nlohmann::json& j);
+  schemas::envelope_meta meta() const;
+};
+
+using session_actor_t = caf::stateful_actor<session_state>;
+
+struct session_args {
+  storage::event_store* store = nullptr;
+  std::string task_id;
+  std::string user;
+  /// Steering comments of the task so far (seq, text); the delivered ones are dropped.
+  std::vector<std::pair<uint64_t, std::string>> steering;
+  /// See journal_slot::synchronous (tests under the deterministic coordinator).
+  bool synchronous_journal = false;
+};
+
+/// Messages:
+///   steer(uint64 seq, string text)              a comment the task persisted
+///   turn_begin(string input, string sandbox) →  (uint32 turn, vector<string> steering texts)
+///   turn_end(string outcome, uint64 in, uint64 out) → bool
+///   close(string reason) → bool (then the actor stops)
+///   status → (int8 status, uint32 turn, uint64 pending comments)
+/// A refused transition answers an error and records transition_refused.
+caf::behavior session_actor(session_actor_t* self, session_args args);
+
+// -- task actor ----------------------------------------------------------------------------------
+
+/// Test seam: called at named points of a task actor ("output", "sandbox_state", …); may throw
+/// to simulate an actor crash. Null in production.
+using fault_hook = decltype(task_deps::fault);
+
+/// How a task actor begins.
+struct task_args {
+  task_deps deps;
+  std::string id;
+  task_request req;  ///< fresh submissions only
+  /// Recover from the stream instead of starting fresh, and why ("ferryd restarted", "actor
+  /// crashed: …", "resumed by user").
+  std::optional<std::string> recover_reason;
+  /// What a recovered running task does when its sandbox is gone: true → run the turn again in a
+  /// fresh sandbox (the actor crashed, not the user's work); false → interrupted.
+  bool rerun_lost_turn = false;
+  /// Fail the task at once with this reason (repeated crashes).
+  std::optional<std::string> fail_reason;
+  fault_hook fault;
+};
+
+/// At most this many steering comments per task (each ≤ max_steering_bytes).
+constexpr size_t max_steering_comments = 256;
+
+struct task_state {
+  static inline const char* name = "ferry.task";
+  journal_slot journal;
+  // Folded from task-<id>.
+  task_view view;
+  std::vector<std::pair<uint64_t, std::string>> steering;  // (seq, text)
+  uint32_t sandboxes = 0;  // sandboxes started so far (names the next one)
+  // Runtime (not event-sourced).
+  task_deps deps;
+  fault_hook fault;
+  std::string correlation;
+  caf::actor sandbox;
+  caf::actor session;
+  bool turn_pending = false;  // waiting for the session to open a turn
+  bool aborting = false;
+  bool finishing = false;
+  bool rerun_lost_turn = false;
+  bool recovering_sandbox = false;  // a recovered sandbox actor will report its sandbox's fate
+  std::optional<int32_t> exit_code;
+  std::string sandbox_failure;
+  std::vector<caf::response_promise> end_waiters;
+  std::optional<caf::typed_response_promise<bool, std::string>> start_rp;
+
+  void apply(const ev::Envelope& env) {
+    actors::apply(view, env);
+    if (env.event_type() == ev::Event::SteeringComment) {
+      auto* t = env.event_as_SteeringComment()->text();
+      steering.emplace_back(env.sequence(), t ? t->str() : std::string());
+    } else if (env.event_type() == ev::Event::SandboxStateChanged &&
+               env.event_as_SandboxStateChanged()->to() == ev::SandboxStatus::spawning) {
+      ++sandboxes;
+    }
+  }
+
+  nlohmann::json snapshot() const {
+    nlohmann::json comments = nlohmann::json::array();
+    for (const auto& [seq, text] : steering)
+      comments.push_back({seq, text});
+    return {{"view", to_json(view)}, {"steering", comments}, {"sandboxes", sandboxes}};
+  }
+
+  result<void> restore(const nlohmann::json& j) {
+    auto v = task_view_from_json(j.at("view"));
+    if (!v)
+      return v.error();
+    view = std::move(*v);
+    steering.clear();
+    for (const auto& c : j.at("steering"))
+      steering.emplace_back(c.at(0).get<uint64_t>(), c.at(1).get<std::string>());
+    sandboxes = j.at("sandboxes").get<uint32_t>();
+    return {};
+  }
+
+  schemas::envelope_meta meta() const { return {journal.stream, correlation, "", view.user}; }
+};
+
+/// Messages: see the task manager (task_manager.cpp).
+caf::behavior task_actor(caf::stateful_actor<task_state>* self, task_args args);
+
+}  // namespace ferry::actors

@@ -1,0 +1,372 @@
+// The sandbox actor: one sandbox's lifecycle (ferry/actors/lifecycle.h), recorded on its own
+// stream sandbox-<id> and mirrored to its task, which records the facts in the task's timeline.
+
+#include <cstdio>
+
+#include "actors.h"
+
+namespace ferry::actors {
+
+namespace {
+using S = ev::SandboxStatus;
+}  // namespace
+
+/// Output waiting for the task actor is bounded: past this many bytes the sandbox's reader thread
+/// blocks, the pipe from ferry-init fills, and the command itself blocks on write. Backpressure
+/// instead of unbounded memory.
+constexpr size_t max_pending_output = 4u << 20;
+/// Consecutive chunks of one stream are merged up to this size into one output_chunk event.
+constexpr size_t max_piece_size = 256u << 10;
+
+/// Turns runtime callbacks (on the sandbox's reader thread) into messages to the sandbox actor.
+/// Output is not sent chunk by chunk: it collects here (merged, bounded) and the actor takes it
+/// in batches, so one journal append (one fsync) covers whatever arrived meanwhile.
+class observer_adapter final : public sandbox::sandbox_observer {
+ public:
+  explicit observer_adapter(caf::weak_actor_ptr target) : target_(std::move(target)) {}
+
+  void on_running() override { send(running_atom_v); }
+  void on_command_started(uint32_t id, const std::vector<std::string>& argv) override {
+    send(cmd_start_atom_v, id, argv);
+  }
+  void on_output(uint32_t id, int stream, std::string_view data) override {
+    std::unique_lock<std::mutex> lock(mtx_);
+    room_.wait(lock, [&] { return pending_bytes_ < max_pending_output || closed_; });
+    if (closed_)
+      return;
+    if (!pending_.empty() && pending_.back().command_id == id && pending_.back().stream == stream &&
+        pending_.back().data.size() + data.size() <= max_piece_size)
+      pending_.back().data.append(data);
+    else
+      pending_.push_back(output_piece{id, int32_t{stream}, std::string(data)});
+    pending_bytes_ += data.size();
+    if (std::exchange(announced_, true))
+      return;
+    lock.unlock();
+    send(output_atom_v);
+  }
+  void on_command_exited(uint32_t id, int code, int signal, uint64_t ms) override {
+    send(cmd_exit_atom_v, id, int32_t{code}, int32_t{signal}, ms);
+  }
+  void on_ended(std::optional<std::string> failure) override {
+    send(ended_atom_v, failure.has_value(), failure.value_or(""));
+  }
+
+  /// Takes all collected output (actor side) and makes room for more.
+  std::vector<output_piece> take_output() {
+    std::vector<output_piece> out;
+    {
+      std::lock_guard<std::mutex> guard(mtx_);
+      out.swap(pending_);
+      pending_bytes_ = 0;
+      announced_ = false;
+    }
+    room_.notify_all();
+    return out;
+  }
+
+  /// Unblocks the reader thread for good (the actor is going away); later output is dropped.
+  void close() {
+    {
+      std::lock_guard<std::mutex> guard(mtx_);
+      closed_ = true;
+    }
+    room_.notify_all();
+  }
+
+ private:
+  template <class... Ts>
+  void send(Ts&&... xs) {
+    if (auto strong = target_.lock())
+      caf::anon_send(caf::actor_cast<caf::actor>(strong), std::forward<Ts>(xs)...);
+  }
+
+  caf::weak_actor_ptr target_;
+  std::mutex mtx_;
+  std::condition_variable room_;
+  std::vector<output_piece> pending_;  // GUARDED_BY(mtx_)
+  size_t pending_bytes_ = 0;           // GUARDED_BY(mtx_)
+  bool announced_ = false;             // GUARDED_BY(mtx_): an output_atom is on its way
+  bool closed_ = false;                // GUARDED_BY(mtx_)
+};
+
+// -- state -----------------------------------------------------------------------------------------
+
+sandbox_state::sandbox_state() = default;
+
+sandbox_state::~sandbox_state() {
+  // Unblock a reader thread waiting for room before `box` joins it.
+  if (observer)
+    observer->close();
+}
+
+void sandbox_state::apply(const ev::Envelope& env) {
+  if (env.event_type() != ev::Event::SandboxStateChanged)
+    return;
+  auto* x = env.event_as_SandboxStateChanged();
+  status = x->to();
+  if (x->backend())
+    backend = x->backend()->str();
+}
+
+nlohmann::json sandbox_state::snapshot() const {
+  return {{"status", static_cast<int>(status)}, {"backend", backend}};
+}
+
+result<void> sandbox_state::restore(const nlohmann::json& j) {
+  status = static_cast<S>(j.at("status").get<int>());
+  backend = j.at("backend").get<std::string>();
+  return {};
+}
+
+schemas::envelope_meta sandbox_state::meta() const {
+  return {journal.stream, "task-" + task_id, "", "system"};
+}
+
+namespace {
+
+/// Records `to` (or, when the lifecycle forbids it, transition_refused and nothing else), tells
+/// the task, then runs `then` (only when the transition happened).
+void transition(sandbox_actor_t* self, S to, std::string reason,
+                std::function<void()> then = {}) {
+  auto& s = self->state;
+  const S from = s.status;
+  if (!sandbox_transition_allowed(from, to)) {
+    std::fprintf(stderr, "ferryd: error: sandbox %s: refused transition %s -> %s (%s)\n",
+                 s.id.c_str(), std::string(schemas::to_string(from)).c_str(),
+                 std::string(schemas::to_string(to)).c_str(), reason.c_str());
+    persist(self,
+            schemas::transition_refused(s.meta(), "sandbox", schemas::to_string(from),
+                                        schemas::to_string(to), reason),
+            [](const storage::append_result&) {});
+    return;
+  }
+  persist(self,
+          schemas::sandbox_state_changed(s.meta(), s.id, s.backend, from, to, reason),
+          [self, from, to, reason, then = std::move(then)](const storage::append_result&) {
+            auto& s = self->state;
+            if (s.task)
+              self->send(s.task, sbx_state_atom_v, static_cast<int8_t>(from),
+                         static_cast<int8_t>(to), reason, s.backend, s.id);
+            if (then)
+              then();
+          });
+}
+
+/// Sends the collected output to the task as one batch and waits for its acknowledgement (the
+/// batch is durable) before sending the next: the task's mailbox holds at most one batch.
+void forward_output(sandbox_actor_t* self) {
+  auto& s = self->state;
+  if (s.output_in_flight) {
+    s.output_waiting = true;
+    return;
+  }
+  auto batch = s.observer ? s.observer->take_output() : std::vector<output_piece>{};
+  if (batch.empty()) {
+    // Drained: release what was held back behind the output, in order.
+    auto held = std::exchange(s.after_output, {});
+    for (auto& f : held)
+      f();
+    return;
+  }
+  s.output_in_flight = true;
+  self->request(s.task, caf::infinite, output_atom_v, std::move(batch))
+    .then(
+      [=](bool) {
+        auto& s = self->state;
+        s.output_in_flight = false;
+        if (std::exchange(s.output_waiting, false) || !s.after_output.empty())
+          forward_output(self);
+      },
+      [=](caf::error&) {
+        // The task is gone; nothing more to deliver. Keep the reader from blocking and let
+        // what was held back run, so this actor still ends.
+        auto& s = self->state;
+        s.output_in_flight = false;
+        s.output_waiting = false;
+        if (s.observer)
+          s.observer->close();
+        auto held = std::exchange(s.after_output, {});
+        for (auto& f : held)
+          f();
+      });
+}
+
+/// Runs `f` now, or after the output announced before it has been handed to the task (so the
+/// task records, e.g., command_exited after all of the command's output).
+void after_pending_output(sandbox_actor_t* self, std::function<void()> f) {
+  auto& s = self->state;
+  if (s.output_waiting || s.output_in_flight || !s.after_output.empty()) {
+    s.after_output.push_back(std::move(f));
+    if (!s.output_in_flight)
+      forward_output(self);
+    return;
+  }
+  f();
+}
+
+void finish(sandbox_actor_t* self) {
+  auto& s = self->state;
+  if (s.observer)
+    s.observer->close();
+  s.box.reset();  // joins the reader thread (it has delivered on_ended)
+  self->quit();
+}
+
+/// Walks to `terminated` (through terminating when needed), or records `failed`.
+void end_with(sandbox_actor_t* self, bool failed, std::string reason) {
+  auto& s = self->state;
+  if (sandbox_status_terminal(s.status))
+    return finish(self);
+  if (failed)
+    return transition(self, S::failed, std::move(reason), [self] { finish(self); });
+  if (s.status != S::terminating)
+    return transition(self, S::terminating, reason, [self, reason] {
+      transition(self, S::terminated, reason, [self] { finish(self); });
+    });
+  transition(self, S::terminated, std::move(reason), [self] { finish(self); });
+}
+
+/// The sandbox is gone (on_ended): record its final state and stop.
+void sandbox_ended(sandbox_actor_t* self, bool failed, const std::string& reason) {
+  auto& s = self->state;
+  s.ended = true;
+  if (s.kill_requested)
+    return end_with(self, false, "killed on request");
+  if (failed)
+    return end_with(self, true, reason.empty() ? "sandbox ended abnormally" : reason);
+  end_with(self, false, "sandbox exited");
+}
+
+void do_start(sandbox_actor_t* self) {
+  auto& s = self->state;
+  if (s.kill_requested)
+    return end_with(self, false, "killed before it started");
+  s.observer = std::make_unique<observer_adapter>(caf::actor_cast<caf::weak_actor_ptr>(self));
+  sandbox::sandbox_spec spec;
+  spec.id = s.id;
+  spec.argv = s.argv;
+  // Blocking (~0.2 s for runsc): this actor is detached.
+  auto box = s.runtime->start(spec, *s.observer);
+  if (!box)
+    return end_with(self, true, box.error().message);
+  s.box = std::move(*box);
+  transition(self, S::initializing, "sandbox process started; waiting for ferry-init");
+}
+
+/// Kill, the urgent part: never waits for a journal flush.
+void kill_now(sandbox_actor_t* self) {
+  auto& s = self->state;
+  if (s.ended || s.kill_requested)
+    return;
+  s.kill_requested = true;
+  if (s.box)
+    s.box->kill();
+  // The record follows in order (stashed behind a persist in flight, if any).
+  self->send(self, killed_atom_v);
+}
+
+}  // namespace
+
+caf::behavior sandbox_actor(sandbox_actor_t* self, sandbox_args args) {
+  auto& s = self->state;
+  s.journal.store = args.store;
+  s.journal.stream = sandbox_stream(args.id);
+  s.journal.synchronous = args.synchronous_journal;
+  s.runtime = args.runtime;
+  s.task = std::move(args.task);
+  s.id = std::move(args.id);
+  s.task_id = std::move(args.task_id);
+  s.argv = std::move(args.argv);
+  if (s.runtime)
+    s.backend = std::string(s.runtime->name());
+  s.journal.urgent = caf::message_handler{[=](kill_atom) { kill_now(self); }};
+  if (s.task)
+    self->monitor(s.task);
+  self->set_down_handler([=](caf::down_msg& dm) {
+    // The task's actor is gone (it crashed, or the test ended): nobody can record what this
+    // sandbox does any more, so it must not run on. Kill it; the end is recorded here.
+    if (dm.source == self->state.task.address()) {
+      self->state.task = nullptr;
+      kill_now(self);
+    }
+  });
+
+  if (args.recover_reason) {
+    auto loaded = load(s);
+    if (!loaded || !*loaded) {
+      std::fprintf(stderr, "ferryd: error: recover sandbox %s: %s\n", s.id.c_str(),
+                   loaded ? "no such stream" : loaded.error().message.c_str());
+      self->quit();
+      return {};
+    }
+    self->send<caf::message_priority::high>(self, fence_atom_v);
+  }
+
+  return {
+    [=](fence_atom) {
+      fence(self, *args.recover_reason, [self, why = *args.recover_reason](auto&) {
+        auto& s = self->state;
+        if (sandbox_status_terminal(s.status)) {
+          // It ended while its task was down: tell the task, which may not know yet.
+          if (s.task)
+            self->send(s.task, sbx_state_atom_v, static_cast<int8_t>(s.status),
+                       static_cast<int8_t>(s.status), "ended while its task was down: " + why,
+                       s.backend, s.id);
+          return finish(self);
+        }
+        // Re-attaching needs a sandbox that outlived its ferryd; the runtime cleans up every
+        // leftover sandbox at start, so it is gone: record that.
+        end_with(self, true, "sandbox lost: " + why);
+      });
+    },
+    [=](start_atom) {
+      transition(self, S::spawning, "", [self] { do_start(self); });
+    },
+    [=](goto_atom, int8_t to, std::string& reason) {
+      const bool ok = sandbox_transition_allowed(self->state.status, static_cast<S>(to));
+      transition(self, static_cast<S>(to), std::move(reason));
+      return ok;
+    },
+    [=](running_atom) {
+      // ferry-init said hello. (cloning comes between when the task has a repository.)
+      if (self->state.status == S::initializing)
+        transition(self, S::ready, "ferry-init is up");
+    },
+    [=](cmd_start_atom, uint32_t cmd, std::vector<std::string>& argv) {
+      auto go = [self, cmd, argv = std::move(argv)] {
+        if (self->state.task)
+          self->send(self->state.task, cmd_start_atom_v, cmd, argv);
+      };
+      if (self->state.status == S::ready)
+        transition(self, S::executing, "command started", go);
+      else
+        go();
+    },
+    [=](output_atom) { forward_output(self); },
+    [=](cmd_exit_atom, uint32_t cmd, int32_t code, int32_t sig, uint64_t ms) {
+      // All of the command's output was announced before its exit. A batch already sent is
+      // ahead of this in the task's mailbox; output not yet sent must go first.
+      after_pending_output(self, [=] {
+        if (self->state.task)
+          self->send(self->state.task, cmd_exit_atom_v, cmd, code, sig, ms);
+        if (self->state.status == S::executing)
+          transition(self, S::ready, "command exited");
+      });
+    },
+    [=](kill_atom) { kill_now(self); },
+    [=](killed_atom) {
+      auto& s = self->state;
+      if (!sandbox_status_terminal(s.status) && s.status != S::terminating &&
+          s.status != S::none)
+        transition(self, S::terminating, "kill requested");
+      else if (s.status == S::none)
+        self->quit();  // never started: nothing to record
+    },
+    [=](ended_atom, bool failed, std::string reason) {
+      after_pending_output(self, [=] { sandbox_ended(self, failed, reason); });
+    },
+  };
+}
+
+}  // namespace ferry::actors

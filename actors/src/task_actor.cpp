@@ -1,0 +1,472 @@
+// The task actor: the single writer of task-<id>, the task's timeline. It records its own facts
+// and mirrors those of its session and sandbox actors (which keep their own streams), so the
+// timeline a user follows is one stream. See actors.h and ferry/actors/lifecycle.h.
+
+#include <cstdio>
+
+#include "actors.h"
+
+namespace ferry::actors {
+
+namespace {
+
+using task_actor_t = caf::stateful_actor<task_state>;
+using TS = ev::TaskStatus;
+
+void hit(task_actor_t* self, std::string_view point) {
+  if (self->state.fault)
+    self->state.fault(point, self->state.view.id);
+}
+
+std::optional<TS> parse_status(const std::string& s) {
+  for (auto st : {TS::queued, TS::running, TS::succeeded, TS::failed, TS::aborted,
+                  TS::interrupted})
+    if (schemas::to_string(st) == s)
+      return st;
+  return std::nullopt;
+}
+
+/// The journal refused an event (not a fence): the task cannot go on. Kills its sandbox and
+/// stops, loudly; everyone waiting gets an answer.
+void persist_failed(task_actor_t* self, const error_info& e) {
+  auto& s = self->state;
+  std::fprintf(stderr, "ferryd: error: task %s: cannot record event: %s\n", s.view.id.c_str(),
+               e.message.c_str());
+  if (s.sandbox)
+    self->send<caf::message_priority::high>(s.sandbox, kill_atom_v);
+  for (auto& rp : s.end_waiters)
+    rp.deliver(static_cast<int32_t>(abort_outcome::pending));
+  s.end_waiters.clear();
+  if (s.start_rp)
+    s.start_rp->deliver(false, e.message);
+  s.start_rp.reset();
+  self->quit(caf::make_error(caf::sec::runtime_error, e.message));
+}
+
+/// Records the task's end (after closing its session) and stops.
+void record_end(task_actor_t* self, std::vector<std::string> envs, abort_outcome outcome) {
+  persist(self, std::move(envs), [self, outcome](const storage::append_result&) {
+    for (auto& rp : self->state.end_waiters)
+      rp.deliver(static_cast<int32_t>(outcome));
+    self->state.end_waiters.clear();
+    self->quit();
+  });
+}
+
+/// Ends the session's turn or closes it, then runs `then` (also when there is no session).
+void settle_session(task_actor_t* self, bool close, std::string outcome,
+                    std::function<void()> then) {
+  auto& s = self->state;
+  if (!s.session)
+    return then();
+  auto session = s.session;
+  if (close)
+    self->request(session, std::chrono::seconds(30), close_atom_v, outcome)
+      .then(
+        [self, then](bool) {
+          self->state.session = nullptr;
+          then();
+        },
+        [self, then](caf::error&) {
+          self->state.session = nullptr;
+          then();
+        });
+  else
+    self->request(session, std::chrono::seconds(30), turn_end_atom_v, outcome, uint64_t{0},
+                  uint64_t{0})
+      .then(
+        [self, session, then](bool) {
+          // Resumable: the session stays open for a later turn; this actor lets it go.
+          self->send_exit(session, caf::exit_reason::user_shutdown);
+          self->state.session = nullptr;
+          then();
+        },
+        [self, then](caf::error&) {
+          self->state.session = nullptr;
+          then();
+        });
+}
+
+void finish_task(task_actor_t* self, std::optional<std::string> forced_failure = std::nullopt) {
+  auto& s = self->state;
+  if (s.finishing)
+    return;
+  s.finishing = true;
+  TS status;
+  std::string reason;
+  if (forced_failure) {
+    status = TS::failed;
+    reason = *forced_failure;
+  } else if (s.aborting || s.view.abort_requested) {
+    status = TS::aborted;
+    reason = "aborted on request";
+  } else if (!s.sandbox_failure.empty()) {
+    status = TS::failed;
+    reason = "sandbox failed: " + s.sandbox_failure;
+  } else if (s.exit_code && *s.exit_code == 0) {
+    status = TS::succeeded;
+  } else {
+    status = TS::failed;
+    reason = s.exit_code ? "command exited with status " + std::to_string(*s.exit_code)
+                         : "command was killed";
+  }
+  settle_session(self, true, std::string(schemas::to_string(status)), [self, status, reason] {
+    auto& s = self->state;
+    record_end(self, {schemas::task_finished(s.meta(), status, s.exit_code.value_or(-1), reason)},
+               abort_outcome::aborted);
+  });
+}
+
+/// The task cannot go on here (ferryd restarted and the sandbox is gone): interrupted, resumable.
+void interrupt(task_actor_t* self, std::string reason) {
+  auto& s = self->state;
+  if (s.finishing)
+    return;
+  s.finishing = true;
+  settle_session(self, false, "interrupted", [self, reason] {
+    auto& s = self->state;
+    auto m = s.meta();
+    m.user = "system";
+    record_end(self,
+               {schemas::task_interrupted(m, reason, true),
+                schemas::task_finished(m, TS::interrupted, -1, "interrupted: " + reason)},
+               abort_outcome::aborted);
+  });
+}
+
+void start_sandbox(task_actor_t* self) {
+  auto& s = self->state;
+  sandbox_args a;
+  a.store = s.deps.store;
+  a.runtime = s.deps.runtime;
+  a.task = caf::actor{self};
+  a.id = "ferry-" + s.view.id + "-" + std::to_string(s.sandboxes + 1);
+  a.task_id = s.view.id;
+  a.argv = {"/bin/sh", "-c", s.view.command};
+  s.sandbox = self->spawn<caf::detached + caf::monitored>(sandbox_actor, std::move(a));
+  self->send(s.sandbox, start_atom_v);
+}
+
+void ensure_session(task_actor_t* self) {
+  auto& s = self->state;
+  if (s.session)
+    return;
+  session_args a;
+  a.store = s.deps.store;
+  a.task_id = s.view.id;
+  a.user = s.view.user;
+  a.steering = s.steering;
+  s.session = self->spawn<caf::monitored>(session_actor, std::move(a));
+}
+
+/// A turn: the session opens it (taking pending steering comments), then a fresh sandbox runs
+/// the task's command.
+void begin_turn(task_actor_t* self) {
+  auto& s = self->state;
+  hit(self, "begin_turn");
+  ensure_session(self);
+  s.exit_code.reset();
+  s.sandbox_failure.clear();
+  s.turn_pending = true;
+  const auto sandbox_id = "ferry-" + s.view.id + "-" + std::to_string(s.sandboxes + 1);
+  self->request(s.session, std::chrono::seconds(30), turn_begin_atom_v, s.view.command, sandbox_id)
+    .then(
+      [self](uint32_t, std::vector<std::string>&) {
+        auto& s = self->state;
+        s.turn_pending = false;
+        if (s.aborting || s.finishing)
+          return finish_task(self);
+        start_sandbox(self);
+      },
+      [self](caf::error& err) {
+        self->state.turn_pending = false;
+        finish_task(self, "the session refused a new turn: " + to_string(err));
+      });
+}
+
+/// The sandbox reached its end (terminated or failed).
+void sandbox_gone(task_actor_t* self) {
+  auto& s = self->state;
+  s.sandbox = nullptr;
+  finish_task(self);
+}
+
+/// After recovery: carry on from the recovered state.
+void carry_on(task_actor_t* self, const task_args& args) {
+  auto& s = self->state;
+  auto status = parse_status(s.view.status);
+  if (!status || (task_status_terminal(*status) && *status != TS::interrupted)) {
+    self->quit();
+    return;
+  }
+  if (args.fail_reason) {
+    if (*status == TS::running)
+      ensure_session(self);
+    finish_task(self, *args.fail_reason);
+    return;
+  }
+  if (*status != TS::running)
+    return;  // queued or interrupted: waits for run (the manager's queue)
+  s.exit_code = s.view.exit_code;
+  if (s.view.sandbox_status == "failed")
+    s.sandbox_failure = s.view.sandbox_reason;
+  ensure_session(self);
+  const bool sandbox_live = !s.view.sandbox_id.empty() && s.view.sandbox_status != "terminated" &&
+                            s.view.sandbox_status != "failed";
+  if (sandbox_live) {
+    // Its actor records what became of it (re-attached, or lost) and reports here.
+    sandbox_args a;
+    a.store = s.deps.store;
+    a.runtime = s.deps.runtime;
+    a.task = caf::actor{self};
+    a.id = s.view.sandbox_id;
+    a.task_id = s.view.id;
+    a.recover_reason = args.recover_reason;
+    s.recovering_sandbox = true;
+    s.sandbox = self->spawn<caf::detached + caf::monitored>(sandbox_actor, std::move(a));
+    return;
+  }
+  if (s.view.sandbox_status == "terminated" || s.view.sandbox_status == "failed") {
+    // The sandbox ended before the crash; only the task's end was not recorded yet.
+    finish_task(self);
+    return;
+  }
+  // Running, but no sandbox was started yet (the crash came between).
+  if (s.rerun_lost_turn)
+    begin_turn(self);
+  else
+    interrupt(self, "ferryd stopped before the task's sandbox started");
+}
+
+}  // namespace
+
+caf::behavior task_actor(task_actor_t* self, task_args args) {
+  auto& s = self->state;
+  s.deps = args.deps;
+  s.fault = args.fault;
+  s.view.id = args.id;
+  s.journal.store = args.deps.store;
+  s.journal.stream = "task-" + args.id;
+  s.journal.on_failure = [self](const error_info& e) { persist_failed(self, e); };
+  s.rerun_lost_turn = args.rerun_lost_turn;
+  if (!args.recover_reason) {
+    s.view.command = args.req.command;
+    s.view.repo = args.req.repo;
+    s.view.user = args.req.user;
+    s.correlation = args.req.correlation_id;
+  }
+
+  // A crash keeps its message: the supervisor logs it and, after repeated crashes, fails the
+  // task with it.
+  self->set_exception_handler([](caf::scheduled_actor*, std::exception_ptr& eptr) -> caf::error {
+    try {
+      std::rethrow_exception(eptr);
+    } catch (const std::exception& e) {
+      return caf::make_error(caf::sec::runtime_error, std::string("exception: ") + e.what());
+    } catch (...) {
+      return caf::make_error(caf::sec::runtime_error, std::string("unknown exception"));
+    }
+  });
+  self->set_down_handler([=](caf::down_msg& dm) {
+    // Handled in order with everything else (a down message is not stashed by CAF).
+    self->send(self, down_atom_v, caf::actor_cast<caf::strong_actor_ptr>(dm.source) != nullptr,
+               dm.source == self->state.sandbox.address(), to_string(dm.reason));
+  });
+
+  // Abort, the urgent part: the kill goes out at once, even while a persist is in flight.
+  auto abort = [=](std::string& reason, std::string& user) -> caf::result<int32_t> {
+    auto& s = self->state;
+    if (s.view.finished && !s.finishing)
+      return static_cast<int32_t>(abort_outcome::already_finished);
+    auto rp = self->make_response_promise();
+    s.end_waiters.push_back(rp);
+    if (s.aborting || s.finishing)
+      return rp;
+    s.aborting = true;
+    if (s.sandbox)
+      self->send<caf::message_priority::high>(s.sandbox, kill_atom_v);
+    self->send(self, abort_rec_atom_v, std::move(reason), std::move(user));
+    return rp;
+  };
+  s.journal.urgent = caf::message_handler{
+    [=](abort_atom, std::string& reason, std::string& user) { return abort(reason, user); }};
+
+  if (args.recover_reason) {
+    auto loaded = load(s);
+    if (!loaded || !*loaded) {
+      std::fprintf(stderr, "ferryd: error: recover task %s: %s\n", args.id.c_str(),
+                   loaded ? "no such task" : loaded.error().message.c_str());
+      self->quit(caf::make_error(caf::sec::runtime_error, "cannot recover task " + args.id));
+      return {};
+    }
+    self->send<caf::message_priority::high>(self, fence_atom_v);
+  }
+
+  return {
+    [=](fence_atom) {
+      fence(self, *args.recover_reason,
+            [self, args](const storage::append_result&) { carry_on(self, args); });
+    },
+    [=](start_atom, uint32_t position, uint32_t running, uint32_t limit,
+        std::string& why) -> caf::result<bool, std::string> {
+      // Submission: durable before the id is handed out. Position 0: a slot is free, run now;
+      // else wait for run_atom from the manager.
+      auto& s = self->state;
+      auto m = s.meta();
+      std::vector<std::string> envs{
+        schemas::task_submitted(m, s.view.id, s.view.command, s.view.repo)};
+      if (position == 0)
+        envs.push_back(schemas::task_state_changed(m, TS::queued, TS::running, ""));
+      else
+        envs.push_back(schemas::task_queued(m, position, running, limit, why));
+      auto rp = self->make_response_promise<bool, std::string>();
+      s.start_rp = rp;
+      persist(self, std::move(envs), [self, position](const storage::append_result&) {
+        auto& s = self->state;
+        s.start_rp->deliver(true, s.view.id);
+        s.start_rp.reset();
+        if (position == 0)
+          begin_turn(self);
+      });
+      return rp;
+    },
+    [=](run_atom) {
+      // A slot is free: queued → running, or (resume) interrupted → running.
+      auto& s = self->state;
+      auto from = parse_status(s.view.status);
+      if (s.finishing || s.aborting || s.sandbox || s.turn_pending || !from ||
+          !task_transition_allowed(*from, TS::running))
+        return;
+      auto m = s.meta();
+      auto why = *from == TS::interrupted ? std::string("resumed") : std::string();
+      persist(self, schemas::task_state_changed(m, *from, TS::running, why),
+              [self](const storage::append_result&) { begin_turn(self); });
+    },
+    [=](queued_atom, uint32_t position, uint32_t running, uint32_t limit, std::string& why) {
+      auto& s = self->state;
+      if (s.finishing || s.aborting || s.sandbox || s.view.status != "queued")
+        return;
+      persist(self, schemas::task_queued(s.meta(), position, running, limit, why),
+              [](const storage::append_result&) {});
+    },
+    [=](sbx_state_atom, int8_t from, int8_t to, std::string& reason, std::string& backend,
+        std::string& sandbox_id) {
+      hit(self, "sandbox_state");
+      auto& s = self->state;
+      auto to_status = static_cast<ev::SandboxStatus>(to);
+      // The timeline's chain continues from what the task last recorded for this sandbox (a
+      // recovered sandbox reports its state, which the task may have missed while it was down).
+      auto from_status = static_cast<ev::SandboxStatus>(from);
+      if (s.view.sandbox_id == sandbox_id)
+        for (auto st : {ev::SandboxStatus::spawning, ev::SandboxStatus::initializing,
+                        ev::SandboxStatus::cloning, ev::SandboxStatus::ready,
+                        ev::SandboxStatus::executing, ev::SandboxStatus::pushing,
+                        ev::SandboxStatus::terminating, ev::SandboxStatus::terminated,
+                        ev::SandboxStatus::failed})
+          if (schemas::to_string(st) == s.view.sandbox_status)
+            from_status = st;
+      auto after = [self, to_status, reason] {
+        auto& s = self->state;
+        if (to_status == ev::SandboxStatus::failed)
+          s.sandbox_failure = reason.empty() ? "unknown reason" : reason;
+        if (!sandbox_status_terminal(to_status))
+          return;
+        const bool lost = std::exchange(s.recovering_sandbox, false) && !s.exit_code;
+        if (lost && !s.aborting && !s.finishing) {
+          // Recovered, and its sandbox ended before the command did: run the turn again (the
+          // actor crashed) or stop resumably (ferryd restarted).
+          s.sandbox = nullptr;
+          if (s.rerun_lost_turn) {
+            s.sandbox_failure.clear();
+            self->request(s.session, std::chrono::seconds(30), turn_end_atom_v,
+                          std::string("interrupted"), uint64_t{0}, uint64_t{0})
+              .then([self](bool) { begin_turn(self); },
+                    [self](caf::error& e) { finish_task(self, "session: " + to_string(e)); });
+          } else {
+            interrupt(self, "ferryd stopped while the task ran and its sandbox is gone");
+          }
+          return;
+        }
+        sandbox_gone(self);
+      };
+      if (from_status == to_status && s.view.sandbox_id == sandbox_id)
+        return after();  // nothing new for the timeline
+      persist(self,
+              schemas::sandbox_state_changed(s.meta(), sandbox_id, backend, from_status,
+                                             to_status, reason),
+              [after](const storage::append_result&) { after(); });
+    },
+    [=](cmd_start_atom, uint32_t cmd, std::vector<std::string>& argv) {
+      persist(self, schemas::command_started(self->state.meta(), cmd, argv),
+              [](const storage::append_result&) {});
+    },
+    [=](output_atom, std::vector<output_piece>& batch) -> caf::result<bool> {
+      // One append (one fsync) for the whole batch; the answer lets the sandbox send the next.
+      hit(self, "output");
+      auto m = self->state.meta();
+      std::vector<std::string> envs;
+      envs.reserve(batch.size());
+      for (auto& p : batch)
+        envs.push_back(schemas::output_chunk(
+          m, p.command_id, p.stream == 1 ? ev::OutputStream::stderr : ev::OutputStream::stdout,
+          p.data));
+      auto rp = self->make_response_promise<bool>();
+      persist(self, std::move(envs),
+              [rp](const storage::append_result&) mutable { rp.deliver(true); });
+      return rp;
+    },
+    [=](cmd_exit_atom, uint32_t cmd, int32_t code, int32_t sig, uint64_t ms) {
+      auto& s = self->state;
+      if (sig == 0)
+        s.exit_code = code;
+      persist(self, schemas::command_exited(s.meta(), cmd, code, sig, ms),
+              [](const storage::append_result&) {});
+    },
+    [=](steer_atom, std::string& user,
+        std::string& text) -> caf::result<int32_t, std::string, uint64_t> {
+      // Persisted at once; the session takes it into its next turn.
+      auto& s = self->state;
+      if (s.view.finished || s.aborting || s.finishing)
+        return {static_cast<int32_t>(errc::conflict), std::string("the task has ended"),
+                uint64_t{0}};
+      if (s.steering.size() >= max_steering_comments)
+        return {static_cast<int32_t>(errc::busy),
+                "too many steering comments on this task (limit " +
+                  std::to_string(max_steering_comments) + ")",
+                uint64_t{0}};
+      auto m = s.meta();
+      m.user = user;
+      auto rp = self->make_response_promise<int32_t, std::string, uint64_t>();
+      persist(self, schemas::steering_comment(m, text),
+              [self, rp, text](const storage::append_result& where) mutable {
+                if (self->state.session)
+                  self->send(self->state.session, steer_atom_v, where.last_sequence, text);
+                rp.deliver(int32_t{0}, std::string(), where.last_sequence);
+              });
+      return rp;
+    },
+    [=](abort_atom, std::string& reason, std::string& user) { return abort(reason, user); },
+    [=](abort_rec_atom, std::string& reason, std::string& user) {
+      auto& s = self->state;
+      auto m = s.meta();
+      m.user = user;
+      persist(self, schemas::abort_requested(m, reason), [self](const storage::append_result&) {
+        auto& s = self->state;
+        if (!s.sandbox && !s.turn_pending)
+          finish_task(self);  // nothing runs (queued, or between turns): it ends here
+      });
+    },
+    [=](down_atom, bool, bool was_sandbox, std::string& reason) {
+      auto& s = self->state;
+      if (was_sandbox && s.sandbox && !s.finishing) {
+        // The sandbox actor stopped without reporting an end (it crashed): the task fails.
+        s.sandbox = nullptr;
+        if (s.sandbox_failure.empty())
+          s.sandbox_failure = "sandbox actor stopped: " + reason;
+        finish_task(self);
+      }
+    },
+  };
+}
+
+}  // namespace ferry::actors
