@@ -1,4 +1,5 @@
-// connect_nats and the outbox relay against real nats-servers that demand credentials and TLS:
+// connect_nats and the outbox relay against real nats-servers that demand credentials (password,
+// token, NKey, .creds in operator mode) and TLS:
 // both connections are opened from the same nats_options, the right credentials work end to end
 // (publish/subscribe on the bus, JetStream publishes acknowledged through the relay), wrong ones
 // fail at once with a clear error that never contains a secret, and TLS verifies the server
@@ -6,13 +7,18 @@
 #define BOOST_TEST_MODULE actors_nats_auth
 #include <boost/test/unit_test.hpp>
 
+#include <openssl/evp.h>
+#include <openssl/rand.h>
+
 #include <atomic>
 #include <cctype>
 #include <chrono>
 #include <condition_variable>
 #include <fstream>
+#include <memory>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "ferry/actors/bus.h"
 #include "ferry/actors/outbox.h"
@@ -366,4 +372,160 @@ BOOST_AUTO_TEST_CASE(mutual_tls) {
   wrong_cert.tls_key_file = dir.path() / "other-ca.key";
   auto wrong = ferry::actors::connect_nats(wrong_cert);
   BOOST_TEST(!wrong.ok(), "a client certificate from another CA was accepted");
+}
+
+// ---- .creds files: a user JWT signed by an account, in operator (decentralised) mode ----
+
+namespace {
+
+// NKeys and JWTs made here with OpenSSL, independently of the code under test: the server
+// checks every signature, so a mistake on either side fails the connection.
+std::string base32(const std::vector<uint8_t>& in) {
+  static constexpr char alphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+  std::string out;
+  uint32_t buffer = 0;
+  int bits = 0;
+  for (uint8_t b : in) {
+    buffer = (buffer << 8) | b;
+    bits += 8;
+    for (; bits >= 5; bits -= 5)
+      out.push_back(alphabet[(buffer >> (bits - 5)) & 31]);
+  }
+  if (bits > 0)
+    out.push_back(alphabet[(buffer << (5 - bits)) & 31]);
+  return out;
+}
+
+std::vector<uint8_t> with_crc16(std::vector<uint8_t> bytes) {
+  uint16_t crc = 0;  // CRC-16/XMODEM, as nkeys uses
+  for (uint8_t b : bytes) {
+    crc ^= static_cast<uint16_t>(b << 8);
+    for (int i = 0; i < 8; ++i)
+      crc = (crc & 0x8000) ? static_cast<uint16_t>((crc << 1) ^ 0x1021)
+                           : static_cast<uint16_t>(crc << 1);
+  }
+  bytes.push_back(static_cast<uint8_t>(crc & 0xff));
+  bytes.push_back(static_cast<uint8_t>(crc >> 8));
+  return bytes;
+}
+
+std::string base64url(std::string_view in) {
+  std::string out(4 * ((in.size() + 2) / 3) + 1, '\0');
+  int n = EVP_EncodeBlock(reinterpret_cast<unsigned char*>(out.data()),
+                          reinterpret_cast<const unsigned char*>(in.data()),
+                          static_cast<int>(in.size()));
+  out.resize(static_cast<size_t>(n));
+  while (!out.empty() && out.back() == '=')
+    out.pop_back();
+  for (char& c : out)
+    c = c == '+' ? '-' : c == '/' ? '_' : c;
+  return out;
+}
+
+struct nkey_pair {
+  std::string public_key, seed;
+  std::shared_ptr<EVP_PKEY> key;
+};
+
+/// A fresh Ed25519 NKey of type `prefix` (operator 'O' = 14 << 3, account 'A' = 0,
+/// user 'U' = 20 << 3).
+nkey_pair make_nkey(uint8_t prefix) {
+  std::vector<uint8_t> raw(32);
+  BOOST_TEST_REQUIRE(RAND_bytes(raw.data(), 32) == 1);
+  nkey_pair k;
+  k.key.reset(EVP_PKEY_new_raw_private_key(EVP_PKEY_ED25519, nullptr, raw.data(), 32),
+              EVP_PKEY_free);
+  BOOST_TEST_REQUIRE(k.key != nullptr);
+  std::vector<uint8_t> pub(1 + 32);
+  pub[0] = prefix;
+  size_t len = 32;
+  BOOST_TEST_REQUIRE(EVP_PKEY_get_raw_public_key(k.key.get(), pub.data() + 1, &len) == 1);
+  k.public_key = base32(with_crc16(pub));
+  std::vector<uint8_t> seed{static_cast<uint8_t>((18 << 3) | (prefix >> 5)),
+                            static_cast<uint8_t>((prefix & 31) << 3)};
+  seed.insert(seed.end(), raw.begin(), raw.end());
+  k.seed = base32(with_crc16(seed));
+  return k;
+}
+
+/// A NATS JWT (alg ed25519-nkey) with `claims`, issued and signed by `issuer`.
+std::string make_jwt(const nkey_pair& issuer, const std::string& subject,
+                     const std::string& claims_nats, const std::string& name) {
+  const auto now = std::chrono::duration_cast<std::chrono::seconds>(
+                     std::chrono::system_clock::now().time_since_epoch())
+                     .count();
+  const std::string claims = "{\"jti\":\"" + base32({1, 2, 3, 4, 5, 6, 7, 8, 9, 10}) +
+                             "\",\"iat\":" + std::to_string(now) + ",\"iss\":\"" +
+                             issuer.public_key + "\",\"name\":\"" + name + "\",\"sub\":\"" +
+                             subject + "\",\"nats\":" + claims_nats + "}";
+  const std::string signing_input =
+    base64url(R"({"typ":"JWT","alg":"ed25519-nkey"})") + "." + base64url(claims);
+  std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> ctx(EVP_MD_CTX_new(), EVP_MD_CTX_free);
+  BOOST_TEST_REQUIRE(
+    EVP_DigestSignInit(ctx.get(), nullptr, nullptr, nullptr, issuer.key.get()) == 1);
+  std::string sig(64, '\0');
+  size_t sig_len = sig.size();
+  BOOST_TEST_REQUIRE(EVP_DigestSign(ctx.get(), reinterpret_cast<unsigned char*>(sig.data()),
+                                    &sig_len,
+                                    reinterpret_cast<const unsigned char*>(signing_input.data()),
+                                    signing_input.size()) == 1);
+  sig.resize(sig_len);
+  return signing_input + "." + base64url(sig);
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(creds_file) {
+  const auto op = make_nkey(14 << 3), account = make_nkey(0), user = make_nkey(20 << 3),
+             system = make_nkey(0);
+  const std::string op_jwt =
+    make_jwt(op, op.public_key, R"({"type":"operator","version":2})", "ferry-test-operator");
+  const std::string account_jwt = make_jwt(
+    op, account.public_key,
+    R"({"limits":{"subs":-1,"data":-1,"payload":-1,"imports":-1,"exports":-1,"wildcards":true,)"
+    R"("conn":-1,"leaf":-1,"mem_storage":-1,"disk_storage":-1,"streams":-1,"consumer":-1},)"
+    R"("default_permissions":{"pub":{},"sub":{}},"type":"account","version":2})",
+    "ferry-test-account");
+  // JetStream needs a system account in operator mode.
+  const std::string system_jwt = make_jwt(
+    op, system.public_key,
+    R"({"limits":{"subs":-1,"data":-1,"payload":-1,"imports":-1,"exports":-1,"wildcards":true,)"
+    R"("conn":-1,"leaf":-1},"type":"account","version":2})",
+    "SYS");
+  const std::string user_jwt = make_jwt(
+    account, user.public_key,
+    R"({"pub":{},"sub":{},"subs":-1,"data":-1,"payload":-1,"type":"user","version":2})",
+    "ferryd");
+
+  temp_dir dir("ferry-creds");
+  const fs::path op_file = dir.path() / "operator.jwt";
+  std::ofstream(op_file) << op_jwt;
+  nats_server server("operator: " + nats_config_string(op_file.string()) +
+                     "\nsystem_account: " + system.public_key +
+                     "\nresolver: MEMORY\nresolver_preload: {\n  " + account.public_key + ": " +
+                     nats_config_string(account_jwt) + "\n  " + system.public_key + ": " +
+                     nats_config_string(system_jwt) + "\n}\n");
+  const fs::path creds = dir.path() / "ferryd.creds";
+  std::ofstream(creds) << "-----BEGIN NATS USER JWT-----\n"
+                       << user_jwt << "\n------END NATS USER JWT------\n\n"
+                       << "-----BEGIN USER NKEY SEED-----\n"
+                       << user.seed << "\n------END USER NKEY SEED------\n";
+  nats_options o;
+  o.url = server.url();
+  o.creds_file = creds;
+  auto bus = ferry::actors::connect_nats(o);
+  BOOST_TEST_REQUIRE(bus.ok(), error_of(bus) << "\nserver log:\n" << server.log());
+  check_round_trip(**bus);
+  check_relay_publishes(o, **bus);
+
+  // A user the account never signed (same JWT, another key): refused.
+  const auto stranger = make_nkey(20 << 3);
+  std::ofstream(creds) << "-----BEGIN NATS USER JWT-----\n"
+                       << user_jwt << "\n------END NATS USER JWT------\n\n"
+                       << "-----BEGIN USER NKEY SEED-----\n"
+                       << stranger.seed << "\n------END USER NKEY SEED------\n";
+  auto refused = ferry::actors::connect_nats(o);
+  BOOST_TEST_REQUIRE(!refused.ok(), "a .creds file with a foreign key was accepted");
+  BOOST_TEST_MESSAGE("foreign key: " << refused.error().message);
+  BOOST_TEST(refused.error().message.find(stranger.seed.substr(2, 20)) == std::string::npos);
 }
