@@ -1,5 +1,6 @@
 // outbox_relay: journal → JetStream, at least once, de-duplicated by message id (see outbox.h).
-// natsX_Verb / js_Verb names stay in this file.
+// natsX_Verb / js_Verb names stay in actors/src; the connection is opened like the bus's
+// (nats_connection.h).
 
 #include <pthread.h>
 
@@ -15,6 +16,7 @@
 
 #include "ferry/actors/outbox.h"
 #include "ferry/schemas/events.h"
+#include "nats_connection.h"
 
 namespace ferry::actors {
 
@@ -73,7 +75,8 @@ class relay final : public outbox_relay {
     jo.PublishAsync.AckHandler = on_publish_ack;
     jo.PublishAsync.AckHandlerClosure = this;
     if (auto s = natsConnection_JetStream(&js_, nc_, &jo); s != NATS_OK)
-      return fail("open JetStream on " + opts_.nats_url + ": " + nats_text(s));
+      return detail::nats_failure("open JetStream on " + redact_nats_url(opts_.nats.url), s,
+                                  opts_.nats);
     auto saved = store_.load_snapshot(cursor_stream_);
     if (!saved)
       return saved.error();
@@ -354,24 +357,24 @@ void on_publish_ack(jsCtx*, natsMsg* msg, jsPubAck* pa, jsPubAckErr* pae, void* 
 
 result<std::unique_ptr<outbox_relay>> start_outbox_relay(storage::event_store& store,
                                                          const outbox_options& opts) {
-  natsOptions* no = nullptr;
-  if (auto s = natsOptions_Create(&no); s != NATS_OK)
-    return fail("create NATS options: " + nats_text(s));
-  natsOptions_SetURL(no, opts.nats_url.c_str());
-  natsOptions_SetName(no, "ferryd-outbox");
-  natsOptions_SetMaxReconnect(no, -1);
-  natsOptions_SetReconnectWait(no, 250);
-  // Latency: write each publish to the socket at once instead of waiting for the flusher.
-  natsOptions_SetSendAsap(no, true);
-  // Not connected yet is fine: the relay retries in the background.
-  natsOptions_SetRetryOnFailedConnect(no, true, nullptr, nullptr);
-  natsConnection* nc = nullptr;
-  auto s = natsConnection_Connect(&nc, no);
-  natsOptions_Destroy(no);
-  if (s != NATS_OK && s != NATS_NOT_YET_CONNECTED)
-    return fail("connect the outbox relay to NATS at " + opts.nats_url + ": " + nats_text(s));
+  if (!opts.nats_url.empty() && !opts.nats.url.empty())
+    return fail(errc::invalid_argument,
+                "outbox relay: both nats_url and nats.url are set; use nats.url");
+  outbox_options resolved = opts;
+  if (resolved.nats.url.empty())
+    resolved.nats.url = opts.nats_url;
+  resolved.nats_url.clear();
+  // The bus's options, tuned for a stream of publishes; not being able to reach the server yet
+  // is fine (the relay retries in the background), refused credentials or TLS are not.
+  detail::connection_tuning tuning;
+  tuning.name_suffix = "-outbox";
+  tuning.send_asap = true;  // latency: each publish goes to the socket at once
+  tuning.retry_when_unreachable = true;
+  auto nc = detail::open_connection(resolved.nats, tuning);
+  if (!nc)
+    return fail("outbox relay: " + nc.error().message);
 
-  auto r = std::make_unique<relay>(store, opts, nc);
+  auto r = std::make_unique<relay>(store, std::move(resolved), *nc);
   if (auto ok = r->start(); !ok)
     return ok.error();
   return std::unique_ptr<outbox_relay>(std::move(r));

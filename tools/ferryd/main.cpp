@@ -6,7 +6,10 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <string>
 
@@ -53,6 +56,37 @@ std::pair<std::string, uint16_t> parse_listen(const std::string& s) {
   return {host, static_cast<uint16_t>(port)};
 }
 
+/// The secret in `path` (a password or token file), without its trailing line break. `flag`
+/// names the option in errors; the secret itself never appears in one.
+std::string read_secret_file(const std::string& flag, const std::string& path) {
+  std::error_code ec;
+  if (!fs::exists(path, ec))
+    die(flag + " " + path + ": no such file");
+  if (fs::is_directory(path, ec))
+    die(flag + " " + path + ": is a directory");
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  if (!f)
+    die(flag + " " + path + ": cannot read it: " + std::strerror(errno));
+  std::string secret;
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0 && secret.size() <= 64 * 1024)
+    secret.append(buf, n);
+  const bool failed = std::ferror(f);
+  std::fclose(f);
+  if (failed)
+    die(flag + " " + path + ": cannot read it");
+  if (secret.size() > 64 * 1024)
+    die(flag + " " + path + ": larger than 64 KiB, not a secret file");
+  while (!secret.empty() && (secret.back() == '\n' || secret.back() == '\r'))
+    secret.pop_back();
+  if (secret.empty())
+    die(flag + " " + path + ": is empty");
+  if (secret.find('\n') != std::string::npos)
+    die(flag + " " + path + ": holds more than one line");
+  return secret;
+}
+
 fs::path self_dir() {
   std::error_code ec;
   auto exe = fs::read_symlink("/proc/self/exe", ec);
@@ -65,7 +99,10 @@ int run(int argc, char** argv) {
   CLI::App app{"ferryd — the Ferry server (tasks in gVisor sandboxes, event-sourced)"};
   std::string listen = "127.0.0.1:8080";
   std::string data_dir = "./var";
-  std::string nats_url;
+  // NATS: an external server (--nats-url and how to authenticate to it), else an embedded child.
+  ferry::actors::nats_options nats;
+  std::string nats_password_file;
+  std::string nats_token_file;
   std::string nats_server = "nats-server";
   std::string runsc = "runsc";
   std::string rootfs;
@@ -77,8 +114,29 @@ int run(int argc, char** argv) {
     ->capture_default_str();
   app.add_option("--data-dir", data_dir, "Where the journal, NATS store and sandboxes live")
     ->capture_default_str();
-  app.add_option("--nats-url", nats_url,
-                 "Use this NATS server instead of starting a nats-server child");
+  app.add_option("--nats-url", nats.url,
+                 "Use this NATS server (nats://HOST:PORT or tls://HOST:PORT, comma-separated for "
+                 "a cluster) instead of starting a nats-server child");
+  app.add_option("--nats-user", nats.user,
+                 "NATS user name; the password comes from --nats-password-file or "
+                 "$FERRY_NATS_PASSWORD (never from the command line, which ps shows)");
+  app.add_option("--nats-password-file", nats_password_file,
+                 "File holding the NATS user's password (one line)");
+  app.add_option("--nats-token-file", nats_token_file,
+                 "File holding a NATS authentication token (one line)");
+  app.add_option("--nats-creds", nats.creds_file,
+                 "NATS credentials file (user JWT + NKey seed, as nsc writes it)");
+  app.add_option("--nats-nkey-seed", nats.nkey_seed_file, "File holding a NATS user NKey seed");
+  app.add_flag("--nats-tls", nats.require_tls,
+               "Require TLS to NATS (implied by tls:// and by the other --nats-tls-* options)");
+  app.add_option("--nats-tls-ca", nats.tls_ca_file,
+                 "PEM CA certificate(s) to verify the NATS server with (default: the system's)");
+  app.add_option("--nats-tls-cert", nats.tls_cert_file,
+                 "PEM client certificate for NATS servers that verify clients (needs "
+                 "--nats-tls-key)");
+  app.add_option("--nats-tls-key", nats.tls_key_file, "PEM key of --nats-tls-cert");
+  app.add_option("--nats-tls-server-name", nats.tls_server_name,
+                 "Name the NATS server's certificate must carry (default: the URL's host)");
   app.add_option("--nats-server", nats_server, "nats-server binary for the embedded child")
     ->capture_default_str();
   app.add_option("--runsc", runsc, "gVisor runsc binary")->capture_default_str();
@@ -103,6 +161,41 @@ int run(int argc, char** argv) {
                "Acknowledge appends before fsync; fsync every 100 ms instead (a machine crash may "
                "lose the last 100 ms of events; a ferryd crash loses nothing)");
   CLI11_PARSE(app, argc, argv);
+
+  // NATS credentials: secrets come from files or the environment, never from argv. The
+  // variable is removed so that no child (nats-server, runsc) inherits it.
+  const char* env_password = std::getenv("FERRY_NATS_PASSWORD");
+  if (env_password && *env_password) {
+    if (!nats_password_file.empty())
+      die("both --nats-password-file and FERRY_NATS_PASSWORD are set: use one");
+    nats.password = env_password;
+  }
+  ::unsetenv("FERRY_NATS_PASSWORD");
+  if (!nats_password_file.empty())
+    nats.password = read_secret_file("--nats-password-file", nats_password_file);
+  if (!nats_token_file.empty())
+    nats.token = read_secret_file("--nats-token-file", nats_token_file);
+  if (nats.url.empty()) {
+    const bool credentials = !nats.user.empty() || !nats.password.empty() ||
+                             !nats.token.empty() || !nats.creds_file.empty() ||
+                             !nats.nkey_seed_file.empty() || nats.uses_tls();
+    if (credentials)
+      die("NATS credentials and TLS options need --nats-url (the embedded nats-server takes "
+          "none)");
+  } else {
+    if (!nats.password.empty() && nats.user.empty())
+      die(std::string(nats_password_file.empty() ? "FERRY_NATS_PASSWORD" : "--nats-password-file") +
+          " needs --nats-user");
+    if (!nats.user.empty() && nats.password.empty())
+      die("--nats-user needs a password: --nats-password-file FILE or FERRY_NATS_PASSWORD");
+    if (auto ok = ferry::actors::check_nats_options(nats); !ok)
+      die(ok.error().message);
+    if (ferry::actors::redact_nats_url(nats.url) != nats.url)
+      std::fprintf(stderr,
+                   "ferryd: warning: --nats-url carries a secret, which every local user can "
+                   "read in the process list; use --nats-user with --nats-password-file, or "
+                   "--nats-token-file\n");
+  }
 
   // Signals are taken synchronously by the main thread; every thread started later inherits the
   // mask, so SIGINT/SIGTERM never interrupt a worker.
@@ -129,20 +222,20 @@ int run(int argc, char** argv) {
     die(store.error().message);
 
   std::unique_ptr<ferry::actors::embedded_nats> nats_child;
-  if (nats_url.empty()) {
+  if (nats.url.empty()) {
     auto child = ferry::actors::start_embedded_nats(nats_server, data / "nats");
     if (!child)
       die(child.error().message + " (install nats-server or pass --nats-url)");
     nats_child = std::move(*child);
-    nats_url = nats_child->url();
+    nats.url = nats_child->url();  // and default options: the same connect code as external
   }
-  auto bus = ferry::actors::connect_nats(nats_url);
+  auto bus = ferry::actors::connect_nats(nats);
   if (!bus)
     die(bus.error().message);
   // Every stored event reaches NATS through the relay (JetStream stream FERRY_EVENTS), in
-  // journal order; actors never wait for NATS.
+  // journal order; actors never wait for NATS. Its own connection, with the same options.
   ferry::actors::outbox_options oo;
-  oo.nats_url = nats_url;
+  oo.nats = nats;
   auto relay = ferry::actors::start_outbox_relay(**store, oo);
   if (!relay)
     die("outbox relay: " + relay.error().message);
@@ -197,7 +290,8 @@ int run(int argc, char** argv) {
                 "`ferryctl token create` while ferryd is stopped)\n");
   }
   auto shown_host = host.find(':') != std::string::npos ? "[" + host + "]" : host;
-  std::printf("ferryd: data in %s, NATS at %s, sandboxes: %s\n", data.c_str(), nats_url.c_str(),
+  std::printf("ferryd: data in %s, NATS at %s%s, sandboxes: %s\n", data.c_str(),
+              ferry::actors::redact_nats_url(nats.url).c_str(), nats.uses_tls() ? " (TLS)" : "",
               std::string((*runtime)->name()).c_str());
   std::printf("ferryd: listening on http://%s:%u\n", shown_host.c_str(), (*gw)->port());
   std::fflush(stdout);

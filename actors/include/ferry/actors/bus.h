@@ -1,8 +1,9 @@
 #pragma once
 // The event bus: NATS subjects that carry events out (`ferry.ev.<kind>.<id>`) to streamers.
 //
-// `bus` is the interface, `connect_nats` its one implementation; `embedded_nats` runs the
-// `nats-server` child process ferryd uses when no --nats-url is given.
+// `bus` is the interface, `connect_nats` its one implementation; `nats_options` says how to reach
+// and authenticate to the server (the outbox relay's connection uses the same); `embedded_nats`
+// runs the `nats-server` child process ferryd uses when no --nats-url is given.
 //
 // Threading: `bus` and `subscription` are thread-safe. Subscription callbacks run on a NATS
 // library thread; they must not block for long.
@@ -68,7 +69,68 @@ class bus {
   [[nodiscard]] virtual result<void> flush(std::chrono::milliseconds timeout) = 0;
 };
 
-/// Connects to a NATS server (`nats://host:port`), reconnecting forever when the link drops.
+/// How to reach and authenticate to a NATS server: the one description both of ferryd's
+/// connections (the bus and the outbox relay) are opened from, whether the server is the
+/// embedded child (a bare URL, everything else default) or an external one.
+///
+/// At most one authentication method: user+password, token, NKey seed file, or a `.creds` file
+/// (user JWT + NKey seed). Any TLS file, `require_tls` or a `tls://` URL makes the connection
+/// TLS-only. The server certificate is always verified (against `tls_ca_file`, else the system's
+/// trust store) unless `tls_skip_verify`, and its name is checked against `tls_server_name`,
+/// else against the URL's host.
+///
+/// `password` and `token` are secrets: no message this library produces contains them, nor the
+/// password part of a `user:pass@` URL (see redact_nats_url). The struct itself is a plain value:
+/// do not print it.
+struct nats_options {
+  /// `nats://host:port` or `tls://host:port`; a comma-separated list for a cluster. May carry
+  /// `user:pass@` or `token@`, but then the secret is visible wherever the URL is (argv!).
+  std::string url;
+  std::string user;
+  /// Secret. Only with `user`.
+  std::string password;
+  /// Secret.
+  std::string token;
+  /// A file holding a user NKey seed (`SU…`); the public key is derived from it.
+  std::filesystem::path nkey_seed_file;
+  /// A `.creds` file (user JWT + NKey seed), as `nsc` writes it.
+  std::filesystem::path creds_file;
+
+  bool require_tls = false;
+  /// PEM CA certificates the server's certificate must chain to (default: system trust store).
+  std::filesystem::path tls_ca_file;
+  /// PEM client certificate (chain) and its key, for servers that verify clients (mutual TLS).
+  /// Both or neither.
+  std::filesystem::path tls_cert_file;
+  std::filesystem::path tls_key_file;
+  /// Name the server certificate must carry; empty: the URL's host (for a single URL).
+  std::string tls_server_name;
+  /// Accept any server certificate. Insecure; for tests against throw-away servers only.
+  bool tls_skip_verify = false;
+
+  /// Shown by the server (connz); not a secret.
+  std::string client_name = "ferryd";
+
+  /// Whether the connection will use TLS (see above).
+  bool uses_tls() const;
+};
+
+/// Checks `opts` for contradictions (two auth methods, a password without a user, a cert without
+/// its key, an empty URL) and that every file it names can be read. Errors name the file and the
+/// reason; they never contain a secret.
+[[nodiscard]] result<void> check_nats_options(const nats_options& opts);
+
+/// `url` with every secret replaced: `nats://u:pw@h:4222` → `nats://u:***@h:4222`,
+/// `nats://tok@h` → `nats://***@h`, for each URL of a comma-separated list. Use it for every URL
+/// that goes into a message.
+std::string redact_nats_url(std::string_view url);
+
+/// Connects to a NATS server, reconnecting forever when the link drops. Fails at once if the
+/// options are inconsistent, the server cannot be reached, refuses the credentials, or TLS fails
+/// (the message says which, e.g. the certificate verification error).
+[[nodiscard]] result<std::unique_ptr<bus>> connect_nats(const nats_options& opts);
+
+/// Shorthand for a server that needs nothing but its URL (the embedded child, tests).
 [[nodiscard]] result<std::unique_ptr<bus>> connect_nats(const std::string& url);
 
 /// A `nats-server` child process with JetStream, listening on a free loopback port.

@@ -27,6 +27,7 @@
 #include <string>
 #include <string_view>
 
+#include "ferry/actors/bus.h"
 #include "ferry/schemas/result.h"
 #include "ferry/storage/journal.h"
 
@@ -37,7 +38,11 @@ namespace ferry::actors {
 std::string event_subject(std::string_view stream_id);
 
 struct outbox_options {
-  /// `nats://host:port` (embedded child or external server; same code path).
+  /// The server and credentials: the same options as the bus's connection (embedded child or
+  /// external server; same code path). The relay opens its own connection from them.
+  nats_options nats;
+  /// Shorthand for callers that need nothing but a URL: used as `nats.url` when that is empty.
+  /// Setting both is refused.
   std::string nats_url;
   /// The JetStream stream; created (file storage, subjects `ferry.ev.>`) or updated at start.
   std::string jetstream_stream = "FERRY_EVENTS";
@@ -76,7 +81,8 @@ class outbox_relay {
 };
 
 /// Starts the relay over `store` (which must outlive it). Does not wait for NATS: if the server
-/// is unreachable the relay keeps trying in the background.
+/// is unreachable the relay keeps trying in the background. Inconsistent options, refused
+/// credentials and TLS failures are errors at once (retrying cannot fix them).
 [[nodiscard]] result<std::unique_ptr<outbox_relay>> start_outbox_relay(
   storage::event_store& store, const outbox_options& opts);
 
