@@ -1,4 +1,4 @@
-// The WebSocket event stream of one task.
+// The WebSocket event stream of one task, and the steer/abort messages its client may send.
 
 #include "server.h"
 
@@ -7,8 +7,78 @@
 
 #include "ferry/actors/tasks.h"
 #include "ferry/storage/journal.h"
+#include "task_commands.h"
 
 namespace ferry::gateway::detail {
+
+namespace {
+
+/// Bytes read from the socket at a time (a message may take several reads).
+constexpr size_t read_chunk = 16 * 1024;
+/// Longest client-chosen id echoed back.
+constexpr size_t max_id_bytes = 256;
+
+std::string to_text(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+
+json ack_frame(const json& id, std::string_view op) {
+  return {{"type", "ack"}, {"id", id}, {"op", op}, {"ok", true}};
+}
+
+json error_frame(const json& id, std::string_view op, std::string_view code,
+                 std::string_view message) {
+  json j{{"type", "error"}, {"id", id}, {"code", code}, {"message", message}};
+  if (!op.empty())
+    j["op"] = op;
+  return j;
+}
+
+/// The error code a client sees for a failed control request.
+std::string_view client_code(errc c) {
+  switch (c) {
+    case errc::not_found: return "not_found";
+    case errc::conflict: return "task_ended";
+    case errc::invalid_argument: return "bad_message";
+    case errc::busy: return "busy";
+    case errc::closed: return "unavailable";
+    case errc::corrupt:
+    case errc::failed: break;
+  }
+  return "failed";
+}
+
+/// Runs one steer on the calling (blocking pool) thread; the frame that answers it.
+json steer_answer(const gateway_deps& deps, const std::string& task_id, const std::string& user,
+                  const std::string& text, const json& id) {
+  auto seq = steer_task(deps, task_id, user, text);
+  if (!seq)
+    return error_frame(id, "steer", client_code(seq.error().code), seq.error().message);
+  json j = ack_frame(id, "steer");
+  j["seq"] = *seq;
+  return j;
+}
+
+/// Runs one abort on the calling (blocking pool) thread; the frame that answers it.
+json abort_answer(const gateway_deps& deps, const std::string& task_id, const std::string& user,
+                  const std::string& reason, const json& id) {
+  auto outcome = abort_task(deps, task_id, user, reason);
+  if (!outcome)
+    return error_frame(id, "abort", client_code(outcome.error().code), outcome.error().message);
+  switch (*outcome) {
+    case actors::abort_outcome::aborted:
+    case actors::abort_outcome::pending: {
+      json j = ack_frame(id, "abort");
+      j["outcome"] = actors::to_string(*outcome);
+      return j;
+    }
+    case actors::abort_outcome::already_finished:
+      return error_frame(id, "abort", "task_ended", "the task had already finished");
+    case actors::abort_outcome::not_found: break;
+  }
+  return error_frame(id, "abort", "not_found",
+                     "no live task " + task_id + ": it has ended, or no ferryd runs it any more");
+}
+
+}  // namespace
 
 // -- event_stream_session implementation ----------------------------------------------------------
 
@@ -42,7 +112,9 @@ void event_stream_session::run(request_t req) {
   ws_.set_option(websocket::stream_base::timeout::suggested(beast::role_type::server));
   ws_.set_option(websocket::stream_base::decorator(
     [](websocket::response_type& res) { res.set(http::field::server, "ferryd"); }));
-  ws_.read_message_max(64 * 1024);
+  // Control messages over max_control_message_bytes are answered "too_large" and dropped as they
+  // are read; only a frame past this hard limit closes the socket (1009).
+  ws_.read_message_max(max_ws_message_bytes);
   ws_.async_accept(req, beast::bind_front_handler(&event_stream_session::on_accept,
                                                   shared_from_this()));
 }
@@ -57,13 +129,126 @@ void event_stream_session::on_accept(beast::error_code ec) {
 }
 
 void event_stream_session::do_read() {
-  // Reading keeps control frames (ping/close) flowing; client messages are not used yet.
-  ws_.async_read(read_buf_, [self = shared_from_this()](beast::error_code ec, size_t) {
-    if (ec)
-      return self->teardown();
-    self->read_buf_.consume(self->read_buf_.size());
-    self->do_read();
+  // Reading also keeps control frames (ping/close) flowing. A client that sends faster than it
+  // reads our answers waits for them: reading resumes once the replies are written.
+  if (reading_ || closing_ || unsent_replies_ >= max_unsent_replies)
+    return;
+  reading_ = true;
+  ws_.async_read_some(read_buf_, read_chunk,
+                      beast::bind_front_handler(&event_stream_session::on_read,
+                                                shared_from_this()));
+}
+
+void event_stream_session::on_read(beast::error_code ec, size_t) {
+  reading_ = false;
+  if (ec)
+    return teardown();
+  if (closing_)
+    return;
+  // An oversized message is read to its end (so the stream stays in step) but not kept.
+  if (read_buf_.size() > max_control_message_bytes) {
+    oversized_ = true;
+    read_buf_.clear();
+  }
+  if (!ws_.is_message_done())
+    return do_read();
+  if (std::exchange(oversized_, false))
+    reply_error(json(), "", "too_large",
+                "a message may have at most " + std::to_string(max_control_message_bytes) +
+                  " bytes");
+  else if (!ws_.got_text())
+    reply_error(json(), "", "bad_message", "send JSON text frames, not binary ones");
+  else
+    on_message(beast::buffers_to_string(read_buf_.data()));
+  read_buf_.clear();
+  if (read_buf_.capacity() > 2 * read_chunk)
+    read_buf_.shrink_to_fit();
+  do_read();
+}
+
+void event_stream_session::on_message(std::string_view text) {
+  static constexpr std::string_view shape =
+    R"(a message is a JSON object: {"type": "steer", "text": "...", "id": "..."} or )"
+    R"({"type": "abort", "reason": "...", "id": "..."})";
+  auto msg = json::parse(text, nullptr, false);
+  if (msg.is_discarded())
+    return reply_error(json(), "", "bad_json", "not JSON; " + std::string(shape));
+  if (!msg.is_object())
+    return reply_error(json(), "", "bad_message", std::string(shape));
+  json id;
+  if (auto it = msg.find("id"); it != msg.end() && !it->is_null()) {
+    if (!(it->is_number_integer() ||
+          (it->is_string() && it->get_ref<const std::string&>().size() <= max_id_bytes)))
+      return reply_error(json(), "", "bad_message",
+                         "\"id\" must be an integer or a string of at most " +
+                           std::to_string(max_id_bytes) + " bytes");
+    id = *it;
+  }
+  auto type = msg.find("type");
+  if (type == msg.end() || !type->is_string())
+    return reply_error(id, "", "bad_message", "\"type\" is required; " + std::string(shape));
+  const std::string op = type->get<std::string>();
+  std::string argument;
+  if (op == "steer") {
+    auto t = msg.find("text");
+    if (t == msg.end() || !t->is_string())
+      return reply_error(id, op, "bad_message", "steer needs \"text\", a non-empty string");
+    argument = t->get<std::string>();
+    if (argument.empty())
+      return reply_error(id, op, "empty_text", "the steering text is empty");
+    if (argument.size() > actors::max_steering_bytes)
+      return reply_error(id, op, "too_large",
+                         "a steering comment may have at most " +
+                           std::to_string(actors::max_steering_bytes) + " bytes, got " +
+                           std::to_string(argument.size()));
+  } else if (op == "abort") {
+    if (auto r = msg.find("reason"); r != msg.end() && !r->is_null()) {
+      if (!r->is_string())
+        return reply_error(id, op, "bad_message", "\"reason\" must be a string");
+      argument = r->get<std::string>();
+    }
+  } else {
+    return reply_error(id, "", "unknown_type",
+                       "unknown message type \"" + op.substr(0, 64) +
+                         "\": use \"steer\" or \"abort\"");
+  }
+  // Known here without asking anyone: the stream has delivered (or will next deliver) the end.
+  if (ended_ || final_seq_)
+    return reply_error(id, op, "task_ended", "the task has ended");
+  if (in_flight_ >= max_control_in_flight)
+    return reply_error(id, op, "busy",
+                       std::to_string(max_control_in_flight) +
+                         " requests of this socket are still unanswered; wait for one");
+  start_control(std::move(id), op, std::move(argument));
+}
+
+void event_stream_session::start_control(json id, std::string op, std::string argument) {
+  ++in_flight_;
+  // The request blocks (NATS round trip, an abort waits for the task's end): never on the I/O
+  // thread. Its answer comes back to this strand and is queued like any frame.
+  net::post(srv_.blocking(), [self = shared_from_this(), &deps = srv_.deps(), task = task_id_,
+                              user = user_, id = std::move(id), op = std::move(op),
+                              argument = std::move(argument)] {
+    json answer = op == "steer" ? steer_answer(deps, task, user, argument, id)
+                                : abort_answer(deps, task, user, argument, id);
+    net::post(self->ws_.get_executor(), [self, answer = std::move(answer)]() mutable {
+      --self->in_flight_;
+      self->reply(std::move(answer));
+    });
   });
+}
+
+void event_stream_session::reply_error(const json& id, std::string_view op,
+                                       std::string_view code, std::string message) {
+  reply(error_frame(id, op, code, message));
+}
+
+void event_stream_session::reply(json message) {
+  if (closing_)
+    return;
+  out_.push_back({to_text(message), true});
+  ++unsent_replies_;
+  write_next();
 }
 
 void event_stream_session::on_live(std::string payload) {
@@ -80,7 +265,7 @@ void event_stream_session::on_live(std::string payload) {
 }
 
 void event_stream_session::enqueue_event(const ev::Envelope& e) {
-  out_.push_back(schemas::to_json(e).dump(-1, ' ', false, json::error_handler_t::replace));
+  out_.push_back({to_text(schemas::to_json(e)), false});
   next_seq_ = e.sequence() + 1;
   if (e.event_type() == ev::Event::TaskFinished)
     ended_ = true;
@@ -137,16 +322,20 @@ void event_stream_session::write_next() {
   if (writing_ || closing_)
     return;
   if (out_.empty()) {
-    if (ended_)
+    // The end: once the last event is out and every request of the client has been answered
+    // (an abort's acknowledgement may come after the task_finished it caused).
+    if (ended_ && in_flight_ == 0)
       finish(websocket::close_code::normal, "task finished");
     return;
   }
   writing_ = true;
-  ws_.async_write(net::buffer(out_.front()),
+  ws_.async_write(net::buffer(out_.front().text),
                   [self = shared_from_this()](beast::error_code ec, size_t) {
                     self->writing_ = false;
                     if (ec)
                       return self->teardown();
+                    if (self->out_.front().reply && --self->unsent_replies_ < max_unsent_replies)
+                      self->do_read();  // resumes reading if it waited for the replies
                     self->out_.pop_front();
                     if (!self->out_.empty())
                       return self->write_next();

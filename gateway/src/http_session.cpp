@@ -9,6 +9,7 @@
 
 #include "ferry/actors/tasks.h"
 #include "ferry/storage/journal.h"
+#include "task_commands.h"
 
 namespace ferry::gateway::detail {
 
@@ -344,40 +345,18 @@ void http_session::route(request_t& req) {
     }
     // Through the control subject, so whichever ferryd runs the task aborts it.
     net::post(srv_.blocking(), [self, task_id, user = who->id, reason, &deps, version, keep] {
-      json request{{"user", user}, {"reason", reason}, {"wait_ms", 5000}};
-      auto answer = deps.events->request(actors::task_control_subject(task_id, "abort"),
-                                         request.dump(-1, ' ', false,
-                                                      json::error_handler_t::replace),
-                                         std::chrono::seconds(7));
-      auto reply = answer ? json::parse(*answer, nullptr, false) : json();
-      std::string outcome =
-        reply.is_object() && reply.contains("outcome") && reply["outcome"].is_string()
-          ? reply["outcome"].get<std::string>()
-          : std::string();
-      std::optional<error_info> local_error;
-      if (!answer) {
-        // NATS is unreachable: a stop must not wait for it. Abort here, in this process's
-        // task manager (the one running the task when a single ferryd serves it all).
-        std::fprintf(stderr, "ferryd: warning: abort %s over NATS failed (%s); aborting locally\n",
-                     task_id.c_str(), answer.error().message.c_str());
-        auto local = deps.tasks->abort(task_id, user, reason, std::chrono::seconds(5));
-        if (!local)
-          local_error = local.error();
-        else
-          outcome = actors::to_string(*local);
-      }
+      auto outcome = abort_task(deps, task_id, user, reason);
       auto after = self->srv_.views().get(task_id);
       json j = after && *after ? task_json(**after) : json{{"id", task_id}};
       response_t res;
-      if (local_error)
-        res = error_response(http::status::service_unavailable,
-                             "abort: " + local_error->message, version, keep);
-      else if (outcome.empty())
-        res = error_response(http::status::internal_server_error,
-                             "abort: unexpected answer " + *answer, version, keep);
-      else if (outcome == "aborted")
+      if (!outcome)
+        res = error_response(outcome.error().code == errc::corrupt
+                               ? http::status::internal_server_error
+                               : http::status::service_unavailable,
+                             "abort: " + outcome.error().message, version, keep);
+      else if (*outcome == actors::abort_outcome::aborted)
         res = json_response(http::status::ok, j, version, keep);
-      else if (outcome == "pending")
+      else if (*outcome == actors::abort_outcome::pending)
         res = json_response(http::status::accepted, j, version, keep);
       else {
         j["error"] = "task already finished";
@@ -413,31 +392,18 @@ void http_session::route(request_t& req) {
                                 version, keep));
     net::post(srv_.blocking(), [self, task_id, user = who->id, text = std::move(text), &deps,
                                 version, keep] {
-      json request{{"user", user}, {"text", text}};
-      auto answer = deps.events->request(actors::task_control_subject(task_id, "steer"),
-                                         request.dump(-1, ' ', false,
-                                                      json::error_handler_t::replace),
-                                         std::chrono::seconds(5));
-      auto reply = answer ? json::parse(*answer, nullptr, false) : json();
+      auto seq = steer_task(deps, task_id, user, text);
       response_t res;
-      if (!answer)
-        res = error_response(http::status::service_unavailable,
-                             "steer: " + answer.error().message, version, keep);
-      else if (reply.is_object() && reply.contains("seq"))
-        res = json_response(http::status::accepted,
-                            json{{"id", task_id}, {"seq", reply["seq"]}}, version, keep);
-      else {
-        std::string code = reply.is_object() && reply.contains("code") && reply["code"].is_string()
-                             ? reply["code"].get<std::string>()
-                             : "failed";
-        std::string message = reply.is_object() && reply.contains("error") &&
-                                  reply["error"].is_string()
-                                ? reply["error"].get<std::string>()
-                                : *answer;
-        auto status = code == "conflict" || code == "not_found" ? http::status::conflict
-                      : code == "invalid_argument" ? http::status::bad_request
-                                                   : http::status::internal_server_error;
-        res = error_response(status, "steer: " + message, version, keep);
+      if (seq) {
+        res = json_response(http::status::accepted, json{{"id", task_id}, {"seq", *seq}}, version,
+                            keep);
+      } else {
+        auto code = seq.error().code;
+        auto status = code == errc::conflict || code == errc::not_found ? http::status::conflict
+                      : code == errc::invalid_argument ? http::status::bad_request
+                      : code == errc::closed           ? http::status::service_unavailable
+                                                       : http::status::internal_server_error;
+        res = error_response(status, "steer: " + seq.error().message, version, keep);
       }
       net::post(self->stream_.get_executor(),
                 [self, res = std::move(res)]() mutable { self->send(std::move(res)); });
@@ -493,7 +459,7 @@ void http_session::route(request_t& req) {
     if ((*view)->finished)
       final_seq = (*view)->last_sequence;
     auto session = std::make_shared<event_stream_session>(stream_.release_socket(), srv_,
-                                                          task_id, from, final_seq);
+                                                          task_id, who->id, from, final_seq);
     srv_.track(session);
     session->run(std::move(req));
     return;

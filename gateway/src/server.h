@@ -53,18 +53,35 @@ struct live_mailbox {
   std::function<void(std::string)> deliver;  // posts onto the session's strand
 };
 
+/// Limits of the control messages a client sends on the event stream.
+constexpr size_t max_control_message_bytes = 128 * 1024;  // a 16 KiB comment, JSON-escaped
+constexpr size_t max_ws_message_bytes = 1024 * 1024;      // beyond: closed with 1009 (too big)
+constexpr size_t max_control_in_flight = 4;   // per socket; more are answered "busy"
+constexpr size_t max_unsent_replies = 16;     // per socket; reading pauses until they are written
+
 /// Streams one task's events: catch-up from the journal from `next_seq_`, then live messages
 /// from NATS, de-duplicated and gap-checked by sequence number. A gap or an overflowing live
 /// buffer falls back to catch-up: the journal has every event, so nothing is lost and memory stays
-/// bounded. Ends (normal close) after the task_finished event.
+/// bounded. Ends (normal close) after the task_finished event, once every control request still
+/// in flight has been answered.
+///
+/// The client may steer or abort the task on the same socket ({"type": "steer" | "abort", ...},
+/// see the README): each message is answered with an "ack" or an "error" frame carrying the
+/// client's id. The request itself runs on the server's blocking pool (task_commands.h), the
+/// same path as REST, in the name of the token that opened the socket; its answer is posted back
+/// here and written in turn with the events.
+///
+/// Threading: strand-confined (every member is touched only on the socket's strand).
 class event_stream_session : public std::enable_shared_from_this<event_stream_session> {
  public:
   /// `final_seq`: the task's last sequence if it had already finished when the stream opened.
-  event_stream_session(tcp::socket&& socket, server& srv, std::string task_id, uint64_t from,
-                       std::optional<uint64_t> final_seq)
+  /// `user`: the token id that opened it (authorised for the task): controls act in its name.
+  event_stream_session(tcp::socket&& socket, server& srv, std::string task_id, std::string user,
+                       uint64_t from, std::optional<uint64_t> final_seq)
     : ws_(std::move(socket)),
       srv_(srv),
       task_id_(std::move(task_id)),
+      user_(std::move(user)),
       next_seq_(from),
       final_seq_(final_seq) {}
 
@@ -72,18 +89,31 @@ class event_stream_session : public std::enable_shared_from_this<event_stream_se
   void close_from_server();
 
  private:
+  /// One frame waiting to be written: an event, or the answer to a client message.
+  struct frame {
+    std::string text;
+    bool reply = false;
+  };
+
   void on_accept(beast::error_code ec);
   void on_live(std::string payload);
   void pump();
   void enqueue_event(const ev::Envelope& e);
   void write_next();
   void do_read();
+  void on_read(beast::error_code ec, size_t n);
+  void on_message(std::string_view text);
+  void start_control(json id, std::string op, std::string argument);
+  void reply(json message);
+  void reply_error(const json& id, std::string_view op, std::string_view code,
+                   std::string message);
   void finish(websocket::close_code code, std::string reason);
   void teardown();
 
   websocket::stream<beast::tcp_stream> ws_;
   server& srv_;
   std::string task_id_;
+  std::string user_;
   std::string stream_;
   uint64_t next_seq_;
   std::optional<uint64_t> final_seq_;
@@ -92,8 +122,12 @@ class event_stream_session : public std::enable_shared_from_this<event_stream_se
   bool ended_ = false;       // task_finished queued: close after the queue drains
   bool closing_ = false;
   bool writing_ = false;
+  bool reading_ = false;
+  bool oversized_ = false;   // the message being read is over the limit: its bytes are dropped
+  size_t in_flight_ = 0;     // control requests sent and not yet answered
+  size_t unsent_replies_ = 0;  // reply frames in out_
   std::deque<std::string> live_;
-  std::deque<std::string> out_;
+  std::deque<frame> out_;
   std::shared_ptr<live_mailbox> mailbox_;
   std::unique_ptr<actors::subscription> sub_;
   beast::flat_buffer read_buf_;

@@ -11,6 +11,9 @@
 #include <string>
 #include <string_view>
 
+#include <nlohmann/json_fwd.hpp>
+
+#include "ferry/actors/tasks.h"
 #include "ferry/schemas/events.h"
 #include "ferry/schemas/result.h"
 #include "ferry/storage/journal.h"
@@ -24,7 +27,8 @@ enum exit_code : int {
   /// `verify` found problems (they are printed).
   exit_problems = 1,
   /// Bad command line (CLI11's parse errors included) or an argument the data contradicts
-  /// (`--at` past the end of a stream, a stream kind replay has no fold for).
+  /// (`--at` past the end of a stream, a stream kind replay has no fold for); for `tasks`: a
+  /// malformed task id, an empty or oversized steering text, no NATS URL.
   exit_usage = 2,
   /// The data directory does not exist, or holds no journal.
   exit_no_journal = 3,
@@ -32,8 +36,15 @@ enum exit_code : int {
   exit_locked = 4,
   /// The journal is corrupt or cannot be read (RocksDB corruption, verifier failure, I/O).
   exit_corrupt = 5,
-  /// `events show`, `replay` or `verify` named a stream that has no events.
+  /// `events show`, `replay` or `verify` named a stream that has no events; `tasks show` a
+  /// task that has none.
   exit_stream_not_found = 6,
+  /// `tasks abort|steer`: no acknowledgement over NATS (unreachable, no ferryd serves the task's
+  /// control subject, no answer in time) or the serving ferryd is shutting down.
+  exit_no_answer = 7,
+  /// `tasks abort|steer`: the task cannot be controlled any more: it has ended (or is ending),
+  /// or no ferryd runs it.
+  exit_task_ended = 8,
 };
 
 /// The exit-code table as printed at the end of `ferryctl --help`.
@@ -109,6 +120,14 @@ int finish_output(int code);
 /// ISO 8601 UTC with milliseconds, as events are rendered everywhere.
 using schemas::iso_time;
 
+/// A task's state as `replay --json` and `tasks … --json` print it: actors::to_json (the body of
+/// GET /api/v1/tasks/{id}), with the sandbox status "none" before it has one.
+nlohmann::json task_view_json(const actors::task_view& v);
+
+/// A task's state as `replay` and `tasks show` print it: one "field: value" line each.
+/// `highest`: the stream's highest sequence (the view may be folded up to an earlier one).
+void print_task_view(const std::string& stream, const actors::task_view& v, uint64_t highest);
+
 // -- commands: each returns the process exit code, having printed its output and errors ---------
 
 struct streams_args {
@@ -147,6 +166,41 @@ struct verify_args {
   bool json = false;
 };
 int run_verify(const std::filesystem::path& data_dir, const verify_args& a);
+
+struct tasks_list_args {
+  std::string status;  ///< only tasks with this status; empty: all
+  std::string user;    ///< only tasks of this user (token id); empty: all
+  bool json = false;
+};
+int run_tasks_list(const std::filesystem::path& data_dir, const tasks_list_args& a);
+
+struct tasks_show_args {
+  std::string id;  ///< task id, with or without the "task-" of its stream
+  bool json = false;
+};
+int run_tasks_show(const std::filesystem::path& data_dir, const tasks_show_args& a);
+
+/// How `tasks abort|steer` reach the task: its control subjects on ferryd's NATS.
+struct control_args {
+  std::string nats_url;      ///< required (ferryd records none in its data directory)
+  std::string as = "ferryctl";  ///< recorded as the acting user of the events it causes
+  bool json = false;
+};
+
+struct tasks_abort_args {
+  std::string id;
+  std::string reason;
+  uint64_t wait_s = 5;  ///< how long to wait for the task to end (the answer is then "pending")
+  control_args control;
+};
+int run_tasks_abort(const tasks_abort_args& a);
+
+struct tasks_steer_args {
+  std::string id;
+  std::string text;
+  control_args control;
+};
+int run_tasks_steer(const tasks_steer_args& a);
 
 struct token_create_args {
   std::string name;

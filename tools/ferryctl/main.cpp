@@ -1,6 +1,7 @@
-// ferryctl — Ferry's ops CLI: inspect the event journal, replay state, verify the store, manage
-// tokens. Reads the data directory directly, as a RocksDB secondary, so it works while ferryd
-// runs. The commands live in *_cmd.cpp; exit codes in ctl.h.
+// ferryctl — Ferry's ops CLI: inspect the event journal, replay state, list/show/abort/steer
+// tasks, verify the store, manage tokens. Reads the data directory directly, as a RocksDB
+// secondary, so it works while ferryd runs; `tasks abort|steer` go over ferryd's NATS instead.
+// The commands live in *_cmd.cpp; exit codes in ctl.h.
 
 #include <charconv>
 #include <filesystem>
@@ -28,8 +29,8 @@ const CLI::Validator at_least_one{
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"ferryctl — inspect Ferry's event journal, replay state, verify the store and "
-               "manage API tokens"};
+  CLI::App app{"ferryctl — inspect Ferry's event journal, replay state, list and control tasks, "
+               "verify the store and manage API tokens"};
   app.require_subcommand(1);
   app.footer(exit_codes_help);
   std::string data_dir = "./var";
@@ -86,6 +87,50 @@ int main(int argc, char** argv) {
   verify->add_option("stream", verify_a.stream, "Only this stream (default: everything)");
   verify->add_flag("--json", verify_a.json, "One JSON object");
 
+  // -- tasks -------------------------------------------------------------------------------------
+  auto* tasks = app.add_subcommand(
+    "tasks", "List and show tasks (from the journal); abort and steer them (over NATS)");
+  tasks->require_subcommand(1);
+
+  tasks_list_args tlist_a;
+  auto* tlist = tasks->add_subcommand("list", "Every task with its status, oldest first");
+  tlist->add_option("--status", tlist_a.status, "Only tasks with this status")
+    ->check(CLI::IsMember({"queued", "running", "succeeded", "failed", "aborted"}));
+  tlist->add_option("--user", tlist_a.user, "Only tasks of this user (token id, tok_…)");
+  tlist->add_flag("--json", tlist_a.json, "One JSON object per line (the API's task shape)");
+
+  tasks_show_args tshow_a;
+  auto* tshow = tasks->add_subcommand("show", "One task's state, folded from its events");
+  tshow->add_option("id", tshow_a.id, "Task id (or its stream, task-<id>)")->required();
+  tshow->add_flag("--json", tshow_a.json, "One JSON object (the API's task shape)");
+
+  // abort and steer talk to ferryd's NATS, not to the data directory.
+  auto add_control_options = [](CLI::App* cmd, control_args& c) {
+    cmd->add_option("--nats-url", c.nats_url,
+                    "ferryd's NATS (it prints it at start: \"NATS at nats://…\")")
+      ->envname("FERRY_NATS_URL");
+    cmd->add_option("--as", c.as, "Acting user recorded on the events it causes")
+      ->capture_default_str();
+    cmd->add_flag("--json", c.json, "Print the acknowledgement as one JSON object");
+  };
+  tasks_abort_args tabort_a;
+  auto* tabort = tasks->add_subcommand(
+    "abort", "Stop a task (its sandbox is killed) and wait until it has ended");
+  tabort->add_option("id", tabort_a.id, "Task id")->required();
+  tabort->add_option("--reason", tabort_a.reason, "Why (recorded with the abort)");
+  tabort->add_option("--wait", tabort_a.wait_s,
+                     "Seconds to wait for the end before answering \"pending\"")
+    ->capture_default_str()
+    ->check(CLI::Range(0, 30));
+  add_control_options(tabort, tabort_a.control);
+
+  tasks_steer_args tsteer_a;
+  auto* tsteer = tasks->add_subcommand(
+    "steer", "Record a steering comment for the task's next turn");
+  tsteer->add_option("id", tsteer_a.id, "Task id")->required();
+  tsteer->add_option("text", tsteer_a.text, "The comment (at most 16 KiB)")->required();
+  add_control_options(tsteer, tsteer_a.control);
+
   // -- token -------------------------------------------------------------------------------------
   auto* token = app.add_subcommand("token", "Manage API tokens");
   token->require_subcommand(1);
@@ -107,7 +152,7 @@ int main(int argc, char** argv) {
   // Reading commands stop cooperatively on SIGINT/SIGTERM or a closed stdout, so the scratch
   // directory is always removed. verify runs to the end or dies by the signal (it has no loop
   // of ours to stop); token create keeps RocksDB's own crash safety.
-  if (*streams || *show || *tail || *replay)
+  if (*streams || *show || *tail || *replay || *tlist || *tshow)
     install_stop_handlers();
   int code = exit_usage;
   if (*streams)
@@ -120,6 +165,14 @@ int main(int argc, char** argv) {
     code = run_replay(dir, replay_a);
   else if (*verify)
     code = run_verify(dir, verify_a);
+  else if (*tlist)
+    code = run_tasks_list(dir, tlist_a);
+  else if (*tshow)
+    code = run_tasks_show(dir, tshow_a);
+  else if (*tabort)
+    code = run_tasks_abort(tabort_a);
+  else if (*tsteer)
+    code = run_tasks_steer(tsteer_a);
   else if (*create)
     code = run_token_create(dir, create_a);
   return finish_output(code);

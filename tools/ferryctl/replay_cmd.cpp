@@ -50,13 +50,6 @@ std::string to_line(const json& j) {
   return j.dump(-1, ' ', false, json::error_handler_t::replace);
 }
 
-json view_json(const actors::task_view& v) {
-  json j = actors::to_json(v);  // the shape of GET /api/v1/tasks/{id}
-  if (v.sandbox_status.empty())
-    j["sandbox"]["status"] = "none";
-  return j;
-}
-
 json transition_json(const transition& t) {
   json j{{"seq", t.sequence}, {"position", t.position}, {"time", iso_time(t.time_ns)},
          {"what", t.what},    {"from", t.from},         {"to", t.to},
@@ -64,23 +57,6 @@ json transition_json(const transition& t) {
   if (t.what == "sandbox")
     j["sandbox_id"] = t.sandbox_id;
   return j;
-}
-
-void print_view_text(const std::string& stream, const actors::task_view& v, uint64_t highest) {
-  std::printf("stream:     %s\n", stream.c_str());
-  std::printf("at:         seq %llu of %llu\n", static_cast<unsigned long long>(v.last_sequence),
-              static_cast<unsigned long long>(highest));
-  std::printf("status:     %s\n", v.status.c_str());
-  std::printf("finished:   %s\n", v.finished ? iso_time(v.finished_ns).c_str() : "no");
-  std::printf("exit_code:  %s\n", v.exit_code ? std::to_string(*v.exit_code).c_str() : "-");
-  std::printf("reason:     %s\n", or_dash(v.reason).c_str());
-  std::printf("command:    %s\n", v.command.c_str());
-  std::printf("repo:       %s\n", or_dash(v.repo).c_str());
-  std::printf("user:       %s\n", or_dash(v.user).c_str());
-  std::printf("created:    %s\n", iso_time(v.created_ns).c_str());
-  std::printf("sandbox:    id=%s backend=%s status=%s reason=%s\n", or_dash(v.sandbox_id).c_str(),
-              or_dash(v.sandbox_backend).c_str(), or_none(v.sandbox_status).c_str(),
-              or_dash(v.sandbox_reason).c_str());
 }
 
 void print_transition_text(const transition& t) {
@@ -97,6 +73,30 @@ std::string kind_of(const std::string& stream) {
 }
 
 }  // namespace
+
+json task_view_json(const actors::task_view& v) {
+  json j = actors::to_json(v);  // the shape of GET /api/v1/tasks/{id}
+  if (v.sandbox_status.empty())
+    j["sandbox"]["status"] = "none";
+  return j;
+}
+
+void print_task_view(const std::string& stream, const actors::task_view& v, uint64_t highest) {
+  std::printf("stream:     %s\n", stream.c_str());
+  std::printf("at:         seq %llu of %llu\n", static_cast<unsigned long long>(v.last_sequence),
+              static_cast<unsigned long long>(highest));
+  std::printf("status:     %s\n", v.status.c_str());
+  std::printf("finished:   %s\n", v.finished ? iso_time(v.finished_ns).c_str() : "no");
+  std::printf("exit_code:  %s\n", v.exit_code ? std::to_string(*v.exit_code).c_str() : "-");
+  std::printf("reason:     %s\n", or_dash(v.reason).c_str());
+  std::printf("command:    %s\n", v.command.c_str());
+  std::printf("repo:       %s\n", or_dash(v.repo).c_str());
+  std::printf("user:       %s\n", or_dash(v.user).c_str());
+  std::printf("created:    %s\n", iso_time(v.created_ns).c_str());
+  std::printf("sandbox:    id=%s backend=%s status=%s reason=%s\n", or_dash(v.sandbox_id).c_str(),
+              or_dash(v.sandbox_backend).c_str(), or_none(v.sandbox_status).c_str(),
+              or_dash(v.sandbox_reason).c_str());
+}
 
 int run_replay(const std::filesystem::path& data_dir, const replay_args& a) {
   if (a.stream.size() <= 5 || a.stream.compare(0, 5, "task-") != 0)
@@ -168,7 +168,7 @@ int run_replay(const std::filesystem::path& data_dir, const replay_args& a) {
              {"at", view.last_sequence},
              {"highest_sequence", info->highest_sequence},
              {"deleted_to", info->deleted_to},
-             {"state", view_json(view)}};
+             {"state", task_view_json(view)}};
     if (a.timeline) {
       json t = json::array();
       for (const auto& x : timeline)
@@ -178,7 +178,7 @@ int run_replay(const std::filesystem::path& data_dir, const replay_args& a) {
     std::printf("%s\n", to_line(out).c_str());
     return exit_ok;
   }
-  print_view_text(a.stream, view, info->highest_sequence);
+  print_task_view(a.stream, view, info->highest_sequence);
   if (a.timeline) {
     std::printf("timeline:\n");
     for (const auto& x : timeline)

@@ -355,6 +355,27 @@ ws_message ws_client::read(std::chrono::milliseconds timeout) {
   return out;
 }
 
+std::string ws_client::send(const std::string& data, bool binary,
+                            std::chrono::milliseconds timeout) {
+  auto& s = *impl_;
+  if (!s.open)
+    return "the connection is not open";
+  s.ws.binary(binary);
+  auto sent = run_op(
+      s.ioc, clock::now() + timeout,
+      [&](auto handler) { s.ws.async_write(net::buffer(data), std::move(handler)); },
+      [&] { s.drop(); });
+  if (sent.timed_out) {
+    s.drop();
+    return "timed out sending " + std::to_string(data.size()) + " bytes";
+  }
+  if (sent.ec) {
+    s.drop();
+    return "sending: " + sent.ec.message();
+  }
+  return {};
+}
+
 void ws_client::close(std::chrono::milliseconds timeout) {
   auto& s = *impl_;
   if (!s.open)

@@ -6,8 +6,13 @@
 //   POST /api/v1/tasks                   {"command": "...", "repo": "..."} → 201 {"id": ...}
 //   GET  /api/v1/tasks/{id}              the task's state, folded from its events
 //   POST /api/v1/tasks/{id}/abort        kill the sandbox; 200 once aborted, 202 if still ending
+//   POST /api/v1/tasks/{id}/steer        {"text": "..."} → 202 {"id", "seq"} once persisted
 //   GET  /api/v1/tasks/{id}/events?from=SEQ   WebSocket: the task's events as JSON text frames,
-//                                        from the journal, then live from NATS, until it ends
+//                                        from the journal, then live from NATS, until it ends;
+//                                        the client may send {"type": "steer"|"abort", "id", …}
+//                                        and gets {"type": "ack"|"error", "id", …} (README)
+// Abort and steer (REST and WebSocket alike) go through the control subjects
+// (control_client.h); an abort falls back to this process's task service when NATS is down.
 //   POST /api/v1/tokens                  {"name": "...", "admin": false} → 201 {"token": ...};
 //                                        admin tokens only (403 otherwise)
 // Limits: request bodies ≤ `max_body_bytes` (413 beyond), headers ≤ 16 KiB (431), a request must

@@ -100,6 +100,11 @@ class ws_client {
   /// and further reads return `error`.
   ws_message read(std::chrono::milliseconds timeout);
 
+  /// Sends one message: a text frame, or a binary one if `binary`. Returns "" once sent, else
+  /// what went wrong (a timeout or error finishes the connection).
+  std::string send(const std::string& data, bool binary = false,
+                   std::chrono::milliseconds timeout = std::chrono::seconds(15));
+
   /// Sends a normal close (best effort) and drops the connection.
   void close(std::chrono::milliseconds timeout = std::chrono::seconds(2));
 

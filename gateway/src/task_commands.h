@@ -1,0 +1,31 @@
+#pragma once
+// Private to ferry_gateway: abort and steer exactly as every gateway handler sends them (REST
+// and the event stream's WebSocket), so both behave the same: through the control subjects
+// (any ferryd on the same NATS may run the task), and an abort that cannot be sent there is
+// carried out by this process's task manager instead — a stop must never wait for NATS.
+//
+// Threading: thread-safe. REQUIRES: called on the server's blocking pool, never on an I/O
+// thread: each call blocks up to ~12 s (abort: 7 s for NATS, then up to 5 s locally).
+
+#include <cstdint>
+#include <string>
+
+#include "ferry/actors/tasks.h"
+#include "ferry/gateway/gateway.h"
+#include "ferry/schemas/result.h"
+
+namespace ferry::gateway::detail {
+
+/// request_abort over the control subject; when no acknowledgement came (errc::closed) or there
+/// is no bus, task_service::abort here. Errors: the local abort's, or request_abort's.
+[[nodiscard]] result<actors::abort_outcome> abort_task(const gateway_deps& deps,
+                                                      const std::string& task_id,
+                                                      const std::string& user,
+                                                      const std::string& reason);
+
+/// request_steer over the control subject (no local fallback: a comment is not urgent and must
+/// reach the ferryd whose task it is). Errors as request_steer's; errc::closed without a bus.
+[[nodiscard]] result<uint64_t> steer_task(const gateway_deps& deps, const std::string& task_id,
+                                          const std::string& user, const std::string& text);
+
+}  // namespace ferry::gateway::detail
