@@ -31,6 +31,7 @@ struct event {
   std::vector<std::string> argv;
   int32_t exit_code = 0, signal = 0;
   uint64_t duration_ms = 0;
+  uint64_t offset = 0, lost_bytes = 0;  // Output, OutputGap
 };
 
 event flatten(const v1::InitMessage& m) {
@@ -55,6 +56,7 @@ event flatten(const v1::InitMessage& m) {
       e.stream = o->stream();
       if (o->data())
         e.data.assign(reinterpret_cast<const char*>(o->data()->data()), o->data()->size());
+      e.offset = o->offset();
       break;
     }
     case v1::Message::Exited: {
@@ -68,7 +70,15 @@ event flatten(const v1::InitMessage& m) {
     case v1::Message::Error:
       e.data = m.message_as_Error()->message() ? m.message_as_Error()->message()->str() : "";
       break;
-    case v1::Message::NONE:
+    case v1::Message::OutputGap: {
+      auto* g = m.message_as_OutputGap();
+      e.command_id = g->command_id();
+      e.stream = g->stream();
+      e.offset = g->offset();
+      e.lost_bytes = g->lost_bytes();
+      break;
+    }
+    default:  // NONE, and the host's messages (Attach, Release)
       break;
   }
   return e;
@@ -207,9 +217,12 @@ BOOST_AUTO_TEST_CASE(large_output_arrives_complete_in_bounded_chunks) {
   for (int i = 1; i <= 180000; ++i)
     expected += std::to_string(i) + "\n";
   size_t chunks = 0;
+  uint64_t offset = 0;
   for (const auto& e : r.events) {
     if (e.type == v1::Message::Output) {
       ++chunks;
+      BOOST_TEST(e.offset == offset);  // contiguous: each chunk starts where the last ended
+      offset += e.data.size();
       BOOST_TEST(e.data.size() <= ferry::wire::max_output_chunk);
       BOOST_TEST(!e.data.empty());
     }

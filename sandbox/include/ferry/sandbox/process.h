@@ -18,7 +18,13 @@
 namespace ferry::sandbox {
 
 /// How a child's standard stream is connected.
-enum class stdio { inherit, null, pipe };
+enum class stdio {
+  inherit,
+  null,
+  pipe,
+  /// `spawn_options::file`, opened for appending (created 0600); for output streams only.
+  file,
+};
 
 struct spawn_options {
   std::vector<std::string> argv;                 ///< argv[0] is looked up in PATH if not a path
@@ -29,6 +35,10 @@ struct spawn_options {
   stdio err = stdio::inherit;
   bool stderr_to_stdout = false;                 ///< stderr shares stdout's target; `err` is ignored
   bool new_process_group = true;                 ///< child leads its own group (kill takes all)
+  /// Child leads a new session (and so a new group): no terminal, no signals meant for ours.
+  /// For children that must outlive this process (`runsc run --detach`).
+  bool new_session = false;
+  std::filesystem::path file;                    ///< target of stdio::file
 };
 
 /// How a child ended.
