@@ -17,8 +17,9 @@
 // the host answers Release and ferry-init exits, which ends the sandbox. One host at a time.
 //
 // Output buffering (socket mode): each stream keeps at least the last --buffer-bytes bytes
-// (default 8 MiB) as chunks tagged with their stream offset and a sequence number, so a host
-// can resume from any kept offset and both streams are replayed in the order they were read.
+// (default 8 MiB; at most one 64 KiB chunk more) as chunks tagged with their stream offset and a
+// sequence number, so a host can resume from any kept offset and both streams are replayed in
+// the order they were read.
 // - While a host is attached: backpressure. A stream is not read while the host has
 //   --buffer-bytes of it unsent; the command then blocks on write, as it would on a full pipe.
 //   Bytes already sent are dropped oldest-first beyond --buffer-bytes.
@@ -471,11 +472,15 @@ void init_process::read_command(int stream) {
 
 void init_process::evict(int stream) {
   stream_buffer& s = streams_[stream];
-  while (s.kept > args_.buffer_bytes && !s.chunks.empty()) {
+  // Keep at least buffer_bytes: drop the oldest chunk only if what remains is still that much.
+  while (!s.chunks.empty()) {
     const auto& front = s.chunks.front();
+    const uint64_t front_cost = front.data.size() + chunk_overhead;
+    if (s.kept - front_cost < args_.buffer_bytes)
+      break;
     if (conn_.attached && front.end() > conn_.cursor[stream])
       break;  // not yet sent to the attached host (backpressure keeps this bounded)
-    s.kept -= front.data.size() + chunk_overhead;
+    s.kept -= front_cost;
     s.chunks.pop_front();
   }
 }

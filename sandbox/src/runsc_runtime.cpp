@@ -55,6 +55,7 @@ constexpr auto straggler_timeout = 2s;      // for processes to vanish after SIG
 constexpr auto listen_timeout = 10s;        // from runsc run's return to ferry-init listening
 constexpr auto handshake_timeout = 10s;     // for each of Hello and the answer to Attach
 constexpr auto exit_grace = 5s;             // for the processes to exit after ferry-init did
+constexpr auto busy_retry = 2s;             // attach: for ferry-init to notice a departed host
 constexpr size_t log_tail_bytes = 4096;     // of runsc.log, for failure reasons
 // Inside the sandbox: where ferry-init is bound and where the control directory is mounted.
 constexpr std::string_view init_path = "/.ferry/init";
@@ -614,11 +615,11 @@ class runsc_sandbox final : public sandbox {
   void begin_attached() {
     reader_ = std::thread([this] { run_attached(); });
   }
-  /// A failed adopt(): let go without killing or reporting anything.
+  /// A failed adopt(): let go without killing or reporting anything (the id stays held by
+  /// attach(), which releases it).
   void abandon() {
     detached_ = true;
     close_socket();
-    registry_->release(id_);
   }
 
   // REQUIRES: not called from this sandbox's observer (it joins the reader thread).
@@ -1186,23 +1187,18 @@ class runsc_runtime final : public sandbox_runtime {
       return error_info{fmt::format("sandbox {}: no such sandbox ({} is absent)", id, dir.string()), errc::not_found};
     if (!registry_->try_hold(id))
       return error_info{fmt::format("sandbox {} is held by this runtime", id), errc::busy};
-    auto procs = hold_sandbox_processes(*ctx_, id);
-    if (procs.empty()) {
-      registry_->release(id);
-      return error_info{fmt::format("sandbox {} is gone (its Sentry is not running)", id), errc::not_found};
+    // A host that has just let go (detach, or a crash) may not have been noticed yet by
+    // ferry-init, which refuses a second host: retry a busy refusal for a moment.
+    const auto deadline = steady::now() + busy_retry;
+    for (;;) {
+      auto sb = try_attach(id, dir, from, observer);
+      if (sb || sb.error().code != errc::busy || steady::now() > deadline) {
+        if (!sb)
+          registry_->release(id);
+        return sb;
+      }
+      std::this_thread::sleep_for(20ms);
     }
-    auto sock = connect_control(dir / "ctl" / std::string(socket_name));
-    if (!sock) {
-      registry_->release(id);
-      return error_info{fmt::format("sandbox {}: {}", id, sock.error().message), sock.error().code};
-    }
-    auto sb = std::make_unique<runsc_sandbox>(ctx_, registry_, id, from, observer);
-    if (auto r = sb->adopt(std::move(procs), std::move(*sock)); !r) {
-      sb->abandon();
-      return error_info{fmt::format("attaching to sandbox {}: {}", id, r.error().message), r.error().code};
-    }
-    sb->begin_attached();
-    return std::unique_ptr<sandbox>(std::move(sb));
   }
 
   result<std::vector<std::string>> list_live() override {
@@ -1240,6 +1236,24 @@ class runsc_runtime final : public sandbox_runtime {
   }
 
  private:
+  // REQUIRES: `id` held in registry_ by the caller (released by the caller on failure).
+  result<std::unique_ptr<sandbox>> try_attach(const std::string& id, const fs::path& dir, const resume_point& from,
+                                              sandbox_observer& observer) {
+    auto procs = hold_sandbox_processes(*ctx_, id);
+    if (procs.empty())
+      return error_info{fmt::format("sandbox {} is gone (its Sentry is not running)", id), errc::not_found};
+    auto sock = connect_control(dir / "ctl" / std::string(socket_name));
+    if (!sock)
+      return error_info{fmt::format("sandbox {}: {}", id, sock.error().message), sock.error().code};
+    auto sb = std::make_unique<runsc_sandbox>(ctx_, registry_, id, from, observer);
+    if (auto r = sb->adopt(std::move(procs), std::move(*sock)); !r) {
+      sb->abandon();
+      return error_info{fmt::format("attaching to sandbox {}: {}", id, r.error().message), r.error().code};
+    }
+    sb->begin_attached();
+    return std::unique_ptr<sandbox>(std::move(sb));
+  }
+
   /// Sandbox directories not held by this runtime.
   result<std::vector<fs::path>> leftover_dirs() const {
     std::error_code ec;
