@@ -1,7 +1,7 @@
 #pragma once
-// ferry::sandbox::child_process — a child process with optional pipes, in its own process group,
-// that is always reaped. Used for `runsc`, the `nats-server` child of ferryd, and by tests to
-// start ferryd itself.
+// ferry::sandbox::child_process — a child process with optional pipes (or an append-only log
+// file), in its own process group (or session), that is always reaped. Used for `runsc`, the
+// `nats-server` child of ferryd, and by tests to start ferryd itself.
 //
 // Threading: one owner thread; `signal_group()` and `pid()` may be called from any thread.
 
