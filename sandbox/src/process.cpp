@@ -263,6 +263,11 @@ result<child_process> child_process::spawn(const spawn_options& opts) {
                                                 target == 0 ? O_RDONLY : O_WRONLY, 0);
       case stdio::pipe:
         return add_pipe(target, target != 0, parent_end);
+      case stdio::file:
+        if (target == 0 || opts.file.empty())
+          return EINVAL;
+        return posix_spawn_file_actions_addopen(&sa.actions, target, opts.file.c_str(),
+                                                O_WRONLY | O_CREAT | O_APPEND, 0600);
     }
     return EINVAL;
   };
@@ -289,7 +294,9 @@ result<child_process> child_process::spawn(const spawn_options& opts) {
   sigdelset(&defaults, SIGKILL);
   sigdelset(&defaults, SIGSTOP);
   short flags = POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF;
-  if (opts.new_process_group)
+  if (opts.new_session)
+    flags |= POSIX_SPAWN_SETSID;
+  else if (opts.new_process_group)
     flags |= POSIX_SPAWN_SETPGROUP;
   posix_spawnattr_setflags(&sa.attr, flags);
   posix_spawnattr_setsigmask(&sa.attr, &empty);
@@ -320,7 +327,7 @@ result<child_process> child_process::spawn(const spawn_options& opts) {
 
   child_process c;
   c.pid_ = pid;
-  c.group_ = opts.new_process_group;
+  c.group_ = opts.new_process_group || opts.new_session;
   c.reap_mu_ = std::make_unique<std::mutex>();
   c.in_ = in_parent.release();
   c.out_ = out_parent.release();

@@ -1,25 +1,35 @@
 // The gVisor backend of sandbox_runtime (see ferry/sandbox/sandbox.h and ../README.md).
 //
-// One sandbox = one `runsc run` child in its own process group, whose stdout carries
-// ferry-init's frames and whose stderr carries runsc's (and ferry-init's) diagnostics. Its files
-// live in `sandboxes_dir/<id>/` (bundle/config.json + workspace/); creating that directory claims
-// the id, removing it is the last step before on_ended.
+// One sandbox = one runsc container started with `runsc run --detach` in a session of its own,
+// so that its processes (the Sentry, its ptrace stubs and the gofer) are not children of this
+// process and survive it. ferry-init, PID 1 inside, listens on a unix socket in the host
+// directory `sandboxes_dir/<id>/ctl/` (bind-mounted at /.ferry/ctl; `--host-uds=create` makes
+// the socket a real host socket); the reader thread of the sandbox object talks to it. Its files
+// live in `sandboxes_dir/<id>/`; creating that directory claims the id, removing it is the last
+// step before on_ended.
 //
-// Lifecycle of a sandbox, driven by its reader thread:
-//   starting --Hello--> running --Started--> command_started --Exited--> command_exited
-//   any state --Error / bad frame / runsc exits--> (teardown)
-// Teardown (always, exactly once): reap runsc, `runsc delete --force`, kill any runsc process
-// still naming the sandbox directory, remove the directory, then on_ended.
+// Lifecycle of a sandbox object, driven by its reader thread:
+//   (start) launching --runsc done--> connecting --Hello+Attach--> running
+//   (attach) connected by attach() --> running
+//   running --Started--> command_started --Exited--> command_exited --Release sent--> (EOF)
+//   any state --Error / bad frame / EOF / kill()--> (teardown)     detach() --> (released)
+// Teardown (exactly once unless released): make sure every host process of the sandbox has
+// exited (SIGKILL through pidfds), on_processes_gone, `runsc delete --force`, kill any runsc
+// process still naming the sandbox directory, remove the directory, then on_ended.
 
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cassert>
 #include <condition_variable>
+#include <cstring>
 #include <fstream>
 #include <mutex>
 #include <system_error>
@@ -40,9 +50,17 @@ using namespace std::chrono_literals;
 using steady = std::chrono::steady_clock;
 
 constexpr auto helper_timeout = 10s;        // runsc delete / runsc kill
+constexpr auto launch_timeout = 30s;        // runsc run --detach
 constexpr auto straggler_timeout = 2s;      // for processes to vanish after SIGKILL
-constexpr auto lingering_pipe_grace = 2s;   // runsc exited but something holds its pipes
-constexpr size_t stderr_tail_bytes = 4096;  // kept for failure reasons
+constexpr auto listen_timeout = 10s;        // from runsc run's return to ferry-init listening
+constexpr auto handshake_timeout = 10s;     // for each of Hello and the answer to Attach
+constexpr auto exit_grace = 5s;             // for the processes to exit after ferry-init did
+constexpr auto busy_retry = 2s;             // attach: for ferry-init to notice a departed host
+constexpr size_t log_tail_bytes = 4096;     // of runsc.log, for failure reasons
+// Inside the sandbox: where ferry-init is bound and where the control directory is mounted.
+constexpr std::string_view init_path = "/.ferry/init";
+constexpr std::string_view ctl_mount = "/.ferry/ctl";
+constexpr std::string_view socket_name = "init.sock";
 constexpr std::string_view default_path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 bool valid_id(std::string_view id) {
@@ -155,6 +173,8 @@ struct runsc_context {
   fs::path rootfs;
   fs::path init_binary;
   std::vector<fs::path> host_binds;    // host dirs bind-mounted read-only (host-tree root only)
+  uint64_t output_buffer_bytes = 0;
+  std::chrono::milliseconds linger{0};
 
   std::vector<std::string> command(std::initializer_list<std::string> args) const {
     std::vector<std::string> v{runsc};
@@ -182,7 +202,7 @@ struct runsc_context {
 /// for bind-mounting. Idempotent; safe to repeat while sandboxes use the tree.
 result<std::vector<fs::path>> prepare_host_tree(const fs::path& root) {
   std::error_code ec;
-  for (const char* d : {"usr", "proc", "tmp", "dev", "sys", "workspace", ".ferry", "etc"}) {
+  for (const char* d : {"usr", "proc", "tmp", "dev", "sys", "workspace", ".ferry", ".ferry/ctl", "etc"}) {
     fs::create_directories(root / d, ec);
     if (ec)
       return fail(fmt::format("cannot create {}: {}", (root / d).string(), ec.message()));
@@ -232,9 +252,18 @@ result<std::vector<fs::path>> prepare_host_tree(const fs::path& root) {
 }
 
 nlohmann::json make_config(const runsc_context& ctx, const sandbox_spec& spec,
-                           const fs::path& workspace) {
+                           const fs::path& workspace, const fs::path& ctl) {
   using nlohmann::json;
-  std::vector<std::string> args{"/.ferry/init", "--command-id", std::to_string(spec.command_id), "--"};
+  std::vector<std::string> args{std::string(init_path),
+                                "--command-id",
+                                std::to_string(spec.command_id),
+                                "--listen",
+                                fmt::format("{}/{}", ctl_mount, socket_name),
+                                "--linger-ms",
+                                std::to_string(ctx.linger.count()),
+                                "--buffer-bytes",
+                                std::to_string(ctx.output_buffer_bytes),
+                                "--"};
   args.insert(args.end(), spec.argv.begin(), spec.argv.end());
 
   std::vector<std::string> env{"PATH=" + std::string(default_path), "HOME=/workspace", "TERM=dumb"};
@@ -260,10 +289,17 @@ nlohmann::json make_config(const runsc_context& ctx, const sandbox_spec& spec,
                       {"source", host.string()},
                       {"options", {"rbind", "ro"}}});
   }
-  mounts.push_back({{"destination", "/.ferry/init"},
+  mounts.push_back({{"destination", std::string(init_path)},
                     {"type", "bind"},
                     {"source", ctx.init_binary.string()},
                     {"options", {"bind", "ro"}}});
+  // ferry-init's control socket; only ferry-init binds there (the command could too, being the
+  // same uid, which is why hosts check ferry-init's instance token), and no sandbox process can
+  // connect to a host socket (--host-uds=create, not open).
+  mounts.push_back({{"destination", std::string(ctl_mount)},
+                    {"type", "bind"},
+                    {"source", ctl.string()},
+                    {"options", {"rbind", "rw"}}});
   mounts.push_back({{"destination", "/workspace"},
                     {"type", "bind"},
                     {"source", workspace.string()},
@@ -289,26 +325,308 @@ nlohmann::json make_config(const runsc_context& ctx, const sandbox_spec& spec,
   };
 }
 
+// --- host processes of a sandbox, by pidfd --------------------------------------------------
+
+/// Owns one file descriptor.
+class unique_fd {
+ public:
+  unique_fd() = default;
+  explicit unique_fd(int fd) : fd_(fd) {}
+  unique_fd(unique_fd&& o) noexcept : fd_(o.release()) {}
+  unique_fd& operator=(unique_fd&& o) noexcept {
+    reset(o.release());
+    return *this;
+  }
+  ~unique_fd() { reset(); }
+  int get() const { return fd_; }
+  explicit operator bool() const { return fd_ >= 0; }
+  int release() { return std::exchange(fd_, -1); }
+  void reset(int fd = -1) {
+    if (fd_ >= 0)
+      ::close(fd_);
+    fd_ = fd;
+  }
+
+ private:
+  int fd_ = -1;
+};
+
+/// A host process held by a pidfd: signalling it can never hit a reused pid.
+struct held_process {
+  pid_t pid = 0;
+  unique_fd fd;
+
+  bool exited() const {
+    pollfd p{fd.get(), POLLIN, 0};
+    return ::poll(&p, 1, 0) > 0;
+  }
+  void sigkill() const { ::syscall(SYS_pidfd_send_signal, fd.get(), SIGKILL, nullptr, 0); }
+};
+
+std::optional<held_process> hold(pid_t pid) {
+  if (pid <= 0)
+    return std::nullopt;
+  int fd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+  if (fd < 0)
+    return std::nullopt;
+  return held_process{pid, unique_fd(fd)};
+}
+
+/// Holds `pid` if it is a live runsc process of the sandbox whose bundle is `bundle` (its command
+/// line names it). Checked after opening the pidfd, and the process still alive after the check:
+/// then the pidfd and the checked command line are the same process.
+std::optional<held_process> hold_runsc_process(pid_t pid, const std::string& bundle) {
+  auto p = hold(pid);
+  if (!p)
+    return std::nullopt;
+  const std::string cmdline = read_small_file(fs::path("/proc") / std::to_string(pid) / "cmdline");
+  const std::string argv0 = cmdline.substr(0, cmdline.find('\0'));
+  if (fs::path(argv0).filename().string().rfind("runsc", 0) != 0 ||
+      cmdline.find(bundle) == std::string::npos || p->exited())
+    return std::nullopt;
+  return p;
+}
+
+/// Parent pid from /proc/<pid>/stat; 0 if gone.
+pid_t parent_of(pid_t pid) {
+  const std::string stat = read_small_file(fs::path("/proc") / std::to_string(pid) / "stat");
+  auto paren = stat.rfind(')');
+  if (paren == std::string::npos || paren + 4 >= stat.size())
+    return 0;
+  // ") S <ppid> ..."
+  return static_cast<pid_t>(std::strtol(stat.c_str() + paren + 4, nullptr, 10));
+}
+
+/// Adds every live descendant of procs[0] (the Sentry's ptrace stubs) to `procs`, from the
+/// children lists of each process's threads. Each is checked to still be a child of its (live)
+/// parent after its pidfd was opened, so a pid reused meanwhile is never taken.
+void hold_descendants(std::vector<held_process>& procs) {
+  if (procs.empty())
+    return;
+  std::vector<size_t> queue{0};
+  for (size_t q = 0; q < queue.size() && procs.size() < 4096; ++q) {
+    const pid_t parent = procs[queue[q]].pid;
+    std::error_code ec;
+    std::vector<pid_t> kids;
+    const fs::path tasks = fs::path("/proc") / std::to_string(parent) / "task";
+    for (fs::directory_iterator it(tasks, ec), end; !ec && it != end; it.increment(ec)) {
+      const std::string list = read_small_file(it->path() / "children");
+      const char* p = list.c_str();
+      char* next = nullptr;
+      for (long v = std::strtol(p, &next, 10); next != p; v = std::strtol(p, &next, 10)) {
+        kids.push_back(static_cast<pid_t>(v));
+        p = next;
+      }
+    }
+    for (pid_t kid : kids) {
+      if (std::any_of(procs.begin(), procs.end(), [&](const held_process& h) { return h.pid == kid; }))
+        continue;
+      auto held = hold(kid);
+      if (held && parent_of(kid) == parent && !procs[queue[q]].exited()) {
+        procs.push_back(std::move(*held));
+        queue.push_back(procs.size() - 1);
+      }
+    }
+  }
+}
+
+/// SIGKILLs every process and waits until all have exited. False if some survive `timeout`.
+bool kill_and_wait(const std::vector<held_process>& procs, std::chrono::milliseconds timeout) {
+  for (const auto& p : procs)
+    p.sigkill();
+  const auto deadline = steady::now() + timeout;
+  std::vector<pollfd> fds;
+  for (const auto& p : procs)
+    fds.push_back({p.fd.get(), POLLIN, 0});
+  size_t alive = fds.size();
+  while (alive > 0) {
+    auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - steady::now());
+    if (left <= 0ms)
+      return false;
+    int r = ::poll(fds.data(), fds.size(), static_cast<int>(left.count()));
+    if (r < 0 && errno != EINTR)
+      return false;
+    for (auto& f : fds) {
+      if (f.fd >= 0 && f.revents) {
+        f.fd = -1;  // poll ignores negative fds
+        --alive;
+      }
+    }
+  }
+  return true;
+}
+
+/// Waits until every process has exited by itself. False if some still run after `timeout`.
+bool wait_exited(const std::vector<held_process>& procs, std::chrono::milliseconds timeout) {
+  const auto deadline = steady::now() + timeout;
+  for (const auto& p : procs) {
+    for (;;) {
+      auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - steady::now());
+      pollfd f{p.fd.get(), POLLIN, 0};
+      int r = ::poll(&f, 1, static_cast<int>(std::max(left, 0ms).count()));
+      if (r > 0)
+        break;
+      if (r == 0 || errno != EINTR)
+        return false;
+    }
+  }
+  return true;
+}
+
+/// The Sentry's and gofer's pids from runsc's state file (`<root>/<id>_sandbox:<id>.state`, a
+/// runsc-internal JSON document: `sandbox.pid`, `goferPid`).
+struct runsc_pids {
+  pid_t sandbox = 0;
+  pid_t gofer = 0;
+};
+
+std::optional<runsc_pids> read_runsc_state(const fs::path& state_dir, const std::string& id) {
+  const std::string text = read_small_file(state_dir / fmt::format("{}_sandbox:{}.state", id, id));
+  if (text.empty())
+    return std::nullopt;
+  auto j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_object())
+    return std::nullopt;
+  runsc_pids p;
+  if (auto s = j.find("sandbox"); s != j.end() && s->is_object()) {
+    if (auto pid = s->find("pid"); pid != s->end() && pid->is_number_integer())
+      p.sandbox = pid->get<pid_t>();
+  }
+  if (auto g = j.find("goferPid"); g != j.end() && g->is_number_integer())
+    p.gofer = g->get<pid_t>();
+  if (p.sandbox <= 0)
+    return std::nullopt;
+  return p;
+}
+
+/// The Sentry (first) and the gofer of sandbox `id`, held; empty if its Sentry is not alive.
+std::vector<held_process> hold_sandbox_processes(const runsc_context& ctx, const std::string& id) {
+  std::vector<held_process> procs;
+  auto pids = read_runsc_state(ctx.state_dir, id);
+  if (!pids)
+    return procs;
+  const std::string bundle = (ctx.sandboxes_dir / id / "bundle").string();
+  auto sentry = hold_runsc_process(pids->sandbox, bundle);
+  if (!sentry)
+    return procs;
+  procs.push_back(std::move(*sentry));
+  if (auto gofer = hold_runsc_process(pids->gofer, bundle))
+    procs.push_back(std::move(*gofer));
+  return procs;
+}
+
+/// Kills the held processes of a sandbox and the Sentry's descendants (procs[0] is the Sentry).
+bool kill_sandbox_processes(std::vector<held_process>& procs) {
+  hold_descendants(procs);
+  return kill_and_wait(procs, straggler_timeout);
+}
+
+/// Connects to ferry-init's control socket. errc::not_found when nothing listens there.
+result<unique_fd> connect_control(const fs::path& socket_path) {
+  unique_fd sock(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!sock)
+    return fail(fmt::format("socket: {}", std::generic_category().message(errno)));
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::string path = socket_path.string();
+  unique_fd dir;
+  if (path.size() >= sizeof addr.sun_path) {
+    // Too long for sun_path: go through the directory's fd.
+    dir.reset(::open(socket_path.parent_path().c_str(), O_PATH | O_CLOEXEC));
+    if (!dir)
+      return error_info{fmt::format("cannot open {}: {}", socket_path.parent_path().string(),
+                                    std::generic_category().message(errno)),
+                        errc::not_found};
+    path = fmt::format("/proc/self/fd/{}/{}", dir.get(), socket_path.filename().string());
+  }
+  std::memcpy(addr.sun_path, path.data(), path.size());
+  int r;
+  do {
+    r = ::connect(sock.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr);
+  } while (r != 0 && errno == EINTR);
+  if (r != 0) {
+    const int err = errno;
+    return error_info{fmt::format("cannot connect to {}: {}", socket_path.string(),
+                                  std::generic_category().message(err)),
+                      err == ENOENT || err == ECONNREFUSED ? errc::not_found : errc::failed};
+  }
+  return sock;
+}
+
+/// Last `n` bytes of a file (runsc.log), trimmed.
+std::string file_tail(const fs::path& path, size_t n) {
+  std::string s = read_small_file(path);
+  return trimmed(s.size() > n ? s.substr(s.size() - n) : s);
+}
+
+/// Sandbox ids held by sandbox objects of one runtime (started or attached, not yet ended or
+/// released): list_live and cleanup_orphans leave them alone, attach refuses them.
+class holder_registry {
+ public:
+  bool try_hold(const std::string& id) {
+    std::lock_guard lock(mu_);
+    return ids_.insert(id).second;
+  }
+  void release(const std::string& id) {
+    std::lock_guard lock(mu_);
+    ids_.erase(id);
+  }
+  bool held(const std::string& id) const {
+    std::lock_guard lock(mu_);
+    return ids_.count(id) > 0;
+  }
+
+ private:
+  mutable std::mutex mu_;
+  std::set<std::string> ids_;
+};
+
 // ---------------------------------------------------------------------------------------------
 
 class runsc_sandbox final : public sandbox {
  public:
-  runsc_sandbox(std::shared_ptr<const runsc_context> ctx, const sandbox_spec& spec, fs::path dir,
-                child_process runsc, sandbox_observer& observer)
+  /// `from`: the resume point (zeros for a new sandbox).
+  runsc_sandbox(std::shared_ptr<const runsc_context> ctx, std::shared_ptr<holder_registry> registry,
+                std::string id, const resume_point& from, sandbox_observer& observer)
       : ctx_(std::move(ctx)),
-        id_(spec.id),
-        command_id_(spec.command_id),
-        dir_(std::move(dir)),
-        runsc_(std::move(runsc)),
-        observer_(observer) {}
+        registry_(std::move(registry)),
+        id_(std::move(id)),
+        command_id_(from.command_id),
+        dir_(ctx_->sandboxes_dir / id_),
+        observer_(observer),
+        expected_{from.stdout_bytes, from.stderr_bytes} {}
 
-  /// Starts the reader thread; called once, right after construction.
-  void begin() { reader_ = std::thread([this] { run(); }); }
+  /// start(): launches the container and talks to it on the reader thread.
+  void begin_new() {
+    reader_ = std::thread([this] { run_new(); });
+  }
+
+  /// attach(): takes the sandbox's processes and a connected socket, and does the handshake
+  /// here (synchronously, so a refusal is attach()'s error and never kills the sandbox).
+  result<void> adopt(std::vector<held_process> procs, unique_fd sock) {
+    {
+      std::lock_guard lock(kill_mu_);
+      procs_ = std::move(procs);
+      procs_known_ = true;
+      sock_ = std::move(sock);
+    }
+    return handshake(/*new_sandbox=*/false);
+  }
+  void begin_attached() {
+    reader_ = std::thread([this] { run_attached(); });
+  }
+  /// A failed adopt(): let go without killing or reporting anything (the id stays held by
+  /// attach(), which releases it).
+  void abandon() {
+    detached_ = true;
+    close_socket();
+  }
 
   // REQUIRES: not called from this sandbox's observer (it joins the reader thread).
   ~runsc_sandbox() override {
     assert(std::this_thread::get_id() != reader_.get_id());
-    kill();
+    if (!detached_)
+      kill();
     if (reader_.joinable())
       reader_.join();
   }
@@ -316,116 +634,282 @@ class runsc_sandbox final : public sandbox {
   const std::string& id() const override { return id_; }
 
   void kill() override {
+    {
+      std::lock_guard lock(kill_mu_);
+      if (detached_ || reader_done_)
+        return;
+    }
     killed_by_owner_ = true;
-    kill_container();
+    const bool gone = kill_processes();
+    shutdown_socket();
+    if (!gone) {
+      // Still launching (the processes are not known yet): the reader kills them as soon as
+      // they are; wait for that, bounded.
+      std::unique_lock lock(kill_mu_);
+      gone_cv_.wait_for(lock, launch_timeout + straggler_timeout,
+                        [&] { return gone_at_.has_value() || reader_done_; });
+    }
+  }
+
+  void detach() override {
+    {
+      std::lock_guard lock(kill_mu_);
+      if (reader_done_)
+        return;
+      detached_ = true;
+      if (sock_)
+        ::shutdown(sock_.get(), SHUT_RDWR);
+    }
+    std::unique_lock lock(kill_mu_);
+    gone_cv_.wait(lock, [&] { return reader_done_; });
   }
 
   void wait() override {
-    std::unique_lock lock(mu_);
-    ended_cv_.wait(lock, [&] { return ended_; });
+    std::unique_lock lock(kill_mu_);
+    gone_cv_.wait(lock, [&] { return reader_done_; });
   }
 
  private:
-  enum class phase { starting, running, command_started, command_exited, init_failed };
+  enum class phase { launching, starting, running, command_started, command_exited, init_failed };
 
-  /// Kills every process of the container: `runsc kill --all`, or, if runsc cannot (the
-  /// container does not exist yet), SIGKILL to runsc's process group — the sandbox process runs
-  /// "attached" and dies with runsc. Idempotent; thread-safe.
-  void kill_container() {
+  // --- killing (any thread) ---
+
+  /// Kills every host process of the sandbox and waits until they are gone; records when.
+  /// Before the processes are known (launching) it only returns false. Idempotent; thread-safe.
+  bool kill_processes() {
     std::lock_guard lock(kill_mu_);
-    if (kill_sent_ || runsc_reaped_)
-      return;
-    kill_sent_ = true;
-    auto r = run_command(ctx_->command({"kill", "--all", id_, "KILL"}), helper_timeout);
-    if (!r || !r->status.ok())
-      runsc_.signal_group(SIGKILL);
+    if (gone_at_)
+      return true;
+    if (!procs_known_)
+      return false;
+    bool gone;
+    if (!procs_.empty()) {
+      gone = kill_sandbox_processes(procs_);
+    } else {
+      // No pidfds (no state file, no pidfd_open): the slow way.
+      (void)run_command(ctx_->command({"kill", "--all", id_, "KILL"}), helper_timeout);
+      gone = kill_stragglers(dir_);
+    }
+    if (gone)
+      gone_at_ = steady::now();
+    gone_cv_.notify_all();
+    return gone;
   }
 
-  // Reader thread.
-  void run() {
-    read_until_eof();
-    // runsc has closed its pipes; it is exiting (or already gone).
-    auto status = runsc_.wait_for(5s);
-    if (!status) {
-      runsc_.signal_group(SIGKILL);
-      status = runsc_.wait();
+  void shutdown_socket() {
+    std::lock_guard lock(kill_mu_);
+    if (sock_)
+      ::shutdown(sock_.get(), SHUT_RDWR);
+  }
+  void close_socket() {
+    std::lock_guard lock(kill_mu_);
+    sock_.reset();
+  }
+  bool stop_requested() const { return killed_by_owner_ || detached_; }
+
+  // --- reader thread ---
+
+  void run_new() {
+    if (auto r = launch(); !r) {
+      launch_failure_ = r.error().message;
+    } else if (!stop_requested()) {
+      if (auto c = connect_new(); !c) {
+        if (!stop_requested())
+          launch_failure_ = c.error().message;
+      } else if (auto h = handshake(/*new_sandbox=*/true); !h && !stop_requested() && !protocol_error_) {
+        protocol_error_ = h.error().message;
+      }
     }
+    if (!launch_failure_ && !protocol_error_ && !stop_requested())
+      read_frames();
+    finish();
+  }
+
+  void run_attached() {
+    read_frames();
+    finish();
+  }
+
+  /// `runsc run --detach` in a session of its own, its stdio (and so ferry-init's) to runsc.log.
+  result<void> launch() {
+    spawn_options o;
+    o.argv = ctx_->command({"run", "--detach", "--bundle", (dir_ / "bundle").string(), id_});
+    o.in = stdio::null;
+    o.out = stdio::file;
+    o.err = stdio::file;
+    o.file = dir_ / "runsc.log";
+    o.new_session = true;
+    auto runsc = child_process::spawn(o);
+    if (!runsc)
+      return runsc.error();
+    auto status = runsc->wait_for(launch_timeout);
+    if (!status) {
+      runsc->signal_group(SIGKILL);
+      runsc->wait();
+    }
+    // Whatever runsc left (a container, half or fully started) is ours to kill from here on.
+    std::vector<held_process> procs = hold_sandbox_processes(*ctx_, id_);
     {
       std::lock_guard lock(kill_mu_);
-      runsc_reaped_ = true;
+      procs_ = std::move(procs);
+      procs_known_ = true;
     }
-    if (!protocol_error_ && decoder_.pending() > 0)
-      protocol_error_ = fmt::format("stream ended inside a frame ({} bytes pending)", decoder_.pending());
-
-    std::string cleanup_error;
-    if (auto r = ctx_->delete_container(id_); !r)
-      cleanup_error = r.error().message;
-    if (!kill_stragglers(dir_) && cleanup_error.empty())
-      cleanup_error = fmt::format("runsc processes of {} survived SIGKILL", dir_.string());
-    std::error_code ec;
-    fs::remove_all(dir_, ec);
-    if (ec && cleanup_error.empty())
-      cleanup_error = fmt::format("cannot remove {}: {}", dir_.string(), ec.message());
-
-    observer_.on_ended(failure_reason(*status, cleanup_error));
-    {
-      std::lock_guard lock(mu_);
-      ended_ = true;
-    }
-    ended_cv_.notify_all();
+    if (killed_by_owner_)
+      kill_processes();
+    if (!status)
+      return fail(fmt::format("`runsc run` did not finish within {} s", launch_timeout.count()));
+    if (!status->ok())
+      return fail(fmt::format("runsc: {}", describe(*status)));
+    return {};
   }
 
-  void read_until_eof() {
-    pollfd fds[2] = {{runsc_.stdout_fd(), POLLIN, 0}, {runsc_.stderr_fd(), POLLIN, 0}};
-    std::vector<char> buf(wire::max_output_chunk + 4096);
-    std::optional<steady::time_point> runsc_exited_at;
-    while (fds[0].fd >= 0 || fds[1].fd >= 0) {
-      int r = ::poll(fds, 2, 100);
-      if (r < 0) {
-        if (errno == EINTR)
-          continue;
-        protocol_error_ = fmt::format("poll on runsc's pipes failed: {}", std::generic_category().message(errno));
-        kill_container();
+  /// Waits for ferry-init to listen and connects, while the Sentry lives.
+  result<void> connect_new() {
+    phase_ = phase::starting;
+    const auto deadline = steady::now() + listen_timeout;
+    for (;;) {
+      if (stop_requested())
+        return fail("stopped");
+      auto sock = connect_control(dir_ / "ctl" / std::string(socket_name));
+      if (sock) {
+        std::lock_guard lock(kill_mu_);
+        sock_ = std::move(*sock);
+        if (stop_requested())
+          ::shutdown(sock_.get(), SHUT_RDWR);
+        return {};
+      }
+      if (sock.error().code != errc::not_found)
+        return sock.error();
+      {
+        std::lock_guard lock(kill_mu_);
+        if (!procs_.empty() && procs_[0].exited())
+          return fail("the sandbox exited before ferry-init listened");
+      }
+      if (steady::now() > deadline)
+        return fail(fmt::format("ferry-init did not listen on its socket within {} s", listen_timeout.count()));
+      std::this_thread::sleep_for(2ms);
+    }
+  }
+
+  /// Reads until the decoder holds a message, with a deadline. Fails on EOF, timeout, bad frame.
+  result<void> read_message(steady::time_point deadline) {
+    for (;;) {
+      switch (decoder_.next()) {
+        case wire::frame_decoder::status::message:
+          return {};
+        case wire::frame_decoder::status::error:
+          return fail(decoder_.error_message());
+        case wire::frame_decoder::status::need_more:
+          break;
+      }
+      auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - steady::now());
+      if (left <= 0ms)
+        return fail("ferry-init did not answer in time");
+      pollfd p{sock_.get(), POLLIN, 0};
+      int r = ::poll(&p, 1, static_cast<int>(left.count()));
+      if (r < 0 && errno != EINTR)
+        return fail(fmt::format("poll: {}", std::generic_category().message(errno)));
+      if (r <= 0)
+        continue;
+      ssize_t n = ::recv(sock_.get(), buf_.data(), buf_.size(), 0);
+      if (n < 0 && errno == EINTR)
+        continue;
+      if (n <= 0)
+        return fail("ferry-init closed the connection");
+      decoder_.feed(buf_.data(), static_cast<size_t>(n));
+    }
+  }
+
+  result<void> send_frame(const std::string& frame) {
+    size_t off = 0;
+    while (off < frame.size()) {
+      ssize_t w = ::send(sock_.get(), frame.data() + off, frame.size() - off, MSG_NOSIGNAL);
+      if (w < 0 && errno == EINTR)
+        continue;
+      if (w < 0)
+        return fail(fmt::format("cannot write to ferry-init: {}", std::generic_category().message(errno)));
+      off += static_cast<size_t>(w);
+    }
+    return {};
+  }
+
+  /// Hello (checked against the instance token on file), Attach, and ferry-init's first answer
+  /// (Started, or Error), which is left in the decoder for dispatch.
+  result<void> handshake(bool new_sandbox) {
+    const auto instance_file = dir_ / "instance";
+    if (auto r = read_message(steady::now() + handshake_timeout); !r)
+      return fail(fmt::format("waiting for ferry-init's Hello: {}", r.error().message));
+    const v1::InitMessage& hello = *decoder_.msg();
+    if (hello.message_type() == v1::Message::Error) {
+      const auto* e = hello.message_as_Error();
+      std::string why = e->message() ? e->message()->str() : "(no message)";
+      return error_info{"ferry-init refused the connection: " + why,
+                        why.find("another host") != std::string::npos ? errc::busy : errc::failed};
+    }
+    if (hello.message_type() != v1::Message::Hello)
+      return fail(fmt::format("expected Hello, got message type {}", static_cast<int>(hello.message_type())));
+    const auto* h = hello.message_as_Hello();
+    if (h->protocol() != wire::socket_protocol)
+      return fail(fmt::format("unsupported ferry-init protocol {}", h->protocol()));
+    const std::string instance = h->instance() ? h->instance()->str() : std::string();
+    if (instance.size() != 32 || instance.find_first_not_of("0123456789abcdef") != std::string::npos)
+      return fail("Hello without a valid instance token");
+    // The first host records the token before its Attach starts the command; until then nothing
+    // but ferry-init runs in the sandbox, so a Hello with no token on file is ferry-init's.
+    const std::string recorded = read_small_file(instance_file);
+    if (!recorded.empty() && recorded != instance)
+      return fail("the process on the control socket is not this sandbox's ferry-init (instance token differs)");
+    if (recorded.empty()) {
+      if (auto r = write_file_atomically(instance_file, instance, fs::perms(0600)); !r)
+        return r.error();
+    }
+
+    flatbuffers::FlatBufferBuilder fbb;
+    auto a = v1::CreateAttach(fbb, wire::socket_protocol, command_id_, expected_[0], expected_[1]);
+    std::string frame;
+    wire::append_message(frame, fbb, v1::Message::Attach, a);
+    if (auto r = send_frame(frame); !r)
+      return r;
+    if (auto r = read_message(steady::now() + handshake_timeout); !r)
+      return fail(fmt::format("waiting for ferry-init's answer to Attach: {}", r.error().message));
+    const v1::InitMessage& answer = *decoder_.msg();
+    if (answer.message_type() == v1::Message::Error && !new_sandbox) {
+      const auto* e = answer.message_as_Error();
+      return fail("ferry-init refused the attach: " + (e->message() ? e->message()->str() : std::string("(no message)")));
+    }
+    pending_message_ = true;  // Started (or a start-up Error of a new sandbox): dispatched next
+    return {};
+  }
+
+  void read_frames() {
+    phase_ = phase::running;
+    observer_.on_running();
+    if (pending_message_) {
+      pending_message_ = false;
+      dispatch(*decoder_.msg());
+      drain_decoder();
+    }
+    while (!protocol_error_ && !stop_requested()) {
+      pollfd p{sock_.get(), POLLIN, 0};
+      int r = ::poll(&p, 1, 1000);
+      if (r < 0 && errno != EINTR) {
+        protocol_violation(fmt::format("poll on the control socket: {}", std::generic_category().message(errno)));
         return;
       }
-      if (r == 0) {
-        // Normally the pipes close when runsc exits; if something it left behind keeps them
-        // open, do not wait for it forever (teardown kills it).
-        if (!runsc_exited_at) {
-          if (runsc_.try_wait())
-            runsc_exited_at = steady::now();
-        } else if (steady::now() - *runsc_exited_at > lingering_pipe_grace) {
-          return;
-        }
+      if (r <= 0)
         continue;
-      }
-      for (int i = 0; i < 2; ++i) {
-        if (fds[i].fd < 0 || fds[i].revents == 0)
-          continue;
-        ssize_t n = ::read(fds[i].fd, buf.data(), buf.size());
-        if (n > 0) {
-          if (i == 0)
-            on_frame_bytes(buf.data(), static_cast<size_t>(n));
-          else
-            on_stderr_bytes(buf.data(), static_cast<size_t>(n));
-        } else if (n == 0 || (errno != EINTR && errno != EAGAIN)) {
-          fds[i].fd = -1;  // the fd itself stays owned (and is closed) by runsc_
-        }
-      }
+      ssize_t n = ::recv(sock_.get(), buf_.data(), buf_.size(), 0);
+      if (n < 0 && errno == EINTR)
+        continue;
+      if (n <= 0)
+        return;  // ferry-init ended (after Release, an Error, or the sandbox died), or kill/detach
+      decoder_.feed(buf_.data(), static_cast<size_t>(n));
+      drain_decoder();
     }
   }
 
-  void on_stderr_bytes(const char* p, size_t n) {
-    stderr_tail_.append(p, n);
-    if (stderr_tail_.size() > 2 * stderr_tail_bytes)
-      stderr_tail_.erase(0, stderr_tail_.size() - stderr_tail_bytes);
-  }
-
-  void on_frame_bytes(const char* p, size_t n) {
-    if (protocol_error_)
-      return;  // keep draining, stop interpreting
-    decoder_.feed(p, n);
-    for (;;) {
+  void drain_decoder() {
+    while (!protocol_error_) {
       switch (decoder_.next()) {
         case wire::frame_decoder::status::need_more:
           return;
@@ -434,15 +918,13 @@ class runsc_sandbox final : public sandbox {
           return;
         case wire::frame_decoder::status::message:
           dispatch(*decoder_.msg());
-          if (protocol_error_)
-            return;
       }
     }
   }
 
   void protocol_violation(std::string why) {
     protocol_error_ = std::move(why);
-    kill_container();
+    kill_processes();
   }
 
   bool check(bool ok, std::string_view what) {
@@ -453,15 +935,6 @@ class runsc_sandbox final : public sandbox {
 
   void dispatch(const v1::InitMessage& m) {
     switch (m.message_type()) {
-      case v1::Message::Hello: {
-        const auto* h = m.message_as_Hello();
-        if (!check(phase_ == phase::starting, "Hello after the sandbox was already running") ||
-            !check(h->protocol() == 1, fmt::format("unsupported ferry-init protocol {}", h->protocol())))
-          return;
-        phase_ = phase::running;
-        observer_.on_running();
-        return;
-      }
       case v1::Message::Started: {
         const auto* s = m.message_as_Started();
         if (!check(phase_ == phase::running, "Started before Hello or twice") ||
@@ -480,12 +953,30 @@ class runsc_sandbox final : public sandbox {
         const auto* o = m.message_as_Output();
         if (!check(phase_ == phase::command_started, "Output outside a running command") ||
             !check(o->command_id() == command_id_, fmt::format("Output for unknown command {}", o->command_id())) ||
-            !check(o->stream() <= 1, fmt::format("Output on unknown stream {}", o->stream())))
+            !check(o->stream() <= 1, fmt::format("Output on unknown stream {}", o->stream())) ||
+            !check(o->offset() == expected_[o->stream()],
+                   fmt::format("Output of stream {} at offset {}, expected {}", o->stream(), o->offset(),
+                               expected_[o->stream()])))
           return;
         std::string_view data;
         if (o->data())
           data = {reinterpret_cast<const char*>(o->data()->data()), o->data()->size()};
+        expected_[o->stream()] += data.size();
         observer_.on_output(o->command_id(), o->stream(), data);
+        return;
+      }
+      case v1::Message::OutputGap: {
+        const auto* g = m.message_as_OutputGap();
+        if (!check(phase_ == phase::command_started, "OutputGap outside a running command") ||
+            !check(g->command_id() == command_id_, fmt::format("OutputGap for unknown command {}", g->command_id())) ||
+            !check(g->stream() <= 1, fmt::format("OutputGap on unknown stream {}", g->stream())) ||
+            !check(g->offset() == expected_[g->stream()] && g->lost_bytes() > 0 &&
+                       g->lost_bytes() <= UINT64_MAX - expected_[g->stream()],
+                   fmt::format("OutputGap of stream {} at offset {} (+{}), expected offset {}", g->stream(),
+                               g->offset(), g->lost_bytes(), expected_[g->stream()])))
+          return;
+        expected_[g->stream()] += g->lost_bytes();
+        observer_.on_output_gap(g->command_id(), g->stream(), g->lost_bytes());
         return;
       }
       case v1::Message::Exited: {
@@ -495,6 +986,17 @@ class runsc_sandbox final : public sandbox {
           return;
         phase_ = phase::command_exited;
         observer_.on_command_exited(e->command_id(), e->exit_code(), e->signal(), e->duration_ms());
+        // Reported: ferry-init may end, and the sandbox with it.
+        flatbuffers::FlatBufferBuilder fbb;
+        auto f = v1::CreateRelease(fbb);
+        std::string frame;
+        wire::append_message(frame, fbb, v1::Message::Release, f);
+        if (!stop_requested()) {
+          if (auto r = send_frame(frame); !r)
+            protocol_violation("sending Release: " + r.error().message);
+          else
+            finish_sent_ = true;
+        }
         return;
       }
       case v1::Message::Error: {
@@ -503,29 +1005,96 @@ class runsc_sandbox final : public sandbox {
         phase_ = phase::init_failed;
         return;
       }
+      case v1::Message::Hello:
+        protocol_violation("Hello after the handshake");
+        return;
+      case v1::Message::Attach:
+      case v1::Message::Release:
+        protocol_violation(fmt::format("host message type {} from ferry-init", static_cast<int>(m.message_type())));
+        return;
       case v1::Message::NONE:
         break;
     }
     protocol_violation(fmt::format("unknown message type {}", static_cast<int>(m.message_type())));
   }
 
-  std::optional<std::string> failure_reason(const exit_status& runsc_status,
-                                            const std::string& cleanup_error) const {
+  /// After the reader loop: let go (detached), or tear down and report.
+  void finish() {
+    if (detached_) {
+      close_socket();
+      registry_->release(id_);
+      std::lock_guard lock(kill_mu_);
+      reader_done_ = true;
+      gone_cv_.notify_all();
+      return;
+    }
+    // Processes: after a normal end (Release sent, or ferry-init's Error) they exit by themselves;
+    // otherwise, or if they linger, they are killed.
+    const bool self_ending = (finish_sent_ || phase_ == phase::init_failed) && !protocol_error_;
+    if (self_ending) {
+      // Wait on duplicates of the pidfds, so kill() is not blocked meanwhile.
+      std::vector<held_process> watched;
+      {
+        std::lock_guard lock(kill_mu_);
+        if (!gone_at_) {
+          hold_descendants(procs_);
+          for (const auto& p : procs_)
+            watched.push_back(held_process{p.pid, unique_fd(::fcntl(p.fd.get(), F_DUPFD_CLOEXEC, 0))});
+        }
+      }
+      if (!watched.empty() &&
+          std::all_of(watched.begin(), watched.end(), [](const held_process& p) { return bool(p.fd); }) &&
+          wait_exited(watched, exit_grace)) {
+        std::lock_guard lock(kill_mu_);
+        if (!gone_at_)
+          gone_at_ = steady::now();
+      }
+    }
+    {
+      std::lock_guard lock(kill_mu_);
+      procs_known_ = true;  // a launch that failed before holding anything: the slow way
+    }
+    kill_processes();
+    std::optional<steady::time_point> gone_at;
+    {
+      std::lock_guard lock(kill_mu_);
+      gone_at = gone_at_;
+    }
+    close_socket();
+    if (gone_at)
+      observer_.on_processes_gone(*gone_at);
+
+    std::string cleanup_error;
+    const std::string log = file_tail(dir_ / "runsc.log", log_tail_bytes);
+    if (!gone_at)
+      cleanup_error = fmt::format("processes of sandbox {} survived SIGKILL", id_);
+    if (auto r = ctx_->delete_container(id_); !r && cleanup_error.empty())
+      cleanup_error = r.error().message;
+    if (!kill_stragglers(dir_) && cleanup_error.empty())
+      cleanup_error = fmt::format("runsc processes of {} survived SIGKILL", dir_.string());
+    std::error_code ec;
+    fs::remove_all(dir_, ec);
+    if (ec && cleanup_error.empty())
+      cleanup_error = fmt::format("cannot remove {}: {}", dir_.string(), ec.message());
+    registry_->release(id_);
+
+    observer_.on_ended(failure_reason(cleanup_error, log));
+    std::lock_guard lock(kill_mu_);
+    reader_done_ = true;
+    gone_cv_.notify_all();
+  }
+
+  std::optional<std::string> failure_reason(const std::string& cleanup_error, const std::string& log) const {
     if (protocol_error_)
       return "protocol error: " + *protocol_error_;
     if (!init_error_.empty())
       return "ferry-init: " + init_error_;
-    if (phase_ != phase::command_exited || !runsc_status.ok()) {
+    if (phase_ != phase::command_exited) {
       if (killed_by_owner_)
         return std::string("killed");
-      std::string tail = trimmed(stderr_tail_.size() > stderr_tail_bytes
-                                     ? stderr_tail_.substr(stderr_tail_.size() - stderr_tail_bytes)
-                                     : stderr_tail_);
-      if (phase_ == phase::starting)
-        return fmt::format("sandbox failed to start (runsc: {}): {}", describe(runsc_status), tail);
-      if (phase_ != phase::command_exited)
-        return fmt::format("sandbox ended before the command did (runsc: {}): {}", describe(runsc_status), tail);
-      return fmt::format("runsc failed after the command exited ({}): {}", describe(runsc_status), tail);
+      if (launch_failure_ || phase_ == phase::launching || phase_ == phase::starting)
+        return fmt::format("sandbox failed to start ({}): {}", launch_failure_.value_or("runsc"), log);
+      return fmt::format("sandbox ended before the command did: {}", log);
     }
     if (!cleanup_error.empty())
       return "cleanup failed: " + cleanup_error;
@@ -533,27 +1102,32 @@ class runsc_sandbox final : public sandbox {
   }
 
   const std::shared_ptr<const runsc_context> ctx_;
+  const std::shared_ptr<holder_registry> registry_;
   const std::string id_;
   const uint32_t command_id_;
   const fs::path dir_;
-  child_process runsc_;  // owned by the reader thread; other threads only call signal_group()
   sandbox_observer& observer_;
 
-  // Reader-thread state.
+  // Reader-thread state (and attach()'s, before the reader starts).
   wire::frame_decoder decoder_;
-  phase phase_ = phase::starting;
+  bool pending_message_ = false;  // decoder_.msg() not yet dispatched
+  uint64_t expected_[2];          // next offset of each stream
+  phase phase_ = phase::launching;
+  bool finish_sent_ = false;
+  std::optional<std::string> launch_failure_;
   std::optional<std::string> protocol_error_;
   std::string init_error_;
-  std::string stderr_tail_;
+  std::vector<char> buf_ = std::vector<char>(wire::max_output_chunk + 4096);
 
   std::atomic<bool> killed_by_owner_{false};
+  std::atomic<bool> detached_{false};
   std::mutex kill_mu_;
-  bool kill_sent_ = false;     // REQUIRES: kill_mu_
-  bool runsc_reaped_ = false;  // REQUIRES: kill_mu_
-
-  std::mutex mu_;
-  std::condition_variable ended_cv_;
-  bool ended_ = false;  // REQUIRES: mu_
+  std::condition_variable gone_cv_;
+  std::vector<held_process> procs_;  // REQUIRES: kill_mu_. Sentry first, then gofer, stubs
+  bool procs_known_ = false;         // REQUIRES: kill_mu_. launch (or adopt) is done
+  std::optional<steady::time_point> gone_at_;  // REQUIRES: kill_mu_
+  unique_fd sock_;  // REQUIRES: kill_mu_ to set, reset or shut down; the reader reads it freely
+  bool reader_done_ = false;  // REQUIRES: kill_mu_. on_ended delivered, or released
 
   std::thread reader_;
 };
@@ -579,85 +1153,172 @@ class runsc_runtime final : public sandbox_runtime {
     }
 
     const fs::path dir = ctx_->sandboxes_dir / spec.id;
+    // Held first, so that cleanup_orphans never takes the directory for a leftover.
+    if (!registry_->try_hold(spec.id))
+      return error_info{fmt::format("sandbox {} already exists (held by this runtime)", spec.id), errc::conflict};
     std::error_code ec;
     // Creating the directory claims the id; it exists until the sandbox has ended.
     if (!fs::create_directory(dir, ec)) {
+      registry_->release(spec.id);
       if (ec)
         return fail(fmt::format("sandbox {}: cannot create {}: {}", spec.id, dir.string(), ec.message()));
-      return fail(fmt::format("sandbox {} already exists ({} is present)", spec.id, dir.string()));
+      return error_info{fmt::format("sandbox {} already exists ({} is present)", spec.id, dir.string()),
+                        errc::conflict};
     }
-    auto started = launch(spec, dir, observer);
-    if (!started)
+    if (auto r = prepare(spec, dir); !r) {
       fs::remove_all(dir, ec);
-    return started;
+      registry_->release(spec.id);
+      return r.error();
+    }
+    resume_point from;
+    from.command_id = spec.command_id;
+    auto sb = std::make_unique<runsc_sandbox>(ctx_, registry_, spec.id, from, observer);
+    sb->begin_new();
+    return std::unique_ptr<sandbox>(std::move(sb));
   }
 
-  result<size_t> cleanup_orphans() override {
-    size_t cleaned = 0;
+  result<std::unique_ptr<sandbox>> attach(const std::string& id, const resume_point& from,
+                                          sandbox_observer& observer) override {
+    if (!valid_id(id))
+      return error_info{fmt::format("invalid sandbox id `{}`", id.substr(0, 80)), errc::invalid_argument};
+    const fs::path dir = ctx_->sandboxes_dir / id;
     std::error_code ec;
-    std::vector<fs::path> dirs;
-    for (fs::directory_iterator it(ctx_->sandboxes_dir, ec), end; !ec && it != end; it.increment(ec)) {
-      std::error_code type_ec;
-      if (it->is_directory(type_ec) && valid_id(it->path().filename().string()))
-        dirs.push_back(it->path());
+    if (!fs::is_directory(dir, ec))
+      return error_info{fmt::format("sandbox {}: no such sandbox ({} is absent)", id, dir.string()), errc::not_found};
+    if (!registry_->try_hold(id))
+      return error_info{fmt::format("sandbox {} is held by this runtime", id), errc::busy};
+    // A host that has just let go (detach, or a crash) may not have been noticed yet by
+    // ferry-init, which refuses a second host: retry a busy refusal for a moment.
+    const auto deadline = steady::now() + busy_retry;
+    for (;;) {
+      auto sb = try_attach(id, dir, from, observer);
+      if (sb || sb.error().code != errc::busy || steady::now() > deadline) {
+        if (!sb)
+          registry_->release(id);
+        return sb;
+      }
+      std::this_thread::sleep_for(20ms);
     }
-    if (ec)
-      return fail(fmt::format("cannot list {}: {}", ctx_->sandboxes_dir.string(), ec.message()));
-    for (const auto& dir : dirs) {
+  }
+
+  result<std::vector<std::string>> list_live() override {
+    auto dirs = leftover_dirs();
+    if (!dirs)
+      return dirs.error();
+    std::vector<std::string> live;
+    for (const auto& dir : *dirs) {
       const std::string id = dir.filename().string();
-      // The orphan's `runsc run` may still be alive (its parent died, not it): kill the
-      // container and every runsc process of it first, then `delete` finds nothing running.
-      (void)run_command(ctx_->command({"kill", "--all", id, "KILL"}), helper_timeout);
-      if (!kill_stragglers(dir))
-        return fail(fmt::format("cleaning up orphan sandbox {}: its runsc processes survived SIGKILL", id));
-      if (auto r = ctx_->delete_container(id); !r)
-        return fail(fmt::format("cleaning up orphan sandbox {}: {}", id, r.error().message));
-      fs::remove_all(dir, ec);
-      if (ec)
-        return fail(fmt::format("cleaning up orphan sandbox {}: cannot remove {}: {}", id, dir.string(), ec.message()));
+      std::error_code ec;
+      if (!hold_sandbox_processes(*ctx_, id).empty() &&
+          fs::exists(dir / "ctl" / std::string(socket_name), ec))
+        live.push_back(id);
+    }
+    std::sort(live.begin(), live.end());
+    return live;
+  }
+
+  result<size_t> cleanup_orphans(const std::set<std::string>& keep) override {
+    auto dirs = leftover_dirs();
+    if (!dirs)
+      return dirs.error();
+    size_t cleaned = 0;
+    for (const auto& dir : *dirs) {
+      const std::string id = dir.filename().string();
+      if (keep.count(id) > 0 || !registry_->try_hold(id))
+        continue;
+      auto r = remove_orphan(id, dir);
+      registry_->release(id);
+      if (!r)
+        return r.error();
       ++cleaned;
     }
     return cleaned;
   }
 
  private:
-  result<std::unique_ptr<sandbox>> launch(const sandbox_spec& spec, const fs::path& dir,
-                                          sandbox_observer& observer) {
+  // REQUIRES: `id` held in registry_ by the caller (released by the caller on failure).
+  result<std::unique_ptr<sandbox>> try_attach(const std::string& id, const fs::path& dir, const resume_point& from,
+                                              sandbox_observer& observer) {
+    auto procs = hold_sandbox_processes(*ctx_, id);
+    if (procs.empty())
+      return error_info{fmt::format("sandbox {} is gone (its Sentry is not running)", id), errc::not_found};
+    auto sock = connect_control(dir / "ctl" / std::string(socket_name));
+    if (!sock)
+      return error_info{fmt::format("sandbox {}: {}", id, sock.error().message), sock.error().code};
+    auto sb = std::make_unique<runsc_sandbox>(ctx_, registry_, id, from, observer);
+    if (auto r = sb->adopt(std::move(procs), std::move(*sock)); !r) {
+      sb->abandon();
+      return error_info{fmt::format("attaching to sandbox {}: {}", id, r.error().message), r.error().code};
+    }
+    sb->begin_attached();
+    return std::unique_ptr<sandbox>(std::move(sb));
+  }
+
+  /// Sandbox directories not held by this runtime.
+  result<std::vector<fs::path>> leftover_dirs() const {
+    std::error_code ec;
+    std::vector<fs::path> dirs;
+    for (fs::directory_iterator it(ctx_->sandboxes_dir, ec), end; !ec && it != end; it.increment(ec)) {
+      std::error_code type_ec;
+      const std::string id = it->path().filename().string();
+      if (it->is_directory(type_ec) && valid_id(id) && !registry_->held(id))
+        dirs.push_back(it->path());
+    }
+    if (ec)
+      return fail(fmt::format("cannot list {}: {}", ctx_->sandboxes_dir.string(), ec.message()));
+    return dirs;
+  }
+
+  result<void> remove_orphan(const std::string& id, const fs::path& dir) const {
+    auto procs = hold_sandbox_processes(*ctx_, id);
+    if (!procs.empty()) {
+      if (!kill_sandbox_processes(procs))
+        return fail(fmt::format("cleaning up orphan sandbox {}: its processes survived SIGKILL", id));
+    } else {
+      // No state to go by (or its Sentry is gone): whatever runsc still has of it.
+      (void)run_command(ctx_->command({"kill", "--all", id, "KILL"}), helper_timeout);
+    }
+    if (!kill_stragglers(dir))
+      return fail(fmt::format("cleaning up orphan sandbox {}: its runsc processes survived SIGKILL", id));
+    if (auto r = ctx_->delete_container(id); !r)
+      return fail(fmt::format("cleaning up orphan sandbox {}: {}", id, r.error().message));
+    std::error_code ec;
+    fs::remove_all(dir, ec);
+    if (ec)
+      return fail(fmt::format("cleaning up orphan sandbox {}: cannot remove {}: {}", id, dir.string(), ec.message()));
+    return {};
+  }
+
+  /// Bundle, workspace and control directory of a new sandbox.
+  result<void> prepare(const sandbox_spec& spec, const fs::path& dir) const {
     std::error_code ec;
     const fs::path bundle = dir / "bundle";
     const fs::path workspace = dir / "workspace";
-    fs::create_directory(bundle, ec);
-    if (!ec)
-      fs::create_directory(workspace, ec);
+    const fs::path ctl = dir / "ctl";
+    for (const auto& d : {bundle, workspace, ctl}) {
+      if (!ec)
+        fs::create_directory(d, ec);
+    }
     if (!ec)
       fs::permissions(workspace, fs::perms(0755), ec);
+    if (!ec)
+      fs::permissions(ctl, fs::perms(0700), ec);
     if (ec)
       return fail(fmt::format("sandbox {}: cannot create its directories under {}: {}", spec.id, dir.string(), ec.message()));
     std::string config;
     try {
-      config = make_config(*ctx_, spec, workspace).dump(2);
+      config = make_config(*ctx_, spec, workspace, ctl).dump(2);
     } catch (const nlohmann::json::exception&) {
       return fail(fmt::format("sandbox {}: argv and env must be valid UTF-8 (they go into the OCI "
                               "config.json)", spec.id));
     }
     if (auto r = write_file_atomically(bundle / "config.json", config, fs::perms(0644)); !r)
       return fail(fmt::format("sandbox {}: {}", spec.id, r.error().message));
-
-    spawn_options o;
-    o.argv = ctx_->command({"run", "--bundle", bundle.string(), spec.id});
-    o.in = stdio::null;
-    o.out = stdio::pipe;
-    o.err = stdio::pipe;
-    o.new_process_group = true;
-    auto runsc = child_process::spawn(o);
-    if (!runsc)
-      return fail(fmt::format("sandbox {}: {}", spec.id, runsc.error().message));
-    auto sb = std::make_unique<runsc_sandbox>(ctx_, spec, dir, std::move(*runsc), observer);
-    sb->begin();
-    return std::unique_ptr<sandbox>(std::move(sb));
+    return {};
   }
 
   const std::shared_ptr<const runsc_context> ctx_;
+  const std::shared_ptr<holder_registry> registry_ = std::make_shared<holder_registry>();
 };
 
 }  // namespace
@@ -695,7 +1356,17 @@ result<std::unique_ptr<sandbox_runtime>> make_runsc_runtime(runsc_options opts) 
       return fail(fmt::format("runsc runtime: root filesystem {} is not a directory", ctx->rootfs.string()));
   }
 
-  ctx->global = {"--root", ctx->state_dir.string(), "--network=none"};
+  if (opts.output_buffer_bytes < wire::max_output_chunk)
+    return fail(fmt::format("runsc runtime: output_buffer_bytes {} is below the minimum of {}",
+                            opts.output_buffer_bytes, wire::max_output_chunk));
+  if (opts.linger.count() <= 0)
+    return fail("runsc runtime: linger must be positive");
+  ctx->output_buffer_bytes = opts.output_buffer_bytes;
+  ctx->linger = opts.linger;
+
+  // --host-uds=create: ferry-init's listening socket in ctl/ is a real host socket (sandbox
+  // processes may create host sockets in their rw bind mounts, but never connect to one).
+  ctx->global = {"--root", ctx->state_dir.string(), "--network=none", "--host-uds=create"};
   if (opts.ignore_cgroups)
     ctx->global.emplace_back("--ignore-cgroups");
   ctx->global.insert(ctx->global.end(), opts.extra_flags.begin(), opts.extra_flags.end());

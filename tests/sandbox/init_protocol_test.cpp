@@ -5,8 +5,12 @@
 // frame decoder fed hostile input. Pins the wire behaviour the runsc backend relies on.
 
 #include <signal.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 
+#include <cstring>
 #include <random>
+#include <thread>
 
 #include <flatbuffers/flatbuffers.h>
 
@@ -18,6 +22,7 @@ using namespace ferry::sandbox;
 using namespace std::chrono_literals;
 namespace v1 = ferry::init::v1;
 using ferry::wire::frame_decoder;
+namespace fs = std::filesystem;
 
 namespace {
 
@@ -31,6 +36,7 @@ struct event {
   std::vector<std::string> argv;
   int32_t exit_code = 0, signal = 0;
   uint64_t duration_ms = 0;
+  uint64_t offset = 0, lost_bytes = 0;  // Output, OutputGap
 };
 
 event flatten(const v1::InitMessage& m) {
@@ -55,6 +61,7 @@ event flatten(const v1::InitMessage& m) {
       e.stream = o->stream();
       if (o->data())
         e.data.assign(reinterpret_cast<const char*>(o->data()->data()), o->data()->size());
+      e.offset = o->offset();
       break;
     }
     case v1::Message::Exited: {
@@ -68,7 +75,15 @@ event flatten(const v1::InitMessage& m) {
     case v1::Message::Error:
       e.data = m.message_as_Error()->message() ? m.message_as_Error()->message()->str() : "";
       break;
-    case v1::Message::NONE:
+    case v1::Message::OutputGap: {
+      auto* g = m.message_as_OutputGap();
+      e.command_id = g->command_id();
+      e.stream = g->stream();
+      e.offset = g->offset();
+      e.lost_bytes = g->lost_bytes();
+      break;
+    }
+    default:  // NONE, and the host's messages (Attach, Release)
       break;
   }
   return e;
@@ -207,9 +222,12 @@ BOOST_AUTO_TEST_CASE(large_output_arrives_complete_in_bounded_chunks) {
   for (int i = 1; i <= 180000; ++i)
     expected += std::to_string(i) + "\n";
   size_t chunks = 0;
+  uint64_t offset = 0;
   for (const auto& e : r.events) {
     if (e.type == v1::Message::Output) {
       ++chunks;
+      BOOST_TEST(e.offset == offset);  // contiguous: each chunk starts where the last ended
+      offset += e.data.size();
       BOOST_TEST(e.data.size() <= ferry::wire::max_output_chunk);
       BOOST_TEST(!e.data.empty());
     }
@@ -374,4 +392,323 @@ BOOST_AUTO_TEST_CASE(decoder_survives_every_single_byte_corruption) {
     }
   }
   BOOST_TEST(errors > 0);
+}
+
+// --- socket mode (--listen): what every runsc sandbox runs ------------------------------------
+
+namespace {
+
+/// ferry-init in socket mode on the host, listening in a temp dir.
+struct listening_init {
+  testing::temp_dir tmp;
+  fs::path socket = tmp.path() / "init.sock";
+  std::optional<child_process> proc;
+
+  explicit listening_init(std::vector<std::string> command, std::vector<std::string> flags = {}) {
+    std::vector<std::string> args{"--listen", socket.string()};
+    args.insert(args.end(), flags.begin(), flags.end());
+    args.push_back("--");
+    args.insert(args.end(), command.begin(), command.end());
+    auto o = init_options(args);
+    o.out = stdio::null;
+    o.err = stdio::pipe;
+    auto c = child_process::spawn(o);
+    BOOST_REQUIRE_MESSAGE(c.ok(), (c.ok() ? "" : c.error().message));
+    proc.emplace(std::move(*c));
+    for (auto deadline = std::chrono::steady_clock::now() + 10s; !fs::exists(socket);) {
+      BOOST_REQUIRE_MESSAGE(std::chrono::steady_clock::now() < deadline, "ferry-init did not listen");
+      std::this_thread::sleep_for(5ms);
+    }
+  }
+
+  /// A new connection (closed by the returned object).
+  struct conn {
+    int fd = -1;
+    frame_decoder decoder;
+    explicit conn(int f) : fd(f) {}
+    conn(const conn&) = delete;
+    ~conn() {
+      if (fd >= 0)
+        ::close(fd);
+    }
+    void send(const std::string& bytes) const {
+      BOOST_REQUIRE(::send(fd, bytes.data(), bytes.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(bytes.size()));
+    }
+    /// The next message; nullopt at EOF (or on timeout: a failed check says which).
+    std::optional<event> next(std::chrono::milliseconds timeout = 10s) {
+      const auto deadline = std::chrono::steady_clock::now() + timeout;
+      for (;;) {
+        auto st = decoder.next();
+        if (st == frame_decoder::status::message)
+          return flatten(*decoder.msg());
+        BOOST_REQUIRE_MESSAGE((st == frame_decoder::status::need_more), decoder.error_message());
+        if (std::chrono::steady_clock::now() > deadline) {
+          BOOST_TEST_FAIL("no message from ferry-init in time");
+          return std::nullopt;
+        }
+        pollfd p{fd, POLLIN, 0};
+        if (::poll(&p, 1, 50) <= 0)
+          continue;
+        char buf[65536];
+        ssize_t n = ::recv(fd, buf, sizeof buf, 0);
+        if (n <= 0)
+          return std::nullopt;
+        decoder.feed(buf, static_cast<size_t>(n));
+      }
+    }
+  };
+
+  std::unique_ptr<conn> connect() const {
+    int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::memcpy(addr.sun_path, socket.c_str(), socket.string().size());
+    BOOST_REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+    return std::make_unique<conn>(fd);
+  }
+};
+
+std::string attach_frame(uint64_t out, uint64_t err, uint32_t command_id = 1, uint16_t protocol = 2) {
+  flatbuffers::FlatBufferBuilder fbb;
+  auto a = v1::CreateAttach(fbb, protocol, command_id, out, err);
+  std::string frame;
+  ferry::wire::append_message(frame, fbb, v1::Message::Attach, a);
+  return frame;
+}
+
+std::string release_frame() {
+  flatbuffers::FlatBufferBuilder fbb;
+  auto r = v1::CreateRelease(fbb);
+  std::string frame;
+  ferry::wire::append_message(frame, fbb, v1::Message::Release, r);
+  return frame;
+}
+
+/// Reads messages up to and including Exited (or EOF); checks each stream's offsets are
+/// contiguous from `from` (gaps included) and returns what came.
+struct story {
+  std::vector<event> events;
+  std::string out[2];
+  uint64_t lost[2] = {0, 0};
+  std::optional<event> exited;
+};
+story read_story(listening_init::conn& c, uint64_t from_out = 0, uint64_t from_err = 0) {
+  story s;
+  uint64_t at[2] = {from_out, from_err};
+  while (auto e = c.next()) {
+    s.events.push_back(*e);
+    if (e->type == v1::Message::Output) {
+      BOOST_TEST(e->offset == at[e->stream]);
+      at[e->stream] += e->data.size();
+      s.out[e->stream] += e->data;
+    } else if (e->type == v1::Message::OutputGap) {
+      BOOST_TEST(e->offset == at[e->stream]);
+      at[e->stream] += e->lost_bytes;
+      s.lost[e->stream] += e->lost_bytes;
+    } else if (e->type == v1::Message::Exited) {
+      s.exited = e;
+      break;
+    }
+  }
+  return s;
+}
+
+bool is_hex_token(const std::string& s) {
+  return s.size() == 32 && s.find_first_not_of("0123456789abcdef") == std::string::npos;
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(socket_mode_starts_the_command_on_the_first_attach_and_ends_on_release) {
+  testing::temp_dir marker_dir;
+  const auto marker = marker_dir.path() / "ran";
+  listening_init init({"/bin/sh", "-c", "touch " + marker.string() + "; echo out; echo err >&2; exit 4"});
+  auto c = init.connect();
+  auto hello = c->next();
+  BOOST_REQUIRE(hello);
+  BOOST_TEST((hello->type == v1::Message::Hello));
+  std::this_thread::sleep_for(200ms);
+  BOOST_TEST(!fs::exists(marker));  // nothing runs before a host has attached
+  c->send(attach_frame(0, 0));
+  auto s = read_story(*c);
+  BOOST_REQUIRE(!s.events.empty());
+  BOOST_TEST((s.events.front().type == v1::Message::Started));
+  BOOST_TEST(s.out[0] == "out\n");
+  BOOST_TEST(s.out[1] == "err\n");
+  BOOST_REQUIRE(s.exited);
+  BOOST_TEST(s.exited->exit_code == 4);
+  BOOST_TEST(fs::exists(marker));
+  BOOST_TEST(!init.proc->try_wait().has_value());  // waits for Release
+  c->send(release_frame());
+  BOOST_TEST(!c->next(5s));  // EOF: ferry-init ended
+  auto st = init.proc->wait_for(5s);
+  BOOST_REQUIRE(st);
+  BOOST_TEST(st->ok());
+}
+
+BOOST_AUTO_TEST_CASE(socket_mode_hello_carries_the_same_instance_token_on_every_connection) {
+  listening_init init({"sleep", "100"});
+  std::string first;
+  for (int i = 0; i < 3; ++i) {
+    auto c = init.connect();
+    auto hello = c->next();
+    BOOST_REQUIRE(hello);
+    auto* h = c->decoder.msg()->message_as_Hello();
+    BOOST_REQUIRE(h);
+    BOOST_TEST(h->protocol() == 2);
+    const std::string token = h->instance() ? h->instance()->str() : "";
+    BOOST_TEST(is_hex_token(token), token);
+    if (i == 0)
+      first = token;
+    BOOST_TEST(token == first);
+  }
+  listening_init other({"sleep", "100"});
+  auto c = other.connect();
+  BOOST_REQUIRE(c->next());
+  BOOST_TEST(c->decoder.msg()->message_as_Hello()->instance()->str() != first);
+}
+
+BOOST_AUTO_TEST_CASE(socket_mode_refuses_bad_hosts_and_carries_on) {
+  listening_init init({"/bin/sh", "-c", "echo hi; sleep 100"});
+  auto refused = [&](const std::string& bytes, const std::string& needle) {
+    auto c = init.connect();
+    BOOST_REQUIRE(c->next());  // Hello
+    c->send(bytes);
+    auto e = c->next();
+    if (!needle.empty()) {
+      BOOST_REQUIRE(e);
+      BOOST_TEST((e->type == v1::Message::Error));
+      BOOST_TEST(e->data.find(needle) != std::string::npos, e->data);
+      e = c->next();
+    }
+    BOOST_TEST(!e.has_value());  // closed
+    BOOST_TEST(!init.proc->try_wait().has_value());
+  };
+  refused(attach_frame(0, 0, 7), "no command 7");
+  refused(attach_frame(0, 0, 1, 1), "unsupported host protocol 1");
+  refused(attach_frame(5, 0), "beyond");  // nothing written yet: the command has not started
+  refused(release_frame(), "Release before Exited");
+  refused(hello_frame(), "unexpected message type");
+  refused(le32(0) + "xxxx", "");             // garbage: dropped without a word
+  refused(std::string(4, '\xff'), "");
+  refused(le32(12) + std::string(12, 'z'), "");
+
+  auto host = init.connect();
+  BOOST_REQUIRE(host->next());
+  host->send(attach_frame(0, 0));
+  auto started = host->next();
+  BOOST_REQUIRE(started);
+  BOOST_TEST((started->type == v1::Message::Started));
+  auto out = host->next();
+  BOOST_REQUIRE(out);
+  BOOST_TEST(out->data == "hi\n");
+
+  // One host at a time: a second one gets Error instead of Hello.
+  auto second = init.connect();
+  auto e = second->next();
+  BOOST_REQUIRE(e);
+  BOOST_TEST((e->type == v1::Message::Error));
+  BOOST_TEST(e->data.find("another host") != std::string::npos);
+  BOOST_TEST(!second->next().has_value());
+  // The first one is undisturbed; once it is gone, a new host may attach and resume.
+  host.reset();
+  std::this_thread::sleep_for(100ms);
+  auto third = init.connect();
+  BOOST_REQUIRE(third->next());
+  third->send(attach_frame(3, 0));
+  auto again = third->next();
+  BOOST_REQUIRE(again);
+  BOOST_TEST((again->type == v1::Message::Started));  // replayed for every host
+  third->send(attach_frame(0, 0));                     // Attach twice: refused
+  auto err = third->next();
+  BOOST_REQUIRE(err);
+  BOOST_TEST(err->data.find("Attach sent twice") != std::string::npos);
+}
+
+BOOST_AUTO_TEST_CASE(socket_mode_keeps_draining_without_a_host_and_reports_what_it_dropped) {
+  testing::temp_dir marker_dir;
+  const auto done = marker_dir.path() / "done";
+  std::string all;
+  for (int i = 1; i <= 50000; ++i)
+    all += std::to_string(i) + "\n";
+  listening_init init({"/bin/sh", "-c", "sleep 0.3; seq 1 50000; echo e >&2; touch " + done.string()},
+                      {"--buffer-bytes", "65536", "--linger-ms", "20000"});
+  {
+    auto c = init.connect();
+    BOOST_REQUIRE(c->next());
+    c->send(attach_frame(0, 0));
+    auto started = c->next();
+    BOOST_REQUIRE(started);
+    BOOST_TEST((started->type == v1::Message::Started));
+  }  // the host goes away before the output comes
+  for (auto deadline = std::chrono::steady_clock::now() + 20s; !fs::exists(done);) {
+    BOOST_REQUIRE(std::chrono::steady_clock::now() < deadline);
+    std::this_thread::sleep_for(10ms);
+  }
+  std::this_thread::sleep_for(100ms);
+  {
+    auto c = init.connect();
+    BOOST_REQUIRE(c->next());
+    c->send(attach_frame(0, 0));
+    auto s = read_story(*c);
+    BOOST_REQUIRE(s.exited);
+    BOOST_TEST(s.lost[0] > 0u);
+    BOOST_TEST(s.lost[0] + s.out[0].size() == all.size());
+    BOOST_TEST(s.out[0].size() >= 65536u);  // at least the buffer's worth is kept
+    BOOST_TEST(s.out[0].size() <= 2u * 65536u);
+    BOOST_TEST((s.out[0] == all.substr(all.size() - s.out[0].size())));
+    BOOST_TEST(s.lost[1] == 0u);
+    BOOST_TEST(s.out[1] == "e\n");
+  }  // gone again without Release: ferry-init lingers
+  {
+    // Resume from the middle of what is kept: exactly the rest, no gap.
+    auto c = init.connect();
+    BOOST_REQUIRE(c->next());
+    c->send(attach_frame(all.size() - 10, 2));
+    auto s = read_story(*c, all.size() - 10, 2);
+    BOOST_REQUIRE(s.exited);
+    BOOST_TEST(s.lost[0] == 0u);
+    BOOST_TEST(s.out[0] == all.substr(all.size() - 10));
+    BOOST_TEST(s.out[1] == "");
+    c->send(release_frame());
+    BOOST_TEST(!c->next(5s));
+  }
+  auto st = init.proc->wait_for(5s);
+  BOOST_REQUIRE(st);
+  BOOST_TEST(st->ok());
+}
+
+BOOST_AUTO_TEST_CASE(socket_mode_applies_backpressure_while_a_host_is_attached) {
+  // The host reads nothing for a while: the command must block rather than lose output.
+  listening_init init({"/bin/sh", "-c", "seq 1 200000"}, {"--buffer-bytes", "65536"});
+  std::string all;
+  for (int i = 1; i <= 200000; ++i)
+    all += std::to_string(i) + "\n";
+  auto c = init.connect();
+  BOOST_REQUIRE(c->next());
+  c->send(attach_frame(0, 0));
+  std::this_thread::sleep_for(1s);  // socket buffers fill, then ferry-init stops reading
+  auto s = read_story(*c);
+  BOOST_REQUIRE(s.exited);
+  BOOST_TEST(s.lost[0] == 0u);
+  BOOST_TEST(s.out[0].size() == all.size());
+  BOOST_TEST((s.out[0] == all));
+  c->send(release_frame());
+}
+
+BOOST_AUTO_TEST_CASE(socket_mode_gives_up_after_lingering_without_a_host) {
+  listening_init init({"true"}, {"--linger-ms", "300"});
+  {
+    auto c = init.connect();
+    BOOST_REQUIRE(c->next());
+    c->send(attach_frame(0, 0));
+    auto s = read_story(*c);
+    BOOST_REQUIRE(s.exited);
+  }  // no Release
+  auto st = init.proc->wait_for(10s);
+  BOOST_REQUIRE(st);
+  BOOST_TEST(st->exit_code == 3);
+  auto diagnostics = testing::read_until_eof(init.proc->stderr_fd(), 5s);
+  BOOST_REQUIRE(diagnostics);
+  BOOST_TEST(diagnostics->find("giving up") != std::string::npos, *diagnostics);
 }

@@ -1,7 +1,7 @@
 #pragma once
-// ferry::sandbox::child_process — a child process with optional pipes, in its own process group,
-// that is always reaped. Used for `runsc`, the `nats-server` child of ferryd, and by tests to
-// start ferryd itself.
+// ferry::sandbox::child_process — a child process with optional pipes (or an append-only log
+// file), in its own process group (or session), that is always reaped. Used for `runsc`, the
+// `nats-server` child of ferryd, and by tests to start ferryd itself.
 //
 // Threading: one owner thread; `signal_group()` and `pid()` may be called from any thread.
 
@@ -18,7 +18,13 @@
 namespace ferry::sandbox {
 
 /// How a child's standard stream is connected.
-enum class stdio { inherit, null, pipe };
+enum class stdio {
+  inherit,
+  null,
+  pipe,
+  /// `spawn_options::file`, opened for appending (created 0600); for output streams only.
+  file,
+};
 
 struct spawn_options {
   std::vector<std::string> argv;                 ///< argv[0] is looked up in PATH if not a path
@@ -29,6 +35,10 @@ struct spawn_options {
   stdio err = stdio::inherit;
   bool stderr_to_stdout = false;                 ///< stderr shares stdout's target; `err` is ignored
   bool new_process_group = true;                 ///< child leads its own group (kill takes all)
+  /// Child leads a new session (and so a new group): no terminal, no signals meant for ours.
+  /// For children that must outlive this process (`runsc run --detach`).
+  bool new_session = false;
+  std::filesystem::path file;                    ///< target of stdio::file
 };
 
 /// How a child ended.

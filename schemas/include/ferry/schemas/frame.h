@@ -23,6 +23,25 @@ inline constexpr uint32_t max_frame_size = 1u << 20;
 /// Largest output chunk ferry-init puts in one frame.
 inline constexpr size_t max_output_chunk = 64u * 1024;
 
+/// Hello.protocol in stdio mode (one-way, on ferry-init's stdout).
+inline constexpr uint16_t stdio_protocol = 1;
+/// Hello.protocol / Attach.protocol in socket mode (re-attachable; see init.fbs).
+inline constexpr uint16_t socket_protocol = 2;
+
+/// Finishes `fbb` with an InitMessage carrying `body` (of union type `type`) and appends its
+/// frame to `out`. `fbb` must hold only `body` and what it refers to.
+template <class T>
+inline void append_message(std::string& out, flatbuffers::FlatBufferBuilder& fbb,
+                           ferry::init::v1::Message type, flatbuffers::Offset<T> body) {
+  auto msg = ferry::init::v1::CreateInitMessage(fbb, type, body.Union());
+  ferry::init::v1::FinishInitMessageBuffer(fbb, msg);
+  uint32_t n = fbb.GetSize();
+  unsigned char len[4] = {static_cast<unsigned char>(n), static_cast<unsigned char>(n >> 8),
+                          static_cast<unsigned char>(n >> 16), static_cast<unsigned char>(n >> 24)};
+  out.append(reinterpret_cast<const char*>(len), 4);
+  out.append(reinterpret_cast<const char*>(fbb.GetBufferPointer()), n);
+}
+
 /// Appends the frame for a finished builder to `out`.
 inline void append_frame(std::string& out, const flatbuffers::FlatBufferBuilder& fbb) {
   uint32_t n = fbb.GetSize();

@@ -1,0 +1,243 @@
+#pragma once
+// Helpers shared by the tests that start real gVisor sandboxes (runsc_runtime_test,
+// runsc_recovery_test): the precondition (root + runsc), an observer that records every
+// callback, and finding a sandbox's host processes in /proc.
+
+#include <poll.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <condition_variable>
+#include <map>
+#include <mutex>
+#include <set>
+
+#include <boost/test/unit_test.hpp>
+
+#include "ferry/sandbox/sandbox.h"
+#include "test_support.h"
+
+namespace ferry::sandbox::testing {
+
+namespace fs = std::filesystem;
+using steady = std::chrono::steady_clock;
+using namespace std::chrono_literals;
+
+
+inline bool runsc_installed() {
+  auto r = run_command({"runsc", "--version"}, 10s);
+  return r.ok() && r->status.ok();
+}
+
+/// Precondition of the suite: root and an installed runsc.
+inline boost::test_tools::assertion_result runsc_available(boost::unit_test::test_unit_id) {
+  boost::test_tools::assertion_result ok(true);
+  if (::geteuid() != 0) {
+    ok = false;
+    ok.message() << "skipped: runsc sandboxes need root";
+  } else if (!runsc_installed()) {
+    ok = false;
+    ok.message() << "skipped: runsc (gVisor) is not installed";
+  }
+  return ok;
+}
+
+/// Records every callback with its time; lets the test wait for a condition on them.
+class recording_observer : public sandbox_observer {
+ public:
+  struct record {
+    std::string what;  // "running", "started", "output", "exited", "ended"
+    steady::time_point at;
+    int stream = -1;
+    std::string data;
+    int exit_code = 0, signal = 0;
+    uint64_t duration_ms = 0;
+    uint64_t lost_bytes = 0;
+    std::optional<std::string> failure;
+  };
+
+  static record make(std::string what) {
+    record r;
+    r.what = std::move(what);
+    r.at = steady::now();
+    return r;
+  }
+
+  void on_running() override { add(make("running")); }
+  void on_command_started(uint32_t, const std::vector<std::string>& argv) override {
+    auto r = make("started");
+    for (const auto& a : argv)
+      r.data += a + "|";
+    add(r);
+  }
+  void on_output(uint32_t, int stream, std::string_view data) override {
+    auto r = make("output");
+    r.stream = stream;
+    r.data = data;
+    add(r);
+  }
+  void on_output_gap(uint32_t, int stream, uint64_t lost_bytes) override {
+    auto r = make("gap");
+    r.stream = stream;
+    r.lost_bytes = lost_bytes;
+    add(r);
+  }
+  void on_processes_gone(steady::time_point at) override {
+    auto r = make("gone");
+    r.at = at;  // when the runtime confirmed it, not when it told us
+    add(r);
+  }
+  void on_command_exited(uint32_t, int exit_code, int signal, uint64_t duration_ms) override {
+    auto r = make("exited");
+    r.exit_code = exit_code;
+    r.signal = signal;
+    r.duration_ms = duration_ms;
+    add(r);
+  }
+  void on_ended(std::optional<std::string> failure) override {
+    auto r = make("ended");
+    r.failure = std::move(failure);
+    add(r);
+  }
+
+  std::vector<record> records() const {
+    std::lock_guard lock(mu_);
+    return records_;
+  }
+  std::vector<std::string> sequence() const {
+    std::vector<std::string> s;
+    for (const auto& r : records()) {
+      if (s.empty() || s.back() != r.what || r.what != "output")
+        s.push_back(r.what);
+    }
+    return s;
+  }
+  std::string output(int stream) const {
+    std::string s;
+    for (const auto& r : records())
+      if (r.what == "output" && r.stream == stream)
+        s += r.data;
+    return s;
+  }
+  std::optional<record> find(const std::string& what) const {
+    for (const auto& r : records())
+      if (r.what == what)
+        return r;
+    return std::nullopt;
+  }
+  /// Waits until `pred(records)` holds; false after `timeout`.
+  template <class Pred>
+  bool wait_until(Pred pred, std::chrono::milliseconds timeout) {
+    std::unique_lock lock(mu_);
+    return cv_.wait_for(lock, timeout, [&] { return pred(records_); });
+  }
+  bool wait_for_output(const std::string& needle, std::chrono::milliseconds timeout) {
+    return wait_until(
+        [&](const std::vector<record>& rs) {
+          std::string all;
+          for (const auto& r : rs)
+            if (r.what == "output")
+              all += r.data;
+          return all.find(needle) != std::string::npos;
+        },
+        timeout);
+  }
+  bool wait_for(const std::string& what, std::chrono::milliseconds timeout) {
+    return wait_until(
+        [&](const std::vector<record>& rs) {
+          return std::any_of(rs.begin(), rs.end(), [&](const record& r) { return r.what == what; });
+        },
+        timeout);
+  }
+
+ private:
+  void add(record r) {
+    {
+      std::lock_guard lock(mu_);
+      records_.push_back(std::move(r));
+    }
+    cv_.notify_all();
+  }
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<record> records_;
+};
+
+/// Live host processes of a sandbox, held by pidfds: every process whose command line names
+/// the sandbox directory (Sentry, gofer), and all their descendants (the ptrace stubs, whose
+/// command lines are empty).
+struct held_processes {
+  std::vector<std::pair<pid_t, int>> procs;  // pid, pidfd
+  held_processes() = default;
+  held_processes(const held_processes&) = delete;
+  held_processes& operator=(const held_processes&) = delete;
+  held_processes(held_processes&& o) noexcept : procs(std::move(o.procs)) { o.procs.clear(); }
+  ~held_processes() {
+    for (auto& [pid, fd] : procs)
+      ::close(fd);
+  }
+  /// Pids of those still running (a zombie counts as gone).
+  std::vector<pid_t> alive() const {
+    std::vector<pid_t> out;
+    for (auto& [pid, fd] : procs) {
+      pollfd p{fd, POLLIN, 0};
+      if (::poll(&p, 1, 0) == 0)
+        out.push_back(pid);
+    }
+    return out;
+  }
+};
+
+inline held_processes sandbox_processes(const fs::path& dir) {
+  std::map<pid_t, pid_t> parent;  // pid -> ppid
+  std::set<pid_t> roots;
+  const std::string needle = dir.string() + "/";
+  for (const auto& e : fs::directory_iterator("/proc")) {
+    std::string name = e.path().filename().string();
+    if (name.find_first_not_of("0123456789") != std::string::npos)
+      continue;
+    const pid_t pid = static_cast<pid_t>(std::stol(name));
+    std::string stat = read_proc_file(e.path() / "stat");
+    auto paren = stat.rfind(')');
+    if (paren == std::string::npos || paren + 4 >= stat.size())
+      continue;
+    parent[pid] = static_cast<pid_t>(std::strtol(stat.c_str() + paren + 4, nullptr, 10));
+    if (read_proc_file(e.path() / "cmdline").find(needle) != std::string::npos)
+      roots.insert(pid);
+  }
+  std::set<pid_t> all = roots;
+  for (bool grew = true; grew;) {
+    grew = false;
+    for (auto [pid, ppid] : parent)
+      if (all.count(ppid) && all.insert(pid).second)
+        grew = true;
+  }
+  held_processes h;
+  for (pid_t pid : all) {
+    int fd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+    if (fd >= 0)
+      h.procs.emplace_back(pid, fd);
+  }
+  return h;
+}
+
+/// Host processes whose command line mentions `needle` (zombies have none).
+inline std::vector<std::string> processes_mentioning(const std::string& needle) {
+  std::vector<std::string> found;
+  for (const auto& e : fs::directory_iterator("/proc")) {
+    std::string name = e.path().filename().string();
+    if (name.find_first_not_of("0123456789") != std::string::npos ||
+        name == std::to_string(::getpid()))
+      continue;
+    std::string cmd = read_proc_file(e.path() / "cmdline");
+    if (cmd.find(needle) != std::string::npos) {
+      std::replace(cmd.begin(), cmd.end(), '\0', ' ');
+      found.push_back(name + ": " + cmd);
+    }
+  }
+  return found;
+}
+
+}  // namespace ferry::sandbox::testing
