@@ -43,10 +43,15 @@ struct sandbox_state {
   std::vector<std::string> argv;
   bool kill_requested = false;
   bool ended = false;
+  bool reattached = false;  // ferry-init repeats hello and command_started after an attach
   bool output_in_flight = false;  // a batch awaits the task's acknowledgement
   bool output_waiting = false;    // more output was announced meanwhile
   /// Facts that must reach the task after output still waiting to be sent (exit, end).
   std::vector<std::function<void()>> after_output;
+  /// A handle on itself until finish(): the sandbox actor lives until its sandbox is gone even
+  /// when every other handle is dropped (else CAF would destroy it — and join the runtime's
+  /// reader, which can take seconds — on the thread of whoever dropped the last handle).
+  caf::actor keep_alive;
   // Declared before `box`: the observer must outlive the sandbox that calls it.
   std::unique_ptr<observer_adapter> observer;
   std::unique_ptr<sandbox::sandbox> box;
@@ -72,6 +77,10 @@ struct sandbox_args {
   /// Recover from the stream (ferryd restarted, task actor recovered): the sandbox is re-attached
   /// when still alive, else recorded failed with this reason.
   std::optional<std::string> recover_reason;
+  /// Recovery: the sandbox outlived its ferryd (runtime list_live) and is re-attached, its output
+  /// resuming after what the task already recorded.
+  bool attachable = false;
+  sandbox::resume_point resume;
   /// See journal_slot::synchronous (tests under the deterministic coordinator).
   bool synchronous_journal = false;
 };
@@ -142,6 +151,8 @@ struct task_args {
   /// What a recovered running task does when its sandbox is gone: true → run the turn again in a
   /// fresh sandbox (the actor crashed, not the user's work); false → interrupted.
   bool rerun_lost_turn = false;
+  /// Its sandbox outlived the earlier ferryd (runtime list_live): re-attach it.
+  bool sandbox_attachable = false;
   /// Fail the task at once with this reason (repeated crashes).
   std::optional<std::string> fail_reason;
   fault_hook fault;
@@ -157,6 +168,7 @@ struct task_state {
   task_view view;
   std::vector<std::pair<uint64_t, std::string>> steering;  // (seq, text)
   uint32_t sandboxes = 0;  // sandboxes started so far (names the next one)
+  uint64_t output_bytes[2] = {0, 0};  // of the current sandbox's command: stdout, stderr
   // Runtime (not event-sourced).
   task_deps deps;
   fault_hook fault;
@@ -181,6 +193,14 @@ struct task_state {
     } else if (env.event_type() == ev::Event::SandboxStateChanged &&
                env.event_as_SandboxStateChanged()->to() == ev::SandboxStatus::spawning) {
       ++sandboxes;
+      output_bytes[0] = output_bytes[1] = 0;
+    } else if (env.event_type() == ev::Event::OutputChunk) {
+      auto* x = env.event_as_OutputChunk();
+      if (!x->gap())
+        output_bytes[x->stream() == ev::OutputStream::stderr ? 1 : 0] +=
+          x->data() ? x->data()->size() : 0;
+      else
+        output_bytes[x->stream() == ev::OutputStream::stderr ? 1 : 0] += x->gap();
     }
   }
 
@@ -188,7 +208,10 @@ struct task_state {
     nlohmann::json comments = nlohmann::json::array();
     for (const auto& [seq, text] : steering)
       comments.push_back({seq, text});
-    return {{"view", to_json(view)}, {"steering", comments}, {"sandboxes", sandboxes}};
+    return {{"view", to_json(view)},
+            {"steering", comments},
+            {"sandboxes", sandboxes},
+            {"output_bytes", {output_bytes[0], output_bytes[1]}}};
   }
 
   result<void> restore(const nlohmann::json& j) {
@@ -200,6 +223,8 @@ struct task_state {
     for (const auto& c : j.at("steering"))
       steering.emplace_back(c.at(0).get<uint64_t>(), c.at(1).get<std::string>());
     sandboxes = j.at("sandboxes").get<uint32_t>();
+    output_bytes[0] = j.at("output_bytes").at(0).get<uint64_t>();
+    output_bytes[1] = j.at("output_bytes").at(1).get<uint64_t>();
     return {};
   }
 

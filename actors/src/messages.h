@@ -14,11 +14,12 @@ struct output_piece {
   uint32_t command_id = 0;
   int32_t stream = 0;  ///< 0 stdout, 1 stderr
   std::string data;
+  uint64_t gap = 0;  ///< > 0: bytes lost here (data empty), see OutputChunk.gap
 };
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, output_piece& x) {
-  return f(caf::meta::type_name("output_piece"), x.command_id, x.stream, x.data);
+  return f(caf::meta::type_name("output_piece"), x.command_id, x.stream, x.data, x.gap);
 }
 
 /// What the journal said about one persist (see persistent.h).
@@ -65,6 +66,7 @@ CAF_BEGIN_TYPE_ID_BLOCK(ferry, caf::first_custom_type_id)
   CAF_ADD_ATOM(ferry, ferry::actors, output_atom, "output")
   CAF_ADD_ATOM(ferry, ferry::actors, cmd_exit_atom, "cmd_exit")
   CAF_ADD_ATOM(ferry, ferry::actors, ended_atom, "sbx_ended")
+  CAF_ADD_ATOM(ferry, ferry::actors, gone_atom, "sbx_gone")
   // task → sandbox (sent with high priority)
   CAF_ADD_ATOM(ferry, ferry::actors, kill_atom, "kill")
   // persistent actors (persistent.h)

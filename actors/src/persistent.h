@@ -68,6 +68,8 @@ struct journal_slot {
   caf::message_handler urgent;
   /// The journal refused or failed an append (not a fence): the actor decides (default: stop).
   std::function<void(const error_info&)> on_failure;
+  /// Runs before the actor stops because it was fenced out (or failed without on_failure).
+  std::function<void()> on_stop;
 };
 
 namespace detail {
@@ -166,14 +168,19 @@ void persist(caf::stateful_actor<State>* self, std::vector<std::string> envelope
         if (static_cast<errc>(o.code) == errc::conflict) {
           std::fprintf(stderr, "ferryd: %s: %s (%s)\n", j.stream.c_str(),
                        std::string(fenced_reason).c_str(), o.error.c_str());
+          if (j.on_stop)
+            j.on_stop();
           self->quit(caf::make_error(caf::sec::runtime_error, std::string(fenced_reason)));
           return;
         }
         error_info e{o.error, static_cast<errc>(o.code)};
-        if (j.on_failure)
+        if (j.on_failure) {
           j.on_failure(e);
-        else
+        } else {
+          if (j.on_stop)
+            j.on_stop();
           self->quit(caf::make_error(caf::sec::runtime_error, o.error));
+        }
         return;
       }
       for (auto& bytes : o.stamped) {

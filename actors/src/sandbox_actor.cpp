@@ -35,6 +35,7 @@ class observer_adapter final : public sandbox::sandbox_observer {
     if (closed_)
       return;
     if (!pending_.empty() && pending_.back().command_id == id && pending_.back().stream == stream &&
+        pending_.back().gap == 0 &&
         pending_.back().data.size() + data.size() <= max_piece_size)
       pending_.back().data.append(data);
     else
@@ -45,9 +46,22 @@ class observer_adapter final : public sandbox::sandbox_observer {
     lock.unlock();
     send(output_atom_v);
   }
+  void on_output_gap(uint32_t id, int stream, uint64_t lost_bytes) override {
+    {
+      std::lock_guard<std::mutex> guard(mtx_);
+      if (closed_)
+        return;
+      output_piece p{id, int32_t{stream}, std::string(), lost_bytes};
+      pending_.push_back(std::move(p));
+      if (std::exchange(announced_, true))
+        return;
+    }
+    send(output_atom_v);
+  }
   void on_command_exited(uint32_t id, int code, int signal, uint64_t ms) override {
     send(cmd_exit_atom_v, id, int32_t{code}, int32_t{signal}, ms);
   }
+  void on_processes_gone(std::chrono::steady_clock::time_point) override { send(gone_atom_v); }
   void on_ended(std::optional<std::string> failure) override {
     send(ended_atom_v, failure.has_value(), failure.value_or(""));
   }
@@ -211,20 +225,26 @@ void finish(sandbox_actor_t* self) {
     s.observer->close();
   s.box.reset();  // joins the reader thread (it has delivered on_ended)
   self->quit();
+  s.keep_alive = nullptr;
 }
 
-/// Walks to `terminated` (through terminating when needed), or records `failed`.
-void end_with(sandbox_actor_t* self, bool failed, std::string reason) {
+/// Walks to `terminated` (through terminating when needed), or records `failed`; then stops,
+/// unless `stay` (the runtime's cleanup is still running: on_ended stops it later).
+void end_with(sandbox_actor_t* self, bool failed, std::string reason, bool stay = false) {
   auto& s = self->state;
+  auto done = [self, stay] {
+    if (!stay)
+      finish(self);
+  };
   if (sandbox_status_terminal(s.status))
-    return finish(self);
+    return done();
   if (failed)
-    return transition(self, S::failed, std::move(reason), [self] { finish(self); });
+    return transition(self, S::failed, std::move(reason), done);
   if (s.status != S::terminating)
-    return transition(self, S::terminating, reason, [self, reason] {
-      transition(self, S::terminated, reason, [self] { finish(self); });
+    return transition(self, S::terminating, reason, [self, reason, done] {
+      transition(self, S::terminated, reason, done);
     });
-  transition(self, S::terminated, std::move(reason), [self] { finish(self); });
+  transition(self, S::terminated, std::move(reason), done);
 }
 
 /// The sandbox is gone (on_ended): record its final state and stop.
@@ -281,6 +301,9 @@ caf::behavior sandbox_actor(sandbox_actor_t* self, sandbox_args args) {
   if (s.runtime)
     s.backend = std::string(s.runtime->name());
   s.journal.urgent = caf::message_handler{[=](kill_atom) { kill_now(self); }};
+  s.keep_alive = caf::actor_cast<caf::actor>(self);
+  // Fenced out or the journal failed: nothing of this sandbox can be recorded any more.
+  s.journal.on_stop = [self] { finish(self); };
   if (s.task)
     self->monitor(s.task);
   self->set_down_handler([=](caf::down_msg& dm) {
@@ -297,7 +320,7 @@ caf::behavior sandbox_actor(sandbox_actor_t* self, sandbox_args args) {
     if (!loaded || !*loaded) {
       std::fprintf(stderr, "ferryd: error: recover sandbox %s: %s\n", s.id.c_str(),
                    loaded ? "no such stream" : loaded.error().message.c_str());
-      self->quit();
+      finish(self);
       return {};
     }
     self->send<caf::message_priority::high>(self, fence_atom_v);
@@ -305,7 +328,9 @@ caf::behavior sandbox_actor(sandbox_actor_t* self, sandbox_args args) {
 
   return {
     [=](fence_atom) {
-      fence(self, *args.recover_reason, [self, why = *args.recover_reason](auto&) {
+      fence(self, *args.recover_reason, [self, why = *args.recover_reason,
+                                         attachable = args.attachable,
+                                         resume = args.resume](auto&) {
         auto& s = self->state;
         if (sandbox_status_terminal(s.status)) {
           // It ended while its task was down: tell the task, which may not know yet.
@@ -315,8 +340,23 @@ caf::behavior sandbox_actor(sandbox_actor_t* self, sandbox_args args) {
                        s.backend, s.id);
           return finish(self);
         }
-        // Re-attaching needs a sandbox that outlived its ferryd; the runtime cleans up every
-        // leftover sandbox at start, so it is gone: record that.
+        if (s.runtime && attachable) {
+          s.observer =
+            std::make_unique<observer_adapter>(caf::actor_cast<caf::weak_actor_ptr>(self));
+          auto box = s.runtime->attach(s.id, resume, *s.observer);
+          if (box) {
+            s.box = std::move(*box);
+            s.reattached = true;
+            if (s.kill_requested)  // the kill came while recovering: it applies now
+              s.box->kill();
+            std::fprintf(stderr, "ferryd: sandbox %s re-attached (%s)\n", s.id.c_str(),
+                         why.c_str());
+            return;
+          }
+          std::fprintf(stderr, "ferryd: sandbox %s could not be re-attached: %s\n", s.id.c_str(),
+                       box.error().message.c_str());
+          s.observer.reset();
+        }
         end_with(self, true, "sandbox lost: " + why);
       });
     },
@@ -334,6 +374,8 @@ caf::behavior sandbox_actor(sandbox_actor_t* self, sandbox_args args) {
         transition(self, S::ready, "ferry-init is up");
     },
     [=](cmd_start_atom, uint32_t cmd, std::vector<std::string>& argv) {
+      if (std::exchange(self->state.reattached, false))
+        return;  // ferry-init repeats it after an attach; the task has it already
       auto go = [self, cmd, argv = std::move(argv)] {
         if (self->state.task)
           self->send(self->state.task, cmd_start_atom_v, cmd, argv);
@@ -361,7 +403,13 @@ caf::behavior sandbox_actor(sandbox_actor_t* self, sandbox_args args) {
           s.status != S::none)
         transition(self, S::terminating, "kill requested");
       else if (s.status == S::none)
-        self->quit();  // never started: nothing to record
+        finish(self);  // never started: nothing to record
+    },
+    [=](gone_atom) {
+      // Every process of the sandbox has exited (its files are still being removed): a killed
+      // sandbox is terminated from here on, so an abort ends without waiting for the cleanup.
+      if (self->state.kill_requested)
+        after_pending_output(self, [=] { end_with(self, false, "killed on request", true); });
     },
     [=](ended_atom, bool failed, std::string reason) {
       after_pending_output(self, [=] { sandbox_ended(self, failed, reason); });

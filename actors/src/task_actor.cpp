@@ -222,8 +222,14 @@ void carry_on(task_actor_t* self, const task_args& args) {
     a.id = s.view.sandbox_id;
     a.task_id = s.view.id;
     a.recover_reason = args.recover_reason;
+    a.attachable = args.sandbox_attachable;
+    a.resume.command_id = 1;
+    a.resume.stdout_bytes = s.output_bytes[0];
+    a.resume.stderr_bytes = s.output_bytes[1];
     s.recovering_sandbox = true;
     s.sandbox = self->spawn<caf::detached + caf::monitored>(sandbox_actor, std::move(a));
+    if (s.aborting)  // the abort came while this actor recovered, before it had a sandbox
+      self->send<caf::message_priority::high>(s.sandbox, kill_atom_v);
     return;
   }
   if (s.view.sandbox_status == "terminated" || s.view.sandbox_status == "failed") {
@@ -409,7 +415,7 @@ caf::behavior task_actor(task_actor_t* self, task_args args) {
       for (auto& p : batch)
         envs.push_back(schemas::output_chunk(
           m, p.command_id, p.stream == 1 ? ev::OutputStream::stderr : ev::OutputStream::stdout,
-          p.data));
+          p.data, p.gap));
       auto rp = self->make_response_promise<bool>();
       persist(self, std::move(envs),
               [rp](const storage::append_result&) mutable { rp.deliver(true); });

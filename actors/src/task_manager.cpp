@@ -12,6 +12,7 @@
 #include <functional>
 #include <mutex>
 #include <map>
+#include <set>
 
 #include "ferry/actors/tasks.h"
 #include "ferry/sandbox/sandbox.h"
@@ -252,13 +253,21 @@ bool is_crash(const caf::error& reason) {
 
 /// On start: every task an earlier ferryd left unfinished gets its actor back, recovered from
 /// its events. Running ones keep their slot; queued ones wait again in submission order.
-result<size_t> recover_tasks(manager_actor_t* self) {
-  auto& d = self->state.deps;
+/// What start-up recovery works on: the unfinished tasks and the sandboxes to re-attach.
+struct recovery_plan {
+  std::vector<task_view> running;  // not queued: recovered, keep their slot
+  std::vector<task_view> waiting;  // queued: wait again, in submission order
+  std::set<std::string> attach;    // sandbox ids still alive for a running task
+};
+
+/// Reads the unfinished tasks from the journal (a stream not ending in task_finished), matches
+/// their sandboxes with those still alive, and removes every other sandbox an earlier ferryd
+/// left. Runs before the manager starts, so nothing races the cleanup.
+result<recovery_plan> plan_recovery(const task_deps& d) {
+  recovery_plan plan;
   auto streams = d.store->list_streams("task-");
   if (!streams)
     return streams.error();
-  std::vector<task_view> waiting;
-  size_t n = 0;
   for (const auto& stream : *streams) {
     auto head = d.store->highest_sequence(stream);
     if (!head)
@@ -278,36 +287,62 @@ result<size_t> recover_tasks(manager_actor_t* self) {
       return view.error();
     if (!*view)
       continue;
-    ++n;
-    if ((*view)->status == "queued") {
-      waiting.push_back(std::move(**view));
-      continue;
-    }
-    task_args a;
-    a.id = (*view)->id;
-    a.recover_reason = "ferryd restarted";
-    spawn_task(self, std::move(a));
-    self->state.queue.mark_running((*view)->id, (*view)->user);
+    if ((*view)->status == "queued")
+      plan.waiting.push_back(std::move(**view));
+    else
+      plan.running.push_back(std::move(**view));
   }
-  std::sort(waiting.begin(), waiting.end(),
+  std::sort(plan.waiting.begin(), plan.waiting.end(),
             [](const task_view& a, const task_view& b) { return a.created_ns < b.created_ns; });
-  for (auto& v : waiting) {
+  std::set<std::string> live;
+  if (auto l = d.runtime->list_live(); !l)
+    std::fprintf(stderr, "ferryd: warning: listing sandboxes left by an earlier run: %s\n",
+                 l.error().message.c_str());
+  else
+    live.insert(l->begin(), l->end());
+  for (const auto& v : plan.running)
+    if (!v.sandbox_id.empty() && live.count(v.sandbox_id) && v.sandbox_status != "terminated" &&
+        v.sandbox_status != "failed")
+      plan.attach.insert(v.sandbox_id);
+  // Every other sandbox an earlier ferryd left is killed and deleted.
+  if (auto n = d.runtime->cleanup_orphans(plan.attach); !n)
+    std::fprintf(stderr, "ferryd: warning: cleaning up orphaned sandboxes: %s\n",
+                 n.error().message.c_str());
+  else if (*n > 0)
+    std::fprintf(stderr, "ferryd: removed %zu sandbox(es) left by an earlier run\n", *n);
+  const size_t n = plan.running.size() + plan.waiting.size();
+  if (n > 0)
+    std::fprintf(stderr,
+                 "ferryd: recovering %zu unfinished task(s) from their events; re-attaching %zu "
+                 "sandbox(es) that outlived the earlier ferryd\n",
+                 n, plan.attach.size());
+  return plan;
+}
+
+/// On start: every task an earlier ferryd left unfinished gets its actor back, recovered from
+/// its events. Running ones keep their slot; queued ones wait again in submission order.
+void recover_tasks(manager_actor_t* self, const recovery_plan& plan) {
+  for (const auto& v : plan.running) {
+    task_args a;
+    a.id = v.id;
+    a.recover_reason = "ferryd restarted";
+    a.sandbox_attachable = plan.attach.count(v.sandbox_id) > 0;
+    spawn_task(self, std::move(a));
+    self->state.queue.mark_running(v.id, v.user);
+  }
+  for (const auto& v : plan.waiting) {
     task_args a;
     a.id = v.id;
     a.recover_reason = "ferryd restarted";
     auto task = spawn_task(self, std::move(a));
     enqueue(self, v.id, v.user, task, true);
   }
-  return n;
 }
 
-caf::behavior task_manager(manager_actor_t* self, task_deps deps) {
+caf::behavior task_manager(manager_actor_t* self, task_deps deps, recovery_plan plan) {
   self->state.deps = deps;
   self->state.queue.limits = deps.limits;
-  if (auto n = recover_tasks(self); !n)
-    std::fprintf(stderr, "ferryd: error: recovering tasks: %s\n", n.error().message.c_str());
-  else if (*n > 0)
-    std::fprintf(stderr, "ferryd: recovering %zu unfinished task(s) from their events\n", *n);
+  recover_tasks(self, plan);
   dispatch(self);
 
   self->set_down_handler([=](caf::down_msg& dm) {
@@ -603,7 +638,12 @@ void add_message_types(caf::actor_system_config& cfg) {
 result<std::unique_ptr<task_service>> start_task_manager(caf::actor_system& sys, task_deps deps) {
   if (!deps.store || !deps.runtime)
     return fail("start task manager: journal and sandbox runtime are required");
-  auto mgr = sys.spawn(task_manager, deps);
+  // Sandboxes an earlier ferryd left running: re-attached when their task is recovered, else
+  // removed — before the manager (and any new sandbox) starts.
+  auto plan = plan_recovery(deps);
+  if (!plan)
+    return fail("recovering unfinished tasks: " + plan.error().message);
+  auto mgr = sys.spawn(task_manager, deps, std::move(*plan));
   return std::unique_ptr<task_service>(new caf_task_service(sys, mgr));
 }
 

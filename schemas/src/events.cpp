@@ -112,11 +112,11 @@ std::string command_started(const envelope_meta& m, uint32_t command_id,
 }
 
 std::string output_chunk(const envelope_meta& m, uint32_t command_id, ev::OutputStream stream,
-                         std::string_view data) {
+                         std::string_view data, uint64_t gap) {
   return build_envelope(m, [&](fbb_t& fbb) {
     auto bytes =
       fbb.CreateVector(reinterpret_cast<const uint8_t*>(data.data()), data.size());
-    auto body = ev::CreateOutputChunk(fbb, command_id, stream, bytes);
+    auto body = ev::CreateOutputChunk(fbb, command_id, stream, bytes, gap);
     return std::pair{ev::Event::OutputChunk, body.Union()};
   });
 }
@@ -442,6 +442,8 @@ nlohmann::json to_json(const ev::Envelope& e) {
         bytes = {reinterpret_cast<const char*>(x->data()->data()), x->data()->size()};
       data = {{"command_id", x->command_id()},
               {"stream", x->stream() == ev::OutputStream::stderr ? "stderr" : "stdout"}};
+      if (x->gap() != 0)
+        data["lost_bytes"] = x->gap();
       if (is_utf8(bytes))
         data["text"] = bytes;
       else

@@ -188,9 +188,16 @@ inline void check_clean_stream(const ws_transcript& t, const std::string& who) {
   }
 }
 
-/// Host processes of task `task_id`'s sandbox: those with "ferry-<id>" in their command line.
+/// Host processes of task `task_id`'s sandbox: those with "ferry-<id>" in their command line —
+/// but not ferryd's `runsc delete` helper, which removes a sandbox's state after its last
+/// process is gone (that cleanup may outlast the task's end by a second or two).
 inline std::vector<process_info> sandbox_processes(const std::string& task_id) {
-  return processes_with_cmdline_containing("ferry-" + task_id);
+  auto all = processes_with_cmdline_containing("ferry-" + task_id);
+  std::vector<process_info> out;
+  for (auto& p : all)
+    if (p.cmdline.find(" delete --force ") == std::string::npos)
+      out.push_back(std::move(p));
+  return out;
 }
 
 /// At scope exit, SIGKILLs whatever host processes of the task's sandbox are still alive, so a

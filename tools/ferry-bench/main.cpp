@@ -19,6 +19,7 @@
 #include <nlohmann/json.hpp>
 
 #include "bench_support.h"
+#include "abort_bench.h"
 #include "events_bench.h"
 #include "journal_bench.h"
 #include "rocks_baseline.h"
@@ -537,7 +538,26 @@ int main(int argc, char** argv) {
     ->check(CLI::Range(0.01, 3600.0));
   events->add_option("--nats-server", eo.nats_server, "nats-server binary")->capture_default_str();
   events->add_flag("--check", eo.check, "Exit non-zero when a figure misses its target");
+  ferry::bench::abort_options ao;
+  auto* abort_cmd = app.add_subcommand(
+    "abort", "Abort latency: request → last sandbox process gone (real gVisor; needs root)");
+  abort_cmd->add_option("--dir", dir, "Where to make the temporary directory");
+  abort_cmd->add_option("--rounds", ao.rounds, "Sandboxes aborted (and killed for the baseline)")
+    ->capture_default_str()
+    ->check(CLI::Range(1, 10000));
+  abort_cmd->add_option("--init-binary", ao.init_binary, "ferry-init (default: next to ferry-bench)");
+  abort_cmd->add_flag("--check", ao.check, "Exit non-zero when the p99 target is missed");
   CLI11_PARSE(app, argc, argv);
+
+  if (*abort_cmd) {
+    std::error_code ec;
+    ao.dir = dir.empty() ? fs::temp_directory_path(ec) : fs::path(dir);
+    if (ao.dir.empty())
+      ao.dir = "/tmp";
+    if (ao.init_binary.empty())
+      ao.init_binary = (fs::read_symlink("/proc/self/exe", ec).parent_path() / "ferry-init").string();
+    return ferry::bench::run_abort_bench(ao);
+  }
 
   if (*events) {
     std::error_code ec;

@@ -250,11 +250,8 @@ int run(int argc, char** argv) {
   auto runtime = ferry::sandbox::make_runsc_runtime(ro);
   if (!runtime)
     die("sandbox runtime: " + runtime.error().message);
-  if (auto n = (*runtime)->cleanup_orphans(); !n)
-    std::fprintf(stderr, "ferryd: warning: cleaning up orphaned sandboxes: %s\n",
-                 n.error().message.c_str());
-  else if (*n > 0)
-    std::fprintf(stderr, "ferryd: removed %zu sandbox(es) left by an earlier run\n", *n);
+  // Sandboxes an earlier ferryd left behind are re-attached or removed by the task manager's
+  // recovery (start_task_manager).
 
   caf::actor_system_config cfg;
   ferry::actors::add_message_types(cfg);

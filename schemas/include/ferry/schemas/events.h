@@ -91,8 +91,9 @@ std::string sandbox_state_changed(const envelope_meta& m, std::string_view sandb
                                   ev::SandboxStatus to, std::string_view reason);
 std::string command_started(const envelope_meta& m, uint32_t command_id,
                             const std::vector<std::string>& argv);
+/// `gap` > 0: that many bytes of the stream were lost here (then `data` is empty).
 std::string output_chunk(const envelope_meta& m, uint32_t command_id, ev::OutputStream stream,
-                         std::string_view data);
+                         std::string_view data, uint64_t gap = 0);
 std::string command_exited(const envelope_meta& m, uint32_t command_id, int32_t exit_code,
                            int32_t signal, uint64_t duration_ms);
 std::string abort_requested(const envelope_meta& m, std::string_view reason);
