@@ -526,20 +526,8 @@ class caf_task_service final : public task_service {
   ~caf_task_service() override { caf::anon_send_exit(mgr_, caf::exit_reason::user_shutdown); }
 
   result<submission> submit(const task_request& req) override {
-    caf::scoped_actor self{sys_};
-    result<submission> out = fail("task manager did not answer");
-    self
-      ->request(mgr_, std::chrono::seconds(30), submit_atom_v, req.command, req.repo, req.user,
-                req.correlation_id)
-      .receive(
-        [&](int32_t code, std::string& text, uint32_t position) {
-          if (code == 0)
-            out = submission{std::move(text), position};
-          else
-            out = fail(static_cast<errc>(code), std::move(text));
-        },
-        [&](caf::error& err) { out = fail("submit: " + to_string(err)); });
-    return out;
+    return ask_submission("submit", submit_atom_v, req.command, req.repo, req.user,
+                          req.correlation_id);
   }
 
   result<abort_outcome> abort(const std::string& task_id, const std::string& user,
@@ -593,18 +581,7 @@ class caf_task_service final : public task_service {
   }
 
   result<submission> resume(const std::string& task_id, const std::string& user) override {
-    caf::scoped_actor self{sys_};
-    result<submission> out = fail("task manager did not answer");
-    self->request(mgr_, std::chrono::seconds(30), resume_atom_v, task_id, user)
-      .receive(
-        [&](int32_t code, std::string& text, uint32_t position) {
-          if (code == 0)
-            out = submission{std::move(text), position};
-          else
-            out = fail(static_cast<errc>(code), std::move(text));
-        },
-        [&](caf::error& err) { out = fail("resume: " + to_string(err)); });
-    return out;
+    return ask_submission("resume", resume_atom_v, task_id, user);
   }
 
   size_t running() override {
@@ -625,6 +602,23 @@ class caf_task_service final : public task_service {
   }
 
  private:
+  /// Asks the manager something answered as (code, id or error text, queue position).
+  template <class... Ts>
+  result<submission> ask_submission(const char* what, Ts&&... xs) {
+    caf::scoped_actor self{sys_};
+    result<submission> out = fail("task manager did not answer");
+    self->request(mgr_, std::chrono::seconds(30), std::forward<Ts>(xs)...)
+      .receive(
+        [&](int32_t code, std::string& text, uint32_t position) {
+          if (code == 0)
+            out = submission{std::move(text), position};
+          else
+            out = fail(static_cast<errc>(code), std::move(text));
+        },
+        [&](caf::error& err) { out = fail(std::string(what) + ": " + to_string(err)); });
+    return out;
+  }
+
   caf::actor_system& sys_;
   caf::actor mgr_;
 };

@@ -6,6 +6,7 @@
 // and the child closes every fd above 2 before exec, so no parent pipe leaks into a child.
 
 #include "ferry/sandbox/process.h"
+#include "unique_fd.h"
 
 #include <fcntl.h>
 #include <poll.h>
@@ -31,28 +32,7 @@ using namespace std::chrono_literals;
 
 std::string errno_text(int err) { return std::generic_category().message(err); }
 
-/// Owns one file descriptor.
-class unique_fd {
- public:
-  unique_fd() = default;
-  explicit unique_fd(int fd) : fd_(fd) {}
-  unique_fd(unique_fd&& o) noexcept : fd_(o.release()) {}
-  unique_fd& operator=(unique_fd&& o) noexcept {
-    reset(o.release());
-    return *this;
-  }
-  ~unique_fd() { reset(); }
-  int get() const { return fd_; }
-  int release() { return std::exchange(fd_, -1); }
-  void reset(int fd = -1) {
-    if (fd_ >= 0)
-      ::close(fd_);
-    fd_ = fd;
-  }
-
- private:
-  int fd_ = -1;
-};
+using detail::unique_fd;
 
 /// posix_spawn's attribute objects, destroyed on scope exit.
 struct spawn_attrs {

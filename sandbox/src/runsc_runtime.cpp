@@ -39,6 +39,7 @@
 #include <nlohmann/json.hpp>
 
 #include "ferry/sandbox/sandbox.h"
+#include "unique_fd.h"
 #include "ferry/schemas/frame.h"
 
 namespace ferry::sandbox {
@@ -327,29 +328,7 @@ nlohmann::json make_config(const runsc_context& ctx, const sandbox_spec& spec,
 
 // --- host processes of a sandbox, by pidfd --------------------------------------------------
 
-/// Owns one file descriptor.
-class unique_fd {
- public:
-  unique_fd() = default;
-  explicit unique_fd(int fd) : fd_(fd) {}
-  unique_fd(unique_fd&& o) noexcept : fd_(o.release()) {}
-  unique_fd& operator=(unique_fd&& o) noexcept {
-    reset(o.release());
-    return *this;
-  }
-  ~unique_fd() { reset(); }
-  int get() const { return fd_; }
-  explicit operator bool() const { return fd_ >= 0; }
-  int release() { return std::exchange(fd_, -1); }
-  void reset(int fd = -1) {
-    if (fd_ >= 0)
-      ::close(fd_);
-    fd_ = fd;
-  }
-
- private:
-  int fd_ = -1;
-};
+using detail::unique_fd;
 
 /// A host process held by a pidfd: signalling it can never hit a reused pid.
 struct held_process {
