@@ -175,6 +175,12 @@ caf::actor spawn_task(manager_actor_t* self, task_args args) {
   return task;
 }
 
+/// Tells a task a slot is free (queued → running, or a resume). A refusal (it is ending: an
+/// abort came first) is on the task's stream; its slot comes back when its actor stops.
+void tell_run(manager_actor_t* self, const caf::actor& task) {
+  self->request(task, caf::infinite, run_atom_v).then([](bool) {}, [](caf::error&) {});
+}
+
 /// Starts whatever may start now, then tells waiting tasks whose place changed.
 void dispatch(manager_actor_t* self) {
   auto& q = self->state.queue;
@@ -189,7 +195,7 @@ void dispatch(manager_actor_t* self) {
       q.waiting.erase(*user);
     q.reported.erase(next.id);
     q.mark_running(next.id, *user);
-    self->send(next.actor, run_atom_v);
+    tell_run(self, next.actor);
   }
   for (const auto& [id, pos] : q.positions()) {
     auto& last = q.reported[id];
@@ -236,7 +242,7 @@ uint32_t enqueue(manager_actor_t* self, const std::string& id, const std::string
   if (q.may_start(user) && q.waiting_of(user) == 0) {
     q.mark_running(id, user);
     if (send_run)
-      self->send(task, run_atom_v);
+      tell_run(self, task);
     return 0;
   }
   q.waiting[user].push_back({id, std::move(task), q.next_order++});
