@@ -167,6 +167,15 @@ struct task_args {
   std::function<caf::actor(sandbox_args)> spawn_sandbox;
 };
 
+/// The status a task view names ("queued", …), if it names one.
+inline std::optional<ev::TaskStatus> parse_task_status(std::string_view s) {
+  for (auto st : {ev::TaskStatus::queued, ev::TaskStatus::running, ev::TaskStatus::succeeded,
+                  ev::TaskStatus::failed, ev::TaskStatus::aborted, ev::TaskStatus::interrupted})
+    if (schemas::to_string(st) == s)
+      return st;
+  return std::nullopt;
+}
+
 /// At most this many steering comments per task (each ≤ max_steering_bytes).
 constexpr size_t max_steering_comments = 256;
 

@@ -18,13 +18,6 @@ void hit(task_actor_t* self, std::string_view point) {
     self->state.fault(point, self->state.view.id);
 }
 
-std::optional<TS> parse_status(const std::string& s) {
-  for (auto st : {TS::queued, TS::running, TS::succeeded, TS::failed, TS::aborted,
-                  TS::interrupted})
-    if (schemas::to_string(st) == s)
-      return st;
-  return std::nullopt;
-}
 
 /// Request refused: a transition lifecycle.h forbids, or one the task cannot take now (it is
 /// ending). Recorded as transition_refused — nothing else changes — then `answer` tells the
@@ -48,7 +41,7 @@ void refuse(task_actor_t* self, TS to, const std::string& why, std::function<voi
 
 /// True when the lifecycle lets the task go from its recorded status to `to`.
 bool may_become(const task_state& s, TS to) {
-  auto from = parse_status(s.view.status);
+  auto from = parse_task_status(s.view.status);
   return from && task_transition_allowed(*from, to);
 }
 
@@ -257,7 +250,7 @@ void sandbox_gone(task_actor_t* self) {
 /// After recovery: carry on from the recovered state.
 void carry_on(task_actor_t* self, const task_args& args) {
   auto& s = self->state;
-  auto status = parse_status(s.view.status);
+  auto status = parse_task_status(s.view.status);
   if (!status || (task_status_terminal(*status) && *status != TS::interrupted)) {
     // Ended for good: nothing to carry on. An abort that came while this actor recovered is
     // told so (CAF answers the other requests with an error once the actor has stopped).
@@ -444,7 +437,7 @@ caf::behavior task_actor(task_actor_t* self, task_args args) {
         });
         return rp;
       }
-      auto from = *parse_status(s.view.status);
+      auto from = *parse_task_status(s.view.status);
       auto why = from == TS::interrupted ? std::string("resumed") : std::string();
       persist(self, schemas::task_state_changed(s.meta(), from, TS::running, why),
               [self, rp](const storage::append_result&) mutable {
@@ -454,11 +447,20 @@ caf::behavior task_actor(task_actor_t* self, task_args args) {
       return rp;
     },
     [=](queued_atom, uint32_t position, uint32_t running, uint32_t limit, std::string& why) {
+      // A waiting task's place in the queue. A resumed task that must wait for a slot is
+      // recorded as queued again (interrupted → queued): it can be aborted like any waiting
+      // task, and a restart of ferryd puts it back in the queue instead of losing the resume.
       auto& s = self->state;
-      if (s.finishing || s.aborting || s.sandbox || s.view.status != "queued")
+      if (s.finishing || s.aborting || s.sandbox || position == 0)
         return;
-      persist(self, schemas::task_queued(s.meta(), position, running, limit, why),
-              [](const storage::append_result&) {});
+      std::vector<std::string> envs;
+      if (s.view.status == "interrupted" && s.view.resumable)
+        envs.push_back(schemas::task_state_changed(s.meta(), TS::interrupted, TS::queued,
+                                                   "resumed; waiting for a slot"));
+      else if (s.view.status != "queued")
+        return;
+      envs.push_back(schemas::task_queued(s.meta(), position, running, limit, why));
+      persist(self, std::move(envs), [](const storage::append_result&) {});
     },
     [=](sbx_state_atom, int8_t from, int8_t to, std::string& reason, std::string& backend,
         std::string& sandbox_id) {

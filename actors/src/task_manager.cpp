@@ -293,6 +293,10 @@ result<recovery_plan> plan_recovery(const task_deps& d) {
       return view.error();
     if (!*view)
       continue;
+    // Ended, though something followed task_finished (an actor recovered on the stream only
+    // to find it ended): nothing to run. Interrupted ones wait for their user's resume.
+    if (auto st = parse_task_status((*view)->status); st && task_status_terminal(*st))
+      continue;
     if ((*view)->status == "queued")
       plan.waiting.push_back(std::move(**view));
     else
@@ -465,10 +469,15 @@ caf::behavior task_manager(manager_actor_t* self, task_deps deps, recovery_plan 
       a.id = id;
       a.recover_reason = "resumed by " + user;
       auto task = spawn_task(self, std::move(a));
-      // Waits like a submission when the limits say so; `run` moves it to running.
+      // Waits like a submission when the limits say so (recorded as interrupted → queued);
+      // `run` moves it to running.
       const auto position = enqueue(self, id, (*view)->user, task, true);
-      if (position != 0)
+      if (position != 0) {
+        auto& q = s.queue;
+        self->send(task, queued_atom_v, position, q.running_total, q.limits.max_running,
+                   q.why_waiting());
         dispatch(self);
+      }
       return {int32_t{0}, id, position};
     },
     [=](steer_atom, std::string& id, std::string& user,

@@ -50,7 +50,7 @@ namespace {
 const std::set<std::pair<TS, TS>> task_edges = {
   {TS::queued, TS::running},      {TS::queued, TS::aborted},       {TS::running, TS::succeeded},
   {TS::running, TS::failed},      {TS::running, TS::aborted},      {TS::running, TS::interrupted},
-  {TS::interrupted, TS::running},
+  {TS::interrupted, TS::running},  {TS::interrupted, TS::queued},
 };
 const std::vector<TS> all_task = {TS::queued,  TS::running, TS::succeeded,
                                   TS::failed,  TS::aborted, TS::interrupted};
@@ -506,11 +506,35 @@ BOOST_FIXTURE_TEST_CASE(every_allowed_transition_is_recorded_through_the_actors_
     note(id);
   }
 
+  // interrupted → queued: a resumed task that must wait for a slot is told its place and is
+  // recorded as queued again; it can then be aborted like any waiting task (queued → aborted).
+  {
+    const auto id = new_id();
+    auto resumed = interrupted(id);
+    caf::anon_send(resumed, fa::queued_atom_v, uint32_t{2}, uint32_t{1}, uint32_t{1},
+                   std::string("the limit is reached"));
+    sched->run();
+    auto evs = events(id);
+    BOOST_REQUIRE_GE(evs.size(), 2u);
+    BOOST_TEST(evs[evs.size() - 2].from == "interrupted");
+    BOOST_TEST(evs[evs.size() - 2].to == "queued");
+    BOOST_TEST((evs.back().type == ev::Event::TaskQueued));
+    BOOST_TEST(stored_status(id) == "queued");
+    BOOST_TEST(state(resumed).view.status == "queued");
+    auto abort = ask<int32_t>(resumed, fa::abort_atom_v, std::string("never mind"),
+                              std::string("alice"));
+    BOOST_REQUIRE(abort.value.has_value());
+    BOOST_TEST(std::get<0>(*abort.value) == static_cast<int32_t>(fa::abort_outcome::aborted));
+    BOOST_TEST(stored_status(id) == "aborted");
+    BOOST_TEST(!contains(sandbox_log, "start " + sandbox_of(id, 2)));  // no turn ran
+    note(id);
+  }
+
   std::set<std::pair<std::string, std::string>> want;
   for (const auto& [from, to] : task_edges)
     want.insert({str(from), str(to)});
   BOOST_TEST((seen == want));
-  BOOST_TEST(seen.size() == 7u);
+  BOOST_TEST(seen.size() == 8u);
 }
 
 // Every forbidden (from, to) of the table, for each status a task actor can be in while it runs
@@ -613,8 +637,8 @@ BOOST_FIXTURE_TEST_CASE(every_forbidden_transition_is_refused_and_recorded, task
         sched->run();
       }
     }
-  // 29 forbidden edges in all; the 18 from succeeded, failed and aborted are the next test's.
-  BOOST_TEST(refused == 9);
+  // 28 forbidden edges in all; the 18 from succeeded, failed and aborted are the next test's.
+  BOOST_TEST(refused == 8);
   BOOST_TEST(no_message == 2);
   BOOST_TEST_MESSAGE("task actor: " << refused << " forbidden transitions refused and recorded, "
                                     << no_message << " asked for by no message");

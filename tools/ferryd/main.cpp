@@ -257,7 +257,10 @@ int run(int argc, char** argv) {
   ferry::actors::add_message_types(cfg);
   caf::actor_system sys{cfg};
 
-  ferry::actors::task_deps deps{store->get(), runtime->get(), limits};
+  ferry::actors::task_deps deps;
+  deps.store = store->get();
+  deps.runtime = runtime->get();
+  deps.limits = limits;
   auto tasks = ferry::actors::start_task_manager(sys, deps);
   if (!tasks)
     die(tasks.error().message);
