@@ -236,7 +236,7 @@ class relay final : public outbox_relay {
 
   /// Starts over from the cursor after a failure: forget what is in flight, read the journal
   /// again from the first unacknowledged event. REQUIRES: relay thread.
-  void restart_from_cursor(const std::string& why) {
+  void reset_to_cursor(const std::string& why) {
     discard_pending();
     uint64_t from;
     {
@@ -249,12 +249,39 @@ class relay final : public outbox_relay {
     note_error(why);
     sub_->close();
     sub_ = store_.subscribe(from);
+  }
+
+  /// reset_to_cursor, then a pause that grows with each consecutive failure.
+  void restart_from_cursor(const std::string& why) {
+    reset_to_cursor(why);
     sleep_backoff();
+  }
+
+  bool connected() { return natsConnection_Status(nc_) == NATS_CONN_STATUS_CONNECTED; }
+
+  /// Waits (in short steps, so that stopping is noticed) until the connection is back.
+  void wait_until_connected() {
+    while (!connected()) {
+      std::unique_lock<std::mutex> lock(mtx_);
+      if (cv_.wait_for(lock, std::chrono::milliseconds(20), [&] { return stopping_; }))
+        return;
+    }
   }
 
   void run() {
     bool stream_ready = false;
     while (!stopping()) {
+      if (!connected()) {
+        // The server is gone (stopped, restarting, unreachable): nothing in flight will be
+        // acknowledged, and a request would only time out. Start over from the cursor now and
+        // wait for the reconnect — rather than waiting ack_wait for acknowledgements that cannot
+        // come, and meanwhile queueing publishes that nats.c would send, stale, on reconnect.
+        reset_to_cursor("NATS at " + redact_nats_url(opts_.nats.url) +
+                        " is unreachable; waiting for it");
+        wait_until_connected();
+        stream_ready = false;  // the stream may have been lost with the server's store
+        continue;
+      }
       if (!stream_ready) {
         if (auto ok = ensure_stream(); !ok) {
           note_error(ok.error().message);
