@@ -189,6 +189,7 @@ class relay final : public outbox_relay {
                   (pae ? " (" + nats_text(pae->Err) + ")" : std::string());
       } else {
         cursor_ = in_flight_.front().position;
+        last_ack_ = std::chrono::steady_clock::now();
         ++published_;
         in_flight_.pop_front();
       }
@@ -300,9 +301,14 @@ class relay final : public outbox_relay {
         });
         failure = failed_;
         in_flight = in_flight_.size();
+        // Stuck is when nothing comes back, not when the server is slow: thousands of events
+        // sent in a burst may take the busy server longer than ack_wait to store, but each
+        // acknowledgement is progress (a lost one shows as an acknowledgement out of order).
+        // Starting over then would only send them all again.
         if (failure.empty() && !in_flight_.empty() &&
-            std::chrono::steady_clock::now() - in_flight_.front().sent > opts_.ack_wait)
-          failure = "no acknowledgement from JetStream within " +
+            std::chrono::steady_clock::now() - std::max(in_flight_.front().sent, last_ack_) >
+              opts_.ack_wait)
+          failure = "no acknowledgement from JetStream for " +
                     std::to_string(opts_.ack_wait.count()) + " ms";
       }
       if (!failure.empty()) {
@@ -367,6 +373,7 @@ class relay final : public outbox_relay {
   std::chrono::milliseconds backoff_{100};  // GUARDED_BY(mtx_)
   std::deque<sent_event> in_flight_;        // GUARDED_BY(mtx_)
   std::string failed_;                      // GUARDED_BY(mtx_); set by the ack handler
+  std::chrono::steady_clock::time_point last_ack_{};  // GUARDED_BY(mtx_)
 
   // Relay thread only (and the destructor, after the thread ended).
   std::string last_sent_id_;

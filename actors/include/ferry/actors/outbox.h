@@ -54,8 +54,8 @@ struct outbox_options {
   std::chrono::seconds duplicate_window{120};
   /// Events read from the journal at a time.
   size_t batch = 1024;
-  /// How long an event may wait for its acknowledgement before the relay starts over from the
-  /// cursor.
+  /// How long the relay waits, while events are in flight, for the next acknowledgement before
+  /// it starts over from the cursor (a slow server that keeps acknowledging is not stuck).
   std::chrono::milliseconds ack_wait{5000};
   /// How often the cursor is saved while events flow.
   std::chrono::milliseconds cursor_save_interval{250};
