@@ -84,23 +84,25 @@ void record_end(task_actor_t* self, std::vector<std::string> envs, abort_outcome
   });
 }
 
-/// Ends the session's turn or closes it, then runs `then` (also when there is no session).
+/// Ends the session's turn or closes it, then runs `then` (also when there is no session). `then`
+/// may persist: from the session's answer (a response handler, which CAF runs even while a
+/// persist is in flight) it goes through when_idle.
 void settle_session(task_actor_t* self, bool close, std::string outcome,
                     std::function<void()> then) {
   auto& s = self->state;
   if (!s.session)
-    return then();
+    return when_idle(self, std::move(then));
   auto session = s.session;
   if (close)
     self->request(session, std::chrono::seconds(30), close_atom_v, outcome)
       .then(
         [self, then](bool) {
           self->state.session = nullptr;
-          then();
+          when_idle(self, then);
         },
         [self, then](caf::error&) {
           self->state.session = nullptr;
-          then();
+          when_idle(self, then);
         });
   else
     self->request(session, std::chrono::seconds(30), turn_end_atom_v, outcome, uint64_t{0},
@@ -110,11 +112,11 @@ void settle_session(task_actor_t* self, bool close, std::string outcome,
           // Resumable: the session stays open for a later turn; this actor lets it go.
           self->send_exit(session, caf::exit_reason::user_shutdown);
           self->state.session = nullptr;
-          then();
+          when_idle(self, then);
         },
         [self, then](caf::error&) {
           self->state.session = nullptr;
-          then();
+          when_idle(self, then);
         });
 }
 
@@ -228,15 +230,19 @@ void begin_turn(task_actor_t* self) {
   self->request(s.session, std::chrono::seconds(30), turn_begin_atom_v, s.view.command, sandbox_id)
     .then(
       [self](uint32_t, std::vector<std::string>&) {
-        auto& s = self->state;
-        s.turn_pending = false;
-        if (s.aborting || s.finishing)
-          return finish_task(self);
-        start_sandbox(self);
+        when_idle(self, [self] {
+          auto& s = self->state;
+          s.turn_pending = false;
+          if (s.aborting || s.finishing)
+            return finish_task(self);
+          start_sandbox(self);
+        });
       },
       [self](caf::error& err) {
-        self->state.turn_pending = false;
-        finish_task(self, "the session refused a new turn: " + to_string(err));
+        when_idle(self, [self, why = to_string(err)] {
+          self->state.turn_pending = false;
+          finish_task(self, "the session refused a new turn: " + why);
+        });
       });
 }
 
@@ -493,8 +499,12 @@ caf::behavior task_actor(task_actor_t* self, task_args args) {
             s.sandbox_failure.clear();
             self->request(s.session, std::chrono::seconds(30), turn_end_atom_v,
                           std::string("interrupted"), uint64_t{0}, uint64_t{0})
-              .then([self](bool) { begin_turn(self); },
-                    [self](caf::error& e) { finish_task(self, "session: " + to_string(e)); });
+              .then([self](bool) { when_idle(self, [self] { begin_turn(self); }); },
+                    [self](caf::error& e) {
+                      when_idle(self, [self, why = to_string(e)] {
+                        finish_task(self, "session: " + why);
+                      });
+                    });
           } else {
             interrupt(self, "ferryd stopped while the task ran and its sandbox is gone");
           }
