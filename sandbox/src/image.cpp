@@ -40,6 +40,7 @@
 #include <nlohmann/json.hpp>
 
 #include "ferry/sandbox/process.h"
+#include "host_paths.h"
 #include "statx_shim_source.h"  // generated: the bytes of sandbox/image/statx_shim.c
 #include "unique_fd.h"
 
@@ -50,6 +51,8 @@ namespace {
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;
+using detail::clean_path;
+using detail::find_program;
 using detail::unique_fd;
 using namespace std::chrono_literals;
 using steady = std::chrono::steady_clock;
@@ -111,35 +114,6 @@ bool is_hex_hash(std::string_view s) {
   return s.size() == 64 && std::all_of(s.begin(), s.end(), [](char c) {
            return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f');
          });
-}
-
-/// Absolute and normalised, without a trailing separator.
-fs::path clean_path(const fs::path& p) {
-  std::error_code ec;
-  fs::path a = fs::absolute(p, ec).lexically_normal();
-  if (!a.has_filename() && a.has_parent_path() && a != a.root_path())
-    a = a.parent_path();
-  return a;
-}
-
-/// Finds `name` in PATH unless it already names a file.
-std::optional<std::string> find_program(const std::string& name) {
-  if (name.find('/') != std::string::npos)
-    return ::access(name.c_str(), X_OK) == 0 ? std::optional(name) : std::nullopt;
-  const char* path = std::getenv("PATH");
-  std::string_view rest = path ? path : "/usr/bin:/bin";
-  // Root's tools (debootstrap, chroot) live in sbin, which a sudo'd PATH may lack.
-  std::string all = std::string(rest) + ":/usr/sbin:/sbin";
-  rest = all;
-  while (!rest.empty()) {
-    auto colon = rest.find(':');
-    std::string dir(rest.substr(0, colon));
-    rest = colon == std::string_view::npos ? std::string_view{} : rest.substr(colon + 1);
-    std::string candidate = (dir.empty() ? std::string(".") : dir) + "/" + name;
-    if (::access(candidate.c_str(), X_OK) == 0)
-      return candidate;
-  }
-  return std::nullopt;
 }
 
 result<void> write_file(const fs::path& path, std::string_view content, mode_t mode,
@@ -1154,29 +1128,50 @@ result<image_info> find_image(const fs::path& images_dir, std::string_view which
   return *matches.front();
 }
 
-result<image_info> remove_image(const fs::path& images_dir, std::string_view which) {
+namespace {
+
+/// An image found by `which`, with its lock held.
+struct locked_image {
+  image_info image;
+  unique_fd lock;
+};
+
+/// Finds image `which` and takes its lock (`op`: LOCK_SH or LOCK_EX) without waiting; errc::busy
+/// with "image <hash> <busy>" when another holder is in the way. The image may have been removed
+/// between the lookup and the lock: a shared holder checks (read_image) before it relies on it.
+result<locked_image> find_and_lock(const fs::path& images_dir, std::string_view which, int op,
+                                   std::string_view busy) {
   auto image = find_image(images_dir, which);
   if (!image)
     return image.error();
-  const fs::path images = clean_path(images_dir);
-  auto lock = open_lock(images, image->hash);
+  auto lock = open_lock(clean_path(images_dir), image->hash);
   if (!lock)
     return lock.error();
-  if (!try_lock(lock->get(), LOCK_EX))
-    return fail(errc::busy, fmt::format("image {} is in use by a running ferryd (or being "
-                                        "built): stop it first",
-                                        short_hash(image->hash)));
-  const fs::path trash = images / fmt::format(".trash-{}-{}", image->hash, ::getpid());
+  if (!try_lock(lock->get(), op))
+    return fail(errc::busy, fmt::format("image {} {}", short_hash(image->hash), busy));
+  return locked_image{std::move(*image), std::move(*lock)};
+}
+
+}  // namespace
+
+result<image_info> remove_image(const fs::path& images_dir, std::string_view which) {
+  auto locked = find_and_lock(images_dir, which, LOCK_EX,
+                              "is in use by a running ferryd (or being built): stop it first");
+  if (!locked)
+    return locked.error();
+  const image_info& image = locked->image;
+  const fs::path images = clean_path(images_dir);
+  const fs::path trash = images / fmt::format(".trash-{}-{}", image.hash, ::getpid());
   if (auto r = remove_tree(trash); !r)
     return r.error();
-  if (::rename(image->dir.c_str(), trash.c_str()) != 0)
-    return fail(fmt::format("cannot remove {}: {}", image->dir.string(), errno_text(errno)));
+  if (::rename(image.dir.c_str(), trash.c_str()) != 0)
+    return fail(fmt::format("cannot remove {}: {}", image.dir.string(), errno_text(errno)));
   (void)fsync_dir(images);
   if (auto r = remove_tree(trash); !r)
     return fail(fmt::format("image {} is gone, but not all its files: {} (the next build "
                             "removes the rest)",
-                            short_hash(image->hash), r.error().message));
-  return image;
+                            short_hash(image.hash), r.error().message));
+  return locked->image;
 }
 
 result<size_t> remove_leftovers(const fs::path& images_dir) {
@@ -1202,21 +1197,15 @@ image_lease::~image_lease() {
 }
 
 result<image_lease> lease_image(const fs::path& images_dir, std::string_view which) {
-  auto image = find_image(images_dir, which);
-  if (!image)
-    return image.error();
-  const fs::path images = clean_path(images_dir);
-  auto lock = open_lock(images, image->hash);
-  if (!lock)
-    return lock.error();
-  if (!try_lock(lock->get(), LOCK_SH))
-    return fail(errc::busy, fmt::format("image {} is being rebuilt or removed",
-                                        short_hash(image->hash)));
+  auto locked = find_and_lock(images_dir, which, LOCK_SH, "is being rebuilt or removed");
+  if (!locked)
+    return locked.error();
   // Removed between the lookup and the lock?
-  auto held = read_image(image->dir);
+  auto held = read_image(locked->image.dir);
   if (!held)
-    return fail(errc::not_found, fmt::format("image {} was removed", short_hash(image->hash)));
-  return image_lease(std::move(*held), lock->release());
+    return fail(errc::not_found,
+                fmt::format("image {} was removed", short_hash(locked->image.hash)));
+  return image_lease(std::move(*held), locked->lock.release());
 }
 
 }  // namespace ferry::sandbox
