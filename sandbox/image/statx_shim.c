@@ -26,30 +26,6 @@
 #endif
 
 // The raw system call, without going through syscall() (which this file replaces).
-static long raw_syscall5(long n, long a1, long a2, long a3, long a4, long a5) {
-  long ret;
-#if defined(__x86_64__)
-  register long r10 __asm__("r10") = a4;
-  register long r8 __asm__("r8") = a5;
-  __asm__ volatile("syscall"
-                   : "=a"(ret)
-                   : "a"(n), "D"(a1), "S"(a2), "d"(a3), "r"(r10), "r"(r8)
-                   : "rcx", "r11", "memory");
-#elif defined(__aarch64__)
-  register long x8 __asm__("x8") = n;
-  register long x0 __asm__("x0") = a1;
-  register long x1 __asm__("x1") = a2;
-  register long x2 __asm__("x2") = a3;
-  register long x3 __asm__("x3") = a4;
-  register long x4 __asm__("x4") = a5;
-  __asm__ volatile("svc 0" : "+r"(x0) : "r"(x8), "r"(x1), "r"(x2), "r"(x3), "r"(x4) : "memory");
-  ret = x0;
-#else
-#error "statx_shim: add this architecture's system call sequence"
-#endif
-  return ret;
-}
-
 static long raw_syscall6(long n, long a1, long a2, long a3, long a4, long a5, long a6) {
   long ret;
 #if defined(__x86_64__)
@@ -88,8 +64,8 @@ static long to_libc(long ret) {
 
 __attribute__((visibility("default"))) int statx(int dirfd, const char* path, int flags,
                                                  unsigned int mask, struct statx* buf) {
-  return (int)to_libc(raw_syscall5(SYS_statx, dirfd, (long)path, flags & ~AT_NO_AUTOMOUNT,
-                                   (long)mask, (long)buf));
+  return (int)to_libc(raw_syscall6(SYS_statx, dirfd, (long)path, flags & ~AT_NO_AUTOMOUNT,
+                                   (long)mask, (long)buf, 0));
 }
 
 // syscall(2) takes up to six register-sized arguments; reading six is what glibc's own does.
