@@ -17,6 +17,7 @@
 #include "ferry/sandbox/sandbox.h"
 #include "ferry/storage/journal.h"
 #include "ferry/test_support/temp_dir.h"
+#include "task_edges.h"
 
 namespace fa = ferry::actors;
 namespace ev = ferry::events::v1;
@@ -28,11 +29,7 @@ namespace {
 
 // -- the edges, listed independently of lifecycle.h -------------------------------------------------
 
-const std::set<std::pair<TS, TS>> task_edges = {
-  {TS::queued, TS::running},      {TS::queued, TS::aborted},       {TS::running, TS::succeeded},
-  {TS::running, TS::failed},      {TS::running, TS::aborted},      {TS::running, TS::interrupted},
-  {TS::interrupted, TS::running},  {TS::interrupted, TS::queued},
-};
+using ferry::test::task_edges;
 
 const std::vector<SS> live_sandbox = {SS::spawning, SS::initializing, SS::cloning, SS::ready,
                                       SS::executing, SS::pushing,    SS::terminating};
@@ -54,8 +51,7 @@ std::set<std::pair<SS, SS>> sandbox_edges() {
   return e;
 }
 
-const std::vector<TS> all_task = {TS::queued,  TS::running, TS::succeeded,
-                                  TS::failed,  TS::aborted, TS::interrupted};
+const std::vector<TS>& all_task = ferry::test::all_task_statuses;
 const std::vector<SS> all_sandbox = {SS::none,      SS::spawning,     SS::running,
                                      SS::terminating, SS::terminated, SS::failed,
                                      SS::initializing, SS::cloning,   SS::ready,

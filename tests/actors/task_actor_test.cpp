@@ -36,6 +36,7 @@
 #include "actors.h"
 #include "ferry/storage/journal.h"
 #include "ferry/test_support/temp_dir.h"
+#include "task_edges.h"
 
 namespace fa = ferry::actors;
 namespace ev = ferry::events::v1;
@@ -45,15 +46,10 @@ using SS = ev::SandboxStatus;
 
 namespace {
 
-// The task's edges, listed independently of lifecycle.h (state_machine_test.cpp checks the table
-// against the same list).
-const std::set<std::pair<TS, TS>> task_edges = {
-  {TS::queued, TS::running},      {TS::queued, TS::aborted},       {TS::running, TS::succeeded},
-  {TS::running, TS::failed},      {TS::running, TS::aborted},      {TS::running, TS::interrupted},
-  {TS::interrupted, TS::running},  {TS::interrupted, TS::queued},
-};
-const std::vector<TS> all_task = {TS::queued,  TS::running, TS::succeeded,
-                                  TS::failed,  TS::aborted, TS::interrupted};
+// The task's edges, listed independently of lifecycle.h (task_edges.h; state_machine_test.cpp
+// checks the table against the same list).
+using ferry::test::task_edges;
+const std::vector<TS>& all_task = ferry::test::all_task_statuses;
 
 std::string str(TS s) { return std::string(sc::to_string(s)); }
 
