@@ -644,6 +644,10 @@ void add_message_types(caf::actor_system_config& cfg) {
   cfg.add_message_types<caf::id_block::ferry>();
 }
 
+void use_ferry_scheduler(caf::actor_system_config& cfg) {
+  cfg.set("scheduler.policy", caf::atom("sharing"));
+}
+
 result<std::unique_ptr<task_service>> start_task_manager(caf::actor_system& sys, task_deps deps) {
   if (!deps.store || !deps.runtime)
     return fail("start task manager: journal and sandbox runtime are required");

@@ -151,6 +151,7 @@ int run_abort_bench(const abort_options& o) {
   {
     caf::actor_system_config cfg;
     actors::add_message_types(cfg);
+    actors::use_ferry_scheduler(cfg);
     caf::actor_system sys{cfg};
     actors::task_deps deps;
     deps.store = store->get();

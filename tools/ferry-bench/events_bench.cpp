@@ -197,6 +197,7 @@ int run_events_bench(const events_options& o) {
   // The "tasks": one persistent actor per stream.
   caf::actor_system_config cfg;
   actors::add_message_types(cfg);
+  actors::use_ferry_scheduler(cfg);
   caf::actor_system sys{cfg};
   std::vector<caf::actor> tasks;
   storage::event_store* journal = store->get();

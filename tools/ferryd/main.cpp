@@ -289,6 +289,7 @@ int run(int argc, char** argv) {
 
   caf::actor_system_config cfg;
   ferry::actors::add_message_types(cfg);
+  ferry::actors::use_ferry_scheduler(cfg);
   caf::actor_system sys{cfg};
 
   ferry::actors::task_deps deps;
