@@ -33,6 +33,9 @@ constexpr size_t max_request_bytes = 512u << 10;  // argv + env + shell + cwd of
 constexpr size_t max_stdin_pending = 16u << 20;   // per command
 constexpr size_t max_host_backlog = 1u << 20;     // frames unsent before we stop reading the host
 constexpr uint64_t drain_grace_ms = 1000;  // after a kill, leftovers holding the pipes are ignored
+// A pty's master never reports EOF under gVisor once the slave is closed (Linux says EIO): a
+// pty command has ended this long after its process was reaped (what is readable is read first).
+constexpr uint64_t pty_grace_ms = 200;
 constexpr uint64_t release_reap_ms = 2000;  // on Release, how long to reap the killed processes
 constexpr size_t max_message_bytes = 4096;  // of a CommandError or Error message
 
@@ -260,6 +263,23 @@ void init_process::read_stream(command& cmd, int stream) {
   keep_output(cmd, stream, read_buf_.data(), static_cast<size_t>(n));
 }
 
+void init_process::drain_now(command& cmd) {
+  for (int st = 0; st < 2; ++st) {
+    stream_buffer& s = cmd.streams[st];
+    // Bounded: a leftover that keeps writing does not keep us here.
+    for (int i = 0; s.fd >= 0 && i < 64; ++i) {
+      pollfd p{s.fd, POLLIN, 0};
+      if (::poll(&p, 1, 0) <= 0 || !(p.revents & POLLIN))
+        break;
+      ssize_t n = ::read(s.fd, read_buf_.data(), read_buf_.size());
+      if (n <= 0)
+        break;
+      keep_output(cmd, st, read_buf_.data(), static_cast<size_t>(n));
+    }
+    close_fd(s.fd);
+  }
+}
+
 void init_process::keep_output(command& cmd, int stream, const char* data, size_t n) {
   stream_buffer& s = cmd.streams[stream];
   if (cmd.file_fd >= 0)
@@ -389,6 +409,8 @@ void init_process::reap_children() {
     }
     if (cmd->timed_out || cmd->host_signalled)
       cmd->drain_deadline = now_ms() + drain_grace_ms;
+    else if (cmd->pty)
+      cmd->drain_deadline = now_ms() + pty_grace_ms;
     check_done(*cmd);
   }
 }
@@ -519,9 +541,9 @@ void init_process::check_deadlines(uint64_t now, int& timeout_ms) {
     }
     if (cmd->reaped && cmd->drain_deadline > 0) {
       if (now >= cmd->drain_deadline) {
-        // A process that left the group (setsid) still holds the pipes: stop waiting for it.
-        close_fd(cmd->streams[0].fd);
-        close_fd(cmd->streams[1].fd);
+        // A process that left the group (setsid) still holds the pipes (or a pty that will not
+        // say EOF): take what is there and stop waiting.
+        drain_now(*cmd);
         check_done(*cmd);
       } else {
         wake_at(cmd->drain_deadline);

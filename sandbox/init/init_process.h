@@ -88,7 +88,7 @@ struct command {
   pid_t pid = -1;
   uint64_t started_at = 0;
   uint64_t deadline = 0;        // timeout; 0 = none
-  uint64_t drain_deadline = 0;  // after a kill: stop waiting for EOF from leftovers
+  uint64_t drain_deadline = 0;  // after a kill (or for a pty): stop waiting for EOF from leftovers
   stream_buffer streams[2];
 
   int stdin_fd = -1;
@@ -152,6 +152,8 @@ class init_process {
   size_t running_count() const;
   bool start(command& cmd, const spawn_request& req, spawn_failure& why);
   void read_stream(command& cmd, int stream);
+  /// Reads what the streams hold right now (non-blocking) and closes them.
+  void drain_now(command& cmd);
   void keep_output(command& cmd, int stream, const char* data, size_t n);
   void open_output_file(command& cmd);
   void write_output_file(command& cmd, const char* data, size_t n);

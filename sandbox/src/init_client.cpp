@@ -328,8 +328,11 @@ void init_client::serve(int fd, const std::function<bool()>& stop) {
       uint64_t v;
       [[maybe_unused]] ssize_t n = ::read(wake_.get(), &v, sizeof v);
     }
-    if ((p[0].revents & POLLOUT) && !write_pending(fd))
+    if ((p[0].revents & POLLOUT) && !write_pending(fd)) {
+      if (stop())
+        protocol_error_.reset();  // kill() or detach() shut the socket down: not ferry-init's doing
       return;
+    }
     if (p[0].revents & (POLLIN | POLLHUP | POLLERR)) {
       ssize_t n = ::recv(fd, buf_.data(), buf_.size(), MSG_DONTWAIT);
       if (n < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK))

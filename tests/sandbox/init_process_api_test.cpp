@@ -54,6 +54,17 @@ command_story run_to_end(init_connection& c, const run_request& r, std::chrono::
 
 bool group_exists(pid_t pgid) { return ::kill(-pgid, 0) == 0 || errno != ESRCH; }
 
+/// Members of a killed group may be reaped (by ferry-init, their new parent) a moment after the
+/// command's Exited: a zombie still counts as a member.
+bool group_gone_soon(pid_t pgid) {
+  for (auto deadline = std::chrono::steady_clock::now() + 3s; group_exists(pgid);) {
+    if (std::chrono::steady_clock::now() > deadline)
+      return false;
+    std::this_thread::sleep_for(10ms);
+  }
+  return true;
+}
+
 /// Value of a `Key:   N kB` line of /proc/<pid>/status, in KiB.
 uint64_t proc_status_kib(pid_t pid, const std::string& key) {
   const std::string status = read_proc_file(fmt::format("/proc/{}/status", pid));
@@ -103,6 +114,18 @@ BOOST_AUTO_TEST_CASE(an_idle_sandbox_runs_commands_given_as_argv_or_shell) {
   BOOST_TEST(b.exited->data.empty());
   // Nothing of them is left in the workspace (the output file is only kept for truncations).
   BOOST_TEST(!fs::exists(init.workspace / ".ferry" / "output" / "8.log"));
+
+  // The exec round trip of `true` on the host (Run written → Exited read), for comparison with
+  // runsc_process_api_test's figure inside gVisor.
+  std::vector<double> ms;
+  for (uint32_t id = 100; id < 140; ++id) {
+    const auto t0 = std::chrono::steady_clock::now();
+    (void)run_to_end(*c, argv_run(id, {"true"}));
+    ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::sort(ms.begin(), ms.end());
+  BOOST_TEST_MESSAGE(fmt::format("exec round trip of `true` on the host: p50 {:.2f} ms, p90 {:.2f} ms ({} runs)", ms[ms.size() / 2],
+                                 ms[ms.size() * 9 / 10], ms.size()));
 }
 
 BOOST_AUTO_TEST_CASE(commands_run_concurrently_and_their_output_stays_apart) {
@@ -315,7 +338,7 @@ BOOST_AUTO_TEST_CASE(a_timeout_kills_the_whole_process_group) {
   BOOST_TEST(s.exited->exit_code == -1);
   BOOST_TEST(s.exited->duration_ms >= 400u);
   BOOST_TEST((took < 3s));
-  BOOST_TEST(!group_exists(s.started->pgid));
+  BOOST_TEST(group_gone_soon(s.started->pgid));
 
   // A process that left the group (setsid) and holds the pipe does not keep the command open.
   r = shell_run(2, "setsid sleep 100 & echo started; sleep 100");
@@ -342,7 +365,7 @@ BOOST_AUTO_TEST_CASE(signal_reaches_a_group_a_process_or_everything) {
   BOOST_REQUIRE(c->until_over(2));
   BOOST_TEST((c->story(2).exited->reason == v1::ExitReason::Killed));
   BOOST_TEST(c->story(2).exited->signal == SIGTERM);
-  BOOST_TEST(!group_exists(group2));
+  BOOST_TEST(group_gone_soon(group2));
 
   // 0: every command.
   for (uint32_t id : {3u, 4u, 5u})

@@ -408,7 +408,10 @@ BOOST_AUTO_TEST_CASE(socket_mode_refuses_bad_hosts_and_carries_on) {
   refused(attach_frame({{1, 5, 0}}), "beyond");  // nothing written yet: the command has not started
   refused(attach_frame({{9, 0, 0}, {9, 0, 0}}), "command 9 twice");
   refused(release_frame(), "before Attach");
-  refused(run_frame({.command_id = 2, .argv = {"true"}}), "before Attach");
+  run_request early;
+  early.command_id = 2;
+  early.argv = {"true"};
+  refused(run_frame(early), "before Attach");
   refused(le32(0) + "xxxx", "frame length 0");
   refused(std::string(4, '\xff'), "frame length");
   refused(le32(12) + std::string(12, 'z'), "failed FlatBuffers verification");
@@ -532,7 +535,10 @@ BOOST_AUTO_TEST_CASE(an_idle_sandbox_also_gives_up_after_lingering_and_not_while
   listening_init busy({}, {"--linger-ms", "300"});
   {
     auto c = busy.attach();
-    c->send(run_frame({.command_id = 5, .argv = {"sleep", "1.5"}}));
+    run_request sleeper;
+    sleeper.command_id = 5;
+    sleeper.argv = {"sleep", "1.5"};
+    c->send(run_frame(sleeper));
     BOOST_REQUIRE(c->until([&] { return c->story(5).started.has_value(); }));
   }
   std::this_thread::sleep_for(1s);

@@ -141,9 +141,11 @@ class recording_observer : public sandbox_observer {
     return s;
   }
   /// Output of one command's stream.
-  std::string output(uint32_t command_id, int stream) const {
+  std::string output(uint32_t command_id, int stream) const { return output_in(records(), command_id, stream); }
+  /// The same from records at hand (in a wait_until predicate, which holds the lock).
+  static std::string output_in(const std::vector<record>& rs, uint32_t command_id, int stream) {
     std::string s;
-    for (const auto& r : records())
+    for (const auto& r : rs)
       if (r.what == "output" && r.command_id == command_id && r.stream == stream)
         s += r.data;
     return s;
