@@ -196,6 +196,9 @@ void init_process::drop(connection& c, const std::string& why) {
   if (!c.stdio)
     ::close(c.fd);
   const bool was_host = &c == &conn_;
+  // The message being handled may point into this connection's decoder: keep its buffers alive
+  // until the loop comes round again (a moved vector keeps its storage).
+  retired_ = std::move(c);
   c = connection{};
   if (was_host) {
     for (auto& [id, cmd] : commands_)
@@ -1083,6 +1086,7 @@ int init_process::run() {
     }
     if (released_)
       return release();
+    retired_ = connection{};
     const uint64_t now = now_ms();
     int timeout = -1;
     auto wake_at = [&](uint64_t t) {

@@ -197,6 +197,7 @@ class init_process {
 
   int listen_fd_ = -1;
   connection conn_;  // fd < 0 when no host is connected
+  connection retired_;  // the last dropped connection, freed at the top of the loop
   bool released_ = false;
   std::optional<uint64_t> idle_since_;  // no host and no running command since
   http_forwarder forwarder_;

@@ -4,14 +4,16 @@
 // so that its processes (the Sentry, its ptrace stubs and the gofer) are not children of this
 // process and survive it. ferry-init, PID 1 inside, listens on a unix socket in the host
 // directory `sandboxes_dir/<id>/ctl/` (bind-mounted at /.ferry/ctl; `--host-uds=create` makes
-// the socket a real host socket); the reader thread of the sandbox object talks to it. Its files
+// the socket a real host socket); the reader thread of the sandbox object talks to it through
+// the shared protocol client (init_client.h), which also checks every command's story. Its files
 // live in `sandboxes_dir/<id>/`; creating that directory claims the id, removing it is the last
 // step before on_ended.
 //
 // Lifecycle of a sandbox object, driven by its reader thread:
-//   (start) launching --runsc done--> connecting --Hello+Attach--> running
-//   (attach) connected by attach() --> running
-//   running --Started--> command_started --Exited--> command_exited --Release sent--> (EOF)
+//   (start) launching --runsc done--> starting --Hello+Attach+Attached--> running
+//   (attach) handshake done by attach() --> running
+//   running: commands come and go (run() → Started … Exited, or CommandError)
+//   running --Release sent (release(), or the command line's Exited)--> (EOF: ferry-init ended)
 //   any state --Error / bad frame / EOF / kill()--> (teardown)     detach() --> (released)
 // Teardown (exactly once unless released): make sure every host process of the sandbox has
 // exited (SIGKILL through pidfds), on_processes_gone, `runsc delete --force`, kill any runsc

@@ -122,8 +122,9 @@ struct command_exit {
 ///   on_running, then per command: on_command_started (on_output | on_output_gap)*
 ///   on_output_truncated? on_command_ended — or only on_command_failed; and at the end
 ///   on_processes_gone? on_ended.
-/// Commands interleave. on_ended comes exactly once per sandbox object, unless the object was
-/// detached (then nothing follows the detach). After `attach`, on_running and on_command_started
+/// Commands interleave. A command still running (or not yet started) when the sandbox ends gets
+/// no on_command_ended: on_ended says why the sandbox ended. on_ended comes exactly once per
+/// sandbox object, unless the object was detached (then nothing follows the detach). After `attach`, on_running and on_command_started
 /// (same argv) are delivered again for the commands the sandbox still has.
 ///
 /// Output offsets: the observer counts them. Each stream starts at the resume point's offset (0
