@@ -41,6 +41,7 @@
 #include <nlohmann/json.hpp>
 
 #include "ferry/sandbox/sandbox.h"
+#include "host_paths.h"
 #include "init_client.h"
 #include "unique_fd.h"
 #include "ferry/schemas/frame.h"
@@ -50,6 +51,8 @@ namespace {
 
 namespace fs = std::filesystem;
 namespace v1 = ferry::init::v1;
+using detail::clean_path;
+using detail::find_program;
 using namespace std::chrono_literals;
 using steady = std::chrono::steady_clock;
 
@@ -86,32 +89,6 @@ std::string trimmed(std::string s) {
   while (!s.empty() && (s.back() == '\n' || s.back() == ' '))
     s.pop_back();
   return s;
-}
-
-/// Absolute, normalised, without a trailing separator.
-fs::path clean_path(const fs::path& p) {
-  std::error_code ec;
-  fs::path a = fs::absolute(p, ec).lexically_normal();
-  if (!a.has_filename() && a.has_parent_path() && a != a.root_path())
-    a = a.parent_path();
-  return a;
-}
-
-/// Finds `name` in PATH unless it already names a file.
-std::optional<std::string> find_program(const std::string& name) {
-  if (name.find('/') != std::string::npos)
-    return ::access(name.c_str(), X_OK) == 0 ? std::optional(clean_path(name).string()) : std::nullopt;
-  const char* path = std::getenv("PATH");
-  std::string_view rest = path ? path : "/usr/bin:/bin";
-  while (!rest.empty()) {
-    auto colon = rest.find(':');
-    std::string dir(rest.substr(0, colon));
-    rest = colon == std::string_view::npos ? std::string_view{} : rest.substr(colon + 1);
-    std::string candidate = (dir.empty() ? std::string(".") : dir) + "/" + name;
-    if (::access(candidate.c_str(), X_OK) == 0)
-      return candidate;
-  }
-  return std::nullopt;
 }
 
 result<void> write_file_atomically(const fs::path& path, std::string_view content, fs::perms perms) {
