@@ -4,14 +4,16 @@
 // so that its processes (the Sentry, its ptrace stubs and the gofer) are not children of this
 // process and survive it. ferry-init, PID 1 inside, listens on a unix socket in the host
 // directory `sandboxes_dir/<id>/ctl/` (bind-mounted at /.ferry/ctl; `--host-uds=create` makes
-// the socket a real host socket); the reader thread of the sandbox object talks to it. Its files
+// the socket a real host socket); the reader thread of the sandbox object talks to it through
+// the shared protocol client (init_client.h), which also checks every command's story. Its files
 // live in `sandboxes_dir/<id>/`; creating that directory claims the id, removing it is the last
 // step before on_ended.
 //
 // Lifecycle of a sandbox object, driven by its reader thread:
-//   (start) launching --runsc done--> connecting --Hello+Attach--> running
-//   (attach) connected by attach() --> running
-//   running --Started--> command_started --Exited--> command_exited --Release sent--> (EOF)
+//   (start) launching --runsc done--> starting --Hello+Attach+Attached--> running
+//   (attach) handshake done by attach() --> running
+//   running: commands come and go (run() → Started … Exited, or CommandError)
+//   running --Release sent (release(), or the command line's Exited)--> (EOF: ferry-init ended)
 //   any state --Error / bad frame / EOF / kill()--> (teardown)     detach() --> (released)
 // Teardown (exactly once unless released): make sure every host process of the sandbox has
 // exited (SIGKILL through pidfds), on_processes_gone, `runsc delete --force`, kill any runsc
@@ -40,6 +42,7 @@
 
 #include "ferry/sandbox/sandbox.h"
 #include "host_paths.h"
+#include "init_client.h"
 #include "unique_fd.h"
 #include "ferry/schemas/frame.h"
 
@@ -65,6 +68,8 @@ constexpr size_t log_tail_bytes = 4096;     // of runsc.log, for failure reasons
 constexpr std::string_view init_path = "/.ferry/init";
 constexpr std::string_view ctl_mount = "/.ferry/ctl";
 constexpr std::string_view socket_name = "init.sock";
+constexpr std::string_view egress_mount = "/.ferry/egress.sock";
+constexpr std::string_view command_line_file = "command_line";  // in the sandbox dir: its id
 constexpr std::string_view default_path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 bool valid_id(std::string_view id) {
@@ -153,6 +158,8 @@ struct runsc_context {
   std::vector<fs::path> host_binds;    // host dirs bind-mounted read-only (host-tree root only)
   uint64_t output_buffer_bytes = 0;
   std::chrono::milliseconds linger{0};
+  fs::path egress_socket;              // empty: no HTTP forwarder
+  uint16_t proxy_port = 0;
 
   std::vector<std::string> command(std::initializer_list<std::string> args) const {
     std::vector<std::string> v{runsc};
@@ -186,10 +193,13 @@ result<std::vector<fs::path>> prepare_host_tree(const fs::path& root) {
       return fail(fmt::format("cannot create {}: {}", (root / d).string(), ec.message()));
   }
   fs::permissions(root / "tmp", fs::perms::all | fs::perms::sticky_bit, ec);
-  // A regular file to bind-mount ferry-init onto (the root is read-only inside the sandbox).
-  if (!fs::exists(root / ".ferry/init", ec)) {
-    if (auto r = write_file_atomically(root / ".ferry/init", "", fs::perms(0755)); !r)
-      return r.error();
+  // Regular files to bind-mount ferry-init and the egress socket onto (the root is read-only
+  // inside the sandbox).
+  for (const char* f : {".ferry/init", ".ferry/egress.sock"}) {
+    if (!fs::exists(root / f, ec)) {
+      if (auto r = write_file_atomically(root / f, "", fs::perms(0755)); !r)
+        return r.error();
+    }
   }
   // Never the host's /etc: only what a shell and common tools need.
   const std::pair<const char*, std::string_view> etc_files[] = {
@@ -240,8 +250,11 @@ nlohmann::json make_config(const runsc_context& ctx, const sandbox_spec& spec,
                                 "--linger-ms",
                                 std::to_string(ctx.linger.count()),
                                 "--buffer-bytes",
-                                std::to_string(ctx.output_buffer_bytes),
-                                "--"};
+                                std::to_string(ctx.output_buffer_bytes)};
+  if (!ctx.egress_socket.empty()) {
+    args.insert(args.end(), {"--proxy-socket", std::string(egress_mount), "--proxy-port", std::to_string(ctx.proxy_port)});
+  }
+  args.push_back("--");
   args.insert(args.end(), spec.argv.begin(), spec.argv.end());
 
   std::vector<std::string> env{"PATH=" + std::string(default_path), "HOME=/workspace", "TERM=dumb"};
@@ -278,6 +291,13 @@ nlohmann::json make_config(const runsc_context& ctx, const sandbox_spec& spec,
                     {"type", "bind"},
                     {"source", ctl.string()},
                     {"options", {"rbind", "rw"}}});
+  if (!ctx.egress_socket.empty()) {
+    // The egress proxy's socket: the forwarder in ferry-init connects to it (--host-uds=all).
+    mounts.push_back({{"destination", std::string(egress_mount)},
+                      {"type", "bind"},
+                      {"source", ctx.egress_socket.string()},
+                      {"options", {"bind", "rw"}}});
+  }
   mounts.push_back({{"destination", "/workspace"},
                     {"type", "bind"},
                     {"source", workspace.string()},
@@ -541,16 +561,18 @@ class holder_registry {
 
 class runsc_sandbox final : public sandbox {
  public:
-  /// `from`: the resume point (zeros for a new sandbox).
+  /// `from`: the resume points (none for a new sandbox); `command_line_id`: the command line's id
+  /// if the sandbox has one (it then ends once that has exited).
   runsc_sandbox(std::shared_ptr<const runsc_context> ctx, std::shared_ptr<holder_registry> registry,
-                std::string id, const resume_point& from, sandbox_observer& observer)
+                std::string id, std::span<const resume_point> from, std::optional<uint32_t> command_line_id,
+                sandbox_observer& observer)
       : ctx_(std::move(ctx)),
         registry_(std::move(registry)),
         id_(std::move(id)),
-        command_id_(from.command_id),
         dir_(ctx_->sandboxes_dir / id_),
         observer_(observer),
-        expected_{from.stdout_bytes, from.stderr_bytes} {}
+        has_command_line_(command_line_id.has_value()),
+        client_(observer, from, command_line_id) {}
 
   /// start(): launches the container and talks to it on the reader thread.
   void begin_new() {
@@ -566,7 +588,7 @@ class runsc_sandbox final : public sandbox {
       procs_known_ = true;
       sock_ = std::move(sock);
     }
-    return handshake(/*new_sandbox=*/false);
+    return client_.handshake(sock_.get(), dir_ / "instance", handshake_timeout);
   }
   void begin_attached() {
     reader_ = std::thread([this] { run_attached(); });
@@ -588,6 +610,15 @@ class runsc_sandbox final : public sandbox {
   }
 
   const std::string& id() const override { return id_; }
+
+  result<void> run(const command_spec& spec) override { return client_.run(spec); }
+  result<void> signal(uint32_t command_id, int signo, bool whole_group) override {
+    return client_.signal(command_id, signo, whole_group);
+  }
+  result<void> write_stdin(uint32_t command_id, std::string_view data, bool close) override {
+    return client_.write_stdin(command_id, data, close);
+  }
+  result<void> release() override { return client_.release(); }
 
   void kill() override {
     {
@@ -616,6 +647,7 @@ class runsc_sandbox final : public sandbox {
       if (sock_)
         ::shutdown(sock_.get(), SHUT_RDWR);
     }
+    client_.close();
     std::unique_lock lock(kill_mu_);
     gone_cv_.wait(lock, [&] { return reader_done_; });
   }
@@ -626,7 +658,7 @@ class runsc_sandbox final : public sandbox {
   }
 
  private:
-  enum class phase { launching, starting, running, command_started, command_exited, init_failed };
+  enum class phase { launching, starting, running };
 
   // --- killing (any thread) ---
 
@@ -672,18 +704,24 @@ class runsc_sandbox final : public sandbox {
       if (auto c = connect_new(); !c) {
         if (!stop_requested())
           launch_failure_ = c.error().message;
-      } else if (auto h = handshake(/*new_sandbox=*/true); !h && !stop_requested() && !protocol_error_) {
-        protocol_error_ = h.error().message;
+      } else if (auto h = client_.handshake(sock_.get(), dir_ / "instance", handshake_timeout);
+                 !h && !stop_requested()) {
+        handshake_error_ = h.error().message;
       }
     }
-    if (!launch_failure_ && !protocol_error_ && !stop_requested())
-      read_frames();
+    if (!launch_failure_ && !handshake_error_ && !stop_requested())
+      serve();
     finish();
   }
 
   void run_attached() {
-    read_frames();
+    serve();
     finish();
+  }
+
+  void serve() {
+    phase_ = phase::running;
+    client_.serve(sock_.get(), [this] { return stop_requested(); });
   }
 
   /// `runsc run --detach` in a session of its own, its stdio (and so ferry-init's) to runsc.log.
@@ -747,235 +785,9 @@ class runsc_sandbox final : public sandbox {
     }
   }
 
-  /// Reads until the decoder holds a message, with a deadline. Fails on EOF, timeout, bad frame.
-  result<void> read_message(steady::time_point deadline) {
-    for (;;) {
-      switch (decoder_.next()) {
-        case wire::frame_decoder::status::message:
-          return {};
-        case wire::frame_decoder::status::error:
-          return fail(decoder_.error_message());
-        case wire::frame_decoder::status::need_more:
-          break;
-      }
-      auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - steady::now());
-      if (left <= 0ms)
-        return fail("ferry-init did not answer in time");
-      pollfd p{sock_.get(), POLLIN, 0};
-      int r = ::poll(&p, 1, static_cast<int>(left.count()));
-      if (r < 0 && errno != EINTR)
-        return fail(fmt::format("poll: {}", std::generic_category().message(errno)));
-      if (r <= 0)
-        continue;
-      ssize_t n = ::recv(sock_.get(), buf_.data(), buf_.size(), 0);
-      if (n < 0 && errno == EINTR)
-        continue;
-      if (n <= 0)
-        return fail("ferry-init closed the connection");
-      decoder_.feed(buf_.data(), static_cast<size_t>(n));
-    }
-  }
-
-  result<void> send_frame(const std::string& frame) {
-    size_t off = 0;
-    while (off < frame.size()) {
-      ssize_t w = ::send(sock_.get(), frame.data() + off, frame.size() - off, MSG_NOSIGNAL);
-      if (w < 0 && errno == EINTR)
-        continue;
-      if (w < 0)
-        return fail(fmt::format("cannot write to ferry-init: {}", std::generic_category().message(errno)));
-      off += static_cast<size_t>(w);
-    }
-    return {};
-  }
-
-  /// Hello (checked against the instance token on file), Attach, and ferry-init's first answer
-  /// (Started, or Error), which is left in the decoder for dispatch.
-  result<void> handshake(bool new_sandbox) {
-    const auto instance_file = dir_ / "instance";
-    if (auto r = read_message(steady::now() + handshake_timeout); !r)
-      return fail(fmt::format("waiting for ferry-init's Hello: {}", r.error().message));
-    const v1::InitMessage& hello = *decoder_.msg();
-    if (hello.message_type() == v1::Message::Error) {
-      const auto* e = hello.message_as_Error();
-      std::string why = e->message() ? e->message()->str() : "(no message)";
-      return error_info{"ferry-init refused the connection: " + why,
-                        why.find("another host") != std::string::npos ? errc::busy : errc::failed};
-    }
-    if (hello.message_type() != v1::Message::Hello)
-      return fail(fmt::format("expected Hello, got message type {}", static_cast<int>(hello.message_type())));
-    const auto* h = hello.message_as_Hello();
-    if (h->protocol() != wire::socket_protocol)
-      return fail(fmt::format("unsupported ferry-init protocol {}", h->protocol()));
-    const std::string instance = h->instance() ? h->instance()->str() : std::string();
-    if (instance.size() != 32 || instance.find_first_not_of("0123456789abcdef") != std::string::npos)
-      return fail("Hello without a valid instance token");
-    // The first host records the token before its Attach starts the command; until then nothing
-    // but ferry-init runs in the sandbox, so a Hello with no token on file is ferry-init's.
-    const std::string recorded = read_small_file(instance_file);
-    if (!recorded.empty() && recorded != instance)
-      return fail("the process on the control socket is not this sandbox's ferry-init (instance token differs)");
-    if (recorded.empty()) {
-      if (auto r = write_file_atomically(instance_file, instance, fs::perms(0600)); !r)
-        return r.error();
-    }
-
-    flatbuffers::FlatBufferBuilder fbb;
-    auto a = v1::CreateAttach(fbb, wire::socket_protocol, command_id_, expected_[0], expected_[1]);
-    std::string frame;
-    wire::append_message(frame, fbb, v1::Message::Attach, a);
-    if (auto r = send_frame(frame); !r)
-      return r;
-    if (auto r = read_message(steady::now() + handshake_timeout); !r)
-      return fail(fmt::format("waiting for ferry-init's answer to Attach: {}", r.error().message));
-    const v1::InitMessage& answer = *decoder_.msg();
-    if (answer.message_type() == v1::Message::Error && !new_sandbox) {
-      const auto* e = answer.message_as_Error();
-      return fail("ferry-init refused the attach: " + (e->message() ? e->message()->str() : std::string("(no message)")));
-    }
-    pending_message_ = true;  // Started (or a start-up Error of a new sandbox): dispatched next
-    return {};
-  }
-
-  void read_frames() {
-    phase_ = phase::running;
-    observer_.on_running();
-    if (pending_message_) {
-      pending_message_ = false;
-      dispatch(*decoder_.msg());
-      drain_decoder();
-    }
-    while (!protocol_error_ && !stop_requested()) {
-      pollfd p{sock_.get(), POLLIN, 0};
-      int r = ::poll(&p, 1, 1000);
-      if (r < 0 && errno != EINTR) {
-        protocol_violation(fmt::format("poll on the control socket: {}", std::generic_category().message(errno)));
-        return;
-      }
-      if (r <= 0)
-        continue;
-      ssize_t n = ::recv(sock_.get(), buf_.data(), buf_.size(), 0);
-      if (n < 0 && errno == EINTR)
-        continue;
-      if (n <= 0)
-        return;  // ferry-init ended (after Release, an Error, or the sandbox died), or kill/detach
-      decoder_.feed(buf_.data(), static_cast<size_t>(n));
-      drain_decoder();
-    }
-  }
-
-  void drain_decoder() {
-    while (!protocol_error_) {
-      switch (decoder_.next()) {
-        case wire::frame_decoder::status::need_more:
-          return;
-        case wire::frame_decoder::status::error:
-          protocol_violation(decoder_.error_message());
-          return;
-        case wire::frame_decoder::status::message:
-          dispatch(*decoder_.msg());
-      }
-    }
-  }
-
-  void protocol_violation(std::string why) {
-    protocol_error_ = std::move(why);
-    kill_processes();
-  }
-
-  bool check(bool ok, std::string_view what) {
-    if (!ok)
-      protocol_violation(std::string(what));
-    return ok;
-  }
-
-  void dispatch(const v1::InitMessage& m) {
-    switch (m.message_type()) {
-      case v1::Message::Started: {
-        const auto* s = m.message_as_Started();
-        if (!check(phase_ == phase::running, "Started before Hello or twice") ||
-            !check(s->command_id() == command_id_, fmt::format("Started for unknown command {}", s->command_id())))
-          return;
-        std::vector<std::string> argv;
-        if (s->argv()) {
-          for (const auto* a : *s->argv())
-            argv.emplace_back(a ? a->str() : std::string());
-        }
-        phase_ = phase::command_started;
-        observer_.on_command_started(s->command_id(), argv);
-        return;
-      }
-      case v1::Message::Output: {
-        const auto* o = m.message_as_Output();
-        if (!check(phase_ == phase::command_started, "Output outside a running command") ||
-            !check(o->command_id() == command_id_, fmt::format("Output for unknown command {}", o->command_id())) ||
-            !check(o->stream() <= 1, fmt::format("Output on unknown stream {}", o->stream())) ||
-            !check(o->offset() == expected_[o->stream()],
-                   fmt::format("Output of stream {} at offset {}, expected {}", o->stream(), o->offset(),
-                               expected_[o->stream()])))
-          return;
-        std::string_view data;
-        if (o->data())
-          data = {reinterpret_cast<const char*>(o->data()->data()), o->data()->size()};
-        expected_[o->stream()] += data.size();
-        observer_.on_output(o->command_id(), o->stream(), data);
-        return;
-      }
-      case v1::Message::OutputGap: {
-        const auto* g = m.message_as_OutputGap();
-        if (!check(phase_ == phase::command_started, "OutputGap outside a running command") ||
-            !check(g->command_id() == command_id_, fmt::format("OutputGap for unknown command {}", g->command_id())) ||
-            !check(g->stream() <= 1, fmt::format("OutputGap on unknown stream {}", g->stream())) ||
-            !check(g->offset() == expected_[g->stream()] && g->lost_bytes() > 0 &&
-                       g->lost_bytes() <= UINT64_MAX - expected_[g->stream()],
-                   fmt::format("OutputGap of stream {} at offset {} (+{}), expected offset {}", g->stream(),
-                               g->offset(), g->lost_bytes(), expected_[g->stream()])))
-          return;
-        expected_[g->stream()] += g->lost_bytes();
-        observer_.on_output_gap(g->command_id(), g->stream(), g->lost_bytes());
-        return;
-      }
-      case v1::Message::Exited: {
-        const auto* e = m.message_as_Exited();
-        if (!check(phase_ == phase::command_started, "Exited outside a running command") ||
-            !check(e->command_id() == command_id_, fmt::format("Exited for unknown command {}", e->command_id())))
-          return;
-        phase_ = phase::command_exited;
-        observer_.on_command_exited(e->command_id(), e->exit_code(), e->signal(), e->duration_ms());
-        // Reported: ferry-init may end, and the sandbox with it.
-        flatbuffers::FlatBufferBuilder fbb;
-        auto f = v1::CreateRelease(fbb);
-        std::string frame;
-        wire::append_message(frame, fbb, v1::Message::Release, f);
-        if (!stop_requested()) {
-          if (auto r = send_frame(frame); !r)
-            protocol_violation("sending Release: " + r.error().message);
-          else
-            finish_sent_ = true;
-        }
-        return;
-      }
-      case v1::Message::Error: {
-        const auto* e = m.message_as_Error();
-        init_error_ = e->message() ? e->message()->str() : std::string("(no message)");
-        phase_ = phase::init_failed;
-        return;
-      }
-      case v1::Message::Hello:
-        protocol_violation("Hello after the handshake");
-        return;
-      case v1::Message::Attach:
-      case v1::Message::Release:
-        protocol_violation(fmt::format("host message type {} from ferry-init", static_cast<int>(m.message_type())));
-        return;
-      case v1::Message::NONE:
-        break;
-    }
-    protocol_violation(fmt::format("unknown message type {}", static_cast<int>(m.message_type())));
-  }
-
   /// After the reader loop: let go (detached), or tear down and report.
   void finish() {
+    client_.close();
     if (detached_) {
       close_socket();
       registry_->release(id_);
@@ -984,9 +796,9 @@ class runsc_sandbox final : public sandbox {
       gone_cv_.notify_all();
       return;
     }
-    // Processes: after a normal end (Release sent, or ferry-init's Error) they exit by themselves;
-    // otherwise, or if they linger, they are killed.
-    const bool self_ending = (finish_sent_ || phase_ == phase::init_failed) && !protocol_error_;
+    // Processes: after Release they exit by themselves; otherwise (a protocol error, ferry-init's
+    // Error, a sandbox that ended on its own, kill()), or if they linger, they are killed.
+    const bool self_ending = client_.release_sent() && !client_.protocol_error() && !client_.init_error();
     if (self_ending) {
       // Wait on duplicates of the pidfds, so kill() is not blocked meanwhile.
       std::vector<held_process> watched;
@@ -1041,16 +853,20 @@ class runsc_sandbox final : public sandbox {
   }
 
   std::optional<std::string> failure_reason(const std::string& cleanup_error, const std::string& log) const {
-    if (protocol_error_)
-      return "protocol error: " + *protocol_error_;
-    if (!init_error_.empty())
-      return "ferry-init: " + init_error_;
-    if (phase_ != phase::command_exited) {
+    if (client_.protocol_error())
+      return "protocol error: " + *client_.protocol_error();
+    if (handshake_error_)
+      return "protocol error: " + *handshake_error_;
+    if (client_.init_error())
+      return "ferry-init: " + *client_.init_error();
+    if (!client_.release_sent()) {
       if (killed_by_owner_)
         return std::string("killed");
       if (launch_failure_ || phase_ == phase::launching || phase_ == phase::starting)
         return fmt::format("sandbox failed to start ({}): {}", launch_failure_.value_or("runsc"), log);
-      return fmt::format("sandbox ended before the command did: {}", log);
+      if (has_command_line_ && !client_.command_line_exited())
+        return fmt::format("sandbox ended before the command did: {}", log);
+      return fmt::format("sandbox ended before it was released: {}", log);
     }
     if (!cleanup_error.empty())
       return "cleanup failed: " + cleanup_error;
@@ -1060,20 +876,15 @@ class runsc_sandbox final : public sandbox {
   const std::shared_ptr<const runsc_context> ctx_;
   const std::shared_ptr<holder_registry> registry_;
   const std::string id_;
-  const uint32_t command_id_;
   const fs::path dir_;
   sandbox_observer& observer_;
+  const bool has_command_line_;
+  detail::init_client client_;
 
   // Reader-thread state (and attach()'s, before the reader starts).
-  wire::frame_decoder decoder_;
-  bool pending_message_ = false;  // decoder_.msg() not yet dispatched
-  uint64_t expected_[2];          // next offset of each stream
   phase phase_ = phase::launching;
-  bool finish_sent_ = false;
   std::optional<std::string> launch_failure_;
-  std::optional<std::string> protocol_error_;
-  std::string init_error_;
-  std::vector<char> buf_ = std::vector<char>(wire::max_output_chunk + 4096);
+  std::optional<std::string> handshake_error_;
 
   std::atomic<bool> killed_by_owner_{false};
   std::atomic<bool> detached_{false};
@@ -1101,8 +912,8 @@ class runsc_runtime final : public sandbox_runtime {
       return fail(fmt::format("invalid sandbox id `{}`: use 1 to 64 letters, digits, '-' or '_'",
                               spec.id.substr(0, 80)));
     }
-    if (spec.argv.empty())
-      return fail(fmt::format("sandbox {}: empty command", spec.id));
+    if (!spec.argv.empty() && spec.command_id == 0)
+      return fail(fmt::format("sandbox {}: command id 0 is reserved", spec.id));
     for (const auto& e : spec.env) {
       if (e.find('=') == std::string::npos || e.front() == '=')
         return fail(fmt::format("sandbox {}: environment entry `{}` is not K=V", spec.id, e));
@@ -1126,14 +937,17 @@ class runsc_runtime final : public sandbox_runtime {
       registry_->release(spec.id);
       return r.error();
     }
-    resume_point from;
-    from.command_id = spec.command_id;
-    auto sb = std::make_unique<runsc_sandbox>(ctx_, registry_, spec.id, from, observer);
+    std::optional<uint32_t> command_line;
+    if (!spec.argv.empty())
+      command_line = spec.command_id;
+    auto sb = std::make_unique<runsc_sandbox>(ctx_, registry_, spec.id, std::span<const resume_point>(), command_line,
+                                              observer);
     sb->begin_new();
     return std::unique_ptr<sandbox>(std::move(sb));
   }
 
-  result<std::unique_ptr<sandbox>> attach(const std::string& id, const resume_point& from,
+  using sandbox_runtime::attach;
+  result<std::unique_ptr<sandbox>> attach(const std::string& id, std::span<const resume_point> from,
                                           sandbox_observer& observer) override {
     if (!valid_id(id))
       return error_info{fmt::format("invalid sandbox id `{}`", id.substr(0, 80)), errc::invalid_argument};
@@ -1193,15 +1007,20 @@ class runsc_runtime final : public sandbox_runtime {
 
  private:
   // REQUIRES: `id` held in registry_ by the caller (released by the caller on failure).
-  result<std::unique_ptr<sandbox>> try_attach(const std::string& id, const fs::path& dir, const resume_point& from,
-                                              sandbox_observer& observer) {
+  result<std::unique_ptr<sandbox>> try_attach(const std::string& id, const fs::path& dir,
+                                              std::span<const resume_point> from, sandbox_observer& observer) {
     auto procs = hold_sandbox_processes(*ctx_, id);
     if (procs.empty())
       return error_info{fmt::format("sandbox {} is gone (its Sentry is not running)", id), errc::not_found};
     auto sock = connect_control(dir / "ctl" / std::string(socket_name));
     if (!sock)
       return error_info{fmt::format("sandbox {}: {}", id, sock.error().message), sock.error().code};
-    auto sb = std::make_unique<runsc_sandbox>(ctx_, registry_, id, from, observer);
+    // The command line's id, recorded at start (the sandbox ends once it has exited).
+    std::optional<uint32_t> command_line;
+    const std::string recorded = read_small_file(dir / std::string(command_line_file));
+    if (!recorded.empty())
+      command_line = static_cast<uint32_t>(std::strtoul(recorded.c_str(), nullptr, 10));
+    auto sb = std::make_unique<runsc_sandbox>(ctx_, registry_, id, from, command_line, observer);
     if (auto r = sb->adopt(std::move(procs), std::move(*sock)); !r) {
       sb->abandon();
       return error_info{fmt::format("attaching to sandbox {}: {}", id, r.error().message), r.error().code};
@@ -1270,6 +1089,12 @@ class runsc_runtime final : public sandbox_runtime {
     }
     if (auto r = write_file_atomically(bundle / "config.json", config, fs::perms(0644)); !r)
       return fail(fmt::format("sandbox {}: {}", spec.id, r.error().message));
+    if (!spec.argv.empty()) {
+      if (auto r = write_file_atomically(dir / std::string(command_line_file), std::to_string(spec.command_id),
+                                         fs::perms(0644));
+          !r)
+        return fail(fmt::format("sandbox {}: {}", spec.id, r.error().message));
+    }
     return {};
   }
 
@@ -1319,10 +1144,19 @@ result<std::unique_ptr<sandbox_runtime>> make_runsc_runtime(runsc_options opts) 
     return fail("runsc runtime: linger must be positive");
   ctx->output_buffer_bytes = opts.output_buffer_bytes;
   ctx->linger = opts.linger;
+  if (!opts.egress_socket.empty()) {
+    ctx->egress_socket = clean_path(opts.egress_socket);
+    ctx->proxy_port = opts.proxy_port;
+    if (opts.proxy_port == 0)
+      return fail("runsc runtime: proxy_port must not be 0");
+  }
 
   // --host-uds=create: ferry-init's listening socket in ctl/ is a real host socket (sandbox
   // processes may create host sockets in their rw bind mounts, but never connect to one).
-  ctx->global = {"--root", ctx->state_dir.string(), "--network=none", "--host-uds=create"};
+  // With an egress socket: =all, so ferry-init's forwarder can connect to it — and so could the
+  // commands to the control socket (see README: what that exposes).
+  ctx->global = {"--root", ctx->state_dir.string(), "--network=none",
+                 ctx->egress_socket.empty() ? "--host-uds=create" : "--host-uds=all"};
   if (opts.ignore_cgroups)
     ctx->global.emplace_back("--ignore-cgroups");
   ctx->global.insert(ctx->global.end(), opts.extra_flags.begin(), opts.extra_flags.end());

@@ -108,6 +108,12 @@ struct scripted_runtime final : ferry::sandbox::sandbox_runtime {
   struct box final : ferry::sandbox::sandbox {
     explicit box(std::string id) : id_(std::move(id)) {}
     const std::string& id() const override { return id_; }
+    ferry::result<void> run(const ferry::sandbox::command_spec&) override {
+      return ferry::fail("scripted sandboxes run nothing");
+    }
+    ferry::result<void> signal(uint32_t, int, bool) override { return {}; }
+    ferry::result<void> write_stdin(uint32_t, std::string_view, bool) override { return {}; }
+    ferry::result<void> release() override { return {}; }
     void kill() override {}
     void detach() override {}
     void wait() override {}
@@ -120,8 +126,9 @@ struct scripted_runtime final : ferry::sandbox::sandbox_runtime {
     observer = &o;
     return std::unique_ptr<ferry::sandbox::sandbox>(std::make_unique<box>(spec.id));
   }
+  using ferry::sandbox::sandbox_runtime::attach;
   ferry::result<std::unique_ptr<ferry::sandbox::sandbox>> attach(
-    const std::string&, const ferry::sandbox::resume_point&,
+    const std::string&, std::span<const ferry::sandbox::resume_point>,
     ferry::sandbox::sandbox_observer&) override {
     return ferry::fail(ferry::errc::not_found, "scripted sandboxes cannot be re-attached");
   }

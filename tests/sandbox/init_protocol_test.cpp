@@ -16,7 +16,7 @@
 
 #include "ferry/sandbox/process.h"
 #include "ferry/schemas/frame.h"
-#include "test_support.h"
+#include "init_test_support.h"
 
 using namespace ferry::sandbox;
 using namespace std::chrono_literals;
@@ -26,68 +26,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-/// One decoded message, flattened for comparison.
-struct event {
-  v1::Message type = v1::Message::NONE;
-  uint32_t command_id = 0;
-  int32_t pid = 0;
-  int stream = -1;
-  std::string data;  // Output data or Error message
-  std::vector<std::string> argv;
-  int32_t exit_code = 0, signal = 0;
-  uint64_t duration_ms = 0;
-  uint64_t offset = 0, lost_bytes = 0;  // Output, OutputGap
-};
-
-event flatten(const v1::InitMessage& m) {
-  event e;
-  e.type = m.message_type();
-  switch (e.type) {
-    case v1::Message::Hello:
-      e.pid = m.message_as_Hello()->pid();
-      break;
-    case v1::Message::Started: {
-      auto* s = m.message_as_Started();
-      e.command_id = s->command_id();
-      e.pid = s->pid();
-      if (s->argv())
-        for (auto* a : *s->argv())
-          e.argv.push_back(a->str());
-      break;
-    }
-    case v1::Message::Output: {
-      auto* o = m.message_as_Output();
-      e.command_id = o->command_id();
-      e.stream = o->stream();
-      if (o->data())
-        e.data.assign(reinterpret_cast<const char*>(o->data()->data()), o->data()->size());
-      e.offset = o->offset();
-      break;
-    }
-    case v1::Message::Exited: {
-      auto* x = m.message_as_Exited();
-      e.command_id = x->command_id();
-      e.exit_code = x->exit_code();
-      e.signal = x->signal();
-      e.duration_ms = x->duration_ms();
-      break;
-    }
-    case v1::Message::Error:
-      e.data = m.message_as_Error()->message() ? m.message_as_Error()->message()->str() : "";
-      break;
-    case v1::Message::OutputGap: {
-      auto* g = m.message_as_OutputGap();
-      e.command_id = g->command_id();
-      e.stream = g->stream();
-      e.offset = g->offset();
-      e.lost_bytes = g->lost_bytes();
-      break;
-    }
-    default:  // NONE, and the host's messages (Attach, Release)
-      break;
-  }
-  return e;
-}
+using namespace ferry::sandbox::testing;
 
 /// Decodes a whole stream; fails the test on a protocol error or a trailing partial frame.
 std::vector<event> decode_all(const std::string& bytes) {
@@ -105,14 +44,6 @@ std::vector<event> decode_all(const std::string& bytes) {
   }
   BOOST_TEST(d.pending() == 0u);
   return out;
-}
-
-spawn_options init_options(std::vector<std::string> args) {
-  spawn_options o;
-  o.argv = {FERRY_INIT_BINARY};
-  o.argv.insert(o.argv.end(), args.begin(), args.end());
-  o.out = stdio::pipe;
-  return o;
 }
 
 struct init_run {
@@ -159,11 +90,6 @@ std::string exited_frame() {
   auto x = v1::CreateExited(fbb, 1, 0, 0, 1234);
   v1::FinishInitMessageBuffer(fbb, v1::CreateInitMessage(fbb, v1::Message::Exited, x.Union()));
   return frame_of(fbb);
-}
-
-std::string le32(uint32_t n) {
-  return {static_cast<char>(n), static_cast<char>(n >> 8), static_cast<char>(n >> 16),
-          static_cast<char>(n >> 24)};
 }
 
 frame_decoder::status decode_one(const std::string& bytes, frame_decoder& d) {
@@ -395,123 +321,10 @@ BOOST_AUTO_TEST_CASE(decoder_survives_every_single_byte_corruption) {
 }
 
 // --- socket mode (--listen): what every runsc sandbox runs ------------------------------------
+// The command line's part of the process API (protocol 2 behaviour kept in protocol 3); Run,
+// Signal and the rest are in init_process_api_test.
 
 namespace {
-
-/// ferry-init in socket mode on the host, listening in a temp dir.
-struct listening_init {
-  testing::temp_dir tmp;
-  fs::path socket = tmp.path() / "init.sock";
-  std::optional<child_process> proc;
-
-  explicit listening_init(std::vector<std::string> command, std::vector<std::string> flags = {}) {
-    std::vector<std::string> args{"--listen", socket.string()};
-    args.insert(args.end(), flags.begin(), flags.end());
-    args.push_back("--");
-    args.insert(args.end(), command.begin(), command.end());
-    auto o = init_options(args);
-    o.out = stdio::null;
-    o.err = stdio::pipe;
-    auto c = child_process::spawn(o);
-    BOOST_REQUIRE_MESSAGE(c.ok(), (c.ok() ? "" : c.error().message));
-    proc.emplace(std::move(*c));
-    for (auto deadline = std::chrono::steady_clock::now() + 10s; !fs::exists(socket);) {
-      BOOST_REQUIRE_MESSAGE(std::chrono::steady_clock::now() < deadline, "ferry-init did not listen");
-      std::this_thread::sleep_for(5ms);
-    }
-  }
-
-  /// A new connection (closed by the returned object).
-  struct conn {
-    int fd = -1;
-    frame_decoder decoder;
-    explicit conn(int f) : fd(f) {}
-    conn(const conn&) = delete;
-    ~conn() {
-      if (fd >= 0)
-        ::close(fd);
-    }
-    void send(const std::string& bytes) const {
-      BOOST_REQUIRE(::send(fd, bytes.data(), bytes.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(bytes.size()));
-    }
-    /// The next message; nullopt at EOF (or on timeout: a failed check says which).
-    std::optional<event> next(std::chrono::milliseconds timeout = 10s) {
-      const auto deadline = std::chrono::steady_clock::now() + timeout;
-      for (;;) {
-        auto st = decoder.next();
-        if (st == frame_decoder::status::message)
-          return flatten(*decoder.msg());
-        BOOST_REQUIRE_MESSAGE((st == frame_decoder::status::need_more), decoder.error_message());
-        if (std::chrono::steady_clock::now() > deadline) {
-          BOOST_TEST_FAIL("no message from ferry-init in time");
-          return std::nullopt;
-        }
-        pollfd p{fd, POLLIN, 0};
-        if (::poll(&p, 1, 50) <= 0)
-          continue;
-        char buf[65536];
-        ssize_t n = ::recv(fd, buf, sizeof buf, 0);
-        if (n <= 0)
-          return std::nullopt;
-        decoder.feed(buf, static_cast<size_t>(n));
-      }
-    }
-  };
-
-  std::unique_ptr<conn> connect() const {
-    int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    sockaddr_un addr{};
-    addr.sun_family = AF_UNIX;
-    std::memcpy(addr.sun_path, socket.c_str(), socket.string().size());
-    BOOST_REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
-    return std::make_unique<conn>(fd);
-  }
-};
-
-std::string attach_frame(uint64_t out, uint64_t err, uint32_t command_id = 1, uint16_t protocol = 2) {
-  flatbuffers::FlatBufferBuilder fbb;
-  auto a = v1::CreateAttach(fbb, protocol, command_id, out, err);
-  std::string frame;
-  ferry::wire::append_message(frame, fbb, v1::Message::Attach, a);
-  return frame;
-}
-
-std::string release_frame() {
-  flatbuffers::FlatBufferBuilder fbb;
-  auto r = v1::CreateRelease(fbb);
-  std::string frame;
-  ferry::wire::append_message(frame, fbb, v1::Message::Release, r);
-  return frame;
-}
-
-/// Reads messages up to and including Exited (or EOF); checks each stream's offsets are
-/// contiguous from `from` (gaps included) and returns what came.
-struct story {
-  std::vector<event> events;
-  std::string out[2];
-  uint64_t lost[2] = {0, 0};
-  std::optional<event> exited;
-};
-story read_story(listening_init::conn& c, uint64_t from_out = 0, uint64_t from_err = 0) {
-  story s;
-  uint64_t at[2] = {from_out, from_err};
-  while (auto e = c.next()) {
-    s.events.push_back(*e);
-    if (e->type == v1::Message::Output) {
-      BOOST_TEST(e->offset == at[e->stream]);
-      at[e->stream] += e->data.size();
-      s.out[e->stream] += e->data;
-    } else if (e->type == v1::Message::OutputGap) {
-      BOOST_TEST(e->offset == at[e->stream]);
-      at[e->stream] += e->lost_bytes;
-      s.lost[e->stream] += e->lost_bytes;
-    } else if (e->type == v1::Message::Exited) {
-      s.exited = e;
-      break;
-    }
-  }
-  return s;
-}
 
 bool is_hex_token(const std::string& s) {
   return s.size() == 32 && s.find_first_not_of("0123456789abcdef") == std::string::npos;
@@ -519,7 +332,7 @@ bool is_hex_token(const std::string& s) {
 
 }  // namespace
 
-BOOST_AUTO_TEST_CASE(socket_mode_starts_the_command_on_the_first_attach_and_ends_on_release) {
+BOOST_AUTO_TEST_CASE(socket_mode_starts_the_command_line_on_the_first_attach_and_ends_on_release) {
   testing::temp_dir marker_dir;
   const auto marker = marker_dir.path() / "ran";
   listening_init init({"/bin/sh", "-c", "touch " + marker.string() + "; echo out; echo err >&2; exit 4"});
@@ -527,20 +340,31 @@ BOOST_AUTO_TEST_CASE(socket_mode_starts_the_command_on_the_first_attach_and_ends
   auto hello = c->next();
   BOOST_REQUIRE(hello);
   BOOST_TEST((hello->type == v1::Message::Hello));
+  BOOST_TEST(hello->protocol == 3);
   std::this_thread::sleep_for(200ms);
   BOOST_TEST(!fs::exists(marker));  // nothing runs before a host has attached
-  c->send(attach_frame(0, 0));
-  auto s = read_story(*c);
-  BOOST_REQUIRE(!s.events.empty());
-  BOOST_TEST((s.events.front().type == v1::Message::Started));
+  c->send(attach_frame());
+  auto attached = c->next();
+  BOOST_REQUIRE(attached);
+  BOOST_TEST((attached->type == v1::Message::Attached));
+  BOOST_TEST(attached->commands == 1u);
+  BOOST_TEST(attached->running == 1u);
+  BOOST_REQUIRE(c->until_over(1));
+  auto& s = c->story(1);
+  BOOST_REQUIRE(s.started);
+  BOOST_TEST((s.started->argv == std::vector<std::string>{"/bin/sh", "-c", "touch " + marker.string() + "; echo out; echo err >&2; exit 4"}));
+  BOOST_TEST(s.started->pgid == s.started->pid);
   BOOST_TEST(s.out[0] == "out\n");
   BOOST_TEST(s.out[1] == "err\n");
   BOOST_REQUIRE(s.exited);
   BOOST_TEST(s.exited->exit_code == 4);
+  BOOST_TEST((s.exited->reason == v1::ExitReason::Exited));
+  BOOST_TEST(s.exited->stdout_bytes == 4u);
+  BOOST_TEST(s.exited->truncated_bytes == 0u);
   BOOST_TEST(fs::exists(marker));
   BOOST_TEST(!init.proc->try_wait().has_value());  // waits for Release
   c->send(release_frame());
-  BOOST_TEST(!c->next(5s));  // EOF: ferry-init ended
+  BOOST_TEST(!c->next(5s, true));  // EOF: ferry-init ended
   auto st = init.proc->wait_for(5s);
   BOOST_REQUIRE(st);
   BOOST_TEST(st->ok());
@@ -553,19 +377,17 @@ BOOST_AUTO_TEST_CASE(socket_mode_hello_carries_the_same_instance_token_on_every_
     auto c = init.connect();
     auto hello = c->next();
     BOOST_REQUIRE(hello);
-    auto* h = c->decoder.msg()->message_as_Hello();
-    BOOST_REQUIRE(h);
-    BOOST_TEST(h->protocol() == 2);
-    const std::string token = h->instance() ? h->instance()->str() : "";
-    BOOST_TEST(is_hex_token(token), token);
+    BOOST_TEST(hello->protocol == ferry::wire::socket_protocol);
+    BOOST_TEST(is_hex_token(hello->data), hello->data);
     if (i == 0)
-      first = token;
-    BOOST_TEST(token == first);
+      first = hello->data;
+    BOOST_TEST(hello->data == first);
   }
   listening_init other({"sleep", "100"});
   auto c = other.connect();
-  BOOST_REQUIRE(c->next());
-  BOOST_TEST(c->decoder.msg()->message_as_Hello()->instance()->str() != first);
+  auto hello = c->next();
+  BOOST_REQUIRE(hello);
+  BOOST_TEST(hello->data != first);
 }
 
 BOOST_AUTO_TEST_CASE(socket_mode_refuses_bad_hosts_and_carries_on) {
@@ -574,55 +396,58 @@ BOOST_AUTO_TEST_CASE(socket_mode_refuses_bad_hosts_and_carries_on) {
     auto c = init.connect();
     BOOST_REQUIRE(c->next());  // Hello
     c->send(bytes);
-    auto e = c->next();
-    if (!needle.empty()) {
-      BOOST_REQUIRE(e);
-      BOOST_TEST((e->type == v1::Message::Error));
-      BOOST_TEST(e->data.find(needle) != std::string::npos, e->data);
-      e = c->next();
-    }
-    BOOST_TEST(!e.has_value());  // closed
+    auto e = c->next(10s, true);
+    BOOST_REQUIRE(e);
+    BOOST_TEST((e->type == v1::Message::Error));
+    BOOST_TEST(e->data.find(needle) != std::string::npos, e->data);
+    BOOST_TEST(!c->next(5s, true).has_value());  // closed
     BOOST_TEST(!init.proc->try_wait().has_value());
   };
-  refused(attach_frame(0, 0, 7), "no command 7");
-  refused(attach_frame(0, 0, 1, 1), "unsupported host protocol 1");
-  refused(attach_frame(5, 0), "beyond");  // nothing written yet: the command has not started
-  refused(release_frame(), "Release before Exited");
-  refused(hello_frame(), "unexpected message type");
-  refused(le32(0) + "xxxx", "");             // garbage: dropped without a word
-  refused(std::string(4, '\xff'), "");
-  refused(le32(12) + std::string(12, 'z'), "");
+  refused(protocol2_attach_frame(), "unsupported host protocol 2 (this ferry-init speaks 3)");
+  refused(attach_frame({}, 7), "unsupported host protocol 7");
+  refused(attach_frame({{1, 5, 0}}), "beyond");  // nothing written yet: the command has not started
+  refused(attach_frame({{9, 0, 0}, {9, 0, 0}}), "command 9 twice");
+  refused(release_frame(), "before Attach");
+  run_request early;
+  early.command_id = 2;
+  early.argv = {"true"};
+  refused(run_frame(early), "before Attach");
+  refused(le32(0) + "xxxx", "frame length 0");
+  refused(std::string(4, '\xff'), "frame length");
+  refused(le32(12) + std::string(12, 'z'), "failed FlatBuffers verification");
+  {
+    // A message of the wrong direction, after a good Attach: refused (this Attach started the
+    // command line).
+    auto c = init.connect();
+    BOOST_REQUIRE(c->next());
+    c->send(attach_frame());
+    BOOST_REQUIRE(c->until([&] { return c->story(1).out[0] == "hi\n"; }));
+    c->send(hello_frame());
+    BOOST_REQUIRE(c->until([&] { return !c->events.empty() && c->events.back().type == v1::Message::Error; }));
+    BOOST_TEST(c->events.back().data.find("unexpected message type 1 from the host") != std::string::npos);
+  }
 
-  auto host = init.connect();
-  BOOST_REQUIRE(host->next());
-  host->send(attach_frame(0, 0));
-  auto started = host->next();
-  BOOST_REQUIRE(started);
-  BOOST_TEST((started->type == v1::Message::Started));
-  auto out = host->next();
-  BOOST_REQUIRE(out);
-  BOOST_TEST(out->data == "hi\n");
-
+  auto host = init.attach({{1, 0, 0}});
+  BOOST_REQUIRE(host->until([&] { return host->story(1).out[0] == "hi\n"; }));
   // One host at a time: a second one gets Error instead of Hello.
   auto second = init.connect();
   auto e = second->next();
   BOOST_REQUIRE(e);
   BOOST_TEST((e->type == v1::Message::Error));
   BOOST_TEST(e->data.find("another host") != std::string::npos);
-  BOOST_TEST(!second->next().has_value());
+  BOOST_TEST(!second->next(5s, true).has_value());
   // The first one is undisturbed; once it is gone, a new host may attach and resume.
   host.reset();
   std::this_thread::sleep_for(100ms);
   auto third = init.connect();
   BOOST_REQUIRE(third->next());
-  third->send(attach_frame(3, 0));
-  auto again = third->next();
-  BOOST_REQUIRE(again);
-  BOOST_TEST((again->type == v1::Message::Started));  // replayed for every host
-  third->send(attach_frame(0, 0));                     // Attach twice: refused
-  auto err = third->next();
-  BOOST_REQUIRE(err);
-  BOOST_TEST(err->data.find("Attach sent twice") != std::string::npos);
+  third->send(attach_frame({{1, 3, 0}}));
+  BOOST_REQUIRE(third->until([&] { return third->story(1).started.has_value(); }));  // replayed for every host
+  std::this_thread::sleep_for(100ms);
+  BOOST_TEST(third->story(1).out[0].empty());  // it had all 3 bytes
+  third->send(attach_frame());  // Attach twice: refused
+  BOOST_REQUIRE(third->until([&] { return third->events.back().type == v1::Message::Error; }));
+  BOOST_TEST(third->events.back().data.find("Attach sent twice") != std::string::npos);
 }
 
 BOOST_AUTO_TEST_CASE(socket_mode_keeps_draining_without_a_host_and_reports_what_it_dropped) {
@@ -634,12 +459,8 @@ BOOST_AUTO_TEST_CASE(socket_mode_keeps_draining_without_a_host_and_reports_what_
   listening_init init({"/bin/sh", "-c", "sleep 0.3; seq 1 50000; echo e >&2; touch " + done.string()},
                       {"--buffer-bytes", "65536", "--linger-ms", "20000"});
   {
-    auto c = init.connect();
-    BOOST_REQUIRE(c->next());
-    c->send(attach_frame(0, 0));
-    auto started = c->next();
-    BOOST_REQUIRE(started);
-    BOOST_TEST((started->type == v1::Message::Started));
+    auto c = init.attach();
+    BOOST_REQUIRE(c->until([&] { return c->story(1).started.has_value(); }));
   }  // the host goes away before the output comes
   for (auto deadline = std::chrono::steady_clock::now() + 20s; !fs::exists(done);) {
     BOOST_REQUIRE(std::chrono::steady_clock::now() < deadline);
@@ -647,10 +468,9 @@ BOOST_AUTO_TEST_CASE(socket_mode_keeps_draining_without_a_host_and_reports_what_
   }
   std::this_thread::sleep_for(100ms);
   {
-    auto c = init.connect();
-    BOOST_REQUIRE(c->next());
-    c->send(attach_frame(0, 0));
-    auto s = read_story(*c);
+    auto c = init.attach({{1, 0, 0}});
+    BOOST_REQUIRE(c->until_over(1));
+    auto& s = c->story(1);
     BOOST_REQUIRE(s.exited);
     BOOST_TEST(s.lost[0] > 0u);
     BOOST_TEST(s.lost[0] + s.out[0].size() == all.size());
@@ -662,16 +482,16 @@ BOOST_AUTO_TEST_CASE(socket_mode_keeps_draining_without_a_host_and_reports_what_
   }  // gone again without Release: ferry-init lingers
   {
     // Resume from the middle of what is kept: exactly the rest, no gap.
-    auto c = init.connect();
-    BOOST_REQUIRE(c->next());
-    c->send(attach_frame(all.size() - 10, 2));
-    auto s = read_story(*c, all.size() - 10, 2);
-    BOOST_REQUIRE(s.exited);
+    auto c = init.attach({{1, all.size() - 10, 2}});
+    c->story(1).at[0] = all.size() - 10;
+    c->story(1).at[1] = 2;
+    BOOST_REQUIRE(c->until_over(1));
+    auto& s = c->story(1);
     BOOST_TEST(s.lost[0] == 0u);
     BOOST_TEST(s.out[0] == all.substr(all.size() - 10));
     BOOST_TEST(s.out[1] == "");
     c->send(release_frame());
-    BOOST_TEST(!c->next(5s));
+    BOOST_TEST(!c->next(5s, true));
   }
   auto st = init.proc->wait_for(5s);
   BOOST_REQUIRE(st);
@@ -684,12 +504,10 @@ BOOST_AUTO_TEST_CASE(socket_mode_applies_backpressure_while_a_host_is_attached) 
   std::string all;
   for (int i = 1; i <= 200000; ++i)
     all += std::to_string(i) + "\n";
-  auto c = init.connect();
-  BOOST_REQUIRE(c->next());
-  c->send(attach_frame(0, 0));
+  auto c = init.attach();
   std::this_thread::sleep_for(1s);  // socket buffers fill, then ferry-init stops reading
-  auto s = read_story(*c);
-  BOOST_REQUIRE(s.exited);
+  BOOST_REQUIRE(c->until_over(1));
+  auto& s = c->story(1);
   BOOST_TEST(s.lost[0] == 0u);
   BOOST_TEST(s.out[0].size() == all.size());
   BOOST_TEST((s.out[0] == all));
@@ -699,16 +517,33 @@ BOOST_AUTO_TEST_CASE(socket_mode_applies_backpressure_while_a_host_is_attached) 
 BOOST_AUTO_TEST_CASE(socket_mode_gives_up_after_lingering_without_a_host) {
   listening_init init({"true"}, {"--linger-ms", "300"});
   {
-    auto c = init.connect();
-    BOOST_REQUIRE(c->next());
-    c->send(attach_frame(0, 0));
-    auto s = read_story(*c);
-    BOOST_REQUIRE(s.exited);
+    auto c = init.attach();
+    BOOST_REQUIRE(c->until_over(1));
   }  // no Release
   auto st = init.proc->wait_for(10s);
   BOOST_REQUIRE(st);
   BOOST_TEST(st->exit_code == 3);
-  auto diagnostics = testing::read_until_eof(init.proc->stderr_fd(), 5s);
-  BOOST_REQUIRE(diagnostics);
-  BOOST_TEST(diagnostics->find("giving up") != std::string::npos, *diagnostics);
+  BOOST_TEST(init.diagnostics().find("giving up") != std::string::npos, init.diagnostics());
+}
+
+BOOST_AUTO_TEST_CASE(an_idle_sandbox_also_gives_up_after_lingering_and_not_while_a_command_runs) {
+  listening_init idle({}, {"--linger-ms", "300"});
+  auto st = idle.proc->wait_for(10s);
+  BOOST_REQUIRE(st);
+  BOOST_TEST(st->exit_code == 3);
+
+  listening_init busy({}, {"--linger-ms", "300"});
+  {
+    auto c = busy.attach();
+    run_request sleeper;
+    sleeper.command_id = 5;
+    sleeper.argv = {"sleep", "1.5"};
+    c->send(run_frame(sleeper));
+    BOOST_REQUIRE(c->until([&] { return c->story(5).started.has_value(); }));
+  }
+  std::this_thread::sleep_for(1s);
+  BOOST_TEST(!busy.proc->try_wait().has_value());  // sleep still runs
+  auto c = busy.attach({{5, 0, 0}});
+  BOOST_REQUIRE(c->until_over(5));
+  BOOST_TEST(c->story(5).exited->exit_code == 0);
 }

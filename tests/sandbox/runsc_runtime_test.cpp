@@ -451,10 +451,12 @@ BOOST_AUTO_TEST_CASE(bad_ids_are_rejected) {
 
   sandbox_spec ok_id;
   ok_id.id = std::string(64, 'a');
-  ok_id.argv = {};
+  ok_id.argv = {"true"};
+  ok_id.command_id = 0;
   auto r = runtime->start(ok_id, obs);
   BOOST_REQUIRE(!r.ok());
-  BOOST_TEST(r.error().message.find("empty command") != std::string::npos);
+  BOOST_TEST(r.error().message.find("command id 0") != std::string::npos);
+  ok_id.command_id = 1;
 
   ok_id.argv = {"echo", "\xff\xfe"};
   r = runtime->start(ok_id, obs);

@@ -47,13 +47,16 @@ inline boost::test_tools::assertion_result runsc_available(boost::unit_test::tes
 class recording_observer : public sandbox_observer {
  public:
   struct record {
-    std::string what;  // "running", "started", "output", "exited", "ended"
+    /// "running", "started", "output", "gap", "truncated", "exited", "failed", "gone", "ended"
+    std::string what;
     steady::time_point at;
+    uint32_t command_id = 0;
     int stream = -1;
-    std::string data;
+    std::string data;  // output; started: argv joined by '|'; truncated: the path; failed: the reason
     int exit_code = 0, signal = 0;
     uint64_t duration_ms = 0;
     uint64_t lost_bytes = 0;
+    command_exit exit;  // "exited"
     std::optional<std::string> failure;
   };
 
@@ -65,22 +68,37 @@ class recording_observer : public sandbox_observer {
   }
 
   void on_running() override { add(make("running")); }
-  void on_command_started(uint32_t, const std::vector<std::string>& argv) override {
+  void on_command_started(uint32_t id, const std::vector<std::string>& argv) override {
     auto r = make("started");
+    r.command_id = id;
     for (const auto& a : argv)
       r.data += a + "|";
     add(r);
   }
-  void on_output(uint32_t, int stream, std::string_view data) override {
+  void on_output(uint32_t id, int stream, std::string_view data) override {
     auto r = make("output");
+    r.command_id = id;
     r.stream = stream;
     r.data = data;
     add(r);
   }
-  void on_output_gap(uint32_t, int stream, uint64_t lost_bytes) override {
+  void on_output_gap(uint32_t id, int stream, uint64_t lost_bytes) override {
     auto r = make("gap");
+    r.command_id = id;
     r.stream = stream;
     r.lost_bytes = lost_bytes;
+    add(r);
+  }
+  void on_output_truncated(uint32_t id, std::string_view path) override {
+    auto r = make("truncated");
+    r.command_id = id;
+    r.data = path;
+    add(r);
+  }
+  void on_command_failed(uint32_t id, std::string_view reason) override {
+    auto r = make("failed");
+    r.command_id = id;
+    r.data = reason;
     add(r);
   }
   void on_processes_gone(steady::time_point at) override {
@@ -88,11 +106,13 @@ class recording_observer : public sandbox_observer {
     r.at = at;  // when the runtime confirmed it, not when it told us
     add(r);
   }
-  void on_command_exited(uint32_t, int exit_code, int signal, uint64_t duration_ms) override {
+  void on_command_ended(const command_exit& e) override {
     auto r = make("exited");
-    r.exit_code = exit_code;
-    r.signal = signal;
-    r.duration_ms = duration_ms;
+    r.command_id = e.command_id;
+    r.exit_code = e.exit_code;
+    r.signal = e.signal;
+    r.duration_ms = e.duration_ms;
+    r.exit = e;
     add(r);
   }
   void on_ended(std::optional<std::string> failure) override {
@@ -120,11 +140,38 @@ class recording_observer : public sandbox_observer {
         s += r.data;
     return s;
   }
+  /// Output of one command's stream.
+  std::string output(uint32_t command_id, int stream) const { return output_in(records(), command_id, stream); }
+  /// The same from records at hand (in a wait_until predicate, which holds the lock).
+  static std::string output_in(const std::vector<record>& rs, uint32_t command_id, int stream) {
+    std::string s;
+    for (const auto& r : rs)
+      if (r.what == "output" && r.command_id == command_id && r.stream == stream)
+        s += r.data;
+    return s;
+  }
   std::optional<record> find(const std::string& what) const {
     for (const auto& r : records())
       if (r.what == what)
         return r;
     return std::nullopt;
+  }
+  /// The first record `what` of command `command_id`.
+  std::optional<record> find(const std::string& what, uint32_t command_id) const {
+    for (const auto& r : records())
+      if (r.what == what && r.command_id == command_id)
+        return r;
+    return std::nullopt;
+  }
+  /// Waits until command `command_id` ended (exited or failed).
+  bool wait_for_end(uint32_t command_id, std::chrono::milliseconds timeout) {
+    return wait_until(
+        [&](const std::vector<record>& rs) {
+          return std::any_of(rs.begin(), rs.end(), [&](const record& r) {
+            return r.command_id == command_id && (r.what == "exited" || r.what == "failed");
+          });
+        },
+        timeout);
   }
   /// Waits until `pred(records)` holds; false after `timeout`.
   template <class Pred>

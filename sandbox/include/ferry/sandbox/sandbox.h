@@ -2,15 +2,22 @@
 // ferry_sandbox public header: the sandbox runtime interface and its gVisor (runsc) backend.
 //
 // A sandbox is one isolated run of ferry-init (PID 1) with a read-only root, a writable
-// workspace at /workspace that is deleted when the sandbox ends, and no network. ferry-init runs
-// the sandbox's command and reports on it with the framed protocol of schemas/init.fbs over a
-// unix socket that outlives the host process: a sandbox survives a crash of the process that
-// started it, and a new process can re-attach to it (`attach`) and resume its output.
+// workspace at /workspace that is deleted when the sandbox ends, and no network (optionally an
+// HTTP forwarder to an egress proxy's unix socket). ferry-init is a process API: it runs the
+// commands the host asks for (`sandbox::run`), several at once, in argv form, as shell lines or in
+// persistent shell sessions, and reports on each with the framed protocol of schemas/init.fbs over
+// a unix socket that outlives the host process: a sandbox survives a crash of the process that
+// started it, and a new process can re-attach to it (`attach`) and resume every command's output.
+// A sandbox started with a command line (`sandbox_spec::argv`) runs it as its first command and
+// ends once it has exited (protocol 2 behaviour); one started without is idle until `run` and
+// ends on `release()`.
 //
 // Threading: `sandbox_runtime` is thread-safe. Each `sandbox` runs one reader thread that calls
-// its observer, never concurrently for one sandbox. `sandbox::kill()` and `detach()` may be
-// called from any thread. Destroying a sandbox kills it (unless detached) and joins its reader
-// thread, so neither the destructor nor `wait()` may be called from the sandbox's own observer.
+// its observer, never concurrently for one sandbox. `sandbox::run()`, `signal()`, `write_stdin()`,
+// `release()`, `kill()` and `detach()` may be called from any thread (also from the observer);
+// the first four only queue a frame for the reader thread and never block on the sandbox.
+// Destroying a sandbox kills it (unless detached) and joins its reader thread, so neither the
+// destructor nor `wait()` may be called from the sandbox's own observer.
 
 #include <chrono>
 #include <cstdint>
@@ -18,6 +25,7 @@
 #include <memory>
 #include <optional>
 #include <set>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -31,30 +39,96 @@ namespace ferry::sandbox {
 struct sandbox_spec {
   /// Unique id; becomes the runtime's container id. Letters, digits, '-' and '_' only, ≤ 64 chars.
   std::string id;
-  /// The command, run by ferry-init inside the sandbox (e.g. {"/bin/sh", "-c", "echo hi"}).
+  /// The command line, run by ferry-init as command `command_id` on the first attach (e.g.
+  /// {"/bin/sh", "-c", "echo hi"}); the sandbox ends once it has exited. Empty: an idle sandbox
+  /// that runs what `sandbox::run` asks for and ends on `sandbox::release()`.
   std::vector<std::string> argv;
-  /// Extra environment for the command ("K=V"); PATH, HOME and TERM have sane defaults.
+  /// Extra environment for every command ("K=V"); PATH, HOME and TERM have sane defaults.
   std::vector<std::string> env;
-  /// Id ferry-init reports the command under (CommandStarted/Output/Exited).
+  /// Id ferry-init reports the command line under (on_command_started/on_output/...).
   uint32_t command_id = 1;
 };
 
-/// Where a host resumes a sandbox's output: the bytes of each stream it already has.
+/// Where a host resumes one command's output: the bytes of each stream it already has.
 struct resume_point {
   uint32_t command_id = 1;
   uint64_t stdout_bytes = 0;
   uint64_t stderr_bytes = 0;
+  /// The host has recorded this command's end: the sandbox forgets it (and frees what it kept of
+  /// it) and nothing more is delivered for it.
+  bool exited = false;
+};
+
+/// A command to run in a sandbox (`sandbox::run`). Exactly one of `argv` and `shell`.
+struct command_spec {
+  /// Chosen by the caller: unique per sandbox, not 0, not the command line's id.
+  uint32_t command_id = 0;
+  /// The argument vector; argv[0] is looked up in the command's PATH.
+  std::vector<std::string> argv;
+  /// Or a shell command line, run with `/bin/bash -c`.
+  std::string shell;
+  /// With `shell`: run it in this persistent session (letters, digits, '-', '_'; ≤ 64). Like a
+  /// terminal, the working directory, variables, functions and aliases carry over to the next
+  /// command of the session; shell options do not. One command at a time per session.
+  std::string session;
+  /// Extra environment ("K=V") on top of the sandbox's (in a session: exported into it).
+  std::vector<std::string> env;
+  /// Working directory, relative to /workspace unless absolute. Empty: /workspace (a session:
+  /// its current directory).
+  std::string cwd;
+  /// Run on a pseudo-terminal of rows × cols (then all output arrives as stream 0).
+  bool pty = false;
+  uint16_t rows = 24, cols = 80;
+  /// Kill the command's process group after this long; 0 = never.
+  std::chrono::milliseconds timeout{0};
+  /// Bytes for its stdin; more may follow with `sandbox::write_stdin`.
+  std::string stdin_data;
+  /// Close stdin after `stdin_data` (on a pty: send EOF). Without stdin_data: stdin is /dev/null.
+  bool close_stdin = true;
+  /// Output (both streams) delivered at most; past it `on_output_truncated`, no more on_output,
+  /// and the complete output is kept in the sandbox in /workspace/.ferry/output/<id>.log.
+  /// 0 = no limit.
+  uint64_t output_limit_bytes = 1u << 20;
+};
+
+/// Why a command ended.
+enum class exit_reason {
+  exited,    ///< it exited by itself: exit_code is valid
+  signaled,  ///< a signal neither the host nor a timeout sent ended it
+  timeout,   ///< command_spec::timeout expired: its process group was SIGKILLed
+  killed,    ///< a signal ended it after `sandbox::signal` was sent for it (or for everything)
+};
+std::string_view to_string(exit_reason r);
+
+/// Everything about how a command ended.
+struct command_exit {
+  uint32_t command_id = 0;
+  exit_reason reason = exit_reason::exited;
+  int exit_code = -1;  ///< exit status; -1 when a signal ended it
+  int signal = 0;      ///< the signal that ended it; 0 when it exited
+  uint64_t duration_ms = 0;
+  /// From wait4: CPU time (the command and the descendants it waited for) and peak memory.
+  uint64_t user_cpu_ms = 0, sys_cpu_ms = 0, max_rss_kib = 0;
+  /// Bytes it wrote to stdout / stderr in all (delivered or not).
+  uint64_t stdout_bytes = 0, stderr_bytes = 0;
+  /// Output past the command's output limit, never delivered as on_output; 0 if none.
+  uint64_t truncated_bytes = 0;
+  /// When truncated_bytes > 0: the file inside the sandbox with the complete output (empty if
+  /// it could not be written).
+  std::string output_path;
 };
 
 /// Receives what happens in one sandbox. Called on the sandbox's reader thread, in order:
-///   on_running? on_command_started? (on_output | on_output_gap)* on_command_exited?
-///   on_processes_gone? on_ended
-/// on_ended comes exactly once per sandbox object, unless the object was detached (then nothing
-/// follows the detach). After `attach`, on_running and on_command_started (same argv) are
-/// delivered again for that object.
+///   on_running, then per command: on_command_started (on_output | on_output_gap)*
+///   on_output_truncated? on_command_ended — or only on_command_failed; and at the end
+///   on_processes_gone? on_ended.
+/// Commands interleave. A command still running (or not yet started) when the sandbox ends gets
+/// no on_command_ended: on_ended says why the sandbox ended. on_ended comes exactly once per
+/// sandbox object, unless the object was detached (then nothing follows the detach). After `attach`, on_running and on_command_started
+/// (same argv) are delivered again for the commands the sandbox still has.
 ///
 /// Output offsets: the observer counts them. Each stream starts at the resume point's offset (0
-/// for `start`); every on_output advances its stream by data.size(), every on_output_gap by
+/// for a new command); every on_output advances its stream by data.size(), every on_output_gap by
 /// lost_bytes. The runtime checks that ferry-init's frames are contiguous with these counts (a
 /// mismatch is a protocol error), so the counts are the byte offsets of the command's streams.
 class sandbox_observer {
@@ -63,15 +137,27 @@ class sandbox_observer {
   /// ferry-init said hello: the sandbox is up (again, after attach).
   virtual void on_running() = 0;
   virtual void on_command_started(uint32_t command_id, const std::vector<std::string>& argv) = 0;
-  /// stream: 0 stdout, 1 stderr. `data` is valid only during the call.
+  /// stream: 0 stdout (or the pty), 1 stderr. `data` is valid only during the call.
   virtual void on_output(uint32_t command_id, int stream, std::string_view data) = 0;
   /// Only after `attach`: `lost_bytes` (≥ 1) of `stream` after the resume point were no longer
   /// kept by the sandbox (it keeps the last runsc_options::output_buffer_bytes per stream while
   /// no host is attached); output continues after them. An observer used with `attach` must
   /// override this to record the loss; the default ignores it.
   virtual void on_output_gap(uint32_t /*command_id*/, int /*stream*/, uint64_t /*lost_bytes*/) {}
-  virtual void on_command_exited(uint32_t command_id, int exit_code, int signal,
-                                 uint64_t duration_ms) = 0;
+  /// The command reached its output limit: no more on_output for it; `path` (inside the
+  /// sandbox) will hold its complete output (empty if it cannot be written).
+  virtual void on_output_truncated(uint32_t /*command_id*/, std::string_view /*path*/) {}
+  /// The command ended. The default passes the protocol-2 fields to on_command_exited.
+  virtual void on_command_ended(const command_exit& e) {
+    on_command_exited(e.command_id, e.exit_code, e.signal, e.duration_ms);
+  }
+  /// The short form of on_command_ended (what the command line's observers need).
+  virtual void on_command_exited(uint32_t /*command_id*/, int /*exit_code*/, int /*signal*/,
+                                 uint64_t /*duration_ms*/) {}
+  /// A `run` that was not carried out (bad request, duplicate id, bad working directory, the
+  /// program cannot be executed, too many commands, the session is busy), or after `attach` a
+  /// command the sandbox no longer knows. `reason` names the command.
+  virtual void on_command_failed(uint32_t /*command_id*/, std::string_view /*reason*/) {}
   /// Every host process of the sandbox has exited, confirmed at `at` (by kill() or by the
   /// reader thread, whichever saw it); the slower cleanup (runsc delete, files) follows, then
   /// on_ended. Not delivered if the runtime could not confirm it (on_ended then says why).
@@ -86,6 +172,20 @@ class sandbox {
  public:
   virtual ~sandbox() = default;
   virtual const std::string& id() const = 0;
+  /// Runs a command (queued until the sandbox is up). Its story arrives through the observer:
+  /// on_command_started ... on_command_ended, or on_command_failed. Errors here: errc::invalid_argument
+  /// (id 0, not exactly one of argv and shell, a bad env entry), errc::conflict (the id is in
+  /// use by this object), errc::closed (the sandbox is ending, ended or detached).
+  virtual result<void> run(const command_spec& spec) = 0;
+  /// Sends `signo` to command `command_id` (its whole process group unless `whole_group` is
+  /// false), or with command_id 0 to every process of the sandbox. A command that then dies of
+  /// a signal ends with exit_reason::killed. A command that already ended is not an error.
+  virtual result<void> signal(uint32_t command_id, int signo, bool whole_group = true) = 0;
+  /// More stdin for a running command (started with close_stdin = false); `close` closes it.
+  virtual result<void> write_stdin(uint32_t command_id, std::string_view data, bool close) = 0;
+  /// Ends the sandbox normally: ferry-init kills every process and exits; on_ended(nullopt)
+  /// follows once everything is cleaned up. errc::closed if it is already ending.
+  virtual result<void> release() = 0;
   /// Kills every process of the sandbox at once: SIGKILL to its host processes (Sentry, gofer
   /// and the Sentry's stub processes) through pidfds, then waits until they have all exited.
   /// Returns once they are gone (or the runtime gave up); on_processes_gone and on_ended follow
@@ -110,13 +210,21 @@ class sandbox_runtime {
   virtual result<std::unique_ptr<sandbox>> start(const sandbox_spec& spec,
                                                  sandbox_observer& observer) = 0;
   /// Re-attaches to sandbox `id` started by an earlier process (same sandboxes_dir and
-  /// state_dir) that is still alive; output resumes after `from`; on_running is called again
-  /// once attached. Errors: errc::not_found if it is gone (or never was), errc::busy if this
-  /// runtime or another live host holds it, errc::invalid_argument for a bad id; other failures
-  /// (ferry-init refused the resume point, it is not the sandbox's ferry-init) are errc::failed.
-  /// A failed attach never kills the sandbox. `observer` must outlive the returned sandbox.
-  virtual result<std::unique_ptr<sandbox>> attach(const std::string& id, const resume_point& from,
+  /// state_dir) that is still alive; every command it still has is delivered again from where
+  /// `from` says this host is (on_command_started, then output after the resume point), and
+  /// commands not in `from` from their start; one in `from` that the sandbox no longer has gets
+  /// on_command_failed. on_running is called once attached. Errors: errc::not_found if it is
+  /// gone (or never was), errc::busy if this runtime or another live host holds it,
+  /// errc::invalid_argument for a bad id; other failures (ferry-init refused the resume points,
+  /// it is not the sandbox's ferry-init, it speaks another protocol) are errc::failed. A failed
+  /// attach never kills the sandbox. `observer` must outlive the returned sandbox.
+  virtual result<std::unique_ptr<sandbox>> attach(const std::string& id, std::span<const resume_point> from,
                                                   sandbox_observer& observer) = 0;
+  /// attach() with one command's resume point (the command line's).
+  result<std::unique_ptr<sandbox>> attach(const std::string& id, const resume_point& from,
+                                          sandbox_observer& observer) {
+    return attach(id, std::span<const resume_point>(&from, 1), observer);
+  }
   /// Ids of sandboxes left by an earlier process that are still alive (attachable): their
   /// processes run and ferry-init listens. Sandboxes held by this runtime are not listed.
   virtual result<std::vector<std::string>> list_live() = 0;
@@ -145,6 +253,12 @@ struct runsc_options {
   /// How long a sandbox whose command has ended (or not started) waits for a host to attach
   /// before it ends itself, its exit status unreported.
   std::chrono::milliseconds linger = std::chrono::minutes(10);
+  /// Host path of the egress proxy's unix socket. Set: it is bind-mounted into every sandbox
+  /// and ferry-init relays 127.0.0.1:`proxy_port` inside to it (HTTP_PROXY/HTTPS_PROXY point
+  /// there), which needs `runsc --host-uds=all` (see README: the control socket is then
+  /// reachable from inside too). Empty: sandboxes have no way out.
+  std::filesystem::path egress_socket;
+  uint16_t proxy_port = 3128;
   /// Extra global runsc flags (e.g. "--debug").
   std::vector<std::string> extra_flags;
 };

@@ -1,0 +1,111 @@
+#pragma once
+// The host side of ferry-init's protocol (schemas/init.fbs, socket mode) over one connected
+// stream socket: the handshake (Hello checked against the recorded instance token, Attach with
+// the resume points, Attached), then frames both ways — the host's Run/Signal/Stdin/Release
+// queued from any thread and written by the reader thread, ferry-init's frames checked against
+// each command's state and offsets and delivered to the observer. Transport-agnostic, so every
+// backend (runsc today, bubblewrap later) uses the same client; the backend owns the socket, the
+// processes and the teardown.
+//
+// Threading: run(), signal(), write_stdin(), release() and close() from any thread (a mutex
+// guards the outgoing queue). handshake() and serve() on one thread at a time (the reader),
+// which alone calls the observer and reads the accessors below serve().
+
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "ferry/sandbox/sandbox.h"
+#include "ferry/schemas/frame.h"
+#include "unique_fd.h"
+
+namespace ferry::sandbox::detail {
+
+class init_client {
+ public:
+  /// `resume`: what this host already has of each command (empty for a new sandbox).
+  /// `command_line_id`: the sandbox's command line, if it has one: once it has exited, the
+  /// client sends Release by itself (the sandbox ends with its command line).
+  init_client(sandbox_observer& observer, std::span<const resume_point> resume, std::optional<uint32_t> command_line_id);
+
+  /// Reads Hello (refusing another protocol, or an instance token other than the one recorded
+  /// in `instance_file`; the first host records it), sends Attach and reads Attached.
+  /// errc::busy when another host is attached; errc::failed otherwise. REQUIRES: reader thread.
+  result<void> handshake(int fd, const std::filesystem::path& instance_file,
+                         std::chrono::steady_clock::duration timeout);
+
+  /// Delivers on_running and then every frame until ferry-init closes the connection (or it is
+  /// shut down), a protocol error, or `stop()` holds. REQUIRES: handshake succeeded; reader thread.
+  void serve(int fd, const std::function<bool()>& stop);
+
+  // --- any thread ---
+  result<void> run(const command_spec& spec);
+  result<void> signal(uint32_t command_id, int signo, bool whole_group);
+  result<void> write_stdin(uint32_t command_id, std::string_view data, bool close);
+  result<void> release();
+  /// Refuses further requests (errc::closed): the sandbox is ending or was detached.
+  void close();
+
+  // --- reader thread, after serve() ---
+  /// Why the connection is unusable: a bad frame, a message out of order, offsets that do not
+  /// follow on, a write that failed.
+  const std::optional<std::string>& protocol_error() const { return protocol_error_; }
+  /// ferry-init's Error message, if it sent one.
+  const std::optional<std::string>& init_error() const { return init_error_; }
+  /// Release was written to ferry-init (it is ending the sandbox by itself).
+  bool release_sent() const { return release_sent_; }
+  /// The command line has exited (its Exited was delivered).
+  bool command_line_exited() const { return command_line_exited_; }
+
+ private:
+  enum class phase { requested, resumed, running };
+  struct command_state {
+    phase state = phase::requested;
+    uint64_t expected[2] = {0, 0};  // next offset of each stream
+    bool truncated = false;
+  };
+
+  result<void> enqueue(std::string frame, bool is_release = false);
+  result<void> read_message(int fd, std::chrono::steady_clock::time_point deadline);
+  bool write_pending(int fd);
+  void drain();
+  void dispatch(const ferry::init::v1::InitMessage& m);
+  void violation(std::string why);
+  bool check(bool ok, std::string_view what);
+  command_state* running(uint32_t id, std::string_view what);
+
+  sandbox_observer& observer_;
+  const std::optional<uint32_t> command_line_id_;
+  std::vector<resume_point> resume_;
+
+  // Reader thread.
+  wire::frame_decoder decoder_;
+  std::vector<char> buf_ = std::vector<char>(wire::max_output_chunk + 4096);
+  std::map<uint32_t, command_state> commands_;  // requested by run(), resumed, or running
+  std::optional<std::string> protocol_error_;
+  std::optional<std::string> init_error_;
+  bool release_sent_ = false;
+  bool command_line_exited_ = false;
+  std::string writing_;  // the frames being written (taken from the queue)
+  bool writing_release_ = false;
+
+  // Any thread.
+  std::mutex mu_;
+  std::string queue_;          // REQUIRES: mu_. frames to write, in order
+  bool queued_release_ = false;  // REQUIRES: mu_. Release is in queue_
+  bool closed_ = false;        // REQUIRES: mu_
+  bool releasing_ = false;     // REQUIRES: mu_. release() was called (or the command line ended)
+  std::set<uint32_t> active_;  // REQUIRES: mu_. ids requested, resumed or running, not ended
+  unique_fd wake_;             // eventfd: the queue has frames
+};
+
+}  // namespace ferry::sandbox::detail

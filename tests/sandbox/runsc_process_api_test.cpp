@@ -1,0 +1,395 @@
+#define BOOST_TEST_MODULE sandbox_runsc_process_api
+#include <boost/test/unit_test.hpp>
+
+// The process API through the sandbox interface, in real gVisor sandboxes: idle sandboxes that
+// run what they are asked and end on release(), several commands at once, argv and shell, env,
+// cwd, pty, timeouts, signals (to a group, to everything), resource usage, a 50 MB output cut at
+// the limit and kept whole in the workspace, a persistent shell session, re-attach with several
+// commands, and the HTTP forwarder to an egress socket on the host. Needs root and runsc.
+
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+
+#include <atomic>
+#include <fstream>
+#include <thread>
+
+#include <fmt/format.h>
+
+#include "ferry/sandbox/sandbox.h"
+#include "runsc_test_support.h"
+
+using namespace ferry::sandbox;
+using namespace std::chrono_literals;
+namespace fs = std::filesystem;
+using steady = std::chrono::steady_clock;
+using testing::recording_observer;
+
+namespace {
+
+std::string unique_id(const std::string& what) {
+  static int counter = 0;
+  return fmt::format("fp-{}-{}-{}", what, ::getpid(), ++counter);
+}
+
+command_spec shell(uint32_t id, std::string line, std::string session = "") {
+  command_spec c;
+  c.command_id = id;
+  c.shell = std::move(line);
+  c.session = std::move(session);
+  return c;
+}
+
+command_spec argv(uint32_t id, std::vector<std::string> args) {
+  command_spec c;
+  c.command_id = id;
+  c.argv = std::move(args);
+  return c;
+}
+
+struct fixture {
+  testing::temp_dir tmp;
+  std::unique_ptr<sandbox_runtime> runtime;
+
+  fixture() { runtime = make_runtime(); }
+
+  std::unique_ptr<sandbox_runtime> make_runtime(fs::path egress = {}) const {
+    runsc_options o;
+    o.state_dir = tmp.path() / "state";
+    o.sandboxes_dir = tmp.path() / "sandboxes";
+    o.init_binary = FERRY_INIT_BINARY;
+    o.egress_socket = std::move(egress);
+    auto r = make_runsc_runtime(o);
+    BOOST_REQUIRE_MESSAGE(r.ok(), (r.ok() ? "" : r.error().message));
+    return std::move(*r);
+  }
+
+  fs::path sandbox_dir(const std::string& id) const { return tmp.path() / "sandboxes" / id; }
+
+  /// An idle sandbox (no command line), up (on_running seen).
+  std::unique_ptr<sandbox> start_idle(const std::string& id, sandbox_observer& obs, sandbox_runtime* rt = nullptr) {
+    sandbox_spec spec;
+    spec.id = id;
+    auto s = (rt ? rt : runtime.get())->start(spec, obs);
+    BOOST_REQUIRE_MESSAGE(s.ok(), (s.ok() ? "" : s.error().message));
+    return std::move(*s);
+  }
+
+  /// Runs `c` and waits for its end.
+  static recording_observer::record run(sandbox& sb, recording_observer& obs, const command_spec& c,
+                                        std::chrono::milliseconds timeout = 30s) {
+    auto r = sb.run(c);
+    BOOST_REQUIRE_MESSAGE(r.ok(), (r.ok() ? "" : r.error().message));
+    BOOST_REQUIRE_MESSAGE(obs.wait_for_end(c.command_id, timeout), "command " << c.command_id << " did not end");
+    auto e = obs.find("exited", c.command_id);
+    if (!e)
+      e = obs.find("failed", c.command_id);
+    return *e;
+  }
+
+  /// Releases the sandbox and checks it ended cleanly with nothing left.
+  void release_and_check(sandbox& sb, recording_observer& obs) {
+    auto r = sb.release();
+    BOOST_REQUIRE_MESSAGE(r.ok(), (r.ok() ? "" : r.error().message));
+    sb.wait();
+    auto ended = obs.find("ended");
+    BOOST_REQUIRE(ended);
+    BOOST_TEST(!ended->failure.has_value(), ended->failure.value_or(""));
+    BOOST_TEST(testing::processes_mentioning(sb.id()).empty());
+    BOOST_TEST(!fs::exists(sandbox_dir(sb.id())));
+  }
+};
+
+double percentile(std::vector<double> v, double q) {
+  std::sort(v.begin(), v.end());
+  return v[std::min(v.size() - 1, static_cast<size_t>(q * static_cast<double>(v.size())))];
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_SUITE(runsc_process_api, *boost::unit_test::precondition(&testing::runsc_available))
+
+BOOST_FIXTURE_TEST_CASE(an_idle_sandbox_runs_commands_at_once_and_ends_on_release, fixture) {
+  recording_observer obs;
+  auto sb = start_idle(unique_id("idle"), obs);
+  // Queued before the sandbox is even up: sent once it is.
+  BOOST_REQUIRE(sb->run(shell(1, "for i in 1 2 3; do echo one-$i; sleep 0.2; done")).ok());
+  BOOST_REQUIRE(sb->run(shell(2, "for i in 1 2 3; do echo two-$i >&2; sleep 0.2; done; exit 2")).ok());
+  BOOST_REQUIRE(sb->run(argv(3, {"printf", "%s|", "a b", "$HOME"})).ok());
+  BOOST_TEST((sb->run(argv(3, {"true"})).error().code == ferry::errc::conflict));  // in use
+  BOOST_TEST((sb->run(argv(0, {"true"})).error().code == ferry::errc::invalid_argument));
+  command_spec neither;
+  neither.command_id = 9;
+  BOOST_TEST((sb->run(neither).error().code == ferry::errc::invalid_argument));
+  for (uint32_t id : {1u, 2u, 3u})
+    BOOST_REQUIRE(obs.wait_for_end(id, 60s));
+  BOOST_TEST(obs.output(1u, 0) == "one-1\none-2\none-3\n");
+  BOOST_TEST(obs.output(2u, 1) == "two-1\ntwo-2\ntwo-3\n");
+  BOOST_TEST(obs.output(3u, 0) == "a b|$HOME|");
+  BOOST_TEST(obs.find("exited", 2)->exit_code == 2);
+  BOOST_TEST(obs.find("started", 3)->data == "printf|%s||a b|$HOME|");
+  // They ran at the same time: 2's first line came before 1's last.
+  auto records = obs.records();
+  auto first_two = std::find_if(records.begin(), records.end(), [](auto& r) { return r.command_id == 2 && r.what == "output"; });
+  auto last_one = std::find_if(records.rbegin(), records.rend(), [](auto& r) { return r.command_id == 1 && r.what == "output"; });
+  BOOST_TEST((first_two->at < last_one->at));
+
+  // Environment and working directory, inside gVisor.
+  command_spec env = shell(4, "echo \"$FOO|$HOME\"; pwd; mkdir -p sub/dir");
+  env.env = {"FOO=bar baz"};
+  run(*sb, obs, env);
+  BOOST_TEST(obs.output(4u, 0) == "bar baz|/workspace\n/workspace\n");
+  command_spec cwd = argv(5, {"pwd"});
+  cwd.cwd = "sub/dir";
+  run(*sb, obs, cwd);
+  BOOST_TEST(obs.output(5u, 0) == "/workspace/sub/dir\n");
+  // A run that cannot be carried out: on_command_failed, the sandbox goes on.
+  auto failed = run(*sb, obs, argv(6, {"/no/such/program"}));
+  BOOST_TEST(failed.what == "failed");
+  BOOST_TEST(failed.data.find("command 6: cannot execute `/no/such/program`") != std::string::npos, failed.data);
+  command_spec bad_cwd = argv(7, {"true"});
+  bad_cwd.cwd = "/nope";
+  BOOST_TEST(run(*sb, obs, bad_cwd).data.find("working directory `/nope`") != std::string::npos);
+  BOOST_TEST(!obs.find("ended"));
+
+  // The exec round trip of `true` (run() → on_command_ended), argv and shell.
+  std::vector<double> direct, via_shell;
+  for (uint32_t i = 0; i < 40; ++i) {
+    const auto t0 = steady::now();
+    run(*sb, obs, i % 2 ? shell(100 + i, "true") : argv(100 + i, {"true"}));
+    (i % 2 ? via_shell : direct).push_back(std::chrono::duration<double, std::milli>(steady::now() - t0).count());
+  }
+  BOOST_TEST_MESSAGE(fmt::format("exec round trip of `true` in gVisor: argv p50 {:.1f} ms p90 {:.1f} ms; "
+                                 "bash -c p50 {:.1f} ms p90 {:.1f} ms ({} each)",
+                                 percentile(direct, 0.5), percentile(direct, 0.9), percentile(via_shell, 0.5),
+                                 percentile(via_shell, 0.9), direct.size()));
+  release_and_check(*sb, obs);
+  BOOST_TEST((sb->run(argv(200, {"true"})).error().code == ferry::errc::closed));
+}
+
+BOOST_FIXTURE_TEST_CASE(a_pty_in_gvisor_is_a_terminal_of_the_given_size, fixture) {
+  recording_observer obs;
+  auto sb = start_idle(unique_id("pty"), obs);
+  command_spec c = shell(1, "[ -t 0 ] && [ -t 1 ] && echo tty; stty size; tty | cut -c1-9");
+  c.pty = true;
+  c.rows = 40;
+  c.cols = 132;
+  auto e = run(*sb, obs, c);
+  BOOST_TEST(e.exit.exit_code == 0);
+  BOOST_TEST(obs.output(1u, 0) == "tty\r\n40 132\r\n/dev/pts/\r\n", obs.output(1u, 0) + obs.output(1u, 1));
+  release_and_check(*sb, obs);
+}
+
+BOOST_FIXTURE_TEST_CASE(timeouts_and_signals_end_whole_process_groups, fixture) {
+  recording_observer obs;
+  auto sb = start_idle(unique_id("sig"), obs);
+  command_spec t = shell(1, "sleep 100 & sleep 100 & echo up; wait");
+  t.timeout = 500ms;
+  auto timed = run(*sb, obs, t);
+  BOOST_TEST((timed.exit.reason == exit_reason::timeout));
+  BOOST_TEST(timed.exit.signal == SIGKILL);
+  // The group is gone: nothing but ferry-init and the next command runs.
+  run(*sb, obs, shell(2, "set -- /proc/[0-9]*; echo $#"));
+  BOOST_TEST(obs.output(2u, 0) == "2\n", obs.output(2u, 0));  // ferry-init and this bash
+
+  BOOST_REQUIRE(sb->run(shell(3, "sleep 100 & echo up; wait")).ok());
+  BOOST_REQUIRE(obs.wait_for_output("up\n", 20s));
+  BOOST_REQUIRE(sb->signal(3, SIGTERM).ok());
+  BOOST_REQUIRE(obs.wait_for_end(3, 20s));
+  BOOST_TEST((obs.find("exited", 3)->exit.reason == exit_reason::killed));
+  BOOST_TEST(obs.find("exited", 3)->exit.signal == SIGTERM);
+
+  // Everything (kill(-1) as PID 1): every command dies, ferry-init carries on.
+  for (uint32_t id : {4u, 5u})
+    BOOST_REQUIRE(sb->run(argv(id, {"sleep", "100"})).ok());
+  BOOST_REQUIRE(obs.wait_for("started", 20s));
+  BOOST_REQUIRE(obs.wait_until([](auto& rs) { return std::count_if(rs.begin(), rs.end(), [](auto& r) { return r.what == "started" && r.command_id == 5; }) > 0; }, 20s));
+  BOOST_REQUIRE(sb->signal(0, SIGKILL).ok());
+  BOOST_REQUIRE(obs.wait_for_end(4, 20s) && obs.wait_for_end(5, 20s));
+  BOOST_TEST((obs.find("exited", 4)->exit.reason == exit_reason::killed));
+  BOOST_TEST((obs.find("exited", 5)->exit.reason == exit_reason::killed));
+  BOOST_TEST(run(*sb, obs, argv(6, {"echo", "alive"})).exit.exit_code == 0);
+  BOOST_TEST(obs.output(6u, 0) == "alive\n");
+  BOOST_TEST((sb->signal(1, 0).error().code == ferry::errc::invalid_argument));
+  release_and_check(*sb, obs);
+}
+
+BOOST_FIXTURE_TEST_CASE(resource_usage_in_gvisor, fixture) {
+  recording_observer obs;
+  auto sb = start_idle(unique_id("rusage"), obs);
+  auto busy = run(*sb, obs, shell(1, "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done"), 120s);
+  auto idle = run(*sb, obs, argv(2, {"sleep", "0.3"}));
+  BOOST_TEST_MESSAGE(fmt::format("busy loop: user {} ms sys {} ms rss {} KiB over {} ms; sleep: user {} ms rss {} KiB",
+                                 busy.exit.user_cpu_ms, busy.exit.sys_cpu_ms, busy.exit.max_rss_kib, busy.exit.duration_ms,
+                                 idle.exit.user_cpu_ms, idle.exit.max_rss_kib));
+  BOOST_TEST(busy.exit.user_cpu_ms >= 100u);
+  BOOST_TEST(busy.exit.max_rss_kib > 0u);
+  BOOST_TEST(idle.exit.user_cpu_ms < busy.exit.user_cpu_ms);
+  BOOST_TEST(idle.exit.duration_ms >= 300u);
+  release_and_check(*sb, obs);
+}
+
+BOOST_FIXTURE_TEST_CASE(a_huge_output_is_cut_at_the_limit_and_kept_whole_in_the_workspace, fixture) {
+  recording_observer obs;
+  const auto id = unique_id("huge");
+  auto sb = start_idle(id, obs);
+  auto e = run(*sb, obs, argv(7, {"head", "-c", "50000000", "/dev/urandom"}), 120s);
+  BOOST_TEST(obs.output(7u, 0).size() == 1u << 20);
+  auto truncated = obs.find("truncated", 7);
+  BOOST_REQUIRE(truncated);
+  BOOST_TEST(truncated->data == "/workspace/.ferry/output/7.log");
+  BOOST_TEST(e.exit.stdout_bytes == 50000000u);
+  BOOST_TEST(e.exit.truncated_bytes == 50000000u - (1u << 20));
+  BOOST_TEST(e.exit.output_path == "/workspace/.ferry/output/7.log");
+  const fs::path on_host = sandbox_dir(id) / "workspace" / ".ferry" / "output" / "7.log";
+  BOOST_REQUIRE(fs::exists(on_host));
+  BOOST_TEST(fs::file_size(on_host) == 50000000u);
+  std::ifstream f(on_host, std::ios::binary);
+  std::string head(1u << 20, '\0');
+  f.read(head.data(), static_cast<std::streamsize>(head.size()));
+  BOOST_TEST((head == obs.output(7u, 0)));  // what was sent is the file's beginning
+  // The agent reads the rest from the file, inside the sandbox.
+  run(*sb, obs, shell(8, "wc -c < /workspace/.ferry/output/7.log"));
+  BOOST_TEST(obs.output(8u, 0) == "50000000\n");
+  release_and_check(*sb, obs);
+}
+
+BOOST_FIXTURE_TEST_CASE(a_session_carries_directory_and_environment_like_a_terminal, fixture) {
+  recording_observer obs;
+  auto sb = start_idle(unique_id("session"), obs);
+  run(*sb, obs, shell(1, "mkdir -p repo/src && cd repo && export GREETING='hi there'; f() { echo \"f:$1\"; }", "main"));
+  auto second = run(*sb, obs, shell(2, "pwd; echo \"$GREETING\"; f x; cd src; exit 4", "main"));
+  BOOST_TEST(obs.output(2u, 0) == "/workspace/repo\nhi there\nf:x\n");
+  BOOST_TEST(second.exit.exit_code == 4);
+  command_spec killed = shell(3, "cd /; export GREETING=changed; sleep 100", "main");
+  killed.timeout = 300ms;
+  BOOST_TEST((run(*sb, obs, killed).exit.reason == exit_reason::timeout));
+  run(*sb, obs, shell(4, "pwd; echo \"$GREETING\"", "main"));
+  BOOST_TEST(obs.output(4u, 0) == "/workspace/repo/src\nhi there\n");  // the killed command left no trace
+  run(*sb, obs, shell(5, "pwd; echo \"${GREETING-none}\""));  // not in the session
+  BOOST_TEST(obs.output(5u, 0) == "/workspace\nnone\n");
+  release_and_check(*sb, obs);
+}
+
+BOOST_FIXTURE_TEST_CASE(a_new_host_re_attaches_to_several_commands, fixture) {
+  recording_observer first;
+  const auto id = unique_id("reattach");
+  auto sb = start_idle(id, first);
+  BOOST_REQUIRE(sb->run(shell(1, "echo quick")).ok());
+  BOOST_REQUIRE(sb->run(shell(2, "echo two-a; echo two-err >&2; sleep 1.5; echo two-b")).ok());
+  BOOST_REQUIRE(sb->run(shell(3, "echo three-a; sleep 1.5; echo three-b; exit 3")).ok());
+  BOOST_REQUIRE(first.wait_for_end(1, 30s));
+  BOOST_REQUIRE(first.wait_until(
+      [&](auto& rs) {
+        return recording_observer::output_in(rs, 2, 0) == "two-a\n" && recording_observer::output_in(rs, 2, 1) == "two-err\n" &&
+               recording_observer::output_in(rs, 3, 0) == "three-a\n";
+      },
+      30s));
+  sb->detach();  // as a crashed ferryd would
+  sb.reset();
+  std::this_thread::sleep_for(2s);  // 2 and 3 end meanwhile
+
+  // The new host recorded 1's end and 2's output so far; it lost track of 3; 9 is not there.
+  recording_observer obs;
+  std::vector<resume_point> from{{1, 6, 0, true}, {2, 6, 8, false}, {9, 0, 0, false}};
+  auto again = make_runtime()->attach(id, from, obs);
+  BOOST_REQUIRE_MESSAGE(again.ok(), (again.ok() ? "" : again.error().message));
+  BOOST_REQUIRE(obs.wait_for_end(2, 30s) && obs.wait_for_end(3, 30s) && obs.wait_for_end(9, 30s));
+  BOOST_TEST(!obs.find("started", 1));  // forgotten
+  BOOST_TEST(obs.output(2u, 0) == "two-b\n");  // only the rest
+  BOOST_TEST(obs.output(2u, 1) == "");
+  BOOST_TEST(obs.output(3u, 0) == "three-a\nthree-b\n");  // whole
+  BOOST_TEST(obs.find("exited", 3)->exit_code == 3);
+  BOOST_TEST(obs.find("failed", 9)->data.find("not known") != std::string::npos);
+  // It goes on as an ordinary sandbox of the new host.
+  run(**again, obs, argv(10, {"echo", "new host"}));
+  BOOST_TEST(obs.output(10u, 0) == "new host\n");
+  release_and_check(**again, obs);
+}
+
+namespace {
+
+/// A unix socket server on the host answering every request with a fixed HTTP response.
+class fake_egress_proxy {
+ public:
+  explicit fake_egress_proxy(const fs::path& path) {
+    fd_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::memcpy(addr.sun_path, path.c_str(), path.string().size());
+    BOOST_REQUIRE(::bind(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+    BOOST_REQUIRE(::listen(fd_, 16) == 0);
+    thread_ = std::thread([this] {
+      while (!stop_) {
+        pollfd p{fd_, POLLIN, 0};
+        if (::poll(&p, 1, 50) <= 0)
+          continue;
+        int c = ::accept4(fd_, nullptr, nullptr, SOCK_CLOEXEC);
+        if (c < 0)
+          continue;
+        std::string req;
+        char buf[4096];
+        while (req.find("\r\n\r\n") == std::string::npos) {
+          pollfd q{c, POLLIN, 0};
+          if (::poll(&q, 1, 5000) <= 0)
+            break;
+          ssize_t n = ::recv(c, buf, sizeof buf, 0);
+          if (n <= 0)
+            break;
+          req.append(buf, static_cast<size_t>(n));
+        }
+        {
+          std::lock_guard lock(mu_);
+          requests_.push_back(req);
+        }
+        const std::string resp = "HTTP/1.1 200 OK\r\nContent-Length: 19\r\nConnection: close\r\n\r\nfrom the host side\n";
+        [[maybe_unused]] ssize_t w = ::send(c, resp.data(), resp.size(), MSG_NOSIGNAL);
+        ::close(c);
+      }
+    });
+  }
+  ~fake_egress_proxy() {
+    stop_ = true;
+    thread_.join();
+    ::close(fd_);
+  }
+  std::vector<std::string> requests() const {
+    std::lock_guard lock(mu_);
+    return requests_;
+  }
+
+ private:
+  int fd_ = -1;
+  std::atomic<bool> stop_{false};
+  mutable std::mutex mu_;
+  std::vector<std::string> requests_;
+  std::thread thread_;
+};
+
+}  // namespace
+
+BOOST_FIXTURE_TEST_CASE(the_http_forwarder_is_the_way_out_through_the_egress_socket, fixture) {
+  const fs::path egress = tmp.path() / "egress.sock";
+  fake_egress_proxy proxy(egress);
+  auto rt = make_runtime(egress);
+  recording_observer obs;
+  const auto id = unique_id("egress");
+  auto sb = start_idle(id, obs, rt.get());
+  // --network=none still has a loopback interface: the forwarder listens there.
+  run(*sb, obs, shell(1, "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '; echo \"$HTTP_PROXY $HTTPS_PROXY $NO_PROXY\""));
+  BOOST_TEST(obs.output(1u, 0) == "lo\nhttp://127.0.0.1:3128 http://127.0.0.1:3128 localhost,127.0.0.1\n");
+  auto curl = run(*sb, obs, argv(2, {"curl", "-sS", "--max-time", "20", "http://example.invalid/x"}));
+  BOOST_TEST(obs.output(2u, 0) == "from the host side\n", obs.output(2u, 1));
+  BOOST_TEST(curl.exit.exit_code == 0);
+  auto requests = proxy.requests();
+  BOOST_REQUIRE(requests.size() == 1u);
+  BOOST_TEST(requests[0].rfind("GET http://example.invalid/x HTTP/1.1\r\n", 0) == 0u, requests[0]);
+  // Nothing else gets out: a direct connection has no route.
+  run(*sb, obs, shell(3, "curl -sS --noproxy '*' --max-time 5 http://93.184.216.34/ >/dev/null 2>&1 && echo OUT || echo blocked"));
+  BOOST_TEST(obs.output(3u, 0) == "blocked\n");
+  release_and_check(*sb, obs);
+}
+
+BOOST_AUTO_TEST_SUITE_END()
