@@ -43,6 +43,17 @@ std::vector<std::string> loops_backed_by(const fs::path& dir) {
   return found;
 }
 
+/// Waits (up to 2 s) until no loop device is backed by a file under `dir`: autoclear releases a
+/// device once its last user is gone, which may be a moment after the unmount.
+bool loops_released(const fs::path& dir) {
+  for (int i = 0; i < 100; ++i) {
+    if (loops_backed_by(dir).empty())
+      return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return false;
+}
+
 /// Removes every disk a test made under its temp dir before the dir itself goes.
 struct disks_guard {
   std::vector<std::pair<fs::path, fs::path>> disks;
@@ -176,12 +187,7 @@ BOOST_AUTO_TEST_CASE(a_busy_disk_is_detached_and_its_loop_device_goes_with_the_l
   BOOST_TEST(!fs::exists(image));  // unlinked; the loop device keeps the inode until released
   BOOST_TEST(::write(held, "x", 1) == 1);  // the holder is not disturbed
   ::close(held);
-  bool freed = false;
-  for (int i = 0; i < 100 && !freed; ++i) {
-    freed = loops_backed_by(dir.path()).empty();
-    if (!freed)
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
+  const bool freed = loops_released(dir.path());
   BOOST_TEST(freed, "loop devices left: " << loops_backed_by(dir.path()).size());
 }
 
@@ -210,12 +216,7 @@ BOOST_AUTO_TEST_CASE(bad_requests_fail_with_clear_errors_and_leave_nothing) {
   BOOST_TEST_REQUIRE(!r.ok());
   BOOST_TEST(r.error().message.find("cannot mount") != std::string::npos, r.error().message);
   BOOST_TEST(!is_mount_point(dir.path() / "junk"));
-  bool freed = false;
-  for (int i = 0; i < 100 && !freed; ++i) {
-    freed = loops_backed_by(dir.path()).empty();
-    if (!freed)
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
+  const bool freed = loops_released(dir.path());
   BOOST_TEST(freed);
 }
 
@@ -286,11 +287,6 @@ BOOST_AUTO_TEST_CASE(a_new_stock_removes_what_a_crashed_owner_left_and_no_stock_
     guard.disks.emplace_back(image, mnt);
     BOOST_TEST(is_mount_point(mnt));
   }
-  bool freed = false;
-  for (int i = 0; i < 100 && !freed; ++i) {
-    freed = loops_backed_by(stock_dir).empty();
-    if (!freed)
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
+  const bool freed = loops_released(stock_dir);
   BOOST_TEST(freed);
 }
