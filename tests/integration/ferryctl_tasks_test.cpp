@@ -115,7 +115,7 @@ BOOST_AUTO_TEST_CASE(tasks_list_show_steer_and_abort_against_a_running_ferryd) {
                        done, [](const json& t) { return field(t, "finished") == json(true); },
                        60s)
                        .has_value());
-  const std::string running = submit_task(alice, "sleep 30");
+  const std::string running = submit_task(alice, "sleep 600");
   sandbox_sweeper sweep(running);
   BOOST_TEST_REQUIRE(alice.wait_for_task(
                        running, [](const json& t) { return str(t, "status") == "running"; }, 60s)
@@ -159,7 +159,7 @@ BOOST_AUTO_TEST_CASE(tasks_list_show_steer_and_abort_against_a_running_ferryd) {
   program_run show_text = ferryctl(dir, {"tasks", "show", "task-" + running});
   BOOST_TEST(exit_code(show_text) == exit_ok, show_text.summary());
   BOOST_TEST(show_text.out.find("status:     running") != std::string::npos, show_text.out);
-  BOOST_TEST(show_text.out.find("command:    sleep 30") != std::string::npos, show_text.out);
+  BOOST_TEST(show_text.out.find("command:    sleep 600") != std::string::npos, show_text.out);
   BOOST_TEST(exit_code(ferryctl(dir, {"tasks", "show", "00ff00ff"})) == exit_stream_not_found);
   BOOST_TEST(exit_code(ferryctl(dir, {"tasks", "show", "not-an-id"})) == exit_usage);
 

@@ -448,7 +448,7 @@ BOOST_AUTO_TEST_CASE(fifty_tasks_through_two_nats_restarts_reach_a_subscriber_ex
                              quiet += " " + stream + " (seq " + std::to_string(seq) + ")";
                          return quiet.empty();
                        },
-                       60s, 200ms),
+                       180s, 200ms),
                      "not every task printed after the start signal:" << quiet);
   BOOST_TEST_MESSAGE("all printing " << ms_between(go_at, clock_type::now())
                                      << " ms after the start signal");

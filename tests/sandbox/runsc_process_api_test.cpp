@@ -386,9 +386,23 @@ BOOST_FIXTURE_TEST_CASE(the_http_forwarder_is_the_way_out_through_the_egress_soc
   auto requests = proxy.requests();
   BOOST_REQUIRE(requests.size() == 1u);
   BOOST_TEST(requests[0].rfind("GET http://example.invalid/x HTTP/1.1\r\n", 0) == 0u, requests[0]);
-  // Nothing else gets out: a direct connection has no route.
-  run(*sb, obs, shell(3, "curl -sS --noproxy '*' --max-time 5 http://93.184.216.34/ >/dev/null 2>&1 && echo OUT || echo blocked"));
+  // Nothing else gets out: a direct connection to a listener on the host's loopback reaches
+  // only the sandbox's own loopback, where nothing listens; the host's listener sees nobody.
+  int host_listener = ::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  BOOST_TEST_REQUIRE(host_listener >= 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof addr;
+  BOOST_TEST_REQUIRE(::bind(host_listener, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+  BOOST_TEST_REQUIRE(::listen(host_listener, 4) == 0);
+  BOOST_TEST_REQUIRE(::getsockname(host_listener, reinterpret_cast<sockaddr*>(&addr), &len) == 0);
+  const int port = ntohs(addr.sin_port);
+  run(*sb, obs, shell(3, fmt::format("curl -sS --noproxy '*' --max-time 5 http://127.0.0.1:{}/ "
+                                     ">/dev/null 2>&1 && echo OUT || echo blocked", port)));
   BOOST_TEST(obs.output(3u, 0) == "blocked\n");
+  BOOST_TEST(::accept(host_listener, nullptr, nullptr) < 0, "the host's listener was reached");
+  ::close(host_listener);
   release_and_check(*sb, obs);
 }
 
