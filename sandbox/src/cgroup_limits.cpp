@@ -140,14 +140,18 @@ result<sandbox_cgroup> sandbox_cgroup::create(const std::string& parent, const s
                                     ok.error().message));
     }
   }
+  // A cgroup that exists already belongs to a sandbox being re-attached: a failure below must
+  // not remove it (remove() kills what is inside), only report.
+  bool made = false;
   for (const auto& d : g.dirs_) {
     std::error_code ec;
-    fs::create_directories(d, ec);
+    made |= fs::create_directories(d, ec);
     if (ec)
       return fail(fmt::format("cannot create cgroup {}: {}", d.string(), ec.message()));
   }
   auto undo = [&](error_info e) {
-    (void)g.remove();
+    if (made)
+      (void)g.remove();
     return e;
   };
   if (g.mode_ == cgroup_mode::v2) {
