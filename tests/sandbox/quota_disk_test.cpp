@@ -54,6 +54,13 @@ bool loops_released(const fs::path& dir) {
   return false;
 }
 
+/// A 32 MiB disk owned by root: enough for the tests that do not fill it.
+disk_spec small_disk() {
+  disk_spec spec;
+  spec.bytes = 32ull << 20;
+  return spec;
+}
+
 /// Removes every disk a test made under its temp dir before the dir itself goes.
 struct disks_guard {
   std::vector<std::pair<fs::path, fs::path>> disks;
@@ -154,9 +161,7 @@ BOOST_AUTO_TEST_CASE(a_disk_has_its_size_flags_and_owner_and_fills_up_with_enosp
 BOOST_AUTO_TEST_CASE(removing_a_disk_unmounts_it_deletes_the_image_and_frees_the_loop_device) {
   temp_dir dir;
   const fs::path image = dir.path() / "d.img", mnt = dir.path() / "d";
-  disk_spec spec;
-  spec.bytes = 32ull << 20;
-  BOOST_TEST_REQUIRE(create_disk(image, mnt, spec).ok());
+  BOOST_TEST_REQUIRE(create_disk(image, mnt, small_disk()).ok());
   BOOST_TEST(loops_backed_by(dir.path()).size() == 1u);
   std::ofstream(mnt / "f") << "data";
   auto t0 = clock_type::now();
@@ -175,9 +180,7 @@ BOOST_AUTO_TEST_CASE(removing_a_disk_unmounts_it_deletes_the_image_and_frees_the
 BOOST_AUTO_TEST_CASE(a_busy_disk_is_detached_and_its_loop_device_goes_with_the_last_user) {
   temp_dir dir;
   const fs::path image = dir.path() / "d.img", mnt = dir.path() / "d";
-  disk_spec spec;
-  spec.bytes = 32ull << 20;
-  BOOST_TEST_REQUIRE(create_disk(image, mnt, spec).ok());
+  BOOST_TEST_REQUIRE(create_disk(image, mnt, small_disk()).ok());
   // A process that has not died yet still holds a file on it.
   int held = ::open((mnt / "held").c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
   BOOST_TEST_REQUIRE(held >= 0);
