@@ -17,7 +17,7 @@
 
 #include "init_client.h"
 #include "init_test_support.h"
-#include "runsc_test_support.h"
+#include "backend_test_support.h"
 
 using namespace ferry::sandbox;
 using namespace ferry::sandbox::testing;

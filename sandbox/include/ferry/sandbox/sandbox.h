@@ -1,5 +1,6 @@
 #pragma once
-// ferry_sandbox public header: the sandbox runtime interface and its gVisor (runsc) backend.
+// ferry_sandbox public header: the sandbox runtime interface and its backends, gVisor (runsc) and
+// bubblewrap (bwrap).
 //
 // A sandbox is one isolated run of ferry-init (PID 1) with a read-only root, a writable
 // workspace at /workspace that is deleted when the sandbox ends, and no network (optionally an
@@ -140,7 +141,7 @@ class sandbox_observer {
   /// stream: 0 stdout (or the pty), 1 stderr. `data` is valid only during the call.
   virtual void on_output(uint32_t command_id, int stream, std::string_view data) = 0;
   /// Only after `attach`: `lost_bytes` (≥ 1) of `stream` after the resume point were no longer
-  /// kept by the sandbox (it keeps the last runsc_options::output_buffer_bytes per stream while
+  /// kept by the sandbox (it keeps the last runtime_options::output_buffer_bytes per stream while
   /// no host is attached); output continues after them. An observer used with `attach` must
   /// override this to record the loss; the default ignores it.
   virtual void on_output_gap(uint32_t /*command_id*/, int /*stream*/, uint64_t /*lost_bytes*/) {}
@@ -186,8 +187,9 @@ class sandbox {
   /// Ends the sandbox normally: ferry-init kills every process and exits; on_ended(nullopt)
   /// follows once everything is cleaned up. errc::closed if it is already ending.
   virtual result<void> release() = 0;
-  /// Kills every process of the sandbox at once: SIGKILL to its host processes (Sentry, gofer
-  /// and the Sentry's stub processes) through pidfds, then waits until they have all exited.
+  /// Kills every process of the sandbox at once: SIGKILL to its host processes through pidfds
+  /// (runsc: Sentry, gofer and the Sentry's stub processes; bwrap: ferry-init, which takes its
+  /// PID namespace along, and bwrap), then waits until they have all exited.
   /// Returns once they are gone (or the runtime gave up); on_processes_gone and on_ended follow
   /// on the reader thread. Idempotent. No-op after detach().
   virtual void kill() = 0;
@@ -229,25 +231,32 @@ class sandbox_runtime {
   /// processes run and ferry-init listens. Sandboxes held by this runtime are not listed.
   virtual result<std::vector<std::string>> list_live() = 0;
   /// Kills and deletes every leftover sandbox (alive or not) except those in `keep` and those
-  /// held by this runtime: kills its processes, deletes the runsc container and its files.
+  /// held by this runtime: kills its processes, deletes what the backend left (the runsc
+  /// container; the bwrap cgroups) and its files.
   /// Returns how many it cleaned up.
   virtual result<size_t> cleanup_orphans(const std::set<std::string>& keep = {}) = 0;
 };
 
-struct runsc_options {
-  /// The runsc binary.
-  std::string runsc = "runsc";
-  /// Where runsc keeps container state (`runsc --root`).
-  std::filesystem::path state_dir;
-  /// Per-sandbox directories (bundle + workspace) are created under here and deleted at the end.
+/// Resource limits of each sandbox; 0 = unlimited.
+struct sandbox_limits {
+  /// Memory of all its processes (and its tmpfs) together.
+  uint64_t memory_bytes = 4ull << 30;
+  /// Processes and threads at once.
+  uint32_t pids = 4096;
+  /// CPU time per wall-clock second, in thousandths of a CPU (1500 = one and a half CPUs).
+  uint32_t cpu_millis = 0;
+};
+
+/// Settings every backend shares.
+struct runtime_options {
+  /// Per-sandbox directories (workspace, control socket, backend files) are created under here
+  /// and deleted when the sandbox ends.
   std::filesystem::path sandboxes_dir;
   /// Read-only root filesystem. Empty: a "host tree" root made of read-only bind mounts of the
   /// host's /usr (plus the merged-/usr symlinks), prepared under `sandboxes_dir/../rootfs-host`.
   std::filesystem::path rootfs;
   /// Host path of the ferry-init binary; bind-mounted read-only into every sandbox.
   std::filesystem::path init_binary;
-  /// Pass --ignore-cgroups (needed under `ip netns exec`).
-  bool ignore_cgroups = false;
   /// Output ferry-init keeps per stream for a host that re-attaches (at least 64 KiB).
   uint64_t output_buffer_bytes = 8u << 20;
   /// How long a sandbox whose command has ended (or not started) waits for a host to attach
@@ -255,15 +264,69 @@ struct runsc_options {
   std::chrono::milliseconds linger = std::chrono::minutes(10);
   /// Host path of the egress proxy's unix socket. Set: it is bind-mounted into every sandbox
   /// and ferry-init relays 127.0.0.1:`proxy_port` inside to it (HTTP_PROXY/HTTPS_PROXY point
-  /// there), which needs `runsc --host-uds=all` (see README: the control socket is then
+  /// there). runsc then needs `--host-uds=all` (see README: the control socket is then
   /// reachable from inside too). Empty: sandboxes have no way out.
   std::filesystem::path egress_socket;
   uint16_t proxy_port = 3128;
+  sandbox_limits limits;
+};
+
+/// What only the gVisor backend needs.
+struct runsc_settings {
+  /// The runsc binary.
+  std::string runsc = "runsc";
+  /// Where runsc keeps container state (`runsc --root`).
+  std::filesystem::path state_dir;
+  /// Pass --ignore-cgroups (needed under `ip netns exec`; the limits are then not applied).
+  bool ignore_cgroups = false;
   /// Extra global runsc flags (e.g. "--debug").
   std::vector<std::string> extra_flags;
 };
 
+/// What only the bubblewrap backend needs.
+struct bwrap_settings {
+  /// The bwrap binary.
+  std::string bwrap = "bwrap";
+  /// Each sandbox runs as its own host uid and gid (uid 0 inside its user namespace), taken from
+  /// [uid_base, uid_base + uid_count); none of them may belong to anything else on the host.
+  uint32_t uid_base = 200000;
+  uint32_t uid_count = 65536;
+  /// Size of the sandbox's /tmp (a tmpfs; it also counts against memory_bytes).
+  uint64_t tmp_bytes = 1ull << 30;
+  /// Where the per-sandbox cgroups go, below the root of each cgroup hierarchy (v2: the unified
+  /// one; v1: memory, pids, cpu). Empty: no cgroups, the limits fall back to rlimits (README).
+  std::string cgroup_parent = "ferry";
+};
+
+struct runsc_options : runtime_options, runsc_settings {};
+struct bwrap_options : runtime_options, bwrap_settings {};
+
 /// The gVisor backend. Fails if runsc is missing or the directories cannot be created.
 result<std::unique_ptr<sandbox_runtime>> make_runsc_runtime(runsc_options opts);
+
+/// The bubblewrap backend (namespaces + a seccomp filter on the host kernel; see README for what
+/// differs from gVisor). Fails if bwrap is missing or the directories cannot be created.
+result<std::unique_ptr<sandbox_runtime>> make_bwrap_runtime(bwrap_options opts);
+
+/// Which backend `make_runtime` uses.
+enum class backend_choice {
+  automatic,  ///< runsc if a probe sandbox runs on this host, else bwrap (logged loudly)
+  runsc,
+  bwrap,
+};
+/// "auto", "runsc" or "bwrap".
+result<backend_choice> parse_backend_choice(std::string_view name);
+std::string_view to_string(backend_choice c);
+
+struct runtime_config : runtime_options {
+  backend_choice backend = backend_choice::automatic;
+  runsc_settings runsc;
+  bwrap_settings bwrap;
+};
+
+/// The backend `config` asks for. `automatic` starts one probe sandbox with runsc (once per
+/// call: a second or two) and falls back to bwrap if that fails, saying so on stderr; the
+/// chosen runtime's name() says which one it is.
+result<std::unique_ptr<sandbox_runtime>> make_runtime(const runtime_config& config);
 
 }  // namespace ferry::sandbox

@@ -1,11 +1,12 @@
-#define BOOST_TEST_MODULE sandbox_runsc_process_api
+#define BOOST_TEST_MODULE sandbox_process_api
 #include <boost/test/unit_test.hpp>
 
-// The process API through the sandbox interface, in real gVisor sandboxes: idle sandboxes that
+// The process API through the sandbox interface, in real sandboxes of the backend under test
+// (built once per backend: sandbox_runsc_process_api_test, sandbox_bwrap_process_api_test): idle sandboxes that
 // run what they are asked and end on release(), several commands at once, argv and shell, env,
 // cwd, pty, timeouts, signals (to a group, to everything), resource usage, a 50 MB output cut at
 // the limit and kept whole in the workspace, a persistent shell session, re-attach with several
-// commands, and the HTTP forwarder to an egress socket on the host. Needs root and runsc.
+// commands, and the HTTP forwarder to an egress socket on the host. Needs root and the backend.
 
 #include <netinet/in.h>
 #include <signal.h>
@@ -19,7 +20,7 @@
 #include <fmt/format.h>
 
 #include "ferry/sandbox/sandbox.h"
-#include "runsc_test_support.h"
+#include "backend_test_support.h"
 
 using namespace ferry::sandbox;
 using namespace std::chrono_literals;
@@ -34,20 +35,9 @@ std::string unique_id(const std::string& what) {
   return fmt::format("fp-{}-{}-{}", what, ::getpid(), ++counter);
 }
 
-command_spec shell(uint32_t id, std::string line, std::string session = "") {
-  command_spec c;
-  c.command_id = id;
-  c.shell = std::move(line);
-  c.session = std::move(session);
-  return c;
-}
-
-command_spec argv(uint32_t id, std::vector<std::string> args) {
-  command_spec c;
-  c.command_id = id;
-  c.argv = std::move(args);
-  return c;
-}
+using testing::argv;
+using testing::percentile;
+using testing::shell;
 
 struct fixture {
   testing::temp_dir tmp;
@@ -56,12 +46,9 @@ struct fixture {
   fixture() { runtime = make_runtime(); }
 
   std::unique_ptr<sandbox_runtime> make_runtime(fs::path egress = {}) const {
-    runsc_options o;
-    o.state_dir = tmp.path() / "state";
-    o.sandboxes_dir = tmp.path() / "sandboxes";
-    o.init_binary = FERRY_INIT_BINARY;
+    auto o = testing::test_config(tmp.path());
     o.egress_socket = std::move(egress);
-    auto r = make_runsc_runtime(o);
+    auto r = ferry::sandbox::make_runtime(o);
     BOOST_REQUIRE_MESSAGE(r.ok(), (r.ok() ? "" : r.error().message));
     return std::move(*r);
   }
@@ -77,16 +64,9 @@ struct fixture {
     return std::move(*s);
   }
 
-  /// Runs `c` and waits for its end.
   static recording_observer::record run(sandbox& sb, recording_observer& obs, const command_spec& c,
                                         std::chrono::milliseconds timeout = 30s) {
-    auto r = sb.run(c);
-    BOOST_REQUIRE_MESSAGE(r.ok(), (r.ok() ? "" : r.error().message));
-    BOOST_REQUIRE_MESSAGE(obs.wait_for_end(c.command_id, timeout), "command " << c.command_id << " did not end");
-    auto e = obs.find("exited", c.command_id);
-    if (!e)
-      e = obs.find("failed", c.command_id);
-    return *e;
+    return testing::run_to_end(sb, obs, c, timeout);
   }
 
   /// Releases the sandbox and checks it ended cleanly with nothing left.
@@ -102,14 +82,9 @@ struct fixture {
   }
 };
 
-double percentile(std::vector<double> v, double q) {
-  std::sort(v.begin(), v.end());
-  return v[std::min(v.size() - 1, static_cast<size_t>(q * static_cast<double>(v.size())))];
-}
-
 }  // namespace
 
-BOOST_AUTO_TEST_SUITE(runsc_process_api, *boost::unit_test::precondition(&testing::runsc_available))
+BOOST_AUTO_TEST_SUITE(process_api, *boost::unit_test::precondition(&testing::backend_available))
 
 BOOST_FIXTURE_TEST_CASE(an_idle_sandbox_runs_commands_at_once_and_ends_on_release, fixture) {
   recording_observer obs;
@@ -136,7 +111,7 @@ BOOST_FIXTURE_TEST_CASE(an_idle_sandbox_runs_commands_at_once_and_ends_on_releas
   auto last_one = std::find_if(records.rbegin(), records.rend(), [](auto& r) { return r.command_id == 1 && r.what == "output"; });
   BOOST_TEST((first_two->at < last_one->at));
 
-  // Environment and working directory, inside gVisor.
+  // Environment and working directory, inside the sandbox.
   command_spec env = shell(4, "echo \"$FOO|$HOME\"; pwd; mkdir -p sub/dir");
   env.env = {"FOO=bar baz"};
   run(*sb, obs, env);
@@ -161,15 +136,15 @@ BOOST_FIXTURE_TEST_CASE(an_idle_sandbox_runs_commands_at_once_and_ends_on_releas
     run(*sb, obs, i % 2 ? shell(100 + i, "true") : argv(100 + i, {"true"}));
     (i % 2 ? via_shell : direct).push_back(std::chrono::duration<double, std::milli>(steady::now() - t0).count());
   }
-  BOOST_TEST_MESSAGE(fmt::format("exec round trip of `true` in gVisor: argv p50 {:.1f} ms p90 {:.1f} ms; "
+  BOOST_TEST_MESSAGE(fmt::format("exec round trip of `true` in {}: argv p50 {:.1f} ms p90 {:.1f} ms; "
                                  "bash -c p50 {:.1f} ms p90 {:.1f} ms ({} each)",
-                                 percentile(direct, 0.5), percentile(direct, 0.9), percentile(via_shell, 0.5),
+                                 testing::test_backend(), percentile(direct, 0.5), percentile(direct, 0.9), percentile(via_shell, 0.5),
                                  percentile(via_shell, 0.9), direct.size()));
   release_and_check(*sb, obs);
   BOOST_TEST((sb->run(argv(200, {"true"})).error().code == ferry::errc::closed));
 }
 
-BOOST_FIXTURE_TEST_CASE(a_pty_in_gvisor_is_a_terminal_of_the_given_size, fixture) {
+BOOST_FIXTURE_TEST_CASE(a_pty_is_a_terminal_of_the_given_size, fixture) {
   recording_observer obs;
   auto sb = start_idle(unique_id("pty"), obs);
   command_spec c = shell(1, "[ -t 0 ] && [ -t 1 ] && echo tty; stty size; tty | cut -c1-9");
@@ -216,7 +191,7 @@ BOOST_FIXTURE_TEST_CASE(timeouts_and_signals_end_whole_process_groups, fixture) 
   release_and_check(*sb, obs);
 }
 
-BOOST_FIXTURE_TEST_CASE(resource_usage_in_gvisor, fixture) {
+BOOST_FIXTURE_TEST_CASE(resource_usage, fixture) {
   recording_observer obs;
   auto sb = start_idle(unique_id("rusage"), obs);
   auto busy = run(*sb, obs, shell(1, "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done"), 120s);
@@ -320,6 +295,8 @@ class fake_egress_proxy {
     addr.sun_family = AF_UNIX;
     std::memcpy(addr.sun_path, path.c_str(), path.string().size());
     BOOST_REQUIRE(::bind(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+    // bwrap sandboxes run as a uid of their own: connecting needs write permission.
+    fs::permissions(path, fs::perms(0666));
     BOOST_REQUIRE(::listen(fd_, 16) == 0);
     thread_ = std::thread([this] {
       while (!stop_) {

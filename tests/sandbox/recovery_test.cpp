@@ -1,10 +1,11 @@
-#define BOOST_TEST_MODULE sandbox_runsc_recovery
+#define BOOST_TEST_MODULE sandbox_recovery
 #include <boost/test/unit_test.hpp>
 
 // Sandboxes outliving their owner: a real owner crash (SIGKILL of sandbox_owner mid-run) and
 // re-attach from a new runtime, attach after the command finished, output gaps, attach errors,
-// impostors and garbage on the control socket, and the bounded linger. Real gVisor; needs root
-// and runsc (skipped with a message otherwise).
+// impostors and garbage on the control socket, and the bounded linger. Real sandboxes of the
+// backend under test (built once per backend: sandbox_runsc_recovery_test,
+// sandbox_bwrap_recovery_test); needs root and the backend (skipped with a message otherwise).
 
 #include <signal.h>
 #include <sys/socket.h>
@@ -20,7 +21,7 @@
 
 #include "ferry/sandbox/sandbox.h"
 #include "ferry/schemas/frame.h"
-#include "runsc_test_support.h"
+#include "backend_test_support.h"
 
 using namespace ferry::sandbox;
 using namespace std::chrono_literals;
@@ -36,10 +37,7 @@ std::string unique_id(const std::string& what) {
   return fmt::format("fr-{}-{}-{}", what, ::getpid(), ++counter);
 }
 
-std::string file_content(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
-}
+using testing::file_content;
 
 /// `<prefix> 0\n` … `<prefix> n-1\n`.
 std::string numbered_lines(const std::string& prefix, int n) {
@@ -57,13 +55,10 @@ struct fixture {
 
   std::unique_ptr<sandbox_runtime> make_runtime(uint64_t buffer_bytes = 8u << 20,
                                                 std::chrono::milliseconds linger = 10min) const {
-    runsc_options o;
-    o.state_dir = tmp.path() / "state";
-    o.sandboxes_dir = tmp.path() / "sandboxes";
-    o.init_binary = FERRY_INIT_BINARY;
+    auto o = testing::test_config(tmp.path());
     o.output_buffer_bytes = buffer_bytes;
     o.linger = linger;
-    auto r = make_runsc_runtime(o);
+    auto r = ferry::sandbox::make_runtime(o);
     BOOST_REQUIRE_MESSAGE(r.ok(), (r.ok() ? "" : r.error().message));
     return std::move(*r);
   }
@@ -209,7 +204,7 @@ void read_attach(int fd) {
 
 }  // namespace
 
-BOOST_AUTO_TEST_SUITE(runsc_recovery, *boost::unit_test::precondition(&testing::runsc_available))
+BOOST_AUTO_TEST_SUITE(recovery, *boost::unit_test::precondition(&testing::backend_available))
 
 BOOST_FIXTURE_TEST_CASE(a_sandbox_survives_its_owners_sigkill_and_resumes_after_the_persisted_offsets, fixture) {
   const auto id = unique_id("crash");
@@ -218,7 +213,7 @@ BOOST_FIXTURE_TEST_CASE(a_sandbox_survives_its_owners_sigkill_and_resumes_after_
       "i=0; while [ $i -lt {0} ]; do echo \"line $i\"; echo \"err $i\" >&2; i=$((i+1)); sleep 0.01; done; exit 7",
       lines);
   spawn_options o;
-  o.argv = {FERRY_SANDBOX_OWNER, tmp.path().string(), id, "/bin/sh", "-c", script};
+  o.argv = {FERRY_SANDBOX_OWNER, testing::test_backend(), tmp.path().string(), id, "/bin/sh", "-c", script};
   o.out = stdio::pipe;
   o.err = stdio::pipe;
   auto owner = child_process::spawn(o);
@@ -463,7 +458,7 @@ BOOST_FIXTURE_TEST_CASE(a_finished_sandbox_nobody_attaches_to_ends_itself_after_
   auto gone = runtime->attach(id, resume_point{}, obs);
   BOOST_REQUIRE(!gone.ok());
   BOOST_TEST((gone.error().code == ferry::errc::not_found), gone.error().message);
-  BOOST_TEST(file_content(sandbox_dir(id) / "runsc.log").find("giving up") != std::string::npos);
+  BOOST_TEST(file_content(sandbox_dir(id) / testing::log_name()).find("giving up") != std::string::npos);
   auto cleaned = runtime->cleanup_orphans();
   BOOST_REQUIRE(cleaned.ok());
   BOOST_TEST(*cleaned == 1u);
