@@ -4,6 +4,7 @@
 // and the state machines in ferry/actors/lifecycle.h.
 
 #include <condition_variable>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -156,7 +157,24 @@ struct task_args {
   /// Fail the task at once with this reason (repeated crashes).
   std::optional<std::string> fail_reason;
   fault_hook fault;
+  /// See journal_slot::synchronous (tests under the deterministic coordinator); its session and
+  /// sandbox actors get the same.
+  bool synchronous_journal = false;
+  /// Test seam (null in production: the real sandbox actor, detached, because it makes blocking
+  /// runtime calls). Spawns whatever plays the part of the task's sandbox actor; the task
+  /// monitors it and sends it `start` and `kill` as it would the real one. The deterministic
+  /// tests put a stand-in here and send the task the sandbox actor's messages themselves.
+  std::function<caf::actor(sandbox_args)> spawn_sandbox;
 };
+
+/// The status a task view names ("queued", …), if it names one.
+inline std::optional<ev::TaskStatus> parse_task_status(std::string_view s) {
+  for (auto st : {ev::TaskStatus::queued, ev::TaskStatus::running, ev::TaskStatus::succeeded,
+                  ev::TaskStatus::failed, ev::TaskStatus::aborted, ev::TaskStatus::interrupted})
+    if (schemas::to_string(st) == s)
+      return st;
+  return std::nullopt;
+}
 
 /// At most this many steering comments per task (each ≤ max_steering_bytes).
 constexpr size_t max_steering_comments = 256;
@@ -183,6 +201,10 @@ struct task_state {
   std::optional<int32_t> exit_code;
   std::string sandbox_failure;
   std::vector<caf::response_promise> end_waiters;
+  /// Aborts of a task that has ended (interrupted, waiting to be resumed), answered once their
+  /// refusal is recorded (in order: the abort itself may arrive while a persist is in flight).
+  std::deque<caf::response_promise> refused_aborts;
+  std::function<caf::actor(sandbox_args)> spawn_sandbox;
   std::optional<caf::typed_response_promise<bool, std::string>> start_rp;
 
   void apply(const ev::Envelope& env) {
@@ -231,7 +253,17 @@ struct task_state {
   schemas::envelope_meta meta() const { return {journal.stream, correlation, "", view.user}; }
 };
 
-/// Messages: see the task manager (task_manager.cpp).
+/// Messages (from the task manager, task_manager.cpp, and from its sandbox actor):
+///   start(uint32 position, uint32 running, uint32 limit, string why) → (bool, string id)
+///                                       the submission: → queued, or → running when position 0
+///   run → bool                          queued → running, or interrupted → running (resume)
+///   queued(uint32 position, uint32 running, uint32 limit, string why)   a waiting task's place
+///   abort(string reason, string user) → int32 abort_outcome             urgent: kills first
+///   steer(string user, string text) → (int32 errc, string message, uint64 seq)
+///   sbx_state, cmd_start, output → bool, cmd_exit                  the sandbox actor's facts
+/// A transition lifecycle.h forbids is recorded as transition_refused and changes nothing; the
+/// requester gets an error (abort: already_finished). A finished task has no actor: it stops
+/// once task_finished is recorded, and a recovered one stops after fencing.
 caf::behavior task_actor(caf::stateful_actor<task_state>* self, task_args args);
 
 }  // namespace ferry::actors

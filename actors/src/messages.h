@@ -77,6 +77,8 @@ CAF_BEGIN_TYPE_ID_BLOCK(ferry, caf::first_custom_type_id)
   // sandbox: record the kill (after the urgent part ran); task: record the abort
   CAF_ADD_ATOM(ferry, ferry::actors, killed_atom, "killed")
   CAF_ADD_ATOM(ferry, ferry::actors, abort_rec_atom, "abort_rec")
+  // task: record the refusal of an abort of a task that has ended
+  CAF_ADD_ATOM(ferry, ferry::actors, abort_refused_atom, "abort_ref")
   // task → session
   CAF_ADD_ATOM(ferry, ferry::actors, turn_begin_atom, "turn_begin")
   CAF_ADD_ATOM(ferry, ferry::actors, turn_end_atom, "turn_end")

@@ -189,6 +189,7 @@ class relay final : public outbox_relay {
                   (pae ? " (" + nats_text(pae->Err) + ")" : std::string());
       } else {
         cursor_ = in_flight_.front().position;
+        last_ack_ = std::chrono::steady_clock::now();
         ++published_;
         in_flight_.pop_front();
       }
@@ -236,7 +237,7 @@ class relay final : public outbox_relay {
 
   /// Starts over from the cursor after a failure: forget what is in flight, read the journal
   /// again from the first unacknowledged event. REQUIRES: relay thread.
-  void restart_from_cursor(const std::string& why) {
+  void reset_to_cursor(const std::string& why) {
     discard_pending();
     uint64_t from;
     {
@@ -249,12 +250,39 @@ class relay final : public outbox_relay {
     note_error(why);
     sub_->close();
     sub_ = store_.subscribe(from);
+  }
+
+  /// reset_to_cursor, then a pause that grows with each consecutive failure.
+  void restart_from_cursor(const std::string& why) {
+    reset_to_cursor(why);
     sleep_backoff();
+  }
+
+  bool connected() { return natsConnection_Status(nc_) == NATS_CONN_STATUS_CONNECTED; }
+
+  /// Waits (in short steps, so that stopping is noticed) until the connection is back.
+  void wait_until_connected() {
+    while (!connected()) {
+      std::unique_lock<std::mutex> lock(mtx_);
+      if (cv_.wait_for(lock, std::chrono::milliseconds(20), [&] { return stopping_; }))
+        return;
+    }
   }
 
   void run() {
     bool stream_ready = false;
     while (!stopping()) {
+      if (!connected()) {
+        // The server is gone (stopped, restarting, unreachable): nothing in flight will be
+        // acknowledged, and a request would only time out. Start over from the cursor now and
+        // wait for the reconnect — rather than waiting ack_wait for acknowledgements that cannot
+        // come, and meanwhile queueing publishes that nats.c would send, stale, on reconnect.
+        reset_to_cursor("NATS at " + redact_nats_url(opts_.nats.url) +
+                        " is unreachable; waiting for it");
+        wait_until_connected();
+        stream_ready = false;  // the stream may have been lost with the server's store
+        continue;
+      }
       if (!stream_ready) {
         if (auto ok = ensure_stream(); !ok) {
           note_error(ok.error().message);
@@ -273,9 +301,14 @@ class relay final : public outbox_relay {
         });
         failure = failed_;
         in_flight = in_flight_.size();
+        // Stuck is when nothing comes back, not when the server is slow: thousands of events
+        // sent in a burst may take the busy server longer than ack_wait to store, but each
+        // acknowledgement is progress (a lost one shows as an acknowledgement out of order).
+        // Starting over then would only send them all again.
         if (failure.empty() && !in_flight_.empty() &&
-            std::chrono::steady_clock::now() - in_flight_.front().sent > opts_.ack_wait)
-          failure = "no acknowledgement from JetStream within " +
+            std::chrono::steady_clock::now() - std::max(in_flight_.front().sent, last_ack_) >
+              opts_.ack_wait)
+          failure = "no acknowledgement from JetStream for " +
                     std::to_string(opts_.ack_wait.count()) + " ms";
       }
       if (!failure.empty()) {
@@ -340,6 +373,7 @@ class relay final : public outbox_relay {
   std::chrono::milliseconds backoff_{100};  // GUARDED_BY(mtx_)
   std::deque<sent_event> in_flight_;        // GUARDED_BY(mtx_)
   std::string failed_;                      // GUARDED_BY(mtx_); set by the ack handler
+  std::chrono::steady_clock::time_point last_ack_{};  // GUARDED_BY(mtx_)
 
   // Relay thread only (and the destructor, after the thread ended).
   std::string last_sent_id_;

@@ -16,6 +16,14 @@
 // in `journal.urgent` run at once even then (an abort's kill must not wait for a disk flush);
 // they must not persist.
 //
+// Response handlers (`request(...).then(...)`) are the exception CAF makes: it delivers a response
+// to its handler whatever the current behavior, so they run even while a persist is in flight.
+// One that may persist — or decide from state a persist in flight is about to change — wraps
+// that work in when_idle(): it runs at once when no persist is in flight, else right after the
+// persist in flight (and its continuation), one deferred step at a time, before the stashed
+// messages. Calling persist() while busy is a bug: the second append would expect the version
+// the first one is about to replace, be refused as a conflict, and stop the actor as "fenced out".
+//
 // Recovery: recover() loads the latest snapshot, replays the later events, then appends
 // `actor_recovered` expecting exactly the version it recovered. That append fences out every older
 // incarnation: their next append expects an older version, is refused with errc::conflict, and
@@ -28,6 +36,7 @@
 // message to the actor.
 
 #include <cstdio>
+#include <deque>
 #include <functional>
 #include <string>
 #include <vector>
@@ -66,6 +75,8 @@ struct journal_slot {
   bool synchronous = false;
   /// Handled at once even while busy; must not persist.
   caf::message_handler urgent;
+  /// Work that waits for the persist in flight (when_idle), in order.
+  std::deque<std::function<void()>> deferred;
   /// The journal refused or failed an append (not a fence): the actor decides (default: stop).
   std::function<void(const error_info&)> on_failure;
   /// Runs before the actor stops because it was fenced out (or failed without on_failure).
@@ -109,18 +120,56 @@ void maybe_snapshot(State& st) {
   }
 }
 
+/// Runs the work when_idle() deferred, in order, until one step persists again (the rest then
+/// waits for that persist) or the actor stops.
+template <class State>
+void run_deferred(caf::stateful_actor<State>* self) {
+  auto& j = self->state.journal;
+  while (!j.busy && !j.deferred.empty()) {
+    if (self->getf(caf::abstract_actor::is_shutting_down_flag)) {
+      j.deferred.clear();  // stopping: nothing more may be recorded
+      return;
+    }
+    auto step = std::move(j.deferred.front());
+    j.deferred.pop_front();
+    step();
+  }
+}
+
 }  // namespace detail
+
+/// Runs `f` once no persist is in flight: now if none is, else right after the one in flight
+/// (and its continuation, and the steps deferred before it), before the messages stashed
+/// meanwhile. For response handlers and anything else that runs outside the actor's behavior and
+/// may persist or read state a persist is about to change (see the file comment).
+template <class State>
+void when_idle(caf::stateful_actor<State>* self, std::function<void()> f) {
+  auto& j = self->state.journal;
+  if (!j.busy && j.deferred.empty()) {
+    f();
+    return;
+  }
+  j.deferred.push_back(std::move(f));
+  detail::run_deferred(self);  // not busy: earlier steps are still queued; run them in order
+}
 
 /// Runs once the events are durable and applied; gets where they landed.
 using persisted_fn = std::function<void(const storage::append_result&)>;
 
 /// Appends `envelopes` to the actor's stream; see the file comment. REQUIRES: not busy (handlers
-/// of a busy actor are stashed, so only `urgent` handlers — which must not persist — and the
-/// continuation of the previous persist can run).
+/// of a busy actor are stashed, so only `urgent` handlers — which must not persist —, response
+/// handlers — which must go through when_idle() — and the continuation of the previous persist
+/// can run).
 template <class State>
 void persist(caf::stateful_actor<State>* self, std::vector<std::string> envelopes,
              persisted_fn then) {
   auto& j = self->state.journal;
+  if (j.busy) {
+    // A caller broke the rule above. Say so loudly; the append below will be refused as a
+    // conflict and the actor stopped, which is the safe outcome (never a wrong history).
+    std::fprintf(stderr, "ferryd: error: %s: persist while another persist is in flight (a bug)\n",
+                 j.stream.c_str());
+  }
   const uint64_t ticket = ++j.ticket;
   j.busy = true;
   auto make_outcome = [](result<storage::append_result> r, std::vector<std::string> stamped) {
@@ -168,6 +217,7 @@ void persist(caf::stateful_actor<State>* self, std::vector<std::string> envelope
         if (static_cast<errc>(o.code) == errc::conflict) {
           std::fprintf(stderr, "ferryd: %s: %s (%s)\n", j.stream.c_str(),
                        std::string(fenced_reason).c_str(), o.error.c_str());
+          j.deferred.clear();
           if (j.on_stop)
             j.on_stop();
           self->quit(caf::make_error(caf::sec::runtime_error, std::string(fenced_reason)));
@@ -176,7 +226,9 @@ void persist(caf::stateful_actor<State>* self, std::vector<std::string> envelope
         error_info e{o.error, static_cast<errc>(o.code)};
         if (j.on_failure) {
           j.on_failure(e);
+          detail::run_deferred(self);
         } else {
+          j.deferred.clear();
           if (j.on_stop)
             j.on_stop();
           self->quit(caf::make_error(caf::sec::runtime_error, o.error));
@@ -197,6 +249,7 @@ void persist(caf::stateful_actor<State>* self, std::vector<std::string> envelope
       where.first_position = o.first_position;
       where.last_position = o.last_position;
       then(where);
+      detail::run_deferred(self);
     }};
   self->set_default_handler(caf::skip);
   if (j.urgent)

@@ -167,6 +167,17 @@ void transition(sandbox_actor_t* self, S to, std::string reason,
           });
 }
 
+/// Runs what was held back behind the output (after_pending_output), in order. Often called from
+/// the response handler of an output batch, which CAF runs even while a persist is in flight; and
+/// the steps record transitions (the command's exit, then the sandbox's end) that must each see
+/// the state the previous one left. So each step goes through when_idle: it runs once no persist
+/// is in flight, and the next only after the persist it started.
+void release_held(sandbox_actor_t* self) {
+  auto held = std::exchange(self->state.after_output, {});
+  for (auto& f : held)
+    when_idle(self, std::move(f));
+}
+
 /// Sends the collected output to the task as one batch and waits for its acknowledgement (the
 /// batch is durable) before sending the next: the task's mailbox holds at most one batch.
 void forward_output(sandbox_actor_t* self) {
@@ -177,10 +188,9 @@ void forward_output(sandbox_actor_t* self) {
   }
   auto batch = s.observer ? s.observer->take_output() : std::vector<output_piece>{};
   if (batch.empty()) {
-    // Drained: release what was held back behind the output, in order.
-    auto held = std::exchange(s.after_output, {});
-    for (auto& f : held)
-      f();
+    // Drained: release what was held back behind the output, in order — one persist at a
+    // time, since each step may record a transition (see release_held).
+    release_held(self);
     return;
   }
   s.output_in_flight = true;
@@ -200,9 +210,7 @@ void forward_output(sandbox_actor_t* self) {
         s.output_waiting = false;
         if (s.observer)
           s.observer->close();
-        auto held = std::exchange(s.after_output, {});
-        for (auto& f : held)
-          f();
+        release_held(self);
       });
 }
 
@@ -216,7 +224,7 @@ void after_pending_output(sandbox_actor_t* self, std::function<void()> f) {
       forward_output(self);
     return;
   }
-  f();
+  when_idle(self, std::move(f));
 }
 
 void finish(sandbox_actor_t* self) {

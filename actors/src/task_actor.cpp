@@ -18,12 +18,46 @@ void hit(task_actor_t* self, std::string_view point) {
     self->state.fault(point, self->state.view.id);
 }
 
-std::optional<TS> parse_status(const std::string& s) {
-  for (auto st : {TS::queued, TS::running, TS::succeeded, TS::failed, TS::aborted,
-                  TS::interrupted})
-    if (schemas::to_string(st) == s)
-      return st;
-  return std::nullopt;
+
+/// Request refused: a transition lifecycle.h forbids, or one the task cannot take now (it is
+/// ending). Recorded as transition_refused — nothing else changes — then `answer` tells the
+/// requester. Before its submission a task has no timeline to record it in: only the answer.
+void refuse(task_actor_t* self, TS to, const std::string& why, std::function<void()> answer) {
+  auto& s = self->state;
+  const std::string from = s.view.status.empty() ? "none" : s.view.status;
+  std::fprintf(stderr, "ferryd: task %s: refused transition %s -> %s: %s\n", s.view.id.c_str(),
+               from.c_str(), std::string(schemas::to_string(to)).c_str(), why.c_str());
+  if (s.view.status.empty()) {
+    if (answer)
+      answer();
+    return;
+  }
+  persist(self, schemas::transition_refused(s.meta(), "task", from, schemas::to_string(to), why),
+          [answer = std::move(answer)](const storage::append_result&) {
+            if (answer)
+              answer();
+          });
+}
+
+/// True when the lifecycle lets the task go from its recorded status to `to`.
+bool may_become(const task_state& s, TS to) {
+  auto from = parse_task_status(s.view.status);
+  return from && task_transition_allowed(*from, to);
+}
+
+/// The actor stops before the task's end is recorded (the journal failed, or a newer
+/// incarnation fenced it out): everyone waiting for this one gets an answer.
+void answer_waiters(task_actor_t* self, const std::string& why) {
+  auto& s = self->state;
+  for (auto& rp : s.end_waiters)
+    rp.deliver(static_cast<int32_t>(abort_outcome::pending));
+  s.end_waiters.clear();
+  for (auto& rp : s.refused_aborts)
+    rp.deliver(static_cast<int32_t>(abort_outcome::pending));
+  s.refused_aborts.clear();
+  if (s.start_rp)
+    s.start_rp->deliver(false, why);
+  s.start_rp.reset();
 }
 
 /// The journal refused an event (not a fence): the task cannot go on. Kills its sandbox and
@@ -34,16 +68,13 @@ void persist_failed(task_actor_t* self, const error_info& e) {
                e.message.c_str());
   if (s.sandbox)
     self->send<caf::message_priority::high>(s.sandbox, kill_atom_v);
-  for (auto& rp : s.end_waiters)
-    rp.deliver(static_cast<int32_t>(abort_outcome::pending));
-  s.end_waiters.clear();
-  if (s.start_rp)
-    s.start_rp->deliver(false, e.message);
-  s.start_rp.reset();
+  answer_waiters(self, e.message);
   self->quit(caf::make_error(caf::sec::runtime_error, e.message));
 }
 
-/// Records the task's end (after closing its session) and stops.
+/// Records the task's end (after closing its session) and stops. `outcome` answers the aborts
+/// waiting for the end: aborted only when the task did end aborted (an abort that came while it
+/// was already ending otherwise is told it came too late).
 void record_end(task_actor_t* self, std::vector<std::string> envs, abort_outcome outcome) {
   persist(self, std::move(envs), [self, outcome](const storage::append_result&) {
     for (auto& rp : self->state.end_waiters)
@@ -53,23 +84,25 @@ void record_end(task_actor_t* self, std::vector<std::string> envs, abort_outcome
   });
 }
 
-/// Ends the session's turn or closes it, then runs `then` (also when there is no session).
+/// Ends the session's turn or closes it, then runs `then` (also when there is no session). `then`
+/// may persist: from the session's answer (a response handler, which CAF runs even while a
+/// persist is in flight) it goes through when_idle.
 void settle_session(task_actor_t* self, bool close, std::string outcome,
                     std::function<void()> then) {
   auto& s = self->state;
   if (!s.session)
-    return then();
+    return when_idle(self, std::move(then));
   auto session = s.session;
   if (close)
     self->request(session, std::chrono::seconds(30), close_atom_v, outcome)
       .then(
         [self, then](bool) {
           self->state.session = nullptr;
-          then();
+          when_idle(self, then);
         },
         [self, then](caf::error&) {
           self->state.session = nullptr;
-          then();
+          when_idle(self, then);
         });
   else
     self->request(session, std::chrono::seconds(30), turn_end_atom_v, outcome, uint64_t{0},
@@ -79,11 +112,11 @@ void settle_session(task_actor_t* self, bool close, std::string outcome,
           // Resumable: the session stays open for a later turn; this actor lets it go.
           self->send_exit(session, caf::exit_reason::user_shutdown);
           self->state.session = nullptr;
-          then();
+          when_idle(self, then);
         },
         [self, then](caf::error&) {
           self->state.session = nullptr;
-          then();
+          when_idle(self, then);
         });
 }
 
@@ -91,7 +124,6 @@ void finish_task(task_actor_t* self, std::optional<std::string> forced_failure =
   auto& s = self->state;
   if (s.finishing)
     return;
-  s.finishing = true;
   TS status;
   std::string reason;
   if (forced_failure) {
@@ -110,10 +142,19 @@ void finish_task(task_actor_t* self, std::optional<std::string> forced_failure =
     reason = s.exit_code ? "command exited with status " + std::to_string(*s.exit_code)
                          : "command was killed";
   }
+  if (!may_become(s, status)) {
+    // E.g. a sandbox's end reported to a task that is queued or interrupted (no turn runs).
+    refuse(self, status,
+           (reason.empty() ? std::string("command succeeded") : reason) + ", but the task is " +
+             (s.view.status.empty() ? std::string("not submitted") : s.view.status),
+           {});
+    return;
+  }
+  s.finishing = true;
   settle_session(self, true, std::string(schemas::to_string(status)), [self, status, reason] {
     auto& s = self->state;
     record_end(self, {schemas::task_finished(s.meta(), status, s.exit_code.value_or(-1), reason)},
-               abort_outcome::aborted);
+               status == TS::aborted ? abort_outcome::aborted : abort_outcome::already_finished);
   });
 }
 
@@ -122,6 +163,10 @@ void interrupt(task_actor_t* self, std::string reason) {
   auto& s = self->state;
   if (s.finishing)
     return;
+  if (!may_become(s, TS::interrupted)) {
+    refuse(self, TS::interrupted, reason + ", but the task is " + s.view.status, {});
+    return;
+  }
   s.finishing = true;
   settle_session(self, false, "interrupted", [self, reason] {
     auto& s = self->state;
@@ -130,8 +175,20 @@ void interrupt(task_actor_t* self, std::string reason) {
     record_end(self,
                {schemas::task_interrupted(m, reason, true),
                 schemas::task_finished(m, TS::interrupted, -1, "interrupted: " + reason)},
-               abort_outcome::aborted);
+               abort_outcome::already_finished);
   });
+}
+
+/// Spawns the task's sandbox actor (monitored): the real one, detached (it makes blocking runtime
+/// calls), or what the tests put in task_args::spawn_sandbox.
+caf::actor spawn_sandbox(task_actor_t* self, sandbox_args a) {
+  auto& s = self->state;
+  a.synchronous_journal = s.journal.synchronous;
+  if (!s.spawn_sandbox)
+    return self->spawn<caf::detached + caf::monitored>(sandbox_actor, std::move(a));
+  auto sandbox = s.spawn_sandbox(std::move(a));
+  self->monitor(sandbox);
+  return sandbox;
 }
 
 void start_sandbox(task_actor_t* self) {
@@ -143,7 +200,7 @@ void start_sandbox(task_actor_t* self) {
   a.id = "ferry-" + s.view.id + "-" + std::to_string(s.sandboxes + 1);
   a.task_id = s.view.id;
   a.argv = {"/bin/sh", "-c", s.view.command};
-  s.sandbox = self->spawn<caf::detached + caf::monitored>(sandbox_actor, std::move(a));
+  s.sandbox = spawn_sandbox(self, std::move(a));
   self->send(s.sandbox, start_atom_v);
 }
 
@@ -156,6 +213,7 @@ void ensure_session(task_actor_t* self) {
   a.task_id = s.view.id;
   a.user = s.view.user;
   a.steering = s.steering;
+  a.synchronous_journal = s.journal.synchronous;
   s.session = self->spawn<caf::monitored>(session_actor, std::move(a));
 }
 
@@ -172,15 +230,19 @@ void begin_turn(task_actor_t* self) {
   self->request(s.session, std::chrono::seconds(30), turn_begin_atom_v, s.view.command, sandbox_id)
     .then(
       [self](uint32_t, std::vector<std::string>&) {
-        auto& s = self->state;
-        s.turn_pending = false;
-        if (s.aborting || s.finishing)
-          return finish_task(self);
-        start_sandbox(self);
+        when_idle(self, [self] {
+          auto& s = self->state;
+          s.turn_pending = false;
+          if (s.aborting || s.finishing)
+            return finish_task(self);
+          start_sandbox(self);
+        });
       },
       [self](caf::error& err) {
-        self->state.turn_pending = false;
-        finish_task(self, "the session refused a new turn: " + to_string(err));
+        when_idle(self, [self, why = to_string(err)] {
+          self->state.turn_pending = false;
+          finish_task(self, "the session refused a new turn: " + why);
+        });
       });
 }
 
@@ -194,8 +256,13 @@ void sandbox_gone(task_actor_t* self) {
 /// After recovery: carry on from the recovered state.
 void carry_on(task_actor_t* self, const task_args& args) {
   auto& s = self->state;
-  auto status = parse_status(s.view.status);
+  auto status = parse_task_status(s.view.status);
   if (!status || (task_status_terminal(*status) && *status != TS::interrupted)) {
+    // Ended for good: nothing to carry on. An abort that came while this actor recovered is
+    // told so (CAF answers the other requests with an error once the actor has stopped).
+    for (auto& rp : s.refused_aborts)
+      rp.deliver(static_cast<int32_t>(abort_outcome::already_finished));
+    s.refused_aborts.clear();
     self->quit();
     return;
   }
@@ -227,7 +294,7 @@ void carry_on(task_actor_t* self, const task_args& args) {
     a.resume.stdout_bytes = s.output_bytes[0];
     a.resume.stderr_bytes = s.output_bytes[1];
     s.recovering_sandbox = true;
-    s.sandbox = self->spawn<caf::detached + caf::monitored>(sandbox_actor, std::move(a));
+    s.sandbox = spawn_sandbox(self, std::move(a));
     if (s.aborting)  // the abort came while this actor recovered, before it had a sandbox
       self->send<caf::message_priority::high>(s.sandbox, kill_atom_v);
     return;
@@ -254,6 +321,9 @@ caf::behavior task_actor(task_actor_t* self, task_args args) {
   s.journal.store = args.deps.store;
   s.journal.stream = "task-" + args.id;
   s.journal.on_failure = [self](const error_info& e) { persist_failed(self, e); };
+  s.journal.on_stop = [self] { answer_waiters(self, std::string(fenced_reason)); };
+  s.journal.synchronous = args.synchronous_journal;
+  s.spawn_sandbox = args.spawn_sandbox;
   s.rerun_lost_turn = args.rerun_lost_turn;
   if (!args.recover_reason) {
     s.view.command = args.req.command;
@@ -279,19 +349,28 @@ caf::behavior task_actor(task_actor_t* self, task_args args) {
                dm.source == self->state.sandbox.address(), to_string(dm.reason));
   });
 
-  // Abort, the urgent part: the kill goes out at once, even while a persist is in flight.
-  auto abort = [=](std::string& reason, std::string& user) -> caf::result<int32_t> {
+  // Abort, the urgent part: the kill goes out at once, even while a persist is in flight. The
+  // records follow in order (abort_rec, or abort_refused for a task that has ended).
+  auto begin_abort = [=](caf::response_promise rp, std::string reason, std::string user) {
     auto& s = self->state;
-    if (s.view.finished && !s.finishing)
-      return static_cast<int32_t>(abort_outcome::already_finished);
-    auto rp = self->make_response_promise();
-    s.end_waiters.push_back(rp);
+    s.end_waiters.push_back(std::move(rp));
     if (s.aborting || s.finishing)
-      return rp;
+      return;
     s.aborting = true;
     if (s.sandbox)
       self->send<caf::message_priority::high>(s.sandbox, kill_atom_v);
     self->send(self, abort_rec_atom_v, std::move(reason), std::move(user));
+  };
+  auto abort = [=](std::string& reason, std::string& user) -> caf::result<int32_t> {
+    auto& s = self->state;
+    auto rp = self->make_response_promise();
+    if (s.view.finished && !s.finishing) {
+      // Ended (interrupted, waiting for a resume): <status> → aborted is forbidden.
+      s.refused_aborts.push_back(rp);
+      self->send(self, abort_refused_atom_v, std::move(reason), std::move(user));
+      return rp;
+    }
+    begin_abort(rp, std::move(reason), std::move(user));
     return rp;
   };
   s.journal.urgent = caf::message_handler{
@@ -318,6 +397,15 @@ caf::behavior task_actor(task_actor_t* self, task_args args) {
       // Submission: durable before the id is handed out. Position 0: a slot is free, run now;
       // else wait for run_atom from the manager.
       auto& s = self->state;
+      if (!s.view.status.empty()) {
+        // Submitted once only: a second submission asks for <status> → queued.
+        auto rp = self->make_response_promise<bool, std::string>();
+        auto why = "submitted again, but the task is " + s.view.status;
+        refuse(self, TS::queued, why, [rp, why]() mutable {
+          rp.deliver(caf::make_error(caf::sec::runtime_error, why));
+        });
+        return rp;
+      }
       auto m = s.meta();
       std::vector<std::string> envs{
         schemas::task_submitted(m, s.view.id, s.view.command, s.view.repo)};
@@ -336,24 +424,49 @@ caf::behavior task_actor(task_actor_t* self, task_args args) {
       });
       return rp;
     },
-    [=](run_atom) {
+    [=](run_atom) -> caf::result<bool> {
       // A slot is free: queued → running, or (resume) interrupted → running.
       auto& s = self->state;
-      auto from = parse_status(s.view.status);
-      if (s.finishing || s.aborting || s.sandbox || s.turn_pending || !from ||
-          !task_transition_allowed(*from, TS::running))
-        return;
-      auto m = s.meta();
-      auto why = *from == TS::interrupted ? std::string("resumed") : std::string();
-      persist(self, schemas::task_state_changed(m, *from, TS::running, why),
-              [self](const storage::append_result&) { begin_turn(self); });
+      auto rp = self->make_response_promise<bool>();
+      std::string refused;
+      if (s.view.status.empty())
+        refused = "run requested, but the task is not submitted";
+      else if (!may_become(s, TS::running))
+        refused = "run requested, but the task is " + s.view.status;
+      else if (s.aborting || s.finishing)
+        refused = "run requested, but the task is ending (an abort came first)";
+      else if (s.sandbox || s.turn_pending)
+        refused = "run requested, but a turn is already under way";
+      if (!refused.empty()) {
+        refuse(self, TS::running, refused, [rp, refused]() mutable {
+          rp.deliver(caf::make_error(caf::sec::runtime_error, refused));
+        });
+        return rp;
+      }
+      auto from = *parse_task_status(s.view.status);
+      auto why = from == TS::interrupted ? std::string("resumed") : std::string();
+      persist(self, schemas::task_state_changed(s.meta(), from, TS::running, why),
+              [self, rp](const storage::append_result&) mutable {
+                rp.deliver(true);
+                begin_turn(self);
+              });
+      return rp;
     },
     [=](queued_atom, uint32_t position, uint32_t running, uint32_t limit, std::string& why) {
+      // A waiting task's place in the queue. A resumed task that must wait for a slot is
+      // recorded as queued again (interrupted → queued): it can be aborted like any waiting
+      // task, and a restart of ferryd puts it back in the queue instead of losing the resume.
       auto& s = self->state;
-      if (s.finishing || s.aborting || s.sandbox || s.view.status != "queued")
+      if (s.finishing || s.aborting || s.sandbox || position == 0)
         return;
-      persist(self, schemas::task_queued(s.meta(), position, running, limit, why),
-              [](const storage::append_result&) {});
+      std::vector<std::string> envs;
+      if (s.view.status == "interrupted" && s.view.resumable)
+        envs.push_back(schemas::task_state_changed(s.meta(), TS::interrupted, TS::queued,
+                                                   "resumed; waiting for a slot"));
+      else if (s.view.status != "queued")
+        return;
+      envs.push_back(schemas::task_queued(s.meta(), position, running, limit, why));
+      persist(self, std::move(envs), [](const storage::append_result&) {});
     },
     [=](sbx_state_atom, int8_t from, int8_t to, std::string& reason, std::string& backend,
         std::string& sandbox_id) {
@@ -386,8 +499,12 @@ caf::behavior task_actor(task_actor_t* self, task_args args) {
             s.sandbox_failure.clear();
             self->request(s.session, std::chrono::seconds(30), turn_end_atom_v,
                           std::string("interrupted"), uint64_t{0}, uint64_t{0})
-              .then([self](bool) { begin_turn(self); },
-                    [self](caf::error& e) { finish_task(self, "session: " + to_string(e)); });
+              .then([self](bool) { when_idle(self, [self] { begin_turn(self); }); },
+                    [self](caf::error& e) {
+                      when_idle(self, [self, why = to_string(e)] {
+                        finish_task(self, "session: " + why);
+                      });
+                    });
           } else {
             interrupt(self, "ferryd stopped while the task ran and its sandbox is gone");
           }
@@ -452,6 +569,16 @@ caf::behavior task_actor(task_actor_t* self, task_args args) {
       return rp;
     },
     [=](abort_atom, std::string& reason, std::string& user) { return abort(reason, user); },
+    [=](abort_refused_atom, std::string& reason, std::string& user) {
+      auto& s = self->state;
+      auto rp = std::move(s.refused_aborts.front());
+      s.refused_aborts.pop_front();
+      if (!s.view.finished || s.finishing)
+        return begin_abort(std::move(rp), std::move(reason), std::move(user));  // resumed since
+      refuse(self, TS::aborted,
+             "abort requested by " + user + ", but the task is " + s.view.status,
+             [rp]() mutable { rp.deliver(static_cast<int32_t>(abort_outcome::already_finished)); });
+    },
     [=](abort_rec_atom, std::string& reason, std::string& user) {
       auto& s = self->state;
       auto m = s.meta();

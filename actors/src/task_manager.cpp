@@ -175,6 +175,12 @@ caf::actor spawn_task(manager_actor_t* self, task_args args) {
   return task;
 }
 
+/// Tells a task a slot is free (queued → running, or a resume). A refusal (it is ending: an
+/// abort came first) is on the task's stream; its slot comes back when its actor stops.
+void tell_run(manager_actor_t* self, const caf::actor& task) {
+  self->request(task, caf::infinite, run_atom_v).then([](bool) {}, [](caf::error&) {});
+}
+
 /// Starts whatever may start now, then tells waiting tasks whose place changed.
 void dispatch(manager_actor_t* self) {
   auto& q = self->state.queue;
@@ -189,7 +195,7 @@ void dispatch(manager_actor_t* self) {
       q.waiting.erase(*user);
     q.reported.erase(next.id);
     q.mark_running(next.id, *user);
-    self->send(next.actor, run_atom_v);
+    tell_run(self, next.actor);
   }
   for (const auto& [id, pos] : q.positions()) {
     auto& last = q.reported[id];
@@ -236,7 +242,7 @@ uint32_t enqueue(manager_actor_t* self, const std::string& id, const std::string
   if (q.may_start(user) && q.waiting_of(user) == 0) {
     q.mark_running(id, user);
     if (send_run)
-      self->send(task, run_atom_v);
+      tell_run(self, task);
     return 0;
   }
   q.waiting[user].push_back({id, std::move(task), q.next_order++});
@@ -286,6 +292,10 @@ result<recovery_plan> plan_recovery(const task_deps& d) {
     if (!view)
       return view.error();
     if (!*view)
+      continue;
+    // Ended, though something followed task_finished (an actor recovered on the stream only
+    // to find it ended): nothing to run. Interrupted ones wait for their user's resume.
+    if (auto st = parse_task_status((*view)->status); st && task_status_terminal(*st))
       continue;
     if ((*view)->status == "queued")
       plan.waiting.push_back(std::move(**view));
@@ -459,10 +469,15 @@ caf::behavior task_manager(manager_actor_t* self, task_deps deps, recovery_plan 
       a.id = id;
       a.recover_reason = "resumed by " + user;
       auto task = spawn_task(self, std::move(a));
-      // Waits like a submission when the limits say so; `run` moves it to running.
+      // Waits like a submission when the limits say so (recorded as interrupted → queued);
+      // `run` moves it to running.
       const auto position = enqueue(self, id, (*view)->user, task, true);
-      if (position != 0)
+      if (position != 0) {
+        auto& q = s.queue;
+        self->send(task, queued_atom_v, position, q.running_total, q.limits.max_running,
+                   q.why_waiting());
         dispatch(self);
+      }
       return {int32_t{0}, id, position};
     },
     [=](steer_atom, std::string& id, std::string& user,

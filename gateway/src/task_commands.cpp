@@ -13,10 +13,17 @@ result<actors::abort_outcome> abort_task(const gateway_deps& deps, const std::st
                                          const std::string& user, const std::string& reason) {
   std::string why = "no NATS connection";
   if (deps.events) {
-    auto sent = request_abort(*deps.events, task_id, user, reason, default_abort_wait);
-    if (sent || sent.error().code != errc::closed)
-      return sent;
-    why = sent.error().message;
+    // A round trip first: a server that just went away may not have been noticed yet, and a
+    // request sent into that connection would wait out its whole timeout before the local
+    // abort. A live server answers the PING within milliseconds.
+    if (auto alive = deps.events->flush(abort_liveness_timeout); !alive) {
+      why = alive.error().message;
+    } else {
+      auto sent = request_abort(*deps.events, task_id, user, reason, default_abort_wait);
+      if (sent || sent.error().code != errc::closed)
+        return sent;
+      why = sent.error().message;
+    }
   }
   // NATS is unreachable: abort here, in this process's task manager (the one running the task
   // when a single ferryd serves it all).

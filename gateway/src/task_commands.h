@@ -5,8 +5,10 @@
 // carried out by this process's task manager instead — a stop must never wait for NATS.
 //
 // Threading: thread-safe. REQUIRES: called on the server's blocking pool, never on an I/O
-// thread: each call blocks up to ~12 s (abort: 7 s for NATS, then up to 5 s locally).
+// thread: each call blocks up to ~13 s (abort: 1 s for a PING, 7 s for NATS, then up to 5 s
+// locally).
 
+#include <chrono>
 #include <cstdint>
 #include <string>
 
@@ -16,8 +18,12 @@
 
 namespace ferry::gateway::detail {
 
-/// request_abort over the control subject; when no acknowledgement came (errc::closed) or there
-/// is no bus, task_service::abort here. Errors: the local abort's, or request_abort's.
+/// How long abort_task waits for NATS to answer a PING before it aborts locally.
+inline constexpr std::chrono::milliseconds abort_liveness_timeout{1000};
+
+/// request_abort over the control subject; when NATS does not answer a PING within
+/// abort_liveness_timeout, no acknowledgement came (errc::closed) or there is no bus,
+/// task_service::abort here. Errors: the local abort's, or request_abort's.
 [[nodiscard]] result<actors::abort_outcome> abort_task(const gateway_deps& deps,
                                                       const std::string& task_id,
                                                       const std::string& user,

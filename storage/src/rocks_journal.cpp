@@ -216,7 +216,10 @@ class rocks_event_store final : public event_store {
     // commit loop.
     write_opts_.sync = false;
     refresh_last_position();
-    snapshot_write_opts_.sync = opts.durability == durability::fsync;
+    // Snapshots are never synced on their own (see save_snapshot in journal.h): a synced write
+    // would hold up RocksDB's write group, and with it the commit thread, for an fsync, and
+    // block the saving actor's thread for as long.
+    snapshot_write_opts_.sync = false;
     if (!secondary_) {
       last_written_position_ = last_position_.load();
       durable_ = take_snapshot();

@@ -14,8 +14,10 @@
 #include <utility>
 
 #include "actors.h"
+#include "ferry/sandbox/sandbox.h"
 #include "ferry/storage/journal.h"
 #include "ferry/test_support/temp_dir.h"
+#include "task_edges.h"
 
 namespace fa = ferry::actors;
 namespace ev = ferry::events::v1;
@@ -27,11 +29,7 @@ namespace {
 
 // -- the edges, listed independently of lifecycle.h -------------------------------------------------
 
-const std::set<std::pair<TS, TS>> task_edges = {
-  {TS::queued, TS::running},      {TS::queued, TS::aborted},       {TS::running, TS::succeeded},
-  {TS::running, TS::failed},      {TS::running, TS::aborted},      {TS::running, TS::interrupted},
-  {TS::interrupted, TS::running},
-};
+using ferry::test::task_edges;
 
 const std::vector<SS> live_sandbox = {SS::spawning, SS::initializing, SS::cloning, SS::ready,
                                       SS::executing, SS::pushing,    SS::terminating};
@@ -53,8 +51,7 @@ std::set<std::pair<SS, SS>> sandbox_edges() {
   return e;
 }
 
-const std::vector<TS> all_task = {TS::queued,  TS::running, TS::succeeded,
-                                  TS::failed,  TS::aborted, TS::interrupted};
+const std::vector<TS>& all_task = ferry::test::all_task_statuses;
 const std::vector<SS> all_sandbox = {SS::none,      SS::spawning,     SS::running,
                                      SS::terminating, SS::terminated, SS::failed,
                                      SS::initializing, SS::cloning,   SS::ready,
@@ -105,6 +102,44 @@ struct coordinator_fixture {
   }
 };
 
+/// A runtime whose sandboxes do nothing by themselves: the test plays ferry-init through the
+/// observer the sandbox actor hands to start().
+struct scripted_runtime final : ferry::sandbox::sandbox_runtime {
+  struct box final : ferry::sandbox::sandbox {
+    explicit box(std::string id) : id_(std::move(id)) {}
+    const std::string& id() const override { return id_; }
+    ferry::result<void> run(const ferry::sandbox::command_spec&) override {
+      return ferry::fail("scripted sandboxes run nothing");
+    }
+    ferry::result<void> signal(uint32_t, int, bool) override { return {}; }
+    ferry::result<void> write_stdin(uint32_t, std::string_view, bool) override { return {}; }
+    ferry::result<void> release() override { return {}; }
+    void kill() override {}
+    void detach() override {}
+    void wait() override {}
+    std::string id_;
+  };
+
+  std::string_view name() const override { return "scripted"; }
+  ferry::result<std::unique_ptr<ferry::sandbox::sandbox>> start(
+    const ferry::sandbox::sandbox_spec& spec, ferry::sandbox::sandbox_observer& o) override {
+    observer = &o;
+    return std::unique_ptr<ferry::sandbox::sandbox>(std::make_unique<box>(spec.id));
+  }
+  using ferry::sandbox::sandbox_runtime::attach;
+  ferry::result<std::unique_ptr<ferry::sandbox::sandbox>> attach(
+    const std::string&, std::span<const ferry::sandbox::resume_point>,
+    ferry::sandbox::sandbox_observer&) override {
+    return ferry::fail(ferry::errc::not_found, "scripted sandboxes cannot be re-attached");
+  }
+  ferry::result<std::vector<std::string>> list_live() override {
+    return std::vector<std::string>{};
+  }
+  ferry::result<size_t> cleanup_orphans(const std::set<std::string>&) override { return 0; }
+
+  ferry::sandbox::sandbox_observer* observer = nullptr;
+};
+
 /// Path of allowed transitions from none to `target` (breadth-first over the table).
 std::vector<SS> path_to(SS target) {
   std::map<SS, SS> prev;
@@ -140,7 +175,7 @@ BOOST_AUTO_TEST_CASE(task_table_matches_the_listed_edges) {
                           "task " << sc::to_string(from) << " -> " << sc::to_string(to));
       allowed += want;
     }
-  BOOST_TEST(allowed == 7);
+  BOOST_TEST(allowed == 8);
   for (auto s : all_task)
     BOOST_TEST(fa::task_status_terminal(s) == (s != TS::queued && s != TS::running));
 }
@@ -304,5 +339,81 @@ BOOST_FIXTURE_TEST_CASE(session_actor_records_allowed_and_refuses_forbidden, coo
   BOOST_TEST(!ask_bool(s3, fa::close_atom_v, std::string("x")));
   BOOST_TEST((last_type("s2") == ev::Event::TransitionRefused));
   self->send_exit(s3, caf::exit_reason::user_shutdown);
+  sched->run();
+}
+
+// The command exits and the sandbox ends while a batch of its output still waits for the task's
+// acknowledgement: both facts are held back behind it. The acknowledgement is a response, which
+// CAF delivers even while the actor is busy, and each held fact records a transition — so they
+// must be recorded one persist after the other, each from the state the previous one left:
+// executing → ready (exit), then ready → terminating → terminated (end). Recorded at once, the
+// second append expected the version the first had just replaced, was refused as a conflict, and
+// the sandbox actor stopped as "fenced out": its task failed with "sandbox actor stopped" (seen
+// with 50 tasks printing at once).
+BOOST_FIXTURE_TEST_CASE(exit_and_end_held_behind_output_are_recorded_in_order, coordinator_fixture) {
+  scripted_runtime runtime;
+  std::vector<std::string> told;  // what the task heard, in order
+  std::optional<caf::response_promise> ack;
+  // (An unused argument: CAF 0.17 dereferences a null argument tuple when there is none.)
+  auto task = sys->spawn([&](caf::event_based_actor* self, int) -> caf::behavior {
+    return {
+      [&, self](fa::output_atom, std::vector<fa::output_piece>& batch) -> caf::result<bool> {
+        told.push_back("output " + std::to_string(batch.size()));
+        ack = self->make_response_promise();  // acknowledged when the test says so
+        return caf::delegated<bool>();
+      },
+      [&](fa::run_atom) {
+        if (ack)
+          ack->deliver(true);
+        ack.reset();
+      },
+      [&](fa::cmd_start_atom, uint32_t, std::vector<std::string>&) { told.push_back("started"); },
+      [&](fa::cmd_exit_atom, uint32_t, int32_t code, int32_t, uint64_t) {
+        told.push_back("exited " + std::to_string(code));
+      },
+      [&](fa::sbx_state_atom, int8_t, int8_t to, std::string&, std::string&, std::string&) {
+        told.push_back(std::string(sc::to_string(static_cast<SS>(to))));
+      },
+    };
+  }, 0);
+  fa::sandbox_args a;
+  a.store = store.get();
+  a.runtime = &runtime;
+  a.task = task;
+  a.id = "held";
+  a.task_id = "theld";
+  a.argv = {"/bin/true"};
+  a.synchronous_journal = true;
+  auto sandbox = sys->spawn(fa::sandbox_actor, std::move(a));
+  caf::scoped_actor self{*sys};
+  self->send(sandbox, fa::start_atom_v);
+  sched->run();
+  BOOST_REQUIRE(runtime.observer != nullptr);
+  runtime.observer->on_running();
+  runtime.observer->on_command_started(1, {"/bin/true"});
+  runtime.observer->on_output(1, 0, "last words\n");
+  sched->run();
+  BOOST_REQUIRE(ack.has_value());  // the batch waits for the task
+  runtime.observer->on_command_exited(1, 0, 0, 5);
+  runtime.observer->on_ended(std::nullopt);
+  sched->run();
+  BOOST_TEST(std::get<2>(events(fa::sandbox_stream("held")).back()) == "executing",
+             "the exit was recorded before the output it follows reached the task");
+  self->send(task, fa::run_atom_v);  // the task acknowledges the batch
+  sched->run();
+
+  std::vector<std::string> stream;
+  for (const auto& [type, from, to] : events(fa::sandbox_stream("held")))
+    stream.push_back((type == ev::Event::SandboxStateChanged ? "" : "refused ") + from + "->" + to);
+  const std::vector<std::string> want_stream = {
+    "none->spawning",       "spawning->initializing", "initializing->ready",
+    "ready->executing",     "executing->ready",       "ready->terminating",
+    "terminating->terminated"};
+  BOOST_TEST(stream == want_stream, boost::test_tools::per_element());
+  const std::vector<std::string> want_told = {
+    "spawning", "initializing", "ready",       "executing", "started",
+    "output 1", "exited 0",     "ready",       "terminating", "terminated"};
+  BOOST_TEST(told == want_told, boost::test_tools::per_element());
+  self->send_exit(task, caf::exit_reason::user_shutdown);
   sched->run();
 }

@@ -59,7 +59,9 @@ struct fixture {
     fa::add_message_types(cfg);
     cfg.set("logger.verbosity", caf::atom("quiet"));
     sys = std::make_unique<caf::actor_system>(cfg);
-    fa::task_deps deps{store.get(), runtime.get(), {}};
+    fa::task_deps deps;
+    deps.store = store.get();
+    deps.runtime = runtime.get();
     deps.fault = [this, crashes_per_task](std::string_view point, const std::string& id) {
       if (point != "output")
         return;

@@ -152,7 +152,9 @@ int run_abort_bench(const abort_options& o) {
     caf::actor_system_config cfg;
     actors::add_message_types(cfg);
     caf::actor_system sys{cfg};
-    actors::task_deps deps{store->get(), runtime->get(), {}};
+    actors::task_deps deps;
+    deps.store = store->get();
+    deps.runtime = runtime->get();
     auto tasks = actors::start_task_manager(sys, deps);
     if (!tasks) {
       std::fprintf(stderr, "ferry-bench abort: %s\n", tasks.error().message.c_str());

@@ -23,17 +23,22 @@ const char* const exit_codes_help =
   "  2  usage error: bad command line, --at past the end of the stream, a stream kind replay\n"
   "     has no fold for, a malformed task id, an empty or oversized steering text, no --nats-url\n"
   "  3  data directory missing, or no journal in it\n"
-  "  4  journal locked by another process (ferryd runs: use its API to create tokens)\n"
+  "  4  journal locked by another process (ferryd runs: use its API to create tokens); for\n"
+  "     image rm and image build --rebuild: the image is in use by a ferryd or being built\n"
   "  5  journal corrupt or unreadable (RocksDB corruption, FlatBuffers verifier, I/O)\n"
   "  6  stream not found (tasks show: no such task)\n"
   "  7  tasks abort|steer: no acknowledgement over NATS (unreachable, no ferryd serves the\n"
   "     task, no answer in time, ferryd shutting down)\n"
   "  8  tasks abort|steer: the task has ended (or is ending), or no ferryd runs it\n"
+  "  9  image build failed: not root, debootstrap or cc missing, mirror unreachable, disk\n"
+  "     full, debootstrap failed (the message says which and what to do)\n"
+  "  10 image rm: no such image\n"
   "  128+N  stopped by signal N (130 SIGINT, 143 SIGTERM; but `events tail --follow` ends\n"
   "     with 0 on them), or 141 when stdout was closed (e.g. `| head`)\n"
   "Every other command reads the journal as a RocksDB secondary, so it works while ferryd\n"
   "runs; only `token create` writes and needs ferryd stopped. `tasks abort|steer` do not touch\n"
-  "the data directory: they send requests on ferryd's NATS (--nats-url).\n";
+  "the data directory: they send requests on ferryd's NATS (--nats-url). `image` works on\n"
+  "<data-dir>/images; `image build` needs root.\n";
 
 int fail(int code, const std::string& message) {
   std::fprintf(stderr, "ferryctl: %s\n", message.c_str());

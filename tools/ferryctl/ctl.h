@@ -10,6 +10,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include <nlohmann/json_fwd.hpp>
 
@@ -32,7 +33,9 @@ enum exit_code : int {
   exit_usage = 2,
   /// The data directory does not exist, or holds no journal.
   exit_no_journal = 3,
-  /// The journal is locked by another process (a running ferryd), for `token create`.
+  /// The journal is locked by another process (a running ferryd), for `token create`; the
+  /// image is in use by a running ferryd or being built, for `image rm` and `image build
+  /// --rebuild`.
   exit_locked = 4,
   /// The journal is corrupt or cannot be read (RocksDB corruption, verifier failure, I/O).
   exit_corrupt = 5,
@@ -45,6 +48,11 @@ enum exit_code : int {
   /// `tasks abort|steer`: the task cannot be controlled any more: it has ended (or is ending),
   /// or no ferryd runs it.
   exit_task_ended = 8,
+  /// `image build` failed: not root, debootstrap or a C compiler missing, mirror unreachable,
+  /// disk full, debootstrap failed (the message says which and what to do).
+  exit_image_build_failed = 9,
+  /// `image rm`: no such image.
+  exit_no_image = 10,
 };
 
 /// The exit-code table as printed at the end of `ferryctl --help`.
@@ -201,6 +209,27 @@ struct tasks_steer_args {
   control_args control;
 };
 int run_tasks_steer(const tasks_steer_args& a);
+
+struct image_build_args {
+  std::vector<std::string> packages;  ///< the extra packages; default_image_packages() unless set
+  bool packages_given = false;        ///< --packages or --minimal was given
+  std::string suite = "bookworm";
+  std::string mirror;                 ///< empty: apt's
+  bool rebuild = false;
+  bool json = false;
+};
+/// Builds (or finds cached) the image; progress on stderr, the hash (or --json) on stdout.
+int run_image_build(const std::filesystem::path& data_dir, const image_build_args& a);
+
+struct image_list_args {
+  bool json = false;
+};
+int run_image_list(const std::filesystem::path& data_dir, const image_list_args& a);
+
+struct image_rm_args {
+  std::vector<std::string> images;  ///< hashes, unique prefixes or "latest"
+};
+int run_image_rm(const std::filesystem::path& data_dir, const image_rm_args& a);
 
 struct token_create_args {
   std::string name;

@@ -1,5 +1,5 @@
 // ferryctl — Ferry's ops CLI: inspect the event journal, replay state, list/show/abort/steer
-// tasks, verify the store, manage tokens. Reads the data directory directly, as a RocksDB
+// tasks, verify the store, manage tokens, build sandbox root images. Reads the data directory directly, as a RocksDB
 // secondary, so it works while ferryd runs; `tasks abort|steer` go over ferryd's NATS instead.
 // The commands live in *_cmd.cpp; exit codes in ctl.h.
 
@@ -30,7 +30,7 @@ const CLI::Validator at_least_one{
 
 int main(int argc, char** argv) {
   CLI::App app{"ferryctl — inspect Ferry's event journal, replay state, list and control tasks, "
-               "verify the store and manage API tokens"};
+               "verify the store, manage API tokens and build sandbox images"};
   app.require_subcommand(1);
   app.footer(exit_codes_help);
   std::string data_dir = "./var";
@@ -131,6 +131,40 @@ int main(int argc, char** argv) {
   tsteer->add_option("text", tsteer_a.text, "The comment (at most 16 KiB)")->required();
   add_control_options(tsteer, tsteer_a.control);
 
+  // -- image -------------------------------------------------------------------------------------
+  auto* image = app.add_subcommand(
+    "image", "Build, list and remove sandbox root images (<data-dir>/images)");
+  image->require_subcommand(1);
+
+  image_build_args ibuild_a;
+  auto* ibuild = image->add_subcommand(
+    "build", "Build a Debian root (debootstrap, from apt's mirror) with the statx shim, or return "
+             "the cached one with the same recipe; prints its hash (needs root)");
+  auto* packages_opt =
+    ibuild->add_option("--packages", ibuild_a.packages,
+                       "Packages besides the variant's, comma-separated (default: git "
+                       "ca-certificates curl python3 nodejs npm build-essential ripgrep)")
+      ->delimiter(',');
+  bool minimal = false;
+  ibuild->add_flag("--minimal", minimal, "No extra packages: minbase and the shim only")
+    ->excludes(packages_opt);
+  ibuild->add_option("--suite", ibuild_a.suite, "Debian suite")->capture_default_str();
+  ibuild->add_option("--mirror", ibuild_a.mirror,
+                     "Archive URL (default: the one apt uses for the suite, from /etc/apt)");
+  ibuild->add_flag("--rebuild", ibuild_a.rebuild,
+                   "Build even if cached; the new image replaces the old one atomically");
+  ibuild->add_flag("--json", ibuild_a.json, "Print the image as one JSON object instead of its hash");
+
+  image_list_args ilist_a;
+  auto* ilist = image->add_subcommand("list", "Built images, oldest first");
+  ilist->add_flag("--json", ilist_a.json,
+                  "One JSON object per line, with the installed packages' versions");
+
+  image_rm_args irm_a;
+  auto* irm = image->add_subcommand("rm", "Remove images (refused while a ferryd uses one)");
+  irm->add_option("image", irm_a.images, "Hash, unique prefix (at least 4 digits) or latest")
+    ->required();
+
   // -- token -------------------------------------------------------------------------------------
   auto* token = app.add_subcommand("token", "Manage API tokens");
   token->require_subcommand(1);
@@ -152,7 +186,8 @@ int main(int argc, char** argv) {
   // Reading commands stop cooperatively on SIGINT/SIGTERM or a closed stdout, so the scratch
   // directory is always removed. verify runs to the end or dies by the signal (it has no loop
   // of ours to stop); token create keeps RocksDB's own crash safety.
-  if (*streams || *show || *tail || *replay || *tlist || *tshow)
+  // image build stops the same way: debootstrap is killed and the partial build removed.
+  if (*streams || *show || *tail || *replay || *tlist || *tshow || *ibuild)
     install_stop_handlers();
   int code = exit_usage;
   if (*streams)
@@ -175,5 +210,13 @@ int main(int argc, char** argv) {
     code = run_tasks_steer(tsteer_a);
   else if (*create)
     code = run_token_create(dir, create_a);
+  else if (*ibuild) {
+    ibuild_a.packages_given = minimal || packages_opt->count() > 0;
+    code = run_image_build(dir, ibuild_a);
+  }
+  else if (*ilist)
+    code = run_image_list(dir, ilist_a);
+  else if (*irm)
+    code = run_image_rm(dir, irm_a);
   return finish_output(code);
 }

@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <optional>
 #include <string>
 
 #include <CLI/CLI.hpp>
@@ -21,6 +22,7 @@
 #include "ferry/actors/tasks.h"
 #include "ferry/gateway/gateway.h"
 #include "ferry/gateway/tokens.h"
+#include "ferry/sandbox/image.h"
 #include "ferry/sandbox/sandbox.h"
 #include "ferry/storage/journal.h"
 
@@ -106,6 +108,7 @@ int run(int argc, char** argv) {
   std::string nats_server = "nats-server";
   std::string runsc = "runsc";
   std::string rootfs;
+  std::string image = "auto";
   std::string init_binary;
   bool ignore_cgroups = false;
   bool no_fsync = false;
@@ -140,8 +143,13 @@ int run(int argc, char** argv) {
   app.add_option("--nats-server", nats_server, "nats-server binary for the embedded child")
     ->capture_default_str();
   app.add_option("--runsc", runsc, "gVisor runsc binary")->capture_default_str();
+  app.add_option("--image", image,
+                 "Sandbox root: an image from `ferryctl image build` (its hash, a unique prefix, or "
+                 "latest), none (a read-only view of the host's /usr), or auto: the latest image "
+                 "under <data-dir>/images if there is one, else none")
+    ->capture_default_str();
   app.add_option("--rootfs", rootfs,
-                 "Read-only sandbox root filesystem (default: a read-only view of the host's /usr)");
+                 "Read-only sandbox root filesystem directory (instead of --image)");
   app.add_option("--init-binary", init_binary,
                  "ferry-init binary mounted into sandboxes (default: next to ferryd)");
   app.add_flag("--runsc-ignore-cgroups", ignore_cgroups,
@@ -213,6 +221,32 @@ int run(int argc, char** argv) {
   if (ec)
     die("create data directory " + data.string() + ": " + ec.message());
 
+  // The sandboxes' root, chosen before anything starts: --rootfs, else an image (held for as
+  // long as ferryd runs, so that `ferryctl image rm` refuses it), else the host tree.
+  std::optional<ferry::sandbox::image_lease> image_lease;
+  std::string root_description = "host tree (read-only host /usr)";
+  if (!rootfs.empty()) {
+    if (image != "auto" && image != "none")
+      die("--rootfs and --image " + image + " both choose the sandbox root: give one");
+    root_description = "--rootfs " + rootfs;
+  } else if (image != "none") {
+    const fs::path images = data / "images";
+    auto listing = ferry::sandbox::list_images(images);
+    if (!listing)
+      die("--image: " + listing.error().message);
+    if (image != "auto" || !listing->images.empty()) {
+      auto lease = ferry::sandbox::lease_image(images, image == "auto" ? "latest" : image);
+      if (!lease)
+        die("--image " + image + ": " + lease.error().message);
+      image_lease = std::move(*lease);
+      const auto& i = image_lease->image();
+      root_description = "image " + i.hash.substr(0, 12) + " (" + i.recipe.suite + ", " +
+                         std::to_string(i.recipe.packages.size()) + " extra packages, built " +
+                         i.created + ")";
+      rootfs = i.rootfs.string();
+    }
+  }
+
   ferry::storage::journal_options jopts;
   jopts.dir = data / "journal";
   jopts.durability =
@@ -257,7 +291,10 @@ int run(int argc, char** argv) {
   ferry::actors::add_message_types(cfg);
   caf::actor_system sys{cfg};
 
-  ferry::actors::task_deps deps{store->get(), runtime->get(), limits};
+  ferry::actors::task_deps deps;
+  deps.store = store->get();
+  deps.runtime = runtime->get();
+  deps.limits = limits;
   auto tasks = ferry::actors::start_task_manager(sys, deps);
   if (!tasks)
     die(tasks.error().message);
@@ -290,6 +327,7 @@ int run(int argc, char** argv) {
   std::printf("ferryd: data in %s, NATS at %s%s, sandboxes: %s\n", data.c_str(),
               ferry::actors::redact_nats_url(nats.url).c_str(), nats.uses_tls() ? " (TLS)" : "",
               std::string((*runtime)->name()).c_str());
+  std::printf("ferryd: sandbox root: %s\n", root_description.c_str());
   std::printf("ferryd: listening on http://%s:%u\n", shown_host.c_str(), (*gw)->port());
   std::fflush(stdout);
 

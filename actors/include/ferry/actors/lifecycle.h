@@ -7,7 +7,8 @@
 //
 //   queued ──► running ──► succeeded | failed | aborted | interrupted
 //     └──────────────────► aborted            (aborted while waiting)
-//                          interrupted ──► running   (resumed by the user)
+//                          interrupted ──► running   (resumed by the user, a slot is free)
+//                          interrupted ──► queued    (resumed by the user, waits for a slot)
 //
 // Session (stream session-<task id>; the agent conversation of a task):
 //
@@ -40,7 +41,7 @@ constexpr bool task_transition_allowed(events::v1::TaskStatus from, events::v1::
     case S::queued: return to == S::running || to == S::aborted;
     case S::running:
       return to == S::succeeded || to == S::failed || to == S::aborted || to == S::interrupted;
-    case S::interrupted: return to == S::running;
+    case S::interrupted: return to == S::running || to == S::queued;
     case S::succeeded:
     case S::failed:
     case S::aborted: return false;

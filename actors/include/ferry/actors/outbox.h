@@ -8,13 +8,15 @@
 // id, so a stale re-send after a connection loss cannot be stored out of order. Publishing is
 // pipelined (up to 4096 events in flight); the cursor advances as JetStream's acknowledgements
 // arrive, in order. Any refusal, lost acknowledgement or timeout makes the relay start over
-// from the cursor. The cursor is saved in the journal's snapshot store (stream
-// `outbox-<js stream>`) at most every `cursor_save_interval`, so a restart re-sends at most that
-// much (de-duplicated by the server within its duplicate window, and by subscribers on
-// (stream, seq) beyond it).
+// from the cursor; a lost connection does so at once (nothing in flight can be acknowledged any
+// more), and nothing is published until the client has reconnected, so a restarted server gets
+// the backlog straight away instead of after `ack_wait` and a timed-out stream request. The
+// cursor is saved in the journal's snapshot store (stream `outbox-<js stream>`) at most every
+// `cursor_save_interval`, so a restart re-sends at most that much (de-duplicated by the server
+// within its duplicate window, and by subscribers on (stream, seq) beyond it).
 //
-// Actors never wait for the relay: with NATS down they keep persisting, the relay retries with
-// backoff and catches up after the reconnect. Core NATS subscribers of `ferry.ev.…` (the
+// Actors never wait for the relay: with NATS down they keep persisting, the relay waits for the
+// reconnect and then catches up. Core NATS subscribers of `ferry.ev.…` (the
 // gateway's streamers) receive the same messages, since a JetStream publish is a NATS publish.
 //
 // Threading: start_outbox_relay starts one thread that does all the work; stats() and wait_for()
@@ -52,8 +54,8 @@ struct outbox_options {
   std::chrono::seconds duplicate_window{120};
   /// Events read from the journal at a time.
   size_t batch = 1024;
-  /// How long an event may wait for its acknowledgement before the relay starts over from the
-  /// cursor.
+  /// How long the relay waits, while events are in flight, for the next acknowledgement before
+  /// it starts over from the cursor (a slow server that keeps acknowledging is not stuck).
   std::chrono::milliseconds ack_wait{5000};
   /// How often the cursor is saved while events flow.
   std::chrono::milliseconds cursor_save_interval{250};

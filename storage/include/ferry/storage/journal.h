@@ -244,7 +244,11 @@ class event_store {
 
   // -- snapshots ----------------------------------------------------------------------------------
 
-  /// Saves a snapshot; saving the same (stream, sequence) again overwrites it.
+  /// Saves a snapshot; saving the same (stream, sequence) again overwrites it. Not synced by
+  /// itself: it is written at once (a process crash keeps it) and becomes crash-proof with the
+  /// next fsync of an append. A power loss before that may lose the newest snapshots, never a
+  /// suffix out of order (a later delete_snapshots never survives without the save before it),
+  /// which recovery tolerates: the events are the truth, a snapshot only shortens the replay.
   [[nodiscard]] virtual result<void> save_snapshot(const snapshot& s) = 0;
 
   /// The snapshot of `stream` with the highest sequence that matches `criteria`; nullopt when
