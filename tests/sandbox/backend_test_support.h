@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <fstream>
 #include <condition_variable>
 #include <map>
@@ -17,6 +18,7 @@
 #include <set>
 
 #include <boost/test/unit_test.hpp>
+#include <fmt/format.h>
 
 #include "ferry/sandbox/sandbox.h"
 #include "test_support.h"
@@ -71,6 +73,12 @@ inline runtime_config test_config(const fs::path& dir) {
   c.runsc.state_dir = dir / "state";
   c.init_binary = FERRY_INIT_BINARY;
   return c;
+}
+
+/// A sandbox id unique to this test process: `<prefix>-<what>-<pid>-<n>`.
+inline std::string unique_id(std::string_view prefix, std::string_view what) {
+  static std::atomic<int> counter{0};
+  return fmt::format("{}-{}-{}-{}", prefix, what, ::getpid(), ++counter);
 }
 
 /// A shell command line (in `session`, if given).

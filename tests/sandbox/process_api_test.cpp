@@ -30,10 +30,7 @@ using testing::recording_observer;
 
 namespace {
 
-std::string unique_id(const std::string& what) {
-  static int counter = 0;
-  return fmt::format("fp-{}-{}-{}", what, ::getpid(), ++counter);
-}
+std::string unique_id(const std::string& what) { return testing::unique_id("fp", what); }
 
 using testing::argv;
 using testing::percentile;

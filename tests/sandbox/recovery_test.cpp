@@ -32,10 +32,7 @@ using testing::recording_observer;
 
 namespace {
 
-std::string unique_id(const std::string& what) {
-  static int counter = 0;
-  return fmt::format("fr-{}-{}-{}", what, ::getpid(), ++counter);
-}
+std::string unique_id(const std::string& what) { return testing::unique_id("fr", what); }
 
 using testing::file_content;
 

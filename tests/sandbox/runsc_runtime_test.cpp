@@ -34,10 +34,7 @@ using testing::processes_mentioning;
 using testing::runsc_available;
 using testing::sandbox_processes;
 
-std::string unique_id(const std::string& what) {
-  static int counter = 0;
-  return fmt::format("ft-{}-{}-{}", what, ::getpid(), ++counter);
-}
+std::string unique_id(const std::string& what) { return testing::unique_id("ft", what); }
 
 struct fixture {
   testing::temp_dir tmp;
