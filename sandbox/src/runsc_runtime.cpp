@@ -5,9 +5,12 @@
 // process and survive it. ferry-init, PID 1 inside, listens on a unix socket in the host
 // directory `sandboxes_dir/<id>/ctl/` (bind-mounted at /.ferry/ctl; `--host-uds=create` makes
 // the socket a real host socket); the reader thread of the sandbox object talks to it through
-// the shared protocol client (init_client.h), which also checks every command's story. Its files
-// live in `sandboxes_dir/<id>/`; creating that directory claims the id, removing it is the last
-// step before on_ended.
+// the shared protocol client (init_client.h), which also checks every command's story. Each
+// sandbox has a random 256-bit key, kept in `sandboxes_dir/<id>/key` (outside the sandbox's view)
+// and handed to ferry-init on the stdin of `runsc run`, which runsc gives to the container's
+// PID 1: both sides prove they know it on every connection. Its files live in
+// `sandboxes_dir/<id>/`; creating that directory claims the id, removing it is the last step
+// before on_ended.
 //
 // Lifecycle of a sandbox object, driven by its reader thread:
 //   (start) launching --runsc done--> starting --Hello+Attach+Attached--> running
@@ -23,6 +26,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -45,6 +49,7 @@
 #include "init_client.h"
 #include "unique_fd.h"
 #include "ferry/schemas/frame.h"
+#include "ferry/schemas/handshake.h"
 
 namespace ferry::sandbox {
 namespace {
@@ -53,6 +58,7 @@ namespace fs = std::filesystem;
 namespace v1 = ferry::init::v1;
 using detail::clean_path;
 using detail::find_program;
+using detail::unique_fd;
 using namespace std::chrono_literals;
 using steady = std::chrono::steady_clock;
 
@@ -70,6 +76,7 @@ constexpr std::string_view ctl_mount = "/.ferry/ctl";
 constexpr std::string_view socket_name = "init.sock";
 constexpr std::string_view egress_mount = "/.ferry/egress.sock";
 constexpr std::string_view command_line_file = "command_line";  // in the sandbox dir: its id
+constexpr std::string_view key_file = "key";  // in the sandbox dir: the handshake key (hex)
 constexpr std::string_view default_path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 bool valid_id(std::string_view id) {
@@ -91,17 +98,29 @@ std::string trimmed(std::string s) {
   return s;
 }
 
+/// Writes `path` through a temporary file and rename. The temporary file is created with `perms`
+/// (never wider first: the key file is 0600 from its first byte).
 result<void> write_file_atomically(const fs::path& path, std::string_view content, fs::perms perms) {
   fs::path tmp = path;
   tmp += fmt::format(".tmp{}", ::getpid());
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    f.write(content.data(), static_cast<std::streamsize>(content.size()));
-    if (!f)
-      return fail(fmt::format("cannot write {}", tmp.string()));
+  const auto mode = static_cast<mode_t>(perms);
+  unique_fd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, mode & 0600));
+  if (!fd)
+    return fail(fmt::format("cannot write {}: {}", tmp.string(), std::generic_category().message(errno)));
+  bool ok = ::fchmod(fd.get(), mode) == 0;
+  for (size_t off = 0; ok && off < content.size();) {
+    ssize_t w = ::write(fd.get(), content.data() + off, content.size() - off);
+    if (w < 0 && errno == EINTR)
+      continue;
+    ok = w > 0;
+    off += ok ? static_cast<size_t>(w) : 0;
+  }
+  if (!ok || ::close(fd.release()) != 0) {
+    const int err = errno;
+    ::unlink(tmp.c_str());
+    return fail(fmt::format("cannot write {}: {}", tmp.string(), std::generic_category().message(err)));
   }
   std::error_code ec;
-  fs::permissions(tmp, perms, ec);
   fs::rename(tmp, path, ec);
   if (ec)
     return fail(fmt::format("cannot move {} into place: {}", path.string(), ec.message()));
@@ -285,8 +304,8 @@ nlohmann::json make_config(const runsc_context& ctx, const sandbox_spec& spec,
                     {"source", ctx.init_binary.string()},
                     {"options", {"bind", "ro"}}});
   // ferry-init's control socket; only ferry-init binds there (the command could too, being the
-  // same uid, which is why hosts check ferry-init's instance token), and no sandbox process can
-  // connect to a host socket (--host-uds=create, not open).
+  // same uid, and with an egress socket it can connect: which is why both sides prove the
+  // sandbox's key on every connection).
   mounts.push_back({{"destination", std::string(ctl_mount)},
                     {"type", "bind"},
                     {"source", ctl.string()},
@@ -324,8 +343,6 @@ nlohmann::json make_config(const runsc_context& ctx, const sandbox_spec& spec,
 }
 
 // --- host processes of a sandbox, by pidfd --------------------------------------------------
-
-using detail::unique_fd;
 
 /// A host process held by a pidfd: signalling it can never hit a reused pid.
 struct held_process {
@@ -564,12 +581,13 @@ class runsc_sandbox final : public sandbox {
   /// `from`: the resume points (none for a new sandbox); `command_line_id`: the command line's id
   /// if the sandbox has one (it then ends once that has exited).
   runsc_sandbox(std::shared_ptr<const runsc_context> ctx, std::shared_ptr<holder_registry> registry,
-                std::string id, std::span<const resume_point> from, std::optional<uint32_t> command_line_id,
-                sandbox_observer& observer)
+                std::string id, const wire::handshake_key& key, std::span<const resume_point> from,
+                std::optional<uint32_t> command_line_id, sandbox_observer& observer)
       : ctx_(std::move(ctx)),
         registry_(std::move(registry)),
         id_(std::move(id)),
         dir_(ctx_->sandboxes_dir / id_),
+        key_(key),
         observer_(observer),
         has_command_line_(command_line_id.has_value()),
         client_(observer, from, command_line_id) {}
@@ -588,8 +606,10 @@ class runsc_sandbox final : public sandbox {
       procs_known_ = true;
       sock_ = std::move(sock);
     }
-    return client_.handshake(sock_.get(), dir_ / "instance", handshake_timeout);
+    return client_.handshake(sock_.get(), key_, handshake_timeout);
   }
+  /// After a failed adopt(): the peer on the socket could not prove the key.
+  bool impostor() const { return client_.peer_failed_authentication(); }
   void begin_attached() {
     reader_ = std::thread([this] { run_attached(); });
   }
@@ -704,7 +724,7 @@ class runsc_sandbox final : public sandbox {
       if (auto c = connect_new(); !c) {
         if (!stop_requested())
           launch_failure_ = c.error().message;
-      } else if (auto h = client_.handshake(sock_.get(), dir_ / "instance", handshake_timeout);
+      } else if (auto h = client_.handshake(sock_.get(), key_, handshake_timeout);
                  !h && !stop_requested()) {
         handshake_error_ = h.error().message;
       }
@@ -724,11 +744,16 @@ class runsc_sandbox final : public sandbox {
     client_.serve(sock_.get(), [this] { return stop_requested(); });
   }
 
-  /// `runsc run --detach` in a session of its own, its stdio (and so ferry-init's) to runsc.log.
+  /// `runsc run --detach` in a session of its own, its stdout and stderr (and so ferry-init's) to
+  /// runsc.log. Its stdin is a pipe holding the key, then end of file: runsc gives its stdin to
+  /// the container's init process (verified with this runsc: the container's fd 0 is the host
+  /// pipe, "host:[1]"), and ferry-init reads it to the end and replaces it with /dev/null
+  /// before any command runs.
   result<void> launch() {
     spawn_options o;
     o.argv = ctx_->command({"run", "--detach", "--bundle", (dir_ / "bundle").string(), id_});
-    o.in = stdio::null;
+    o.in = stdio::bytes;
+    o.in_bytes = wire::key_to_hex(key_);
     o.out = stdio::file;
     o.err = stdio::file;
     o.file = dir_ / "runsc.log";
@@ -877,6 +902,7 @@ class runsc_sandbox final : public sandbox {
   const std::shared_ptr<holder_registry> registry_;
   const std::string id_;
   const fs::path dir_;
+  const wire::handshake_key key_;
   sandbox_observer& observer_;
   const bool has_command_line_;
   detail::init_client client_;
@@ -940,8 +966,14 @@ class runsc_runtime final : public sandbox_runtime {
     std::optional<uint32_t> command_line;
     if (!spec.argv.empty())
       command_line = spec.command_id;
-    auto sb = std::make_unique<runsc_sandbox>(ctx_, registry_, spec.id, std::span<const resume_point>(), command_line,
-                                              observer);
+    auto key = read_key(dir);
+    if (!key) {
+      fs::remove_all(dir, ec);
+      registry_->release(spec.id);
+      return key.error();
+    }
+    auto sb = std::make_unique<runsc_sandbox>(ctx_, registry_, spec.id, *key, std::span<const resume_point>(),
+                                              command_line, observer);
     sb->begin_new();
     return std::unique_ptr<sandbox>(std::move(sb));
   }
@@ -1012,6 +1044,9 @@ class runsc_runtime final : public sandbox_runtime {
     auto procs = hold_sandbox_processes(*ctx_, id);
     if (procs.empty())
       return error_info{fmt::format("sandbox {} is gone (its Sentry is not running)", id), errc::not_found};
+    auto key = read_key(dir);
+    if (!key)
+      return error_info{fmt::format("sandbox {}: {}", id, key.error().message), errc::failed};
     auto sock = connect_control(dir / "ctl" / std::string(socket_name));
     if (!sock)
       return error_info{fmt::format("sandbox {}: {}", id, sock.error().message), sock.error().code};
@@ -1020,9 +1055,19 @@ class runsc_runtime final : public sandbox_runtime {
     const std::string recorded = read_small_file(dir / std::string(command_line_file));
     if (!recorded.empty())
       command_line = static_cast<uint32_t>(std::strtoul(recorded.c_str(), nullptr, 10));
-    auto sb = std::make_unique<runsc_sandbox>(ctx_, registry_, id, from, command_line, observer);
+    auto sb = std::make_unique<runsc_sandbox>(ctx_, registry_, id, *key, from, command_line, observer);
     if (auto r = sb->adopt(std::move(procs), std::move(*sock)); !r) {
       sb->abandon();
+      if (sb->impostor()) {
+        // Something in the sandbox replaced ferry-init on the control socket: nothing it says
+        // can be trusted, and the sandbox is no longer ours to run commands in.
+        sb.reset();
+        auto removed = remove_orphan(id, dir);
+        return error_info{fmt::format("attaching to sandbox {}: {}; the sandbox was killed as compromised{}", id,
+                                      r.error().message,
+                                      removed ? "" : " (cleanup: " + removed.error().message + ")"),
+                          errc::failed};
+      }
       return error_info{fmt::format("attaching to sandbox {}: {}", id, r.error().message), r.error().code};
     }
     sb->begin_attached();
@@ -1064,7 +1109,16 @@ class runsc_runtime final : public sandbox_runtime {
     return {};
   }
 
-  /// Bundle, workspace and control directory of a new sandbox.
+  /// The sandbox's handshake key, from `<dir>/key`.
+  static result<wire::handshake_key> read_key(const fs::path& dir) {
+    const fs::path path = dir / std::string(key_file);
+    auto key = wire::key_from_hex(read_small_file(path));
+    if (!key)
+      return fail(fmt::format("{} is missing or not a key (a sandbox of an older ferryd?)", path.string()));
+    return *key;
+  }
+
+  /// Bundle, workspace, control directory and key of a new sandbox.
   result<void> prepare(const sandbox_spec& spec, const fs::path& dir) const {
     std::error_code ec;
     const fs::path bundle = dir / "bundle";
@@ -1088,6 +1142,13 @@ class runsc_runtime final : public sandbox_runtime {
                               "config.json)", spec.id));
     }
     if (auto r = write_file_atomically(bundle / "config.json", config, fs::perms(0644)); !r)
+      return fail(fmt::format("sandbox {}: {}", spec.id, r.error().message));
+    wire::handshake_key key{};
+    if (!wire::random_bytes(key))
+      return fail(fmt::format("sandbox {}: cannot draw its key (RAND_bytes failed)", spec.id));
+    // 0600, in the sandbox directory, which the sandbox does not see (it sees only workspace/,
+    // ctl/ and the root).
+    if (auto r = write_file_atomically(dir / std::string(key_file), wire::key_to_hex(key), fs::perms(0600)); !r)
       return fail(fmt::format("sandbox {}: {}", spec.id, r.error().message));
     if (!spec.argv.empty()) {
       if (auto r = write_file_atomically(dir / std::string(command_line_file), std::to_string(spec.command_id),
@@ -1153,8 +1214,9 @@ result<std::unique_ptr<sandbox_runtime>> make_runsc_runtime(runsc_options opts) 
 
   // --host-uds=create: ferry-init's listening socket in ctl/ is a real host socket (sandbox
   // processes may create host sockets in their rw bind mounts, but never connect to one).
-  // With an egress socket: =all, so ferry-init's forwarder can connect to it — and so could the
-  // commands to the control socket (see README: what that exposes).
+  // With an egress socket: =all, so ferry-init's forwarder can connect to it — and so can the
+  // commands to the control socket, where without the key they get nothing (README: why
+  // --host-uds=all is safe with the handshake).
   ctx->global = {"--root", ctx->state_dir.string(), "--network=none",
                  ctx->egress_socket.empty() ? "--host-uds=create" : "--host-uds=all"};
   if (opts.ignore_cgroups)
