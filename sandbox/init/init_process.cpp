@@ -4,7 +4,6 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
-#include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -24,7 +23,9 @@ namespace {
 
 using ferry::wire::max_output_chunk;
 
-constexpr uint64_t attach_timeout_ms = 10'000;  // from Hello to the host's Attach
+// From Hello to a valid Attach: a connection that has not authenticated may not hold the one
+// host slot for long (a real host answers Hello within milliseconds).
+constexpr uint64_t attach_timeout_ms = 2'000;
 constexpr uint64_t chunk_overhead = 64;  // counted per kept chunk, so tiny writes stay bounded
 constexpr size_t max_running = 64;              // commands running at once
 constexpr size_t max_resume_entries = 4096;     // in one Attach
@@ -47,30 +48,6 @@ void on_posix_signal(int sig) {
   unsigned char b = static_cast<unsigned char>(sig);
   [[maybe_unused]] ssize_t n = ::write(signal_pipe_write, &b, 1);
   errno = saved;
-}
-
-std::string random_token() {
-  unsigned char bytes[16];
-  size_t got = 0;
-  while (got < sizeof bytes) {
-    ssize_t n = ::getrandom(bytes + got, sizeof bytes - got, 0);
-    if (n < 0 && errno == EINTR)
-      continue;
-    if (n <= 0)
-      break;
-    got += static_cast<size_t>(n);
-  }
-  if (got < sizeof bytes) {  // no getrandom: still unique per boot, but guessable
-    uint64_t t = now_ms() ^ (static_cast<uint64_t>(::getpid()) << 32);
-    std::memcpy(bytes, &t, sizeof t);
-  }
-  static const char hex[] = "0123456789abcdef";
-  std::string s;
-  for (unsigned char b : bytes) {
-    s += hex[b >> 4];
-    s += hex[b & 15];
-  }
-  return s;
 }
 
 std::string clip(std::string s) {
@@ -115,7 +92,7 @@ const stream_buffer::chunk& stream_buffer::chunk_at(uint64_t offset) const {
 }
 
 init_process::init_process(arguments args)
-    : args_(std::move(args)), instance_(random_token()), fbb_(max_output_chunk + 256), read_buf_(max_output_chunk) {
+    : args_(std::move(args)), fbb_(max_output_chunk + 256), read_buf_(max_output_chunk) {
   for (char** e = environ; e && *e; ++e)
     base_env_.emplace_back(*e);
 }
@@ -142,9 +119,13 @@ void init_process::send(connection& c, v1::Message type, flatbuffers::Offset<T> 
 
 void init_process::send_hello(connection& c) {
   fbb_.Clear();
-  auto instance = c.stdio ? flatbuffers::Offset<flatbuffers::String>() : fbb_.CreateString(instance_);
+  if (!c.stdio && !ferry::wire::random_bytes(c.nonce)) {
+    drop(c, "cannot draw a nonce for a host connection (RAND_bytes failed)");
+    return;
+  }
+  auto nonce = c.stdio ? flatbuffers::Offset<flatbuffers::Vector<uint8_t>>() : fbb_.CreateVector(c.nonce.data(), c.nonce.size());
   auto h = v1::CreateHello(fbb_, c.stdio ? ferry::wire::stdio_protocol : ferry::wire::socket_protocol,
-                           static_cast<int32_t>(::getpid()), instance);
+                           static_cast<int32_t>(::getpid()), nonce);
   send(c, v1::Message::Hello, h);
 }
 
@@ -567,6 +548,12 @@ void init_process::accept_host() {
     if (::poll(&p, 1, 0) > 0 && (p.revents & (POLLHUP | POLLERR | POLLRDHUP)))
       drop(conn_, "");
   }
+  if (conn_.fd >= 0 && !conn_.attached) {
+    // Not authenticated yet: whatever it is (a stray connection, a command probing the socket,
+    // a host that stalled), it does not keep the sandbox from a host that can prove the key.
+    send_error(conn_, "another connection arrived before this one authenticated");
+    drop(conn_, "");
+  }
   if (conn_.fd >= 0) {
     connection refused;
     refused.fd = fd;
@@ -645,6 +632,15 @@ void init_process::on_attach(const v1::Attach& a) {
   if (a.protocol() != ferry::wire::socket_protocol)
     return refuse("unsupported host protocol " + std::to_string(a.protocol()) + " (this ferry-init speaks " +
                   std::to_string(ferry::wire::socket_protocol) + ")");
+  // The host proves it knows the key over our fresh nonce; nothing in the Attach is looked at
+  // before that.
+  const auto host_nonce = ferry::wire::nonce_from(a.nonce() ? a.nonce()->data() : nullptr, a.nonce() ? a.nonce()->size() : 0);
+  if (!host_nonce || !ferry::wire::proof_matches(ferry::wire::host_proof(args_.key, conn_.nonce, *host_nonce),
+                                                 a.mac() ? a.mac()->data() : nullptr, a.mac() ? a.mac()->size() : 0))
+    return refuse("authentication failed: the Attach does not prove this sandbox's key");
+  const auto proof = ferry::wire::init_proof(args_.key, *host_nonce, conn_.nonce);
+  if (!proof)
+    return refuse("cannot compute the proof for Attached (HMAC failed)");
   std::map<uint32_t, const v1::Resume*> given;
   if (const auto* list = a.resume()) {
     if (list->size() > max_resume_entries)
@@ -685,8 +681,9 @@ void init_process::on_attach(const v1::Attach& a) {
   const bool starts_command_line =
       std::any_of(commands_.begin(), commands_.end(), [](const auto& kv) { return kv.second->state == command::phase::pending; });
   fbb_.Clear();
+  auto mac = fbb_.CreateVector(proof->data(), proof->size());
   auto att = v1::CreateAttached(fbb_, static_cast<uint32_t>(commands_.size()),
-                                static_cast<uint32_t>(running_count() + (starts_command_line ? 1 : 0)));
+                                static_cast<uint32_t>(running_count() + (starts_command_line ? 1 : 0)), mac);
   send(conn_, v1::Message::Attached, att);
   for (uint32_t id : unknown)
     send_command_error(id, v1::CommandErrorCode::UnknownCommand,
@@ -1056,8 +1053,8 @@ int init_process::run() {
     }
     cmd.view.visible = true;
   } else {
-    // The commands run as the same uid: keep them out of our memory and fds.
-    ::prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+    // main() made us non-dumpable before reading the key: the commands run as the same uid, and
+    // may read neither our memory nor our fds.
     listen_fd_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     sockaddr_un addr{};
     addr.sun_family = AF_UNIX;

@@ -20,6 +20,7 @@
 #include <flatbuffers/flatbuffers.h>
 
 #include "ferry/schemas/frame.h"
+#include "ferry/schemas/handshake.h"
 #include "ferry/schemas/init_generated.h"
 #include "forwarder.h"
 #include "session.h"
@@ -44,6 +45,8 @@ struct arguments {
   std::string proxy_socket;  // empty: no HTTP forwarder
   uint16_t proxy_port = 3128;
   std::vector<std::string> argv;  // the command line (may be empty in socket mode)
+  /// Socket mode: the sandbox's key, read from stdin at start (never from argv or env).
+  ferry::wire::handshake_key key{};
 };
 
 /// What a command wrote to one stream: the kept chunks, contiguous up to `end`.
@@ -119,8 +122,9 @@ struct command {
 struct connection {
   int fd = -1;
   bool stdio = false;
-  bool attached = false;  // Attach received (always in stdio mode)
+  bool attached = false;  // a valid Attach received (always in stdio mode)
   uint64_t attach_deadline = 0;
+  ferry::wire::handshake_nonce nonce{};  // sent in Hello: the host's proof must cover it
   ferry::wire::frame_decoder decoder;
   std::string out;  // frames not yet written (socket mode)
 };
@@ -183,7 +187,6 @@ class init_process {
   int release();
 
   arguments args_;
-  std::string instance_;
   flatbuffers::FlatBufferBuilder fbb_;
   std::vector<std::string> base_env_;  // ferry-init's environment plus the proxy variables
 

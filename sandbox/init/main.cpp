@@ -14,8 +14,11 @@
 //
 // socket mode (--listen PATH; every runsc sandbox): ferry-init listens on a unix socket in a
 // directory bind-mounted from the host, so the sandbox does not depend on any host process.
-// Each connection gets Hello (with this ferry-init's random instance token), then must send
-// Attach (its resume offsets); the first Attach starts the command line (argv), if any, as
+// The sandbox's key (64 hex digits) comes on stdin, which is read to EOF at start and then
+// replaced by /dev/null. Each connection gets Hello (a fresh nonce), then must send an Attach
+// that proves the key (HMAC over both nonces; see schemas/include/ferry/schemas/handshake.h)
+// within 2 s, and gets Attached with ferry-init's own proof; the first Attach starts the
+// command line (argv), if any, as
 // command --command-id. The host then runs commands (Run), signals them (Signal), feeds their
 // stdin (Stdin) and ends the sandbox (Release). ferry-init reports each command's Started,
 // Output/OutputGap from the resume offsets, OutputTruncated, Exited — or CommandError. One host
@@ -52,13 +55,19 @@
 //
 // Trust: this runs inside the sandbox, next to the untrusted commands (same uid). It shares
 // nothing with host code but the wire schema, is linked statically, and is built without
-// sanitizers. In socket mode it is not dumpable, so the commands can neither read its memory
-// (the instance token) nor its fds through /proc. Frames from a host that fail to decode, or
+// sanitizers (libcrypto is linked in statically for the handshake's HMAC). In socket mode it
+// makes itself non-dumpable before it reads the key, so the commands (same uid) can neither read
+// its memory nor its fds through /proc; the key is never in its argv or environment, and its
+// stdin pipe is drained and closed before any command runs. Frames from a host that fail to decode, or
 // break the protocol, get Error and close that connection; ferry-init carries on. No exception
 // leaves main().
 
+#include <poll.h>
+#include <sys/prctl.h>
 #include <sys/un.h>
 #include <unistd.h>
+
+#include <openssl/crypto.h>
 
 #include <cstdio>
 #include <cstdlib>
@@ -169,8 +178,54 @@ void ensure_std_fds() {
   }
 }
 
+/// Socket mode: the sandbox's key from stdin (64 hex digits, then EOF), within `timeout_ms`.
+/// Stdin is then /dev/null, so no command inherits the pipe (which is empty by then anyway).
+bool read_key(ferry::wire::handshake_key& key, std::string& why) {
+  constexpr uint64_t timeout_ms = 10'000;
+  char buf[130];
+  size_t got = 0;
+  bool eof = false;
+  for (const uint64_t deadline = now_ms() + timeout_ms; !eof && got < sizeof buf;) {
+    const uint64_t now = now_ms();
+    if (now >= deadline)
+      break;
+    pollfd p{0, POLLIN, 0};
+    if (::poll(&p, 1, static_cast<int>(deadline - now)) < 0 && errno != EINTR)
+      break;
+    if (!p.revents)
+      continue;
+    ssize_t n = ::read(0, buf + got, sizeof buf - got);
+    if (n < 0 && errno == EINTR)
+      continue;
+    if (n <= 0) {
+      eof = n == 0;
+      break;
+    }
+    got += static_cast<size_t>(n);
+  }
+  int null = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+  if (null >= 0) {
+    ::dup2(null, 0);  // dup2 clears close-on-exec on fd 0
+    ::close(null);
+  } else {
+    ::close(0);
+  }
+  auto parsed = eof ? ferry::wire::key_from_hex(std::string_view(buf, got)) : std::nullopt;
+  OPENSSL_cleanse(buf, sizeof buf);
+  if (!parsed) {
+    why = eof ? "the key on stdin is not 64 hex digits" : "no key on stdin (64 hex digits, then end of file)";
+    return false;
+  }
+  key = *parsed;
+  OPENSSL_cleanse(parsed->data(), parsed->size());
+  return true;
+}
+
 int run(int argc, char** argv) {
   ensure_std_fds();
+  // No configuration file: whatever the image has in /usr/lib/ssl/openssl.cnf is not ours to
+  // load (it could name modules); HMAC and RAND_bytes need nothing from it.
+  OPENSSL_init_crypto(OPENSSL_INIT_NO_LOAD_CONFIG, nullptr);
   arguments args;
   std::string why;
   if (!parse_arguments(argc, argv, args, why)) {
@@ -188,7 +243,17 @@ int run(int argc, char** argv) {
     }
     return 2;
   }
+  if (!args.listen.empty()) {
+    // Before the key is in memory: the commands run as the same uid (and they cannot attach
+    // with ptrace or open /proc/1/{mem,fd,environ} of a non-dumpable process).
+    ::prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+    if (!read_key(args.key, why)) {
+      log_error(why);
+      return 2;
+    }
+  }
   init_process p(std::move(args));
+  OPENSSL_cleanse(args.key.data(), args.key.size());  // the moved-from copy
   return p.run();
 }
 

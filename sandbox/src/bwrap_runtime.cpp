@@ -12,8 +12,8 @@
 // anything still running under the sandbox's uid, which nothing else on the host uses.
 //
 // Host paths reach bwrap as file descriptors (--ro-bind-fd/--bind-fd), opened by this (root)
-// process: bwrap runs unprivileged and need not be able to walk to them. ferry-init's stdin is a
-// pipe whose write end only the host holds.
+// process (bwrap still mounts them by name: they must be reachable by any uid). ferry-init's
+// stdin is a pipe holding the sandbox's handshake key, filled and closed by the host.
 //
 // Besides the shared files, a sandbox has `uid` (its host uid), `cgroups` (its cgroup
 // directories, one a line), `args` (the environment and ferry-init's command line as bwrap
@@ -207,13 +207,13 @@ class bwrap_driver final : public sandbox_driver {
       uid_ = static_cast<uid_t>(std::strtoul(recorded.c_str(), nullptr, 10));
   }
 
-  launched launch() override {
+  launched launch(const wire::handshake_key& key) override {
     launched l;
     if (!uid_) {
       l.status = fail(fmt::format("{} is missing", (dir_ / std::string(uid_file)).string()));
       return l;
     }
-    auto started = start_bwrap(l);
+    auto started = start_bwrap(key, l);
     if (!started)
       l.status = started.error();
     return l;
@@ -299,8 +299,11 @@ class bwrap_driver final : public sandbox_driver {
   }
 
   /// Forks the launcher (which forks bwrap in a new session and exits), holds bwrap's monitor
-  /// and then ferry-init, and records both. Fills l.procs as it goes.
-  result<void> start_bwrap(launched& l) {
+  /// and then ferry-init, and records both. Fills l.procs as it goes. ferry-init's stdin is a
+  /// pipe that holds the key and whose write end is closed before the fork: no process but the
+  /// launcher, bwrap (outside the sandbox) and ferry-init ever has it, and ferry-init reads it
+  /// to the end and puts /dev/null in its place before any command runs.
+  result<void> start_bwrap(const wire::handshake_key& key, launched& l) {
     const common_settings& s = ctx_->common;
     std::vector<std::string> argv = bwrap_argv();
     // The environment and ferry-init's command line, written by prepare().
@@ -348,6 +351,11 @@ class bwrap_driver final : public sandbox_driver {
       (*p)->first = high(std::move((*p)->first));
       (*p)->second = high(std::move((*p)->second));
     }
+    // 64 hex digits: the pipe's buffer takes them at once.
+    const std::string key_hex = wire::key_to_hex(key);
+    if (::write(stdin_pipe->second.get(), key_hex.data(), key_hex.size()) != static_cast<ssize_t>(key_hex.size()))
+      return fail(fmt::format("cannot write the key to ferry-init's stdin: {}", std::strerror(errno)));
+    stdin_pipe->second.reset();
     const int stdin_read = stdin_pipe->first.get(), info_write = info->second.get(), go_read = go->first.get(),
               report_write = report->second.get();
     const uid_t uid = *uid_;
@@ -436,7 +444,6 @@ class bwrap_driver final : public sandbox_driver {
       return fail("the sandbox ended at once");
     const uint64_t init_start = start_time_of(init_pid), monitor_start = start_time_of(monitor_pid);
     l.procs.insert(l.procs.begin(), std::move(*init_proc));
-    l.init_stdin = std::move(stdin_pipe->second);
     return write_file_atomically(dir_ / std::string(pids_file),
                                  fmt::format("{} {} {} {}\n", init_pid, init_start, monitor_pid, monitor_start),
                                  fs::perms(0644));

@@ -15,6 +15,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -184,12 +185,13 @@ class hosted_sandbox final : public sandbox {
   /// `from`: the resume points (none for a new sandbox); `command_line_id`: the command line's id
   /// if the sandbox has one (it then ends once that has exited).
   hosted_sandbox(std::shared_ptr<backend> backend, std::shared_ptr<holder_registry> registry, std::string id,
-                 std::span<const resume_point> from, std::optional<uint32_t> command_line_id,
-                 sandbox_observer& observer)
+                 const wire::handshake_key& key, std::span<const resume_point> from,
+                 std::optional<uint32_t> command_line_id, sandbox_observer& observer)
       : backend_(std::move(backend)),
         registry_(std::move(registry)),
         id_(std::move(id)),
         dir_(backend_->settings().sandboxes_dir / id_),
+        key_(key),
         driver_(backend_->driver(id_)),
         observer_(observer),
         has_command_line_(command_line_id.has_value()),
@@ -209,8 +211,10 @@ class hosted_sandbox final : public sandbox {
       procs_known_ = true;
       sock_ = std::move(sock);
     }
-    return client_.handshake(sock_.get(), dir_ / "instance", handshake_timeout);
+    return client_.handshake(sock_.get(), key_, handshake_timeout);
   }
+  /// After a failed adopt(): the peer on the socket could not prove the key.
+  bool impostor() const { return client_.peer_failed_authentication(); }
   void begin_attached() {
     reader_ = std::thread([this] { run_attached(); });
   }
@@ -317,13 +321,10 @@ class hosted_sandbox final : public sandbox {
       if (auto c = connect_new(); !c) {
         if (!stop_requested())
           launch_failure_ = c.error().message;
-      } else if (auto h = client_.handshake(sock_.get(), dir_ / "instance", handshake_timeout);
-                 !h && !stop_requested()) {
+      } else if (auto h = client_.handshake(sock_.get(), key_, handshake_timeout); !h && !stop_requested()) {
         handshake_error_ = h.error().message;
       }
     }
-    // Nothing is written to ferry-init's stdin yet (protocol 3): it reads EOF.
-    init_stdin_.reset();
     if (!launch_failure_ && !handshake_error_ && !stop_requested())
       serve();
     finish();
@@ -340,8 +341,7 @@ class hosted_sandbox final : public sandbox {
   }
 
   result<void> launch() {
-    auto launched = driver_->launch();
-    init_stdin_ = std::move(launched.init_stdin);
+    auto launched = driver_->launch(key_);
     {
       // Whatever the launch left (a sandbox, half or fully started) is ours to kill from here on.
       std::lock_guard lock(kill_mu_);
@@ -472,6 +472,7 @@ class hosted_sandbox final : public sandbox {
   const std::shared_ptr<holder_registry> registry_;
   const std::string id_;
   const fs::path dir_;
+  const wire::handshake_key key_;
   const std::unique_ptr<sandbox_driver> driver_;  // REQUIRES: kill_mu_ for kill(); reader otherwise
   sandbox_observer& observer_;
   const bool has_command_line_;
@@ -481,7 +482,6 @@ class hosted_sandbox final : public sandbox {
   phase phase_ = phase::launching;
   std::optional<std::string> launch_failure_;
   std::optional<std::string> handshake_error_;
-  unique_fd init_stdin_;  // the host's end of ferry-init's stdin, if the backend made one
 
   std::atomic<bool> killed_by_owner_{false};
   std::atomic<bool> detached_{false};
@@ -534,10 +534,16 @@ class hosted_runtime final : public sandbox_runtime {
       registry_->release(spec.id);
       return r.error();
     }
+    auto key = read_key(dir);
+    if (!key) {
+      fs::remove_all(dir, ec);
+      registry_->release(spec.id);
+      return key.error();
+    }
     std::optional<uint32_t> command_line;
     if (!spec.argv.empty())
       command_line = spec.command_id;
-    auto sb = std::make_unique<hosted_sandbox>(backend_, registry_, spec.id, std::span<const resume_point>(),
+    auto sb = std::make_unique<hosted_sandbox>(backend_, registry_, spec.id, *key, std::span<const resume_point>(),
                                                command_line, observer);
     sb->begin_new();
     return std::unique_ptr<sandbox>(std::move(sb));
@@ -610,6 +616,9 @@ class hosted_runtime final : public sandbox_runtime {
     auto procs = backend_->driver(id)->find();
     if (procs.empty())
       return error_info{fmt::format("sandbox {} is gone (its processes are not running)", id), errc::not_found};
+    auto key = read_key(dir);
+    if (!key)
+      return error_info{fmt::format("sandbox {}: {}", id, key.error().message), errc::failed};
     auto sock = connect_control(dir / "ctl" / std::string(socket_name));
     if (!sock)
       return error_info{fmt::format("sandbox {}: {}", id, sock.error().message), sock.error().code};
@@ -618,9 +627,19 @@ class hosted_runtime final : public sandbox_runtime {
     const std::string recorded = read_small_file(dir / std::string(command_line_file));
     if (!recorded.empty())
       command_line = static_cast<uint32_t>(std::strtoul(recorded.c_str(), nullptr, 10));
-    auto sb = std::make_unique<hosted_sandbox>(backend_, registry_, id, from, command_line, observer);
+    auto sb = std::make_unique<hosted_sandbox>(backend_, registry_, id, *key, from, command_line, observer);
     if (auto r = sb->adopt(std::move(procs), std::move(*sock)); !r) {
       sb->abandon();
+      if (sb->impostor()) {
+        // Something in the sandbox replaced ferry-init on the control socket: nothing it says
+        // can be trusted, and the sandbox is no longer ours to run commands in.
+        sb.reset();
+        auto removed = remove_orphan(id, dir);
+        return error_info{fmt::format("attaching to sandbox {}: {}; the sandbox was killed as compromised{}", id,
+                                      r.error().message,
+                                      removed ? "" : " (cleanup: " + removed.error().message + ")"),
+                          errc::failed};
+      }
       return error_info{fmt::format("attaching to sandbox {}: {}", id, r.error().message), r.error().code};
     }
     sb->begin_attached();
@@ -656,7 +675,17 @@ class hosted_runtime final : public sandbox_runtime {
     return {};
   }
 
-  /// Workspace, control directory and command line of a new sandbox, then the backend's files.
+  /// The sandbox's handshake key, from `<dir>/key`.
+  static result<wire::handshake_key> read_key(const fs::path& dir) {
+    const fs::path path = dir / std::string(key_file);
+    auto key = wire::key_from_hex(read_small_file(path));
+    if (!key)
+      return fail(fmt::format("{} is missing or not a key (a sandbox of an older ferryd?)", path.string()));
+    return *key;
+  }
+
+  /// Workspace, control directory, key and command line of a new sandbox, then the backend's
+  /// files.
   result<void> prepare(const sandbox_spec& spec, const fs::path& dir) const {
     std::error_code ec;
     const fs::path workspace = dir / "workspace";
@@ -671,6 +700,13 @@ class hosted_runtime final : public sandbox_runtime {
       fs::permissions(ctl, fs::perms(0700), ec);
     if (ec)
       return fail(fmt::format("sandbox {}: cannot create its directories under {}: {}", spec.id, dir.string(), ec.message()));
+    wire::handshake_key key{};
+    if (!wire::random_bytes(key))
+      return fail(fmt::format("sandbox {}: cannot draw its key (RAND_bytes failed)", spec.id));
+    // 0600, in the sandbox directory, which the sandbox does not see (it sees only workspace/,
+    // ctl/ and the root).
+    if (auto r = write_file_atomically(dir / std::string(key_file), wire::key_to_hex(key), fs::perms(0600)); !r)
+      return fail(fmt::format("sandbox {}: {}", spec.id, r.error().message));
     if (!spec.argv.empty()) {
       if (auto r = write_file_atomically(dir / std::string(command_line_file), std::to_string(spec.command_id),
                                          fs::perms(0644));
@@ -763,14 +799,24 @@ std::vector<std::string> sandbox_environment(const sandbox_spec& spec) {
 result<void> write_file_atomically(const fs::path& path, std::string_view content, fs::perms perms) {
   fs::path tmp = path;
   tmp += fmt::format(".tmp{}", ::getpid());
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    f.write(content.data(), static_cast<std::streamsize>(content.size()));
-    if (!f)
-      return fail(fmt::format("cannot write {}", tmp.string()));
+  const auto mode = static_cast<mode_t>(perms);
+  unique_fd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, mode & 0600));
+  if (!fd)
+    return fail(fmt::format("cannot write {}: {}", tmp.string(), std::generic_category().message(errno)));
+  bool ok = ::fchmod(fd.get(), mode) == 0;
+  for (size_t off = 0; ok && off < content.size();) {
+    ssize_t w = ::write(fd.get(), content.data() + off, content.size() - off);
+    if (w < 0 && errno == EINTR)
+      continue;
+    ok = w > 0;
+    off += ok ? static_cast<size_t>(w) : 0;
+  }
+  if (!ok || ::close(fd.release()) != 0) {
+    const int err = errno;
+    ::unlink(tmp.c_str());
+    return fail(fmt::format("cannot write {}: {}", tmp.string(), std::generic_category().message(err)));
   }
   std::error_code ec;
-  fs::permissions(tmp, perms, ec);
   fs::rename(tmp, path, ec);
   if (ec)
     return fail(fmt::format("cannot move {} into place: {}", path.string(), ec.message()));

@@ -7,8 +7,8 @@
 // and live in hosted.cpp. Both talk to ferry-init through init_client.
 //
 // On disk, for every backend: `<sandboxes_dir>/<id>/` (creating it claims the id; removing it is
-// the last step before on_ended) with `workspace/`, `ctl/init.sock`, `instance` and
-// `command_line`; the backend adds its own files.
+// the last step before on_ended) with `workspace/`, `ctl/init.sock`, `key` (the sandbox's
+// handshake key, 0600, hex) and `command_line`; the backend adds its own files.
 //
 // Threading: `backend` and `sandbox_driver` implementations are called from any thread, but a
 // driver never concurrently with itself (the sandbox object serialises its calls, or the runtime
@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "ferry/sandbox/sandbox.h"
+#include "ferry/schemas/handshake.h"
 #include "held_process.h"
 #include "unique_fd.h"
 
@@ -34,8 +35,9 @@ inline constexpr std::string_view ctl_mount = "/.ferry/ctl";
 inline constexpr std::string_view socket_name = "init.sock";
 inline constexpr std::string_view egress_mount = "/.ferry/egress.sock";
 inline constexpr std::string_view default_path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-// In the sandbox directory: the command line's id (absent for an idle sandbox).
+// In the sandbox directory: the command line's id (absent for an idle sandbox), and the key.
 inline constexpr std::string_view command_line_file = "command_line";
+inline constexpr std::string_view key_file = "key";
 
 /// runtime_options checked and made absolute; immutable once built.
 struct common_settings {
@@ -62,6 +64,8 @@ std::vector<std::string> init_command(const common_settings& s, const sandbox_sp
 /// spec.env.
 std::vector<std::string> sandbox_environment(const sandbox_spec& spec);
 
+/// Writes `path` through a temporary file and rename. The temporary file is created with `perms`
+/// (never wider first: the key file is 0600 from its first byte).
 result<void> write_file_atomically(const std::filesystem::path& path, std::string_view content,
                                    std::filesystem::perms perms);
 std::string describe(const exit_status& s);
@@ -78,12 +82,11 @@ class sandbox_driver {
     /// What the launch holds, also after a failure (to be killed). procs[0] is the process
     /// whose exit means the sandbox is gone.
     std::vector<held_process> procs;
-    /// The host's end of ferry-init's stdin when the backend gives it a pipe that only the host
-    /// can write to (bwrap); for the key of a mutually authenticated handshake.
-    unique_fd init_stdin;
   };
-  /// Starts the sandbox's processes (on the reader thread; `runsc run` takes a while).
-  virtual launched launch() = 0;
+  /// Starts the sandbox's processes (on the reader thread; `runsc run` takes a while). `key`
+  /// reaches ferry-init on its stdin (hex, then end of file) through a pipe that nothing else
+  /// in the sandbox can read, and nowhere else.
+  virtual launched launch(const wire::handshake_key& key) = 0;
   /// The processes of the sandbox started earlier, maybe by another host process; empty unless
   /// it is alive (procs[0] running).
   virtual std::vector<held_process> find() = 0;

@@ -6,7 +6,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <fstream>
 #include <system_error>
 
 #include <fmt/format.h>
@@ -60,21 +59,6 @@ exit_reason reason_of(v1::ExitReason r) {
       break;
   }
   return exit_reason::exited;
-}
-
-bool write_instance_file(const fs::path& path, const std::string& instance) {
-  fs::path tmp = path;
-  tmp += fmt::format(".tmp{}", ::getpid());
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    f << instance;
-    if (!f)
-      return false;
-  }
-  std::error_code ec;
-  fs::permissions(tmp, fs::perms(0600), ec);
-  fs::rename(tmp, path, ec);
-  return !ec;
 }
 
 template <class T>
@@ -132,15 +116,15 @@ result<void> init_client::read_message(int fd, steady::time_point deadline) {
   }
 }
 
-result<void> init_client::handshake(int fd, const fs::path& instance_file, steady::duration timeout) {
+result<void> init_client::handshake(int fd, const wire::handshake_key& key, steady::duration timeout) {
   if (auto r = read_message(fd, steady::now() + timeout); !r)
     return fail(fmt::format("waiting for ferry-init's Hello: {}", r.error().message));
   const v1::InitMessage& hello = *decoder_.msg();
   if (hello.message_type() == v1::Message::Error) {
     const auto* e = hello.message_as_Error();
     std::string why = e->message() ? e->message()->str() : "(no message)";
-    return error_info{"ferry-init refused the connection: " + why,
-                      why.find("another host") != std::string::npos ? errc::busy : errc::failed};
+    const bool busy = why.find("another host") != std::string::npos || why.find("another connection") != std::string::npos;
+    return error_info{"ferry-init refused the connection: " + why, busy ? errc::busy : errc::failed};
   }
   if (hello.message_type() != v1::Message::Hello)
     return fail(fmt::format("expected Hello, got {}", describe(hello.message_type())));
@@ -150,22 +134,28 @@ result<void> init_client::handshake(int fd, const fs::path& instance_file, stead
                             "ferry-init than this ferryd; it cannot be attached (kill it, or attach from a matching ferryd)",
                             h->protocol(), wire::socket_protocol));
   }
-  const std::string instance = h->instance() ? h->instance()->str() : std::string();
-  if (instance.size() != 32 || instance.find_first_not_of("0123456789abcdef") != std::string::npos)
-    return fail("Hello without a valid instance token");
-  // The first host records the token before its Attach starts anything; until then nothing but
-  // ferry-init runs in the sandbox, so a Hello with no token on file is ferry-init's.
-  const std::string recorded = read_small_file(instance_file);
-  if (!recorded.empty() && recorded != instance)
-    return fail("the process on the control socket is not this sandbox's ferry-init (instance token differs)");
-  if (recorded.empty() && !write_instance_file(instance_file, instance))
-    return fail(fmt::format("cannot write {}", instance_file.string()));
+  auto compromised = [&](std::string why) {
+    peer_failed_auth_ = true;
+    return fail("ferry-init failed authentication: " + why +
+                " (something other than the sandbox's ferry-init answers on its control socket)");
+  };
+  const auto init_nonce = wire::nonce_from(h->nonce() ? h->nonce()->data() : nullptr, h->nonce() ? h->nonce()->size() : 0);
+  if (!init_nonce)
+    return compromised("its Hello carries no valid nonce");
+  wire::handshake_nonce host_nonce{};
+  if (!wire::random_bytes(host_nonce))
+    return fail("cannot draw a nonce (RAND_bytes failed)");
+  const auto proof = wire::host_proof(key, *init_nonce, host_nonce);
+  if (!proof)
+    return fail("cannot compute the handshake proof (HMAC failed)");
 
   flatbuffers::FlatBufferBuilder fbb;
   std::vector<flatbuffers::Offset<v1::Resume>> entries;
   for (const auto& r : resume_)
     entries.push_back(v1::CreateResume(fbb, r.command_id, r.stdout_bytes, r.stderr_bytes, r.exited));
-  auto a = v1::CreateAttach(fbb, wire::socket_protocol, fbb.CreateVector(entries));
+  auto a = v1::CreateAttach(fbb, wire::socket_protocol, fbb.CreateVector(entries),
+                            fbb.CreateVector(host_nonce.data(), host_nonce.size()),
+                            fbb.CreateVector(proof->data(), proof->size()));
   const std::string frame = frame_of(fbb, v1::Message::Attach, a);
   for (size_t off = 0; off < frame.size();) {
     ssize_t w = ::send(fd, frame.data() + off, frame.size() - off, MSG_NOSIGNAL);
@@ -180,10 +170,16 @@ result<void> init_client::handshake(int fd, const fs::path& instance_file, stead
   const v1::InitMessage& answer = *decoder_.msg();
   if (answer.message_type() == v1::Message::Error) {
     const auto* e = answer.message_as_Error();
-    return fail("ferry-init refused the attach: " + (e->message() ? e->message()->str() : std::string("(no message)")));
+    std::string why = e->message() ? e->message()->str() : std::string("(no message)");
+    const bool busy = why.find("another connection") != std::string::npos;
+    return error_info{"ferry-init refused the attach: " + why, busy ? errc::busy : errc::failed};
   }
   if (answer.message_type() != v1::Message::Attached)
-    return fail(fmt::format("expected Attached, got {}", describe(answer.message_type())));
+    return compromised(fmt::format("it answered Attach with {}", describe(answer.message_type())));
+  const auto* att = answer.message_as_Attached();
+  if (!wire::proof_matches(wire::init_proof(key, host_nonce, *init_nonce), att->mac() ? att->mac()->data() : nullptr,
+                           att->mac() ? att->mac()->size() : 0))
+    return compromised("its Attached does not prove the sandbox's key");
   return {};
 }
 

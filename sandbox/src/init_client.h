@@ -1,7 +1,7 @@
 #pragma once
 // The host side of ferry-init's protocol (schemas/init.fbs, socket mode) over one connected
-// stream socket: the handshake (Hello checked against the recorded instance token, Attach with
-// the resume points, Attached), then frames both ways — the host's Run/Signal/Stdin/Release
+// stream socket: the handshake (Hello's nonce, Attach with the host's proof of the sandbox's key
+// and the resume points, Attached checked for ferry-init's proof), then frames both ways — the host's Run/Signal/Stdin/Release
 // queued from any thread and written by the reader thread, ferry-init's frames checked against
 // each command's state and offsets and delivered to the observer. Transport-agnostic, so every
 // backend (runsc today, bubblewrap later) uses the same client; the backend owns the socket, the
@@ -26,6 +26,7 @@
 
 #include "ferry/sandbox/sandbox.h"
 #include "ferry/schemas/frame.h"
+#include "ferry/schemas/handshake.h"
 #include "unique_fd.h"
 
 namespace ferry::sandbox::detail {
@@ -37,11 +38,16 @@ class init_client {
   /// client sends Release by itself (the sandbox ends with its command line).
   init_client(sandbox_observer& observer, std::span<const resume_point> resume, std::optional<uint32_t> command_line_id);
 
-  /// Reads Hello (refusing another protocol, or an instance token other than the one recorded
-  /// in `instance_file`; the first host records it), sends Attach and reads Attached.
-  /// errc::busy when another host is attached; errc::failed otherwise. REQUIRES: reader thread.
-  result<void> handshake(int fd, const std::filesystem::path& instance_file,
-                         std::chrono::steady_clock::duration timeout);
+  /// Reads Hello (refusing another protocol), sends Attach with this host's proof of `key`, reads
+  /// Attached and checks ferry-init's proof. errc::busy when another host is attached (or a
+  /// connection that had not authenticated was superseded); errc::failed otherwise, and then
+  /// peer_failed_authentication() says whether the peer claimed to be ferry-init without
+  /// knowing the key. REQUIRES: reader thread.
+  result<void> handshake(int fd, const wire::handshake_key& key, std::chrono::steady_clock::duration timeout);
+  /// The handshake failed because the peer could not prove the key (a Hello of this protocol
+  /// without a valid nonce, an Attached without the right proof, or another answer to Attach
+  /// than Attached or Error): not ferry-init, so the sandbox is compromised.
+  bool peer_failed_authentication() const { return peer_failed_auth_; }
 
   /// Delivers on_running and then every frame until ferry-init closes the connection (or it is
   /// shut down), a protocol error, or `stop()` holds. REQUIRES: handshake succeeded; reader thread.
@@ -95,6 +101,7 @@ class init_client {
   std::optional<std::string> init_error_;
   bool release_sent_ = false;
   bool command_line_exited_ = false;
+  bool peer_failed_auth_ = false;
   std::string writing_;  // the frames being written (taken from the queue)
   bool writing_release_ = false;
 

@@ -5,7 +5,8 @@
 // so that its processes (the Sentry, its ptrace stubs and the gofer) are not children of this
 // process and survive it. ferry-init, PID 1 inside, listens on a unix socket in the host
 // directory `sandboxes_dir/<id>/ctl/` (bind-mounted at /.ferry/ctl; `--host-uds=create` makes
-// the socket a real host socket). Besides the shared files, a sandbox has `bundle/config.json`
+// the socket a real host socket); ferry-init gets the sandbox's key on the stdin of `runsc run`,
+// which runsc gives to the container's PID 1. Besides the shared files, a sandbox has `bundle/config.json`
 // (its OCI spec) and `runsc.log`. Teardown: the processes are SIGKILLed through pidfds (the
 // Sentry's descendants included), then `runsc delete --force`, then any runsc process still
 // naming the sandbox directory is killed.
@@ -124,8 +125,8 @@ nlohmann::json make_config(const runsc_context& ctx, const sandbox_spec& spec,
                     {"source", s.init_binary.string()},
                     {"options", {"bind", "ro"}}});
   // ferry-init's control socket; only ferry-init binds there (the command could too, being the
-  // same uid, which is why hosts check ferry-init's instance token), and no sandbox process can
-  // connect to a host socket (--host-uds=create, not open).
+  // same uid, and with an egress socket it can connect: which is why both sides prove the
+  // sandbox's key on every connection).
   mounts.push_back({{"destination", std::string(ctl_mount)},
                     {"type", "bind"},
                     {"source", ctl.string()},
@@ -219,12 +220,17 @@ class runsc_driver final : public sandbox_driver {
   runsc_driver(std::shared_ptr<const runsc_context> ctx, std::string id)
       : ctx_(std::move(ctx)), id_(std::move(id)), dir_(ctx_->common.sandboxes_dir / id_) {}
 
-  /// `runsc run --detach` in a session of its own, its stdio (and so ferry-init's) to runsc.log.
-  launched launch() override {
+  /// `runsc run --detach` in a session of its own, its stdout and stderr (and so ferry-init's) to
+  /// runsc.log. Its stdin is a pipe holding the key, then end of file: runsc gives its stdin to
+  /// the container's init process (verified with this runsc: the container's fd 0 is the host
+  /// pipe, "host:[1]"), and ferry-init reads it to the end and replaces it with /dev/null
+  /// before any command runs.
+  launched launch(const wire::handshake_key& key) override {
     launched l;
     spawn_options o;
     o.argv = ctx_->command({"run", "--detach", "--bundle", (dir_ / "bundle").string(), id_});
-    o.in = stdio::null;
+    o.in = stdio::bytes;
+    o.in_bytes = wire::key_to_hex(key);
     o.out = stdio::file;
     o.err = stdio::file;
     o.file = dir_ / std::string(log_name());
@@ -343,8 +349,9 @@ result<std::unique_ptr<sandbox_runtime>> make_runsc_runtime(runsc_options opts) 
 
   // --host-uds=create: ferry-init's listening socket in ctl/ is a real host socket (sandbox
   // processes may create host sockets in their rw bind mounts, but never connect to one).
-  // With an egress socket: =all, so ferry-init's forwarder can connect to it — and so could the
-  // commands to the control socket (see README: what that exposes).
+  // With an egress socket: =all, so ferry-init's forwarder can connect to it — and so can the
+  // commands to the control socket, where without the key they get nothing (README: why
+  // --host-uds=all is safe with the handshake).
   ctx->global = {"--root", ctx->state_dir.string(), "--network=none",
                  ctx->common.egress_socket.empty() ? "--host-uds=create" : "--host-uds=all"};
   if (opts.ignore_cgroups)

@@ -21,6 +21,7 @@
 
 #include "ferry/sandbox/sandbox.h"
 #include "backend_test_support.h"
+#include "ferry/schemas/handshake.h"
 
 using namespace ferry::sandbox;
 using namespace std::chrono_literals;
@@ -363,6 +364,147 @@ BOOST_FIXTURE_TEST_CASE(the_http_forwarder_is_the_way_out_through_the_egress_soc
   // Nothing else gets out: a direct connection has no route.
   run(*sb, obs, shell(3, "curl -sS --noproxy '*' --max-time 5 http://93.184.216.34/ >/dev/null 2>&1 && echo OUT || echo blocked"));
   BOOST_TEST(obs.output(3u, 0) == "blocked\n");
+  release_and_check(*sb, obs);
+}
+
+// --- the control socket when commands can reach it (--host-uds=all, with an egress socket) ------
+
+namespace {
+
+/// Copies the hostile probe (init_socket_probe.cpp) into the sandbox's workspace: /workspace/probe.
+void copy_probe(const fs::path& sandbox_dir) {
+  const fs::path to = sandbox_dir / "workspace" / "probe";
+  fs::copy_file(FERRY_INIT_SOCKET_PROBE, to, fs::copy_options::overwrite_existing);
+  fs::permissions(to, fs::perms(0755));
+}
+
+/// Waits until `path` (on the host) exists.
+bool wait_for_file(const fs::path& path, std::chrono::milliseconds timeout) {
+  for (auto deadline = steady::now() + timeout; !fs::exists(path);) {
+    if (steady::now() > deadline)
+      return false;
+    std::this_thread::sleep_for(20ms);
+  }
+  return true;
+}
+
+}  // namespace
+
+BOOST_FIXTURE_TEST_CASE(a_command_that_reaches_the_control_socket_cannot_attach_without_the_key, fixture) {
+  const fs::path egress = tmp.path() / "egress.sock";
+  fake_egress_proxy proxy(egress);
+  recording_observer obs;
+  const auto id = unique_id("probe");
+  {
+    auto rt = make_runtime(egress);
+    auto sb = start_idle(id, obs, rt.get());
+    copy_probe(sandbox_dir(id));
+    // While a host is attached, a connection from inside is simply turned away.
+    run(*sb, obs, shell(1, "/workspace/probe attach /.ferry/ctl/init.sock random"));
+    BOOST_TEST(obs.output(1u, 0).find("first message Error") != std::string::npos, obs.output(1u, 0));
+    // Then, with no host attached (ferryd restarting): the probe gets a Hello, but an Attach
+    // without the key's proof is refused, and the Run behind it never runs.
+    BOOST_REQUIRE(sb->run(shell(2, "sleep 1.5; for m in none random; do /workspace/probe attach /.ferry/ctl/init.sock $m; "
+                                   "done > /workspace/probe.log 2>&1; touch /workspace/probe.done")).ok());
+    BOOST_REQUIRE(obs.wait_for("started", 20s));
+    sb->detach();
+  }
+  BOOST_REQUIRE(wait_for_file(sandbox_dir(id) / "workspace" / "probe.done", 30s));
+  const std::string log = testing::read_proc_file(sandbox_dir(id) / "workspace" / "probe.log");
+  BOOST_TEST_MESSAGE("probe: " << log);
+  // What the Hello gave away: a nonce, nothing else.
+  BOOST_TEST(log.find("hello protocol=4 nonce_bytes=32") != std::string::npos, log);
+  size_t refusals = 0;
+  for (size_t at = 0; (at = log.find("answer: Error: authentication failed", at)) != std::string::npos; ++at)
+    ++refusals;
+  BOOST_TEST(refusals == 2u, log);
+  BOOST_TEST(log.find("closed") != std::string::npos, log);
+  BOOST_TEST(!fs::exists(sandbox_dir(id) / "workspace" / "pwned"));
+  // The real host still attaches and runs commands.
+  recording_observer again;
+  auto rt = make_runtime(egress);
+  auto sb = rt->attach(id, std::vector<resume_point>{{1, obs.output(1u, 0).size(), 0, true}, {2, 0, 0, false}}, again);
+  BOOST_REQUIRE_MESSAGE(sb.ok(), (sb.ok() ? "" : sb.error().message));
+  run(**sb, again, shell(3, "echo still mine"));
+  BOOST_TEST(again.output(3u, 0) == "still mine\n");
+  release_and_check(**sb, again);
+}
+
+BOOST_FIXTURE_TEST_CASE(a_command_that_replaces_the_control_socket_gets_the_sandbox_killed, fixture) {
+  const fs::path egress = tmp.path() / "egress.sock";
+  fake_egress_proxy proxy(egress);
+  recording_observer obs;
+  const auto id = unique_id("impostor");
+  auto rt = make_runtime(egress);
+  {
+    auto sb = start_idle(id, obs, rt.get());
+    copy_probe(sandbox_dir(id));
+    BOOST_REQUIRE(sb->run(shell(1, "/workspace/probe impostor /.ferry/ctl/init.sock 60 > /workspace/impostor.log 2>&1")).ok());
+    for (auto deadline = steady::now() + 20s;
+         testing::read_proc_file(sandbox_dir(id) / "workspace" / "impostor.log").find("listening") == std::string::npos;) {
+      BOOST_REQUIRE_MESSAGE(steady::now() < deadline, "the impostor did not listen: "
+                                                         << testing::read_proc_file(sandbox_dir(id) / "workspace" / "impostor.log"));
+      std::this_thread::sleep_for(50ms);
+    }
+    BOOST_TEST(fs::exists(sandbox_dir(id) / "ctl" / "init.sock.real"));
+    sb->detach();
+  }
+  auto procs = testing::sandbox_processes(sandbox_dir(id));
+  BOOST_REQUIRE(!procs.alive().empty());
+  recording_observer next;
+  auto r = make_runtime(egress)->attach(id, std::vector<resume_point>{{1, 0, 0, false}}, next);
+  BOOST_REQUIRE(!r.ok());
+  BOOST_TEST(r.error().message.find("ferry-init failed authentication") != std::string::npos, r.error().message);
+  BOOST_TEST(r.error().message.find("killed as compromised") != std::string::npos, r.error().message);
+  BOOST_TEST(next.records().empty());  // nothing the impostor said reached the observer
+  BOOST_TEST(procs.alive().empty());
+  BOOST_TEST(!fs::exists(sandbox_dir(id)));
+}
+
+BOOST_FIXTURE_TEST_CASE(the_key_is_not_readable_from_inside_the_sandbox, fixture) {
+  // With an egress socket (--host-uds=all: the most a command can reach). The key is on the host
+  // in <sandbox dir>/key; inside, look where it could leak: ferry-init's environment, command
+  // line, stdin and memory, and every file a command can see outside /usr.
+  const fs::path egress = tmp.path() / "egress.sock";
+  fake_egress_proxy proxy(egress);
+  recording_observer obs;
+  const auto id = unique_id("key");
+  auto rt = make_runtime(egress);
+  auto sb = start_idle(id, obs, rt.get());
+  const std::string key_hex = testing::read_proc_file(sandbox_dir(id) / "key");
+  const auto key = ferry::wire::key_from_hex(key_hex);
+  BOOST_REQUIRE(key);
+  const std::string key_raw(reinterpret_cast<const char*>(key->data()), key->size());
+  BOOST_TEST(((fs::status(sandbox_dir(id) / "key").permissions() & fs::perms::all) ==
+              (fs::perms::owner_read | fs::perms::owner_write)));
+  const std::string probe = R"sh(
+    echo "== environ"; cat /proc/1/environ; echo
+    echo "== cmdline"; cat /proc/1/cmdline; echo
+    echo "== fd0"; readlink /proc/1/fd/0; timeout 2 cat /proc/1/fd/0; echo
+    echo "== fds"; ls /proc/1/fd/
+    echo "== files"; find /.ferry /workspace /tmp /etc -xdev -type f -size -4M 2>/dev/null | grep -v '^/workspace/mem' | xargs -r cat
+    echo "== mem"
+    while read -r range perms rest; do
+      case $perms in rw*)
+        s=$((16#${range%-*})); e=$((16#${range#*-}))
+        dd if=/proc/1/mem bs=4096 skip=$((s / 4096)) count=$(((e - s) / 4096)) 2>>/workspace/mem.err >>/workspace/mem.bin;;
+      esac
+    done < /proc/1/maps
+    echo "maps: $(wc -l < /proc/1/maps)"; cat /workspace/mem.err
+  )sh";
+  auto r = run(*sb, obs, shell(1, probe));
+  const std::string out = obs.output(1u, 0) + obs.output(1u, 1);
+  BOOST_TEST_MESSAGE("from inside: " << out.substr(0, 3000));
+  BOOST_TEST(out.find("== mem") != std::string::npos);  // the probe ran to the end
+  BOOST_TEST(out.find(key_hex.substr(0, 64)) == std::string::npos);
+  BOOST_TEST(out.find(key_raw) == std::string::npos);
+  const std::string fd0 = out.substr(out.find("== fd0"), out.find("== fds") - out.find("== fd0"));
+  BOOST_TEST(fd0.find("pipe:") == std::string::npos, fd0);  // stdin no longer the key's pipe
+  BOOST_TEST(fd0.find("host:") == std::string::npos, fd0);
+  const std::string mem = testing::read_proc_file(sandbox_dir(id) / "workspace" / "mem.bin");
+  BOOST_TEST_MESSAGE("ferry-init memory read from inside: " << mem.size() << " bytes");
+  BOOST_TEST(mem.find(key_raw) == std::string::npos);
+  BOOST_TEST(mem.find(key_hex.substr(0, 64)) == std::string::npos);
   release_and_check(*sb, obs);
 }
 

@@ -264,8 +264,9 @@ struct runtime_options {
   std::chrono::milliseconds linger = std::chrono::minutes(10);
   /// Host path of the egress proxy's unix socket. Set: it is bind-mounted into every sandbox
   /// and ferry-init relays 127.0.0.1:`proxy_port` inside to it (HTTP_PROXY/HTTPS_PROXY point
-  /// there). runsc then needs `--host-uds=all` (see README: the control socket is then
-  /// reachable from inside too). Empty: sandboxes have no way out.
+  /// there). runsc then needs `--host-uds=all` (the control socket is then reachable from
+  /// inside too, as it always is under bwrap; the key's handshake makes that safe, see README).
+  /// Empty: sandboxes have no way out.
   std::filesystem::path egress_socket;
   uint16_t proxy_port = 3128;
   sandbox_limits limits;

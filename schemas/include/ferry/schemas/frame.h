@@ -26,8 +26,9 @@ inline constexpr size_t max_output_chunk = 64u * 1024;
 /// Hello.protocol in stdio mode (one-way, on ferry-init's stdout).
 inline constexpr uint16_t stdio_protocol = 1;
 /// Hello.protocol / Attach.protocol in socket mode (re-attachable process API; see init.fbs).
-/// 2 was the one-command protocol before Run/Signal; both sides refuse any other version.
-inline constexpr uint16_t socket_protocol = 3;
+/// 2 was the one-command protocol before Run/Signal, 3 the process API before the authenticated
+/// handshake; both sides refuse any other version.
+inline constexpr uint16_t socket_protocol = 4;
 
 /// Finishes `fbb` with an InitMessage carrying `body` (of union type `type`) and appends its
 /// frame to `out`. `fbb` must hold only `body` and what it refers to.
