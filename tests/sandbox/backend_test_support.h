@@ -255,6 +255,15 @@ class recording_observer : public sandbox_observer {
         },
         timeout);
   }
+  /// Waits for record `what` of command `command_id` (not just any command's).
+  bool wait_for(const std::string& what, uint32_t command_id, std::chrono::milliseconds timeout) {
+    return wait_until(
+        [&](const std::vector<record>& rs) {
+          return std::any_of(rs.begin(), rs.end(),
+                             [&](const record& r) { return r.what == what && r.command_id == command_id; });
+        },
+        timeout);
+  }
   bool wait_for(const std::string& what, std::chrono::milliseconds timeout) {
     return wait_until(
         [&](const std::vector<record>& rs) {

@@ -406,7 +406,9 @@ BOOST_FIXTURE_TEST_CASE(a_command_that_reaches_the_control_socket_cannot_attach_
     // without the key's proof is refused, and the Run behind it never runs.
     BOOST_REQUIRE(sb->run(shell(2, "sleep 1.5; for m in none random; do /workspace/probe attach /.ferry/ctl/init.sock $m; "
                                    "done > /workspace/probe.log 2>&1; touch /workspace/probe.done")).ok());
-    BOOST_REQUIRE(obs.wait_for("started", 20s));
+    // Command 2's own start (command 1's is recorded already): a detach before ferry-init got
+    // the Run would drop it.
+    BOOST_REQUIRE(obs.wait_for("started", 2, 20s));
     sb->detach();
   }
   BOOST_REQUIRE(wait_for_file(sandbox_dir(id) / "workspace" / "probe.done", 30s));
