@@ -381,7 +381,8 @@ void init_client::dispatch(const v1::InitMessage& m) {
       const auto* s = m.message_as_Started();
       const uint32_t id = s->command_id();
       auto it = commands_.find(id);
-      if (!check(it == commands_.end() || it->second.state == phase::resumed, fmt::format("Started twice for command {}", id)))
+      if (!check(it == commands_.end() || it->second.state == phase::resumed,
+                 [&] { return fmt::format("Started twice for command {}", id); }))
         return;
       if (it == commands_.end()) {
         if (!check(commands_.size() < max_tracked_commands, "more commands than a host tracks"))
@@ -402,10 +403,13 @@ void init_client::dispatch(const v1::InitMessage& m) {
     case v1::Message::Output: {
       const auto* o = m.message_as_Output();
       command_state* c = running(o->command_id(), "Output");
-      if (!c || !check(o->stream() <= 1, fmt::format("Output on unknown stream {}", o->stream())) ||
-          !check(!c->truncated, fmt::format("Output for command {} after OutputTruncated", o->command_id())) ||
-          !check(o->offset() == c->expected[o->stream()],
-                 fmt::format("Output of stream {} at offset {}, expected {}", o->stream(), o->offset(), c->expected[o->stream()])))
+      if (!c || !check(o->stream() <= 1, [&] { return fmt::format("Output on unknown stream {}", o->stream()); }) ||
+          !check(!c->truncated,
+                 [&] { return fmt::format("Output for command {} after OutputTruncated", o->command_id()); }) ||
+          !check(o->offset() == c->expected[o->stream()], [&] {
+            return fmt::format("Output of stream {} at offset {}, expected {}", o->stream(), o->offset(),
+                               c->expected[o->stream()]);
+          }))
         return;
       std::string_view data;
       if (o->data())
@@ -417,11 +421,13 @@ void init_client::dispatch(const v1::InitMessage& m) {
     case v1::Message::OutputGap: {
       const auto* g = m.message_as_OutputGap();
       command_state* c = running(g->command_id(), "OutputGap");
-      if (!c || !check(g->stream() <= 1, fmt::format("OutputGap on unknown stream {}", g->stream())) ||
+      if (!c || !check(g->stream() <= 1, [&] { return fmt::format("OutputGap on unknown stream {}", g->stream()); }) ||
           !check(g->offset() == c->expected[g->stream()] && g->lost_bytes() > 0 &&
                      g->lost_bytes() <= UINT64_MAX - c->expected[g->stream()],
-                 fmt::format("OutputGap of stream {} at offset {} (+{}), expected offset {}", g->stream(), g->offset(),
-                             g->lost_bytes(), c->expected[g->stream()])))
+                 [&] {
+                   return fmt::format("OutputGap of stream {} at offset {} (+{}), expected offset {}", g->stream(),
+                                      g->offset(), g->lost_bytes(), c->expected[g->stream()]);
+                 }))
         return;
       c->expected[g->stream()] += g->lost_bytes();
       observer_.on_output_gap(g->command_id(), g->stream(), g->lost_bytes());
@@ -430,10 +436,12 @@ void init_client::dispatch(const v1::InitMessage& m) {
     case v1::Message::OutputTruncated: {
       const auto* t = m.message_as_OutputTruncated();
       command_state* c = running(t->command_id(), "OutputTruncated");
-      if (!c || !check(!c->truncated, fmt::format("OutputTruncated twice for command {}", t->command_id())) ||
-          !check(t->stdout_offset() == c->expected[0] && t->stderr_offset() == c->expected[1],
-                 fmt::format("OutputTruncated at offsets {}/{}, expected {}/{}", t->stdout_offset(), t->stderr_offset(),
-                             c->expected[0], c->expected[1])))
+      if (!c ||
+          !check(!c->truncated, [&] { return fmt::format("OutputTruncated twice for command {}", t->command_id()); }) ||
+          !check(t->stdout_offset() == c->expected[0] && t->stderr_offset() == c->expected[1], [&] {
+            return fmt::format("OutputTruncated at offsets {}/{}, expected {}/{}", t->stdout_offset(),
+                               t->stderr_offset(), c->expected[0], c->expected[1]);
+          }))
         return;
       c->truncated = true;
       observer_.on_output_truncated(t->command_id(), t->path() ? t->path()->string_view() : std::string_view());
@@ -486,8 +494,9 @@ void init_client::dispatch(const v1::InitMessage& m) {
         requested = active_.count(id) > 0;
       }
       // Only for a Run not yet started, or a resume point the sandbox does not know.
-      if (!check(requested && (it == commands_.end() || it->second.state == phase::resumed),
-                 fmt::format("CommandError for command {}, which was not asked for or is running", id)))
+      if (!check(requested && (it == commands_.end() || it->second.state == phase::resumed), [&] {
+            return fmt::format("CommandError for command {}, which was not asked for or is running", id);
+          }))
         return;
       if (it != commands_.end())
         commands_.erase(it);

@@ -12,6 +12,7 @@
 // which alone calls the observer and reads the accessors below serve().
 
 #include <chrono>
+#include <concepts>
 #include <cstdint>
 #include <deque>
 #include <filesystem>
@@ -87,6 +88,16 @@ class init_client {
   void dispatch(const ferry::init::v1::InitMessage& m);
   void violation(std::string why);
   bool check(bool ok, std::string_view what);
+  /// The same, with the message built by `why()` only when the check fails: dispatch runs for
+  /// every frame, and formatting each check's message for every Output frame that passes cost an
+  /// allocation per check on every sandbox's reader thread.
+  template <class Why>
+    requires std::invocable<Why&>
+  bool check(bool ok, Why&& why) {
+    if (!ok)
+      violation(why());
+    return ok;
+  }
   command_state* running(uint32_t id, std::string_view what);
 
   sandbox_observer& observer_;
