@@ -13,11 +13,13 @@
 
 #include <chrono>
 #include <concepts>
+#include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <filesystem>
 #include <functional>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <set>
@@ -59,8 +61,18 @@ class init_client {
   result<void> signal(uint32_t command_id, int signo, bool whole_group);
   result<void> write_stdin(uint32_t command_id, std::string_view data, bool close);
   result<void> release();
-  /// Refuses further requests (errc::closed): the sandbox is ending or was detached.
+  /// Refuses further requests (errc::closed): the sandbox is ending or was detached. File
+  /// operations still waiting fail with errc::closed.
   void close();
+
+  // --- file operations: any thread but the reader; each blocks until ferry-init answers ---
+  result<file_text> read_file(const std::string& path, const read_options& options);
+  result<file_written> write_file(const std::string& path, std::string_view content, uint32_t mode);
+  result<file_edited> edit_file(const std::string& path, std::string_view old_string, std::string_view new_string,
+                                bool replace_all);
+  result<dir_listing> list_dir(const std::string& path, uint32_t max_entries);
+  result<glob_matches> glob(const std::string& pattern, const glob_options& options);
+  result<grep_matches> grep(const std::string& pattern, const grep_options& options);
 
   // --- reader thread, after serve() ---
   /// Why the connection is unusable: a bad frame, a message out of order, offsets that do not
@@ -82,6 +94,15 @@ class init_client {
   };
 
   result<void> enqueue(std::string frame, bool is_release = false);
+  /// One FileRequest: `build(fbb)` makes its op (returns the union type and offset); waits for the
+  /// answer and returns its FileResponse frame (FileError becomes the error).
+  struct file_op_body {
+    ferry::init::v1::FileOp type;
+    flatbuffers::Offset<void> offset;
+  };
+  result<std::string> file_request(const std::function<file_op_body(flatbuffers::FlatBufferBuilder&)>& build);
+  /// A FileResponse or FileError from ferry-init: hands it to the waiting caller.
+  void file_answer(uint32_t request_id, std::string frame);
   result<void> read_message(int fd, std::chrono::steady_clock::time_point deadline);
   bool write_pending(int fd);
   void drain();
@@ -124,6 +145,14 @@ class init_client {
   bool releasing_ = false;     // REQUIRES: mu_. release() was called (or the command line ended)
   std::set<uint32_t> active_;  // REQUIRES: mu_. ids requested, resumed or running, not ended
   unique_fd wake_;             // eventfd: the queue has frames
+  struct file_waiter {
+    bool done = false;
+    std::string frame;                  // the answer (FileResponse or FileError)
+    std::optional<error_info> failure;  // no answer: the sandbox ended, or a timeout
+  };
+  uint32_t next_request_id_ = 1;                                // REQUIRES: mu_
+  std::map<uint32_t, std::shared_ptr<file_waiter>> file_ops_;  // REQUIRES: mu_. waiting for an answer
+  std::condition_variable file_cv_;                             // a file_waiter is done
 };
 
 }  // namespace ferry::sandbox::detail
