@@ -298,8 +298,6 @@ frame_or_error read_file(uint32_t id, const v1::ReadFile& r, const file_op_confi
       break;
     for (ssize_t i = 0; i < n && !done; ++i) {
       const char c = buf[i];
-      if (done)
-        break;
       if (line_no < first) {
         if (c == '\n')
           ++line_no;
@@ -417,8 +415,8 @@ v1::FileType type_of(mode_t m) {
   return v1::FileType::Other;
 }
 
-/// The names in directory `path` (without . and ..), at most `scan` of them; sets `more` if
-/// there were others.
+/// The names in directory `path` (without . and ..), sorted, at most `scan` of them; `total`
+/// counts what was read (scan + 1 when there were more).
 outcome<std::vector<std::string>> names_in(const std::string& path, uint64_t scan, uint64_t& total) {
   DIR* d = ::opendir(path.c_str());
   if (!d)

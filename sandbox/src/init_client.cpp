@@ -396,142 +396,118 @@ void init_client::file_answer(uint32_t request_id, std::string frame) {
   file_cv_.notify_all();
 }
 
-result<file_text> init_client::read_file(const std::string& path, const read_options& o) {
-  auto answer = file_request([&](flatbuffers::FlatBufferBuilder& fbb) {
-    auto op = v1::CreateReadFile(fbb, string_or_none(fbb, path), o.offset, o.limit, o.max_bytes);
-    return file_op_body{v1::FileOp::ReadFile, op.Union()};
-  });
+template <class Reply, class Out>
+result<Out> init_client::file_call(v1::FileOp op, v1::FileReply want,
+                                   const std::function<flatbuffers::Offset<void>(flatbuffers::FlatBufferBuilder&)>& build,
+                                   const std::function<Out(const Reply&)>& convert) {
+  auto answer = file_request([&](flatbuffers::FlatBufferBuilder& fbb) { return file_op_body{op, build(fbb)}; });
   if (!answer)
     return answer.error();
   wire::frame_decoder d;
-  const auto* r = reply_of<v1::ReadResult>(d, *answer, v1::FileReply::ReadResult);
+  const auto* r = reply_of<Reply>(d, *answer, want);
   if (!r)
-    return wrong_reply("ReadFile");
-  file_text t;
-  t.path = str_of(r->path());
-  t.content = str_of(r->content());
-  t.first_line = r->first_line();
-  t.lines = r->lines();
-  t.truncated = r->truncated();
-  t.more = r->more();
-  t.next_line = r->next_line();
-  t.size = r->size();
-  return t;
+    return wrong_reply(v1::EnumNameFileOp(op));
+  return convert(*r);
+}
+
+result<file_text> init_client::read_file(const std::string& path, const read_options& o) {
+  return file_call<v1::ReadResult, file_text>(
+      v1::FileOp::ReadFile, v1::FileReply::ReadResult,
+      [&](flatbuffers::FlatBufferBuilder& fbb) {
+        return v1::CreateReadFile(fbb, string_or_none(fbb, path), o.offset, o.limit, o.max_bytes).Union();
+      },
+      [](const v1::ReadResult& r) {
+        return file_text{str_of(r.path()), str_of(r.content()), r.first_line(), r.lines(), r.truncated(), r.more(),
+                         r.next_line(), r.size()};
+      });
 }
 
 result<file_written> init_client::write_file(const std::string& path, std::string_view content, uint32_t mode) {
-  auto answer = file_request([&](flatbuffers::FlatBufferBuilder& fbb) {
-    auto bytes = fbb.CreateVector(reinterpret_cast<const uint8_t*>(content.data()), content.size());
-    auto op = v1::CreateWriteFile(fbb, string_or_none(fbb, path), bytes, mode);
-    return file_op_body{v1::FileOp::WriteFile, op.Union()};
-  });
-  if (!answer)
-    return answer.error();
-  wire::frame_decoder d;
-  const auto* r = reply_of<v1::WriteResult>(d, *answer, v1::FileReply::WriteResult);
-  if (!r)
-    return wrong_reply("WriteFile");
-  return file_written{str_of(r->path()), r->bytes(), r->created()};
+  return file_call<v1::WriteResult, file_written>(
+      v1::FileOp::WriteFile, v1::FileReply::WriteResult,
+      [&](flatbuffers::FlatBufferBuilder& fbb) {
+        auto bytes = fbb.CreateVector(reinterpret_cast<const uint8_t*>(content.data()), content.size());
+        return v1::CreateWriteFile(fbb, string_or_none(fbb, path), bytes, mode).Union();
+      },
+      [](const v1::WriteResult& r) { return file_written{str_of(r.path()), r.bytes(), r.created()}; });
 }
 
 result<file_edited> init_client::edit_file(const std::string& path, std::string_view old_string,
                                            std::string_view new_string, bool replace_all) {
-  auto answer = file_request([&](flatbuffers::FlatBufferBuilder& fbb) {
-    auto p = string_or_none(fbb, path);
-    auto o = fbb.CreateString(old_string.data(), old_string.size());
-    auto n = fbb.CreateString(new_string.data(), new_string.size());
-    return file_op_body{v1::FileOp::EditFile, v1::CreateEditFile(fbb, p, o, n, replace_all).Union()};
-  });
-  if (!answer)
-    return answer.error();
-  wire::frame_decoder d;
-  const auto* r = reply_of<v1::EditResult>(d, *answer, v1::FileReply::EditResult);
-  if (!r)
-    return wrong_reply("EditFile");
-  return file_edited{str_of(r->path()), r->replacements(), r->bytes()};
+  return file_call<v1::EditResult, file_edited>(
+      v1::FileOp::EditFile, v1::FileReply::EditResult,
+      [&](flatbuffers::FlatBufferBuilder& fbb) {
+        auto p = string_or_none(fbb, path);
+        auto o = fbb.CreateString(old_string.data(), old_string.size());
+        auto n = fbb.CreateString(new_string.data(), new_string.size());
+        return v1::CreateEditFile(fbb, p, o, n, replace_all).Union();
+      },
+      [](const v1::EditResult& r) { return file_edited{str_of(r.path()), r.replacements(), r.bytes()}; });
 }
 
 result<dir_listing> init_client::list_dir(const std::string& path, uint32_t max_entries) {
-  auto answer = file_request([&](flatbuffers::FlatBufferBuilder& fbb) {
-    return file_op_body{v1::FileOp::ListDir, v1::CreateListDir(fbb, string_or_none(fbb, path), max_entries).Union()};
-  });
-  if (!answer)
-    return answer.error();
-  wire::frame_decoder d;
-  const auto* r = reply_of<v1::ListResult>(d, *answer, v1::FileReply::ListResult);
-  if (!r)
-    return wrong_reply("ListDir");
-  dir_listing l;
-  l.path = str_of(r->path());
-  l.total = r->total();
-  l.truncated = r->truncated();
-  if (r->entries()) {
-    for (const auto* e : *r->entries()) {
-      file_type t = file_type::other;
-      switch (e->type()) {
-        case v1::FileType::File:
-          t = file_type::file;
-          break;
-        case v1::FileType::Directory:
-          t = file_type::directory;
-          break;
-        case v1::FileType::Symlink:
-          t = file_type::symlink;
-          break;
-        case v1::FileType::Other:
-          break;
-      }
-      l.entries.push_back({str_of(e->name()), t, e->size()});
-    }
-  }
-  return l;
+  return file_call<v1::ListResult, dir_listing>(
+      v1::FileOp::ListDir, v1::FileReply::ListResult,
+      [&](flatbuffers::FlatBufferBuilder& fbb) { return v1::CreateListDir(fbb, string_or_none(fbb, path), max_entries).Union(); },
+      [](const v1::ListResult& r) {
+        dir_listing l{str_of(r.path()), {}, r.total(), r.truncated()};
+        if (r.entries()) {
+          for (const auto* e : *r.entries()) {
+            file_type t = file_type::other;
+            switch (e->type()) {
+              case v1::FileType::File:
+                t = file_type::file;
+                break;
+              case v1::FileType::Directory:
+                t = file_type::directory;
+                break;
+              case v1::FileType::Symlink:
+                t = file_type::symlink;
+                break;
+              case v1::FileType::Other:
+                break;
+            }
+            l.entries.push_back({str_of(e->name()), t, e->size()});
+          }
+        }
+        return l;
+      });
 }
 
 result<glob_matches> init_client::glob(const std::string& pattern, const glob_options& o) {
-  auto answer = file_request([&](flatbuffers::FlatBufferBuilder& fbb) {
-    auto op = v1::CreateGlobFiles(fbb, string_or_none(fbb, pattern), string_or_none(fbb, o.path), o.max_results,
-                                  o.include_git);
-    return file_op_body{v1::FileOp::GlobFiles, op.Union()};
-  });
-  if (!answer)
-    return answer.error();
-  wire::frame_decoder d;
-  const auto* r = reply_of<v1::GlobResult>(d, *answer, v1::FileReply::GlobResult);
-  if (!r)
-    return wrong_reply("GlobFiles");
-  glob_matches g;
-  g.path = str_of(r->path());
-  g.truncated = r->truncated();
-  if (r->matches()) {
-    for (const auto* m : *r->matches())
-      g.matches.push_back(str_of(m));
-  }
-  return g;
+  return file_call<v1::GlobResult, glob_matches>(
+      v1::FileOp::GlobFiles, v1::FileReply::GlobResult,
+      [&](flatbuffers::FlatBufferBuilder& fbb) {
+        return v1::CreateGlobFiles(fbb, string_or_none(fbb, pattern), string_or_none(fbb, o.path), o.max_results,
+                                   o.include_git)
+            .Union();
+      },
+      [](const v1::GlobResult& r) {
+        glob_matches g{str_of(r.path()), {}, r.truncated()};
+        if (r.matches()) {
+          for (const auto* m : *r.matches())
+            g.matches.push_back(str_of(m));
+        }
+        return g;
+      });
 }
 
 result<grep_matches> init_client::grep(const std::string& pattern, const grep_options& o) {
-  auto answer = file_request([&](flatbuffers::FlatBufferBuilder& fbb) {
-    auto op = v1::CreateGrepFiles(fbb, string_or_none(fbb, pattern), string_or_none(fbb, o.path),
-                                  string_or_none(fbb, o.glob), o.ignore_case, o.context, o.max_matches);
-    return file_op_body{v1::FileOp::GrepFiles, op.Union()};
-  });
-  if (!answer)
-    return answer.error();
-  wire::frame_decoder d;
-  const auto* r = reply_of<v1::GrepResult>(d, *answer, v1::FileReply::GrepResult);
-  if (!r)
-    return wrong_reply("GrepFiles");
-  grep_matches g;
-  g.path = str_of(r->path());
-  g.matches = r->matches();
-  g.files = r->files();
-  g.truncated = r->truncated();
-  g.engine = str_of(r->engine());
-  if (r->lines()) {
-    for (const auto* l : *r->lines())
-      g.lines.push_back({str_of(l->path()), l->line(), str_of(l->text()), l->match()});
-  }
-  return g;
+  return file_call<v1::GrepResult, grep_matches>(
+      v1::FileOp::GrepFiles, v1::FileReply::GrepResult,
+      [&](flatbuffers::FlatBufferBuilder& fbb) {
+        return v1::CreateGrepFiles(fbb, string_or_none(fbb, pattern), string_or_none(fbb, o.path),
+                                   string_or_none(fbb, o.glob), o.ignore_case, o.context, o.max_matches)
+            .Union();
+      },
+      [](const v1::GrepResult& r) {
+        grep_matches g{str_of(r.path()), {}, r.matches(), r.files(), r.truncated(), str_of(r.engine())};
+        if (r.lines()) {
+          for (const auto* l : *r.lines())
+            g.lines.push_back({str_of(l->path()), l->line(), str_of(l->text()), l->match()});
+        }
+        return g;
+      });
 }
 
 // --- reader thread ----------------------------------------------------------------------------------

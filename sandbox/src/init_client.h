@@ -101,6 +101,11 @@ class init_client {
     flatbuffers::Offset<void> offset;
   };
   result<std::string> file_request(const std::function<file_op_body(flatbuffers::FlatBufferBuilder&)>& build);
+  /// file_request() for one operation: the reply of type `want` converted by `convert`.
+  template <class Reply, class Out>
+  result<Out> file_call(ferry::init::v1::FileOp op, ferry::init::v1::FileReply want,
+                        const std::function<flatbuffers::Offset<void>(flatbuffers::FlatBufferBuilder&)>& build,
+                        const std::function<Out(const Reply&)>& convert);
   /// A FileResponse or FileError from ferry-init: hands it to the waiting caller.
   void file_answer(uint32_t request_id, std::string frame);
   result<void> read_message(int fd, std::chrono::steady_clock::time_point deadline);
