@@ -1,8 +1,10 @@
 // ferry-init: PID 1 of every sandbox, and the agent's process API inside it.
 //
 //   ferry-init [--command-id N] [--listen PATH [--linger-ms N] [--buffer-bytes N]
-//              [--workspace DIR] [--state-dir DIR] [--shell PATH]
+//              [--workspace DIR] [--state-dir DIR] [--shell PATH] [--ripgrep PATH]
+//              [--file-op-timeout-ms N]
 //              [--proxy-socket PATH [--proxy-port N]]] [-- argv...]
+//   ferry-init --file-op [--workspace DIR] [--ripgrep PATH]
 //
 // Speaks the framed protocol of schemas/init.fbs.
 //
@@ -41,6 +43,9 @@
 // - No command running and no host connected for --linger-ms (default 10 minutes): ferry-init
 //   gives up, kills what is left and exits 3.
 //
+// File operations (FileRequest): each runs in a child, this binary started with --file-op, which
+// reads the request frame on stdin and writes the answer frame on stdout (file_ops.h).
+//
 // The HTTP forwarder (--proxy-socket): 127.0.0.1:--proxy-port (default 3128) relayed to the unix
 // socket; every command gets HTTP_PROXY, HTTPS_PROXY (and lower-case) pointing at it, and
 // NO_PROXY=localhost,127.0.0.1.
@@ -73,6 +78,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "file_ops.h"
 #include "init_process.h"
 #include "util.h"
 
@@ -82,7 +88,8 @@ using namespace ferry_init;
 
 constexpr const char* usage =
     "usage: ferry-init [--command-id N] [--listen PATH [--linger-ms N] [--buffer-bytes N] [--workspace DIR] "
-    "[--state-dir DIR] [--shell PATH] [--proxy-socket PATH [--proxy-port N]]] [-- argv...]";
+    "[--state-dir DIR] [--shell PATH] [--ripgrep PATH] [--proxy-socket PATH [--proxy-port N]]] [-- argv...] | "
+    "ferry-init --file-op [--workspace DIR] [--ripgrep PATH]";
 
 bool parse_number(const char* text, uint64_t max, uint64_t& out) {
   char* end = nullptr;
@@ -101,6 +108,10 @@ bool parse_arguments(int argc, char** argv, arguments& out, std::string& why) {
     if (a == "--") {
       ++i;
       break;
+    }
+    if (a == "--file-op") {
+      out.file_op = true;
+      continue;
     }
     if (i + 1 >= argc) {
       why = "unexpected argument `" + a + "`; " + usage;
@@ -140,6 +151,12 @@ bool parse_arguments(int argc, char** argv, arguments& out, std::string& why) {
     } else if (a == "--shell") {
       if (!path(out.shell))
         return bad(" (an absolute path)");
+    } else if (a == "--file-op-timeout-ms") {
+      if (!parse_number(value, 3'600'000, out.file_op_timeout_ms) || out.file_op_timeout_ms == 0)
+        return bad(" (1..3600000)");
+    } else if (a == "--ripgrep") {
+      if (!path(out.ripgrep))
+        return bad(" (an absolute path)");
     } else if (a == "--proxy-socket") {
       if (!path(out.proxy_socket) || out.proxy_socket.size() >= sizeof(sockaddr_un::sun_path))
         return bad(" (an absolute path, shorter than 108 bytes)");
@@ -154,6 +171,13 @@ bool parse_arguments(int argc, char** argv, arguments& out, std::string& why) {
   }
   for (; i < argc; ++i)
     out.argv.emplace_back(argv[i]);
+  if (out.file_op) {
+    if (!out.listen.empty() || !out.argv.empty()) {
+      why = "--file-op takes no --listen and no command";
+      return false;
+    }
+    return true;
+  }
   if (out.argv.empty() && out.listen.empty()) {
     why = std::string("no command given (stdio mode needs one); ") + usage;
     return false;
@@ -242,6 +266,12 @@ int run(int argc, char** argv) {
       [[maybe_unused]] bool ok = write_all(1, out.data(), out.size());
     }
     return 2;
+  }
+  if (args.file_op) {
+    file_op_config config;
+    config.workspace = args.workspace;
+    config.ripgrep = args.ripgrep;
+    return run_file_op(config);
   }
   if (!args.listen.empty()) {
     // Before the key is in memory: the commands run as the same uid (and they cannot attach

@@ -244,6 +244,25 @@ class hosted_sandbox final : public sandbox {
     return client_.write_stdin(command_id, data, close);
   }
   result<void> release() override { return client_.release(); }
+  result<file_text> read_file(const std::string& path, const read_options& o) override {
+    return client_.read_file(path, o);
+  }
+  result<file_written> write_file(const std::string& path, std::string_view content, uint32_t mode) override {
+    return client_.write_file(path, content, mode);
+  }
+  result<file_edited> edit_file(const std::string& path, std::string_view old_string, std::string_view new_string,
+                                bool replace_all) override {
+    return client_.edit_file(path, old_string, new_string, replace_all);
+  }
+  result<dir_listing> list_dir(const std::string& path, uint32_t max_entries) override {
+    return client_.list_dir(path, max_entries);
+  }
+  result<glob_matches> glob(const std::string& pattern, const glob_options& o) override {
+    return client_.glob(pattern, o);
+  }
+  result<grep_matches> grep(const std::string& pattern, const grep_options& o) override {
+    return client_.grep(pattern, o);
+  }
 
   void kill() override {
     {

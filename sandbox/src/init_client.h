@@ -12,11 +12,14 @@
 // which alone calls the observer and reads the accessors below serve().
 
 #include <chrono>
+#include <concepts>
+#include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <filesystem>
 #include <functional>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <set>
@@ -58,8 +61,18 @@ class init_client {
   result<void> signal(uint32_t command_id, int signo, bool whole_group);
   result<void> write_stdin(uint32_t command_id, std::string_view data, bool close);
   result<void> release();
-  /// Refuses further requests (errc::closed): the sandbox is ending or was detached.
+  /// Refuses further requests (errc::closed): the sandbox is ending or was detached. File
+  /// operations still waiting fail with errc::closed.
   void close();
+
+  // --- file operations: any thread but the reader; each blocks until ferry-init answers ---
+  result<file_text> read_file(const std::string& path, const read_options& options);
+  result<file_written> write_file(const std::string& path, std::string_view content, uint32_t mode);
+  result<file_edited> edit_file(const std::string& path, std::string_view old_string, std::string_view new_string,
+                                bool replace_all);
+  result<dir_listing> list_dir(const std::string& path, uint32_t max_entries);
+  result<glob_matches> glob(const std::string& pattern, const glob_options& options);
+  result<grep_matches> grep(const std::string& pattern, const grep_options& options);
 
   // --- reader thread, after serve() ---
   /// Why the connection is unusable: a bad frame, a message out of order, offsets that do not
@@ -81,12 +94,36 @@ class init_client {
   };
 
   result<void> enqueue(std::string frame, bool is_release = false);
+  /// One FileRequest: `build(fbb)` makes its op (returns the union type and offset); waits for the
+  /// answer and returns its FileResponse frame (FileError becomes the error).
+  struct file_op_body {
+    ferry::init::v1::FileOp type;
+    flatbuffers::Offset<void> offset;
+  };
+  result<std::string> file_request(const std::function<file_op_body(flatbuffers::FlatBufferBuilder&)>& build);
+  /// file_request() for one operation: the reply of type `want` converted by `convert`.
+  template <class Reply, class Out>
+  result<Out> file_call(ferry::init::v1::FileOp op, ferry::init::v1::FileReply want,
+                        const std::function<flatbuffers::Offset<void>(flatbuffers::FlatBufferBuilder&)>& build,
+                        const std::function<Out(const Reply&)>& convert);
+  /// A FileResponse or FileError from ferry-init: hands it to the waiting caller.
+  void file_answer(uint32_t request_id, std::string frame);
   result<void> read_message(int fd, std::chrono::steady_clock::time_point deadline);
   bool write_pending(int fd);
   void drain();
   void dispatch(const ferry::init::v1::InitMessage& m);
   void violation(std::string why);
   bool check(bool ok, std::string_view what);
+  /// The same, with the message built by `why()` only when the check fails: dispatch runs for
+  /// every frame, and formatting each check's message for every Output frame that passes cost an
+  /// allocation per check on every sandbox's reader thread.
+  template <class Why>
+    requires std::invocable<Why&>
+  bool check(bool ok, Why&& why) {
+    if (!ok)
+      violation(why());
+    return ok;
+  }
   command_state* running(uint32_t id, std::string_view what);
 
   sandbox_observer& observer_;
@@ -113,6 +150,14 @@ class init_client {
   bool releasing_ = false;     // REQUIRES: mu_. release() was called (or the command line ended)
   std::set<uint32_t> active_;  // REQUIRES: mu_. ids requested, resumed or running, not ended
   unique_fd wake_;             // eventfd: the queue has frames
+  struct file_waiter {
+    bool done = false;
+    std::string frame;                  // the answer (FileResponse or FileError)
+    std::optional<error_info> failure;  // no answer: the sandbox ended, or a timeout
+  };
+  uint32_t next_request_id_ = 1;                                // REQUIRES: mu_
+  std::map<uint32_t, std::shared_ptr<file_waiter>> file_ops_;  // REQUIRES: mu_. waiting for an answer
+  std::condition_variable file_cv_;                             // a file_waiter is done
 };
 
 }  // namespace ferry::sandbox::detail

@@ -496,3 +496,84 @@ BOOST_AUTO_TEST_CASE(hostile_frames_from_ferry_init_never_crash_the_host) {
   BOOST_TEST(errors > 100);
   BOOST_TEST(clean > 10);
 }
+
+BOOST_FIXTURE_TEST_CASE(file_operations_block_until_answered_and_map_errors, pair_fixture) {
+  recording_observer obs;
+  init_client c(obs, {}, std::nullopt);
+  BOOST_REQUIRE(handshake(c).ok());
+  std::thread reader([&] { c.serve(host, [] { return false; }); });
+  // The scripted ferry-init answers each request as it comes: a ReadResult, a NotUnique error, a
+  // GrepResult, then an answer to a request never made (a protocol error).
+  std::thread script([&] {
+    for (int i = 0; i < 3; ++i) {
+      const v1::InitMessage* m = heard(10s);
+      if (!m || m->message_type() != v1::Message::FileRequest)
+        return;
+      const auto* r = m->message_as_FileRequest();
+      flatbuffers::FlatBufferBuilder fbb;
+      if (r->op_type() == v1::FileOp::ReadFile) {
+        BOOST_TEST(r->op_as_ReadFile()->path()->str() == "src/a.cpp");
+        BOOST_TEST(r->op_as_ReadFile()->offset() == 3u);
+        auto res = v1::CreateReadResult(fbb, fbb.CreateString("/workspace/src/a.cpp"), fbb.CreateString("     3\tx\n"), 3, 1,
+                                        false, true, 4, 99);
+        say(frame(fbb, v1::Message::FileResponse, v1::CreateFileResponse(fbb, r->request_id(), v1::FileReply::ReadResult, res.Union())));
+      } else if (r->op_type() == v1::FileOp::EditFile) {
+        say(frame(fbb, v1::Message::FileError,
+                  v1::CreateFileError(fbb, r->request_id(), v1::FileErrorCode::NotUnique, fbb.CreateString("/w/a: occurs 2 times"))));
+      } else {
+        std::vector<flatbuffers::Offset<v1::GrepLine>> lines{
+            v1::CreateGrepLine(fbb, fbb.CreateString("a.cpp"), 7, fbb.CreateString("int x;"), true)};
+        auto res = v1::CreateGrepResult(fbb, fbb.CreateString("/workspace"), fbb.CreateVector(lines), 1, 1, false,
+                                        fbb.CreateString("rg"));
+        say(frame(fbb, v1::Message::FileResponse, v1::CreateFileResponse(fbb, r->request_id(), v1::FileReply::GrepResult, res.Union())));
+      }
+    }
+  });
+  ferry::sandbox::read_options ro;
+  ro.offset = 3;
+  auto t = c.read_file("src/a.cpp", ro);
+  BOOST_REQUIRE_MESSAGE(t.ok(), (t.ok() ? "" : t.error().message));
+  BOOST_TEST(t->content == "     3\tx\n");
+  BOOST_TEST(t->more);
+  BOOST_TEST(t->next_line == 4u);
+  BOOST_TEST(t->size == 99u);
+  auto e = c.edit_file("a", "x", "y", false);
+  BOOST_REQUIRE(!e.ok());
+  BOOST_TEST((e.error().code == ferry::errc::invalid_argument));
+  BOOST_TEST(e.error().message == "/w/a: occurs 2 times");
+  auto g = c.grep("int", {});
+  BOOST_REQUIRE(g.ok());
+  BOOST_TEST(g->engine == "rg");
+  BOOST_REQUIRE(g->lines.size() == 1u);
+  BOOST_TEST(g->lines[0].line == 7u);
+  BOOST_TEST(g->lines[0].match);
+  script.join();
+  // An answer nobody asked for: a protocol error, which ends serve(); a caller still waiting
+  // (none here) and any later one get errc::closed once the client is closed.
+  {
+    flatbuffers::FlatBufferBuilder fbb;
+    say(frame(fbb, v1::Message::FileError, v1::CreateFileError(fbb, 999, v1::FileErrorCode::Failed, fbb.CreateString("?"))));
+  }
+  reader.join();
+  BOOST_REQUIRE(c.protocol_error());
+  BOOST_TEST(c.protocol_error()->find("file answer for request 999, which was never made") != std::string::npos);
+  c.close();
+  BOOST_TEST((c.list_dir("", 10).error().code == ferry::errc::closed));
+}
+
+BOOST_FIXTURE_TEST_CASE(a_file_operation_waiting_when_the_sandbox_ends_fails_closed, pair_fixture) {
+  recording_observer obs;
+  init_client c(obs, {}, std::nullopt);
+  BOOST_REQUIRE(handshake(c).ok());
+  std::thread reader([&] { c.serve(host, [] { return false; }); });
+  std::thread caller([&] {
+    auto r = c.glob("**/*.cpp", {});
+    BOOST_REQUIRE(!r.ok());
+    BOOST_TEST((r.error().code == ferry::errc::closed), r.error().message);
+  });
+  BOOST_REQUIRE(heard());  // the request: never answered
+  close_init();
+  reader.join();
+  c.close();  // what the runtime does once serve() returned
+  caller.join();
+}

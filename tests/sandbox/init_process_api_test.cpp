@@ -1,7 +1,7 @@
 #define BOOST_TEST_MODULE sandbox_init_process_api
 #include <boost/test/unit_test.hpp>
 
-// ferry-init's process API (protocol 3) on the host, in socket mode, talked to frame by frame:
+// ferry-init's process API (protocol 4) on the host, in socket mode, talked to frame by frame:
 // Run (argv, shell, env, cwd, pty, timeout, stdin, output limit), Signal, Stdin, persistent shell
 // sessions, several commands at once, re-attach with several commands, Release, the HTTP
 // forwarder, backpressure and memory, and hostile frames (a fixed-seed fuzz loop). The same

@@ -323,7 +323,7 @@ BOOST_AUTO_TEST_CASE(decoder_survives_every_single_byte_corruption) {
 }
 
 // --- socket mode (--listen): what every runsc sandbox runs ------------------------------------
-// The command line's part of the process API (protocol 2 behaviour kept in protocol 3); Run,
+// The command line's part of the process API (protocol 2 behaviour kept in protocols 3 and 4); Run,
 // Signal and the rest are in init_process_api_test.
 
 namespace {

@@ -128,6 +128,12 @@ inline event flatten(const v1::InitMessage& m) {
       e.data = str_of(c->message());
       break;
     }
+    case v1::Message::FileError: {
+      auto* f = m.message_as_FileError();
+      e.command_id = f->request_id();
+      e.data = str_of(f->message());
+      break;
+    }
     case v1::Message::OutputTruncated: {
       auto* t = m.message_as_OutputTruncated();
       e.command_id = t->command_id();
@@ -277,6 +283,7 @@ struct init_connection {
   frame_decoder decoder;
   std::map<uint32_t, command_story> stories;
   std::vector<event> events;  // everything received, in order
+  std::map<uint32_t, std::string> file_answers;  // FileResponse / FileError frames by request id
   bool keep_output = true;    // false: Output is counted (offsets checked), its bytes not kept
   ferry::wire::handshake_key key{};           // the sandbox's key (the listening_init's)
   std::optional<std::string> hello_nonce;     // from ferry-init's Hello
@@ -320,6 +327,11 @@ struct init_connection {
     for (;;) {
       auto st = decoder.next();
       if (st == frame_decoder::status::message) {
+        const auto type = decoder.msg()->message_type();
+        if (type == v1::Message::FileResponse)
+          file_answers[decoder.msg()->message_as_FileResponse()->request_id()] = decoder.frame();
+        else if (type == v1::Message::FileError)
+          file_answers[decoder.msg()->message_as_FileError()->request_id()] = decoder.frame();
         event e = flatten(*decoder.msg());
         record(e);
         return e;

@@ -367,6 +367,57 @@ BOOST_FIXTURE_TEST_CASE(the_http_forwarder_is_the_way_out_through_the_egress_soc
   release_and_check(*sb, obs);
 }
 
+// --- file operations ------------------------------------------------------------------------------
+
+BOOST_FIXTURE_TEST_CASE(file_operations_work_inside_a_real_sandbox, fixture) {
+  recording_observer obs;
+  const auto id = unique_id("files");
+  auto sb = start_idle(id, obs);
+  auto w = sb->write_file("src/a.cpp", "int helper();\nint main() { return helper(); }\n");
+  BOOST_REQUIRE_MESSAGE(w.ok(), (w.ok() ? "" : w.error().message));
+  BOOST_TEST(w->created);
+  BOOST_TEST(w->path == "/workspace/src/a.cpp");
+  BOOST_TEST(testing::read_proc_file(sandbox_dir(id) / "workspace/src/a.cpp").find("int main()") == 14u);
+  auto r = sb->read_file("src/a.cpp", {2, 1});
+  BOOST_REQUIRE_MESSAGE(r.ok(), (r.ok() ? "" : r.error().message));
+  BOOST_TEST(r->content == "     2\tint main() { return helper(); }\n");
+  auto e = sb->edit_file("/workspace/src/a.cpp", "return helper();", "return 0;");
+  BOOST_REQUIRE_MESSAGE(e.ok(), (e.ok() ? "" : e.error().message));
+  BOOST_TEST(e->replacements == 1u);
+  BOOST_REQUIRE(sb->write_file("src/b.h", "int helper();\n").ok());
+  auto l = sb->list_dir("src");
+  BOOST_REQUIRE_MESSAGE(l.ok(), (l.ok() ? "" : l.error().message));
+  BOOST_REQUIRE(l->entries.size() == 2u);
+  BOOST_TEST(l->entries[0].name == "a.cpp");
+  BOOST_TEST((l->entries[1].type == file_type::file));
+  auto g = sb->glob("**/*.h");
+  BOOST_REQUIRE_MESSAGE(g.ok(), (g.ok() ? "" : g.error().message));
+  BOOST_TEST((g->matches == std::vector<std::string>{"src/b.h"}));
+  auto found = sb->grep("helper", {});
+  BOOST_REQUIRE_MESSAGE(found.ok(), (found.ok() ? "" : found.error().message));
+  // The host-tree root binds the host's /usr: ripgrep when the host has it.
+  BOOST_TEST(found->engine == (::access("/usr/bin/rg", X_OK) == 0 ? "rg" : "posix"));
+  BOOST_REQUIRE(found->lines.size() == 2u);
+  BOOST_TEST(found->lines[0].path == "src/a.cpp");
+  BOOST_TEST(found->lines[0].line == 1u);
+  BOOST_TEST(found->lines[1].path == "src/b.h");
+  // Errors, typed: a missing file, the read-only root, a binary file.
+  auto missing = sb->read_file("nope.txt");
+  BOOST_REQUIRE(!missing.ok());
+  BOOST_TEST((missing.error().code == ferry::errc::not_found), missing.error().message);
+  auto ro = sb->write_file("/usr/ferry-test", "x");
+  BOOST_REQUIRE(!ro.ok());
+  BOOST_TEST(ro.error().message.find("read-only file system") != std::string::npos, ro.error().message);
+  BOOST_REQUIRE(sb->write_file("/tmp/bin", std::string("\0\1\2", 3)).ok());  // outside the workspace: allowed
+  auto bin = sb->read_file("/tmp/bin");
+  BOOST_REQUIRE(!bin.ok());
+  BOOST_TEST(bin.error().message.find("binary") != std::string::npos, bin.error().message);
+  // Commands and file operations side by side.
+  run(*sb, obs, shell(1, "cat src/a.cpp"));
+  BOOST_TEST(obs.output(1u, 0) == "int helper();\nint main() { return 0; }\n");
+  release_and_check(*sb, obs);
+}
+
 // --- the control socket when commands can reach it (--host-uds=all, with an egress socket) ------
 
 namespace {

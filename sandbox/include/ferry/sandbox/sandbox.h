@@ -119,6 +119,102 @@ struct command_exit {
   std::string output_path;
 };
 
+// --- file operations for the agent's tools (sandbox::read_file …) ---------------------------------
+// Paths are relative to /workspace unless absolute (inside the sandbox: the sandbox is the
+// boundary); a NUL byte is refused. Each call blocks its caller until ferry-init answers (it runs
+// every operation in a child process, killed after 30 s), so it must not be called from the
+// sandbox's own observer. Errors: errc::not_found (no such file or directory),
+// errc::invalid_argument (a bad request, a directory where a file is needed or the reverse, a
+// binary file, a file or content over its limit, an edit's old string absent or not unique),
+// errc::busy (16 operations in progress), errc::closed (the sandbox is ending), errc::failed
+// (permission denied, a timeout, anything else); the message says which, naming the path.
+
+enum class file_type { file, directory, symlink, other };
+
+struct read_options {
+  /// First line, 1-based (0 = 1).
+  uint64_t offset = 0;
+  /// Lines at most; 0 = as many as max_bytes allows.
+  uint64_t limit = 0;
+  /// Size of file_text::content at most (≤ 768 KiB).
+  uint64_t max_bytes = 256u << 10;
+};
+
+/// Lines of a text file (read_file).
+struct file_text {
+  std::string path;  ///< absolute
+  /// "<number>\t<line>\n" per line, the number right-aligned in 6 columns (as `cat -n`).
+  std::string content;
+  uint64_t first_line = 0;  ///< 0 when there is no line at the offset
+  uint64_t lines = 0;
+  /// The byte cap ended it before `limit` lines (the last one may be cut): read on from next_line.
+  bool truncated = false;
+  bool more = false;  ///< lines follow the ones returned
+  uint64_t next_line = 0;
+  uint64_t size = 0;  ///< the file's size in bytes
+};
+
+struct file_written {
+  std::string path;
+  uint64_t bytes = 0;
+  bool created = false;
+};
+
+struct file_edited {
+  std::string path;
+  uint64_t replacements = 0;
+  uint64_t bytes = 0;  ///< the new size
+};
+
+struct dir_entry {
+  std::string name;
+  file_type type = file_type::other;
+  uint64_t size = 0;
+};
+
+struct dir_listing {
+  std::string path;
+  std::vector<dir_entry> entries;  ///< sorted by name
+  uint64_t total = 0;              ///< entries in the directory
+  bool truncated = false;
+};
+
+struct glob_options {
+  std::string path;  ///< where a relative pattern starts; empty: /workspace
+  uint32_t max_results = 1000;
+  bool include_git = false;  ///< descend into .git directories
+};
+
+struct glob_matches {
+  std::string path;                  ///< what the matches are relative to
+  std::vector<std::string> matches;  ///< sorted
+  bool truncated = false;
+};
+
+struct grep_options {
+  std::string path;  ///< file or directory; empty: /workspace
+  std::string glob;  ///< only files whose name matches (e.g. "*.cpp")
+  bool ignore_case = false;
+  uint32_t context = 0;  ///< lines before and after each match (≤ 20)
+  uint32_t max_matches = 200;
+};
+
+struct grep_line {
+  std::string path;  ///< relative to grep_matches::path
+  uint64_t line = 0;
+  std::string text;
+  bool match = false;  ///< else a context line
+};
+
+struct grep_matches {
+  std::string path;
+  std::vector<grep_line> lines;  ///< by file, then line
+  uint32_t matches = 0;
+  uint32_t files = 0;
+  bool truncated = false;
+  std::string engine;  ///< "rg" (the image has ripgrep) or "posix" (ferry-init's own)
+};
+
 /// Receives what happens in one sandbox. Called on the sandbox's reader thread, in order:
 ///   on_running, then per command: on_command_started (on_output | on_output_gap)*
 ///   on_output_truncated? on_command_ended — or only on_command_failed; and at the end
@@ -187,6 +283,23 @@ class sandbox {
   /// Ends the sandbox normally: ferry-init kills every process and exits; on_ended(nullopt)
   /// follows once everything is cleaned up. errc::closed if it is already ending.
   virtual result<void> release() = 0;
+
+  // File operations (see above): each blocks until ferry-init answers. REQUIRES: not called from
+  // this sandbox's observer.
+  /// `limit` lines from line `offset`, numbered, within a byte cap; a binary file is an error.
+  virtual result<file_text> read_file(const std::string& path, const read_options& options = {}) = 0;
+  /// Writes the whole file atomically (parents created; an existing file keeps its mode; `mode`
+  /// for a new one, 0 = 0644). At most 768 KiB.
+  virtual result<file_written> write_file(const std::string& path, std::string_view content, uint32_t mode = 0) = 0;
+  /// Replaces `old_string` (which must occur exactly once unless `replace_all`) by `new_string`.
+  virtual result<file_edited> edit_file(const std::string& path, std::string_view old_string,
+                                        std::string_view new_string, bool replace_all = false) = 0;
+  /// A directory's entries (not recursive), sorted; empty path: /workspace.
+  virtual result<dir_listing> list_dir(const std::string& path, uint32_t max_entries = 1000) = 0;
+  /// Files matching a pattern with `**`, `*`, `?`, `[...]` (e.g. "src/**/*.cpp").
+  virtual result<glob_matches> glob(const std::string& pattern, const glob_options& options = {}) = 0;
+  /// Lines matching a regular expression (ripgrep's syntax if the image has it, else POSIX ERE).
+  virtual result<grep_matches> grep(const std::string& pattern, const grep_options& options = {}) = 0;
   /// Kills every process of the sandbox at once: SIGKILL to its host processes through pidfds
   /// (runsc: Sentry, gofer and the Sentry's stub processes; bwrap: ferry-init, which takes its
   /// PID namespace along, and bwrap), then waits until they have all exited.
