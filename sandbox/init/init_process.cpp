@@ -4,7 +4,6 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
-#include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -15,6 +14,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include "file_ops.h"
 #include "util.h"
 
 extern char** environ;
@@ -24,7 +24,9 @@ namespace {
 
 using ferry::wire::max_output_chunk;
 
-constexpr uint64_t attach_timeout_ms = 10'000;  // from Hello to the host's Attach
+// From Hello to a valid Attach: a connection that has not authenticated may not hold the one
+// host slot for long (a real host answers Hello within milliseconds).
+constexpr uint64_t attach_timeout_ms = 2'000;
 constexpr uint64_t chunk_overhead = 64;  // counted per kept chunk, so tiny writes stay bounded
 constexpr size_t max_running = 64;              // commands running at once
 constexpr size_t max_resume_entries = 4096;     // in one Attach
@@ -47,30 +49,6 @@ void on_posix_signal(int sig) {
   unsigned char b = static_cast<unsigned char>(sig);
   [[maybe_unused]] ssize_t n = ::write(signal_pipe_write, &b, 1);
   errno = saved;
-}
-
-std::string random_token() {
-  unsigned char bytes[16];
-  size_t got = 0;
-  while (got < sizeof bytes) {
-    ssize_t n = ::getrandom(bytes + got, sizeof bytes - got, 0);
-    if (n < 0 && errno == EINTR)
-      continue;
-    if (n <= 0)
-      break;
-    got += static_cast<size_t>(n);
-  }
-  if (got < sizeof bytes) {  // no getrandom: still unique per boot, but guessable
-    uint64_t t = now_ms() ^ (static_cast<uint64_t>(::getpid()) << 32);
-    std::memcpy(bytes, &t, sizeof t);
-  }
-  static const char hex[] = "0123456789abcdef";
-  std::string s;
-  for (unsigned char b : bytes) {
-    s += hex[b >> 4];
-    s += hex[b & 15];
-  }
-  return s;
 }
 
 std::string clip(std::string s) {
@@ -115,7 +93,7 @@ const stream_buffer::chunk& stream_buffer::chunk_at(uint64_t offset) const {
 }
 
 init_process::init_process(arguments args)
-    : args_(std::move(args)), instance_(random_token()), fbb_(max_output_chunk + 256), read_buf_(max_output_chunk) {
+    : args_(std::move(args)), fbb_(max_output_chunk + 256), read_buf_(max_output_chunk) {
   for (char** e = environ; e && *e; ++e)
     base_env_.emplace_back(*e);
 }
@@ -142,9 +120,13 @@ void init_process::send(connection& c, v1::Message type, flatbuffers::Offset<T> 
 
 void init_process::send_hello(connection& c) {
   fbb_.Clear();
-  auto instance = c.stdio ? flatbuffers::Offset<flatbuffers::String>() : fbb_.CreateString(instance_);
+  if (!c.stdio && !ferry::wire::random_bytes(c.nonce)) {
+    drop(c, "cannot draw a nonce for a host connection (RAND_bytes failed)");
+    return;
+  }
+  auto nonce = c.stdio ? flatbuffers::Offset<flatbuffers::Vector<uint8_t>>() : fbb_.CreateVector(c.nonce.data(), c.nonce.size());
   auto h = v1::CreateHello(fbb_, c.stdio ? ferry::wire::stdio_protocol : ferry::wire::socket_protocol,
-                           static_cast<int32_t>(::getpid()), instance);
+                           static_cast<int32_t>(::getpid()), nonce);
   send(c, v1::Message::Hello, h);
 }
 
@@ -396,8 +378,17 @@ void init_process::reap_children() {
     if (r < 0)
       continue;
     auto it = pids_.find(r);
-    if (it == pids_.end())
-      continue;  // an orphan that PID 1 inherited
+    if (it == pids_.end()) {
+      for (auto& [id, op] : file_ops_) {
+        if (op.pid == r) {
+          op.reaped = true;
+          op.status = st;
+          check_file_op(op);
+          break;
+        }
+      }
+      continue;  // or an orphan that PID 1 inherited
+    }
     command* cmd = find(it->second);
     pids_.erase(it);
     if (!cmd)
@@ -522,6 +513,10 @@ void init_process::kill_everything() {
   if (::getpid() == 1)
     ::kill(-1, SIGKILL);  // every process in the sandbox but PID 1
   signal_running(SIGKILL, false);
+  for (auto& [id, op] : file_ops_) {
+    if (!op.reaped)
+      ::kill(-op.pid, SIGKILL);
+  }
 }
 
 void init_process::check_deadlines(uint64_t now, int& timeout_ms) {
@@ -529,6 +524,17 @@ void init_process::check_deadlines(uint64_t now, int& timeout_ms) {
     int ms = t <= now ? 0 : static_cast<int>(std::min<uint64_t>(t - now, 1u << 30));
     timeout_ms = timeout_ms < 0 ? ms : std::min(timeout_ms, ms);
   };
+  for (auto it = file_ops_.begin(); it != file_ops_.end();) {
+    file_op_child& op = (it++)->second;  // check_file_op may erase it
+    if (op.reaped)
+      continue;
+    if (now >= op.deadline && !op.timed_out) {
+      op.timed_out = true;
+      ::kill(-op.pid, SIGKILL);
+    } else if (!op.timed_out) {
+      wake_at(op.deadline);
+    }
+  }
   for (auto& [id, cmd] : commands_) {
     if (cmd->state != command::phase::running)
       continue;
@@ -566,6 +572,12 @@ void init_process::accept_host() {
     pollfd p{conn_.fd, POLLIN | POLLRDHUP, 0};
     if (::poll(&p, 1, 0) > 0 && (p.revents & (POLLHUP | POLLERR | POLLRDHUP)))
       drop(conn_, "");
+  }
+  if (conn_.fd >= 0 && !conn_.attached) {
+    // Not authenticated yet: whatever it is (a stray connection, a command probing the socket,
+    // a host that stalled), it does not keep the sandbox from a host that can prove the key.
+    send_error(conn_, "another connection arrived before this one authenticated");
+    drop(conn_, "");
   }
   if (conn_.fd >= 0) {
     connection refused;
@@ -619,6 +631,8 @@ void init_process::on_host_message(const v1::InitMessage& m) {
     case v1::Message::Release:
       released_ = true;
       return;
+    case v1::Message::FileRequest:
+      return on_file_request(*m.message_as_FileRequest(), conn_.decoder.frame());
     default:
       return refuse("unexpected message type " + std::to_string(static_cast<int>(type)) + " from the host");
   }
@@ -645,6 +659,15 @@ void init_process::on_attach(const v1::Attach& a) {
   if (a.protocol() != ferry::wire::socket_protocol)
     return refuse("unsupported host protocol " + std::to_string(a.protocol()) + " (this ferry-init speaks " +
                   std::to_string(ferry::wire::socket_protocol) + ")");
+  // The host proves it knows the key over our fresh nonce; nothing in the Attach is looked at
+  // before that.
+  const auto host_nonce = ferry::wire::nonce_from(a.nonce() ? a.nonce()->data() : nullptr, a.nonce() ? a.nonce()->size() : 0);
+  if (!host_nonce || !ferry::wire::proof_matches(ferry::wire::host_proof(args_.key, conn_.nonce, *host_nonce),
+                                                 a.mac() ? a.mac()->data() : nullptr, a.mac() ? a.mac()->size() : 0))
+    return refuse("authentication failed: the Attach does not prove this sandbox's key");
+  const auto proof = ferry::wire::init_proof(args_.key, *host_nonce, conn_.nonce);
+  if (!proof)
+    return refuse("cannot compute the proof for Attached (HMAC failed)");
   std::map<uint32_t, const v1::Resume*> given;
   if (const auto* list = a.resume()) {
     if (list->size() > max_resume_entries)
@@ -666,6 +689,7 @@ void init_process::on_attach(const v1::Attach& a) {
     }
   }
   conn_.attached = true;
+  ++host_generation_;
   std::vector<uint32_t> unknown;
   for (const auto& [id, r] : given) {
     command* cmd = find(id);
@@ -685,8 +709,9 @@ void init_process::on_attach(const v1::Attach& a) {
   const bool starts_command_line =
       std::any_of(commands_.begin(), commands_.end(), [](const auto& kv) { return kv.second->state == command::phase::pending; });
   fbb_.Clear();
+  auto mac = fbb_.CreateVector(proof->data(), proof->size());
   auto att = v1::CreateAttached(fbb_, static_cast<uint32_t>(commands_.size()),
-                                static_cast<uint32_t>(running_count() + (starts_command_line ? 1 : 0)));
+                                static_cast<uint32_t>(running_count() + (starts_command_line ? 1 : 0)), mac);
   send(conn_, v1::Message::Attached, att);
   for (uint32_t id : unknown)
     send_command_error(id, v1::CommandErrorCode::UnknownCommand,
@@ -868,6 +893,117 @@ void init_process::on_stdin(const v1::Stdin& s) {
   write_stdin(*cmd);
 }
 
+// --- file operations ------------------------------------------------------------------------------
+
+void init_process::send_file_error(uint32_t request_id, v1::FileErrorCode code, const std::string& message) {
+  conn_.out += file_error_frame(request_id, code, clip(message));
+  flush(conn_);
+}
+
+void init_process::on_file_request(const v1::FileRequest& r, std::string frame) {
+  const uint32_t id = r.request_id();
+  if (file_ops_.count(id))
+    return send_file_error(id, v1::FileErrorCode::DuplicateId, "file request " + std::to_string(id) + " is in progress");
+  if (file_ops_.size() >= max_file_ops)
+    return send_file_error(id, v1::FileErrorCode::TooMany, std::to_string(max_file_ops) + " file operations are in progress");
+  if (r.op_type() == v1::FileOp::NONE)
+    return send_file_error(id, v1::FileErrorCode::BadRequest, "file request " + std::to_string(id) + " names no operation");
+  // In a child of its own (file_ops.h): the request as it came on its stdin, the answer frame on
+  // its stdout. Nothing of ours but the binary: it is exec'd afresh.
+  spawn_request req;
+  req.argv = {args_.self, "--file-op", "--workspace", args_.workspace, "--ripgrep", args_.ripgrep};
+  req.env = base_env_;
+  req.null_stdin = false;
+  spawned s;
+  spawn_failure why;
+  if (!spawn_command(req, s, why))
+    return send_file_error(id, v1::FileErrorCode::Failed, "cannot start the file operation: " + why.message);
+  file_op_child op;
+  op.request_id = id;
+  op.pid = s.pid;
+  op.in_fd = s.in_fd;
+  op.out_fd = s.out_fd;
+  op.err_fd = s.err_fd;
+  op.in_pending = std::move(frame);
+  op.deadline = now_ms() + args_.file_op_timeout_ms;
+  op.host_generation = host_generation_;
+  auto& placed = file_ops_.emplace(id, std::move(op)).first->second;
+  write_file_op(placed);
+}
+
+void init_process::write_file_op(file_op_child& op) {
+  while (op.in_fd >= 0 && !op.in_pending.empty()) {
+    ssize_t w = ::write(op.in_fd, op.in_pending.data(), op.in_pending.size());
+    if (w < 0 && errno == EINTR)
+      continue;
+    if (w < 0 && errno == EAGAIN)
+      return;
+    if (w < 0) {
+      op.in_pending.clear();  // it died: its status says so
+      break;
+    }
+    op.in_pending.erase(0, static_cast<size_t>(w));
+  }
+  close_fd(op.in_fd);  // all written: end of file for the child
+}
+
+void init_process::read_file_op(file_op_child& op, int& fd, std::string& into, size_t cap) {
+  char buf[65536];
+  ssize_t n = ::read(fd, buf, sizeof buf);
+  if (n < 0 && (errno == EINTR || errno == EAGAIN))
+    return;
+  if (n <= 0) {
+    close_fd(fd);
+    check_file_op(op);
+    return;
+  }
+  if (into.size() + static_cast<size_t>(n) > cap) {
+    if (&into == &op.out && !op.too_large) {
+      op.too_large = true;  // more than a frame: it is not going to be a valid answer
+      ::kill(-op.pid, SIGKILL);
+    }
+    return;
+  }
+  into.append(buf, static_cast<size_t>(n));
+}
+
+void init_process::check_file_op(file_op_child& op) {
+  if (!op.reaped || op.out_fd >= 0 || op.err_fd >= 0)
+    return;
+  const uint32_t id = op.request_id;
+  std::string answer;
+  if (op.timed_out) {
+    answer = file_error_frame(id, v1::FileErrorCode::Timeout,
+                              "the file operation did not finish within " + std::to_string(args_.file_op_timeout_ms) +
+                                  " ms and was killed");
+  } else {
+    ferry::wire::frame_decoder d;
+    d.feed(op.out.data(), op.out.size());
+    const bool one_frame = d.next() == ferry::wire::frame_decoder::status::message && d.pending() == 0;
+    const auto type = one_frame ? d.msg()->message_type() : v1::Message::NONE;
+    const bool ours = (type == v1::Message::FileResponse && d.msg()->message_as_FileResponse()->request_id() == id) ||
+                      (type == v1::Message::FileError && d.msg()->message_as_FileError()->request_id() == id);
+    if (ours && !op.too_large) {
+      answer = std::move(op.out);
+    } else {
+      std::string how = WIFSIGNALED(op.status) ? "killed by signal " + std::to_string(WTERMSIG(op.status))
+                                               : "exit status " + std::to_string(WEXITSTATUS(op.status));
+      if (op.too_large)
+        how = "its answer exceeded a frame";
+      while (!op.err.empty() && op.err.back() == '\n')
+        op.err.pop_back();
+      answer = file_error_frame(id, v1::FileErrorCode::Failed,
+                                "the file operation failed (" + how + ")" + (op.err.empty() ? "" : ": " + op.err));
+    }
+  }
+  const bool same_host = conn_.fd >= 0 && conn_.attached && op.host_generation == host_generation_;
+  file_ops_.erase(id);
+  if (same_host) {
+    conn_.out += answer;
+    flush(conn_);
+  }
+}
+
 void init_process::pump(connection& c) {
   while (c.fd >= 0 && c.attached && c.out.size() < max_output_chunk) {
     command* best = nullptr;
@@ -1016,6 +1152,12 @@ int init_process::run() {
     ::sigaction(s, &sa, nullptr);
   // Outside a sandbox (tests), adopt the commands' orphans as PID 1 would. Best effort.
   ::prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+  if (args_.self.empty()) {
+    // File operations run in children exec'd from this binary (/.ferry/init in a sandbox).
+    char self[4096];
+    ssize_t n = ::readlink("/proc/self/exe", self, sizeof self - 1);
+    args_.self = n > 0 ? std::string(self, static_cast<size_t>(n)) : std::string("/.ferry/init");
+  }
 
   if (!args_.proxy_socket.empty()) {
     std::string why;
@@ -1056,8 +1198,8 @@ int init_process::run() {
     }
     cmd.view.visible = true;
   } else {
-    // The commands run as the same uid: keep them out of our memory and fds.
-    ::prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+    // main() made us non-dumpable before reading the key: the commands run as the same uid, and
+    // may read neither our memory nor our fds.
     listen_fd_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     sockaddr_un addr{};
     addr.sun_family = AF_UNIX;
@@ -1069,7 +1211,7 @@ int init_process::run() {
     }
   }
 
-  enum class slot_kind { signals, listener, host, stream, input };
+  enum class slot_kind { signals, listener, host, stream, input, file_in, file_out, file_err };
   struct slot {
     slot_kind kind;
     uint32_t command_id = 0;
@@ -1139,6 +1281,20 @@ int init_process::run() {
         slots.push_back({slot_kind::input, id, 0, cmd->stdin_fd});
       }
     }
+    for (auto& [id, op] : file_ops_) {
+      if (op.in_fd >= 0) {
+        fds.push_back({op.in_fd, POLLOUT, 0});
+        slots.push_back({slot_kind::file_in, id, 0, op.in_fd});
+      }
+      if (op.out_fd >= 0) {
+        fds.push_back({op.out_fd, POLLIN, 0});
+        slots.push_back({slot_kind::file_out, id, 0, op.out_fd});
+      }
+      if (op.err_fd >= 0) {
+        fds.push_back({op.err_fd, POLLIN, 0});
+        slots.push_back({slot_kind::file_err, id, 0, op.err_fd});
+      }
+    }
     if (listen_fd_ >= 0) {
       fds.push_back({listen_fd_, POLLIN, 0});
       slots.push_back({slot_kind::listener});
@@ -1189,6 +1345,21 @@ int init_process::run() {
           command* cmd = find(sl.command_id);
           if (cmd && cmd->stdin_fd == sl.fd)
             write_stdin(*cmd);
+          break;
+        }
+        case slot_kind::file_in:
+        case slot_kind::file_out:
+        case slot_kind::file_err: {
+          auto it = file_ops_.find(sl.command_id);
+          if (it == file_ops_.end())
+            break;
+          file_op_child& op = it->second;
+          if (sl.kind == slot_kind::file_in && op.in_fd == sl.fd)
+            write_file_op(op);
+          else if (sl.kind == slot_kind::file_out && op.out_fd == sl.fd)
+            read_file_op(op, op.out_fd, op.out, ferry::wire::max_frame_size + 4);
+          else if (sl.kind == slot_kind::file_err && op.err_fd == sl.fd)
+            read_file_op(op, op.err_fd, op.err, 4096);
           break;
         }
         case slot_kind::listener:

@@ -20,6 +20,7 @@
 #include <flatbuffers/flatbuffers.h>
 
 #include "ferry/schemas/frame.h"
+#include "ferry/schemas/handshake.h"
 #include "ferry/schemas/init_generated.h"
 #include "forwarder.h"
 #include "session.h"
@@ -43,7 +44,13 @@ struct arguments {
   std::string shell = "/bin/bash";
   std::string proxy_socket;  // empty: no HTTP forwarder
   uint16_t proxy_port = 3128;
+  std::string ripgrep = "/usr/bin/rg";  // grep's engine when executable (file_ops.h)
+  uint64_t file_op_timeout_ms = 30000;  // a file operation's child is killed after it
+  bool file_op = false;                 // --file-op: one file operation, stdin to stdout
+  std::string self;                     // this binary, for --file-op children (/proc/self/exe)
   std::vector<std::string> argv;  // the command line (may be empty in socket mode)
+  /// Socket mode: the sandbox's key, read from stdin at start (never from argv or env).
+  ferry::wire::handshake_key key{};
 };
 
 /// What a command wrote to one stream: the kept chunks, contiguous up to `end`.
@@ -115,12 +122,28 @@ struct command {
   uint64_t total_bytes() const { return streams[0].end + streams[1].end; }
 };
 
+/// A file operation in progress: a `ferry-init --file-op` child with the request on its stdin.
+struct file_op_child {
+  uint32_t request_id = 0;
+  pid_t pid = -1;        // also its process group
+  int in_fd = -1, out_fd = -1, err_fd = -1;
+  std::string in_pending;  // the request frame, not yet written
+  std::string out;         // its answer frame so far
+  std::string err;         // its diagnostics (the first 4 KiB)
+  uint64_t deadline = 0;
+  uint64_t host_generation = 0;  // the host that asked: only that one gets the answer
+  bool reaped = false;
+  int status = 0;
+  bool timed_out = false, too_large = false;
+};
+
 /// One host connection (socket mode), or fd 1 (stdio mode).
 struct connection {
   int fd = -1;
   bool stdio = false;
-  bool attached = false;  // Attach received (always in stdio mode)
+  bool attached = false;  // a valid Attach received (always in stdio mode)
   uint64_t attach_deadline = 0;
+  ferry::wire::handshake_nonce nonce{};  // sent in Hello: the host's proof must cover it
   ferry::wire::frame_decoder decoder;
   std::string out;  // frames not yet written (socket mode)
 };
@@ -178,16 +201,22 @@ class init_process {
   void on_run(const v1::Run& r);
   void on_signal(const v1::Signal& s);
   void on_stdin(const v1::Stdin& s);
+  void on_file_request(const v1::FileRequest& r, std::string frame);
+  void send_file_error(uint32_t request_id, v1::FileErrorCode code, const std::string& message);
+  void read_file_op(file_op_child& op, int& fd, std::string& into, size_t cap);
+  void write_file_op(file_op_child& op);
+  void check_file_op(file_op_child& op);
   void pump(connection& c);
   void show_to_host(command& cmd, uint64_t from_out, uint64_t from_err);
   int release();
 
   arguments args_;
-  std::string instance_;
   flatbuffers::FlatBufferBuilder fbb_;
   std::vector<std::string> base_env_;  // ferry-init's environment plus the proxy variables
 
   std::map<uint32_t, std::unique_ptr<command>> commands_;
+  std::map<uint32_t, file_op_child> file_ops_;  // by request id
+  uint64_t host_generation_ = 0;              // bumped by every accepted Attach
   std::map<pid_t, uint32_t> pids_;            // running commands' processes
   std::set<std::string> busy_sessions_;
   std::deque<uint32_t> finished_;             // done commands, oldest first

@@ -1,8 +1,10 @@
 // ferry-init: PID 1 of every sandbox, and the agent's process API inside it.
 //
 //   ferry-init [--command-id N] [--listen PATH [--linger-ms N] [--buffer-bytes N]
-//              [--workspace DIR] [--state-dir DIR] [--shell PATH]
+//              [--workspace DIR] [--state-dir DIR] [--shell PATH] [--ripgrep PATH]
+//              [--file-op-timeout-ms N]
 //              [--proxy-socket PATH [--proxy-port N]]] [-- argv...]
+//   ferry-init --file-op [--workspace DIR] [--ripgrep PATH]
 //
 // Speaks the framed protocol of schemas/init.fbs.
 //
@@ -14,8 +16,11 @@
 //
 // socket mode (--listen PATH; every runsc sandbox): ferry-init listens on a unix socket in a
 // directory bind-mounted from the host, so the sandbox does not depend on any host process.
-// Each connection gets Hello (with this ferry-init's random instance token), then must send
-// Attach (its resume offsets); the first Attach starts the command line (argv), if any, as
+// The sandbox's key (64 hex digits) comes on stdin, which is read to EOF at start and then
+// replaced by /dev/null. Each connection gets Hello (a fresh nonce), then must send an Attach
+// that proves the key (HMAC over both nonces; see schemas/include/ferry/schemas/handshake.h)
+// within 2 s, and gets Attached with ferry-init's own proof; the first Attach starts the
+// command line (argv), if any, as
 // command --command-id. The host then runs commands (Run), signals them (Signal), feeds their
 // stdin (Stdin) and ends the sandbox (Release). ferry-init reports each command's Started,
 // Output/OutputGap from the resume offsets, OutputTruncated, Exited — or CommandError. One host
@@ -38,6 +43,9 @@
 // - No command running and no host connected for --linger-ms (default 10 minutes): ferry-init
 //   gives up, kills what is left and exits 3.
 //
+// File operations (FileRequest): each runs in a child, this binary started with --file-op, which
+// reads the request frame on stdin and writes the answer frame on stdout (file_ops.h).
+//
 // The HTTP forwarder (--proxy-socket): 127.0.0.1:--proxy-port (default 3128) relayed to the unix
 // socket; every command gets HTTP_PROXY, HTTPS_PROXY (and lower-case) pointing at it, and
 // NO_PROXY=localhost,127.0.0.1.
@@ -52,18 +60,25 @@
 //
 // Trust: this runs inside the sandbox, next to the untrusted commands (same uid). It shares
 // nothing with host code but the wire schema, is linked statically, and is built without
-// sanitizers. In socket mode it is not dumpable, so the commands can neither read its memory
-// (the instance token) nor its fds through /proc. Frames from a host that fail to decode, or
+// sanitizers (libcrypto is linked in statically for the handshake's HMAC). In socket mode it
+// makes itself non-dumpable before it reads the key, so the commands (same uid) can neither read
+// its memory nor its fds through /proc; the key is never in its argv or environment, and its
+// stdin pipe is drained and closed before any command runs. Frames from a host that fail to decode, or
 // break the protocol, get Error and close that connection; ferry-init carries on. No exception
 // leaves main().
 
+#include <poll.h>
+#include <sys/prctl.h>
 #include <sys/un.h>
 #include <unistd.h>
+
+#include <openssl/crypto.h>
 
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 
+#include "file_ops.h"
 #include "init_process.h"
 #include "util.h"
 
@@ -73,7 +88,8 @@ using namespace ferry_init;
 
 constexpr const char* usage =
     "usage: ferry-init [--command-id N] [--listen PATH [--linger-ms N] [--buffer-bytes N] [--workspace DIR] "
-    "[--state-dir DIR] [--shell PATH] [--proxy-socket PATH [--proxy-port N]]] [-- argv...]";
+    "[--state-dir DIR] [--shell PATH] [--ripgrep PATH] [--proxy-socket PATH [--proxy-port N]]] [-- argv...] | "
+    "ferry-init --file-op [--workspace DIR] [--ripgrep PATH]";
 
 bool parse_number(const char* text, uint64_t max, uint64_t& out) {
   char* end = nullptr;
@@ -92,6 +108,10 @@ bool parse_arguments(int argc, char** argv, arguments& out, std::string& why) {
     if (a == "--") {
       ++i;
       break;
+    }
+    if (a == "--file-op") {
+      out.file_op = true;
+      continue;
     }
     if (i + 1 >= argc) {
       why = "unexpected argument `" + a + "`; " + usage;
@@ -131,6 +151,12 @@ bool parse_arguments(int argc, char** argv, arguments& out, std::string& why) {
     } else if (a == "--shell") {
       if (!path(out.shell))
         return bad(" (an absolute path)");
+    } else if (a == "--file-op-timeout-ms") {
+      if (!parse_number(value, 3'600'000, out.file_op_timeout_ms) || out.file_op_timeout_ms == 0)
+        return bad(" (1..3600000)");
+    } else if (a == "--ripgrep") {
+      if (!path(out.ripgrep))
+        return bad(" (an absolute path)");
     } else if (a == "--proxy-socket") {
       if (!path(out.proxy_socket) || out.proxy_socket.size() >= sizeof(sockaddr_un::sun_path))
         return bad(" (an absolute path, shorter than 108 bytes)");
@@ -145,6 +171,13 @@ bool parse_arguments(int argc, char** argv, arguments& out, std::string& why) {
   }
   for (; i < argc; ++i)
     out.argv.emplace_back(argv[i]);
+  if (out.file_op) {
+    if (!out.listen.empty() || !out.argv.empty()) {
+      why = "--file-op takes no --listen and no command";
+      return false;
+    }
+    return true;
+  }
   if (out.argv.empty() && out.listen.empty()) {
     why = std::string("no command given (stdio mode needs one); ") + usage;
     return false;
@@ -169,8 +202,54 @@ void ensure_std_fds() {
   }
 }
 
+/// Socket mode: the sandbox's key from stdin (64 hex digits, then EOF), within `timeout_ms`.
+/// Stdin is then /dev/null, so no command inherits the pipe (which is empty by then anyway).
+bool read_key(ferry::wire::handshake_key& key, std::string& why) {
+  constexpr uint64_t timeout_ms = 10'000;
+  char buf[130];
+  size_t got = 0;
+  bool eof = false;
+  for (const uint64_t deadline = now_ms() + timeout_ms; !eof && got < sizeof buf;) {
+    const uint64_t now = now_ms();
+    if (now >= deadline)
+      break;
+    pollfd p{0, POLLIN, 0};
+    if (::poll(&p, 1, static_cast<int>(deadline - now)) < 0 && errno != EINTR)
+      break;
+    if (!p.revents)
+      continue;
+    ssize_t n = ::read(0, buf + got, sizeof buf - got);
+    if (n < 0 && errno == EINTR)
+      continue;
+    if (n <= 0) {
+      eof = n == 0;
+      break;
+    }
+    got += static_cast<size_t>(n);
+  }
+  int null = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+  if (null >= 0) {
+    ::dup2(null, 0);  // dup2 clears close-on-exec on fd 0
+    ::close(null);
+  } else {
+    ::close(0);
+  }
+  auto parsed = eof ? ferry::wire::key_from_hex(std::string_view(buf, got)) : std::nullopt;
+  OPENSSL_cleanse(buf, sizeof buf);
+  if (!parsed) {
+    why = eof ? "the key on stdin is not 64 hex digits" : "no key on stdin (64 hex digits, then end of file)";
+    return false;
+  }
+  key = *parsed;
+  OPENSSL_cleanse(parsed->data(), parsed->size());
+  return true;
+}
+
 int run(int argc, char** argv) {
   ensure_std_fds();
+  // No configuration file: whatever the image has in /usr/lib/ssl/openssl.cnf is not ours to
+  // load (it could name modules); HMAC and RAND_bytes need nothing from it.
+  OPENSSL_init_crypto(OPENSSL_INIT_NO_LOAD_CONFIG, nullptr);
   arguments args;
   std::string why;
   if (!parse_arguments(argc, argv, args, why)) {
@@ -188,7 +267,23 @@ int run(int argc, char** argv) {
     }
     return 2;
   }
+  if (args.file_op) {
+    file_op_config config;
+    config.workspace = args.workspace;
+    config.ripgrep = args.ripgrep;
+    return run_file_op(config);
+  }
+  if (!args.listen.empty()) {
+    // Before the key is in memory: the commands run as the same uid (and they cannot attach
+    // with ptrace or open /proc/1/{mem,fd,environ} of a non-dumpable process).
+    ::prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+    if (!read_key(args.key, why)) {
+      log_error(why);
+      return 2;
+    }
+  }
   init_process p(std::move(args));
+  OPENSSL_cleanse(args.key.data(), args.key.size());  // the moved-from copy
   return p.run();
 }
 

@@ -6,7 +6,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <fstream>
 #include <system_error>
 
 #include <fmt/format.h>
@@ -60,21 +59,6 @@ exit_reason reason_of(v1::ExitReason r) {
       break;
   }
   return exit_reason::exited;
-}
-
-bool write_instance_file(const fs::path& path, const std::string& instance) {
-  fs::path tmp = path;
-  tmp += fmt::format(".tmp{}", ::getpid());
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    f << instance;
-    if (!f)
-      return false;
-  }
-  std::error_code ec;
-  fs::permissions(tmp, fs::perms(0600), ec);
-  fs::rename(tmp, path, ec);
-  return !ec;
 }
 
 template <class T>
@@ -132,15 +116,15 @@ result<void> init_client::read_message(int fd, steady::time_point deadline) {
   }
 }
 
-result<void> init_client::handshake(int fd, const fs::path& instance_file, steady::duration timeout) {
+result<void> init_client::handshake(int fd, const wire::handshake_key& key, steady::duration timeout) {
   if (auto r = read_message(fd, steady::now() + timeout); !r)
     return fail(fmt::format("waiting for ferry-init's Hello: {}", r.error().message));
   const v1::InitMessage& hello = *decoder_.msg();
   if (hello.message_type() == v1::Message::Error) {
     const auto* e = hello.message_as_Error();
     std::string why = e->message() ? e->message()->str() : "(no message)";
-    return error_info{"ferry-init refused the connection: " + why,
-                      why.find("another host") != std::string::npos ? errc::busy : errc::failed};
+    const bool busy = why.find("another host") != std::string::npos || why.find("another connection") != std::string::npos;
+    return error_info{"ferry-init refused the connection: " + why, busy ? errc::busy : errc::failed};
   }
   if (hello.message_type() != v1::Message::Hello)
     return fail(fmt::format("expected Hello, got {}", describe(hello.message_type())));
@@ -150,22 +134,28 @@ result<void> init_client::handshake(int fd, const fs::path& instance_file, stead
                             "ferry-init than this ferryd; it cannot be attached (kill it, or attach from a matching ferryd)",
                             h->protocol(), wire::socket_protocol));
   }
-  const std::string instance = h->instance() ? h->instance()->str() : std::string();
-  if (instance.size() != 32 || instance.find_first_not_of("0123456789abcdef") != std::string::npos)
-    return fail("Hello without a valid instance token");
-  // The first host records the token before its Attach starts anything; until then nothing but
-  // ferry-init runs in the sandbox, so a Hello with no token on file is ferry-init's.
-  const std::string recorded = read_small_file(instance_file);
-  if (!recorded.empty() && recorded != instance)
-    return fail("the process on the control socket is not this sandbox's ferry-init (instance token differs)");
-  if (recorded.empty() && !write_instance_file(instance_file, instance))
-    return fail(fmt::format("cannot write {}", instance_file.string()));
+  auto compromised = [&](std::string why) {
+    peer_failed_auth_ = true;
+    return fail("ferry-init failed authentication: " + why +
+                " (something other than the sandbox's ferry-init answers on its control socket)");
+  };
+  const auto init_nonce = wire::nonce_from(h->nonce() ? h->nonce()->data() : nullptr, h->nonce() ? h->nonce()->size() : 0);
+  if (!init_nonce)
+    return compromised("its Hello carries no valid nonce");
+  wire::handshake_nonce host_nonce{};
+  if (!wire::random_bytes(host_nonce))
+    return fail("cannot draw a nonce (RAND_bytes failed)");
+  const auto proof = wire::host_proof(key, *init_nonce, host_nonce);
+  if (!proof)
+    return fail("cannot compute the handshake proof (HMAC failed)");
 
   flatbuffers::FlatBufferBuilder fbb;
   std::vector<flatbuffers::Offset<v1::Resume>> entries;
   for (const auto& r : resume_)
     entries.push_back(v1::CreateResume(fbb, r.command_id, r.stdout_bytes, r.stderr_bytes, r.exited));
-  auto a = v1::CreateAttach(fbb, wire::socket_protocol, fbb.CreateVector(entries));
+  auto a = v1::CreateAttach(fbb, wire::socket_protocol, fbb.CreateVector(entries),
+                            fbb.CreateVector(host_nonce.data(), host_nonce.size()),
+                            fbb.CreateVector(proof->data(), proof->size()));
   const std::string frame = frame_of(fbb, v1::Message::Attach, a);
   for (size_t off = 0; off < frame.size();) {
     ssize_t w = ::send(fd, frame.data() + off, frame.size() - off, MSG_NOSIGNAL);
@@ -180,10 +170,16 @@ result<void> init_client::handshake(int fd, const fs::path& instance_file, stead
   const v1::InitMessage& answer = *decoder_.msg();
   if (answer.message_type() == v1::Message::Error) {
     const auto* e = answer.message_as_Error();
-    return fail("ferry-init refused the attach: " + (e->message() ? e->message()->str() : std::string("(no message)")));
+    std::string why = e->message() ? e->message()->str() : std::string("(no message)");
+    const bool busy = why.find("another connection") != std::string::npos;
+    return error_info{"ferry-init refused the attach: " + why, busy ? errc::busy : errc::failed};
   }
   if (answer.message_type() != v1::Message::Attached)
-    return fail(fmt::format("expected Attached, got {}", describe(answer.message_type())));
+    return compromised(fmt::format("it answered Attach with {}", describe(answer.message_type())));
+  const auto* att = answer.message_as_Attached();
+  if (!wire::proof_matches(wire::init_proof(key, host_nonce, *init_nonce), att->mac() ? att->mac()->data() : nullptr,
+                           att->mac() ? att->mac()->size() : 0))
+    return compromised("its Attached does not prove the sandbox's key");
   return {};
 }
 
@@ -282,6 +278,236 @@ result<void> init_client::release() {
 void init_client::close() {
   std::lock_guard lock(mu_);
   closed_ = true;
+  for (auto& [id, w] : file_ops_) {
+    w->done = true;
+    w->failure = error_info{"the sandbox ended before the file operation was answered", errc::closed};
+  }
+  file_ops_.clear();
+  file_cv_.notify_all();
+}
+
+// --- file operations (any thread but the reader) -------------------------------------------------
+
+namespace {
+
+constexpr auto file_answer_timeout = 40s;  // ferry-init kills an operation after 30 s
+
+errc errc_of(v1::FileErrorCode c) {
+  switch (c) {
+    case v1::FileErrorCode::NotFound:
+      return errc::not_found;
+    case v1::FileErrorCode::BadRequest:
+    case v1::FileErrorCode::IsDirectory:
+    case v1::FileErrorCode::NotDirectory:
+    case v1::FileErrorCode::TooLarge:
+    case v1::FileErrorCode::Binary:
+    case v1::FileErrorCode::NoMatch:
+    case v1::FileErrorCode::NotUnique:
+      return errc::invalid_argument;
+    case v1::FileErrorCode::DuplicateId:
+      return errc::conflict;
+    case v1::FileErrorCode::TooMany:
+      return errc::busy;
+    case v1::FileErrorCode::PermissionDenied:
+    case v1::FileErrorCode::Timeout:
+    case v1::FileErrorCode::Failed:
+      break;
+  }
+  return errc::failed;
+}
+
+flatbuffers::Offset<flatbuffers::String> string_or_none(flatbuffers::FlatBufferBuilder& fbb, std::string_view s) {
+  return s.empty() ? flatbuffers::Offset<flatbuffers::String>() : fbb.CreateString(s.data(), s.size());
+}
+
+std::string str_of(const flatbuffers::String* s) { return s ? s->str() : std::string(); }
+
+/// The reply of a FileResponse frame, if it is of type `want` (decoded afresh: aligned and
+/// verified by the decoder).
+template <class T>
+const T* reply_of(wire::frame_decoder& d, const std::string& frame, v1::FileReply want) {
+  d.feed(frame.data(), frame.size());
+  if (d.next() != wire::frame_decoder::status::message || d.msg()->message_type() != v1::Message::FileResponse)
+    return nullptr;
+  const auto* r = d.msg()->message_as_FileResponse();
+  return r->reply_type() == want ? static_cast<const T*>(r->reply()) : nullptr;
+}
+
+error_info wrong_reply(std::string_view op) {
+  return error_info{fmt::format("ferry-init answered {} with another operation's result", op), errc::failed};
+}
+
+}  // namespace
+
+result<std::string> init_client::file_request(const std::function<file_op_body(flatbuffers::FlatBufferBuilder&)>& build) {
+  auto waiter = std::make_shared<file_waiter>();
+  uint32_t id;
+  {
+    std::lock_guard lock(mu_);
+    if (closed_ || releasing_)
+      return error_info{"the sandbox is ending", errc::closed};
+    id = next_request_id_++;
+    if (next_request_id_ == 0)
+      next_request_id_ = 1;
+  }
+  flatbuffers::FlatBufferBuilder fbb;
+  const file_op_body body = build(fbb);
+  std::string frame = frame_of(fbb, v1::Message::FileRequest, v1::CreateFileRequest(fbb, id, body.type, body.offset));
+  if (frame.size() - 4 > wire::max_frame_size)
+    return error_info{fmt::format("the file request is larger than a frame ({} bytes)", wire::max_frame_size),
+                      errc::invalid_argument};
+  std::unique_lock lock(mu_);
+  if (closed_ || releasing_)
+    return error_info{"the sandbox is ending", errc::closed};
+  if (auto q = enqueue(std::move(frame)); !q)
+    return q.error();
+  file_ops_[id] = waiter;
+  if (!file_cv_.wait_for(lock, file_answer_timeout, [&] { return waiter->done; })) {
+    file_ops_.erase(id);
+    return error_info{fmt::format("ferry-init did not answer file request {} within {} s", id,
+                                  std::chrono::duration_cast<std::chrono::seconds>(file_answer_timeout).count()),
+                      errc::failed};
+  }
+  if (waiter->failure)
+    return *waiter->failure;
+  // A FileError becomes the error; a FileResponse is returned for the caller to read.
+  wire::frame_decoder d;
+  d.feed(waiter->frame.data(), waiter->frame.size());
+  if (d.next() == wire::frame_decoder::status::message && d.msg()->message_type() == v1::Message::FileError) {
+    const auto* e = d.msg()->message_as_FileError();
+    return error_info{e->message() ? e->message()->str() : std::string("file operation failed"), errc_of(e->code())};
+  }
+  return std::move(waiter->frame);
+}
+
+void init_client::file_answer(uint32_t request_id, std::string frame) {
+  // REQUIRES: reader thread.
+  std::lock_guard lock(mu_);
+  auto it = file_ops_.find(request_id);
+  if (it == file_ops_.end()) {
+    // Not asked for, or its caller gave up waiting (a timeout): ferry-init may answer late.
+    if (request_id == 0 || request_id >= next_request_id_)
+      violation(fmt::format("file answer for request {}, which was never made", request_id));
+    return;
+  }
+  it->second->done = true;
+  it->second->frame = std::move(frame);
+  file_ops_.erase(it);
+  file_cv_.notify_all();
+}
+
+template <class Reply, class Out>
+result<Out> init_client::file_call(v1::FileOp op, v1::FileReply want,
+                                   const std::function<flatbuffers::Offset<void>(flatbuffers::FlatBufferBuilder&)>& build,
+                                   const std::function<Out(const Reply&)>& convert) {
+  auto answer = file_request([&](flatbuffers::FlatBufferBuilder& fbb) { return file_op_body{op, build(fbb)}; });
+  if (!answer)
+    return answer.error();
+  wire::frame_decoder d;
+  const auto* r = reply_of<Reply>(d, *answer, want);
+  if (!r)
+    return wrong_reply(v1::EnumNameFileOp(op));
+  return convert(*r);
+}
+
+result<file_text> init_client::read_file(const std::string& path, const read_options& o) {
+  return file_call<v1::ReadResult, file_text>(
+      v1::FileOp::ReadFile, v1::FileReply::ReadResult,
+      [&](flatbuffers::FlatBufferBuilder& fbb) {
+        return v1::CreateReadFile(fbb, string_or_none(fbb, path), o.offset, o.limit, o.max_bytes).Union();
+      },
+      [](const v1::ReadResult& r) {
+        return file_text{str_of(r.path()), str_of(r.content()), r.first_line(), r.lines(), r.truncated(), r.more(),
+                         r.next_line(), r.size()};
+      });
+}
+
+result<file_written> init_client::write_file(const std::string& path, std::string_view content, uint32_t mode) {
+  return file_call<v1::WriteResult, file_written>(
+      v1::FileOp::WriteFile, v1::FileReply::WriteResult,
+      [&](flatbuffers::FlatBufferBuilder& fbb) {
+        auto bytes = fbb.CreateVector(reinterpret_cast<const uint8_t*>(content.data()), content.size());
+        return v1::CreateWriteFile(fbb, string_or_none(fbb, path), bytes, mode).Union();
+      },
+      [](const v1::WriteResult& r) { return file_written{str_of(r.path()), r.bytes(), r.created()}; });
+}
+
+result<file_edited> init_client::edit_file(const std::string& path, std::string_view old_string,
+                                           std::string_view new_string, bool replace_all) {
+  return file_call<v1::EditResult, file_edited>(
+      v1::FileOp::EditFile, v1::FileReply::EditResult,
+      [&](flatbuffers::FlatBufferBuilder& fbb) {
+        auto p = string_or_none(fbb, path);
+        auto o = fbb.CreateString(old_string.data(), old_string.size());
+        auto n = fbb.CreateString(new_string.data(), new_string.size());
+        return v1::CreateEditFile(fbb, p, o, n, replace_all).Union();
+      },
+      [](const v1::EditResult& r) { return file_edited{str_of(r.path()), r.replacements(), r.bytes()}; });
+}
+
+result<dir_listing> init_client::list_dir(const std::string& path, uint32_t max_entries) {
+  return file_call<v1::ListResult, dir_listing>(
+      v1::FileOp::ListDir, v1::FileReply::ListResult,
+      [&](flatbuffers::FlatBufferBuilder& fbb) { return v1::CreateListDir(fbb, string_or_none(fbb, path), max_entries).Union(); },
+      [](const v1::ListResult& r) {
+        dir_listing l{str_of(r.path()), {}, r.total(), r.truncated()};
+        if (r.entries()) {
+          for (const auto* e : *r.entries()) {
+            file_type t = file_type::other;
+            switch (e->type()) {
+              case v1::FileType::File:
+                t = file_type::file;
+                break;
+              case v1::FileType::Directory:
+                t = file_type::directory;
+                break;
+              case v1::FileType::Symlink:
+                t = file_type::symlink;
+                break;
+              case v1::FileType::Other:
+                break;
+            }
+            l.entries.push_back({str_of(e->name()), t, e->size()});
+          }
+        }
+        return l;
+      });
+}
+
+result<glob_matches> init_client::glob(const std::string& pattern, const glob_options& o) {
+  return file_call<v1::GlobResult, glob_matches>(
+      v1::FileOp::GlobFiles, v1::FileReply::GlobResult,
+      [&](flatbuffers::FlatBufferBuilder& fbb) {
+        return v1::CreateGlobFiles(fbb, string_or_none(fbb, pattern), string_or_none(fbb, o.path), o.max_results,
+                                   o.include_git)
+            .Union();
+      },
+      [](const v1::GlobResult& r) {
+        glob_matches g{str_of(r.path()), {}, r.truncated()};
+        if (r.matches()) {
+          for (const auto* m : *r.matches())
+            g.matches.push_back(str_of(m));
+        }
+        return g;
+      });
+}
+
+result<grep_matches> init_client::grep(const std::string& pattern, const grep_options& o) {
+  return file_call<v1::GrepResult, grep_matches>(
+      v1::FileOp::GrepFiles, v1::FileReply::GrepResult,
+      [&](flatbuffers::FlatBufferBuilder& fbb) {
+        return v1::CreateGrepFiles(fbb, string_or_none(fbb, pattern), string_or_none(fbb, o.path),
+                                   string_or_none(fbb, o.glob), o.ignore_case, o.context, o.max_matches)
+            .Union();
+      },
+      [](const v1::GrepResult& r) {
+        grep_matches g{str_of(r.path()), {}, r.matches(), r.files(), r.truncated(), str_of(r.engine())};
+        if (r.lines()) {
+          for (const auto* l : *r.lines())
+            g.lines.push_back({str_of(l->path()), l->line(), str_of(l->text()), l->match()});
+        }
+        return g;
+      });
 }
 
 // --- reader thread ----------------------------------------------------------------------------------
@@ -385,7 +611,8 @@ void init_client::dispatch(const v1::InitMessage& m) {
       const auto* s = m.message_as_Started();
       const uint32_t id = s->command_id();
       auto it = commands_.find(id);
-      if (!check(it == commands_.end() || it->second.state == phase::resumed, fmt::format("Started twice for command {}", id)))
+      if (!check(it == commands_.end() || it->second.state == phase::resumed,
+                 [&] { return fmt::format("Started twice for command {}", id); }))
         return;
       if (it == commands_.end()) {
         if (!check(commands_.size() < max_tracked_commands, "more commands than a host tracks"))
@@ -406,10 +633,13 @@ void init_client::dispatch(const v1::InitMessage& m) {
     case v1::Message::Output: {
       const auto* o = m.message_as_Output();
       command_state* c = running(o->command_id(), "Output");
-      if (!c || !check(o->stream() <= 1, fmt::format("Output on unknown stream {}", o->stream())) ||
-          !check(!c->truncated, fmt::format("Output for command {} after OutputTruncated", o->command_id())) ||
-          !check(o->offset() == c->expected[o->stream()],
-                 fmt::format("Output of stream {} at offset {}, expected {}", o->stream(), o->offset(), c->expected[o->stream()])))
+      if (!c || !check(o->stream() <= 1, [&] { return fmt::format("Output on unknown stream {}", o->stream()); }) ||
+          !check(!c->truncated,
+                 [&] { return fmt::format("Output for command {} after OutputTruncated", o->command_id()); }) ||
+          !check(o->offset() == c->expected[o->stream()], [&] {
+            return fmt::format("Output of stream {} at offset {}, expected {}", o->stream(), o->offset(),
+                               c->expected[o->stream()]);
+          }))
         return;
       std::string_view data;
       if (o->data())
@@ -421,11 +651,13 @@ void init_client::dispatch(const v1::InitMessage& m) {
     case v1::Message::OutputGap: {
       const auto* g = m.message_as_OutputGap();
       command_state* c = running(g->command_id(), "OutputGap");
-      if (!c || !check(g->stream() <= 1, fmt::format("OutputGap on unknown stream {}", g->stream())) ||
+      if (!c || !check(g->stream() <= 1, [&] { return fmt::format("OutputGap on unknown stream {}", g->stream()); }) ||
           !check(g->offset() == c->expected[g->stream()] && g->lost_bytes() > 0 &&
                      g->lost_bytes() <= UINT64_MAX - c->expected[g->stream()],
-                 fmt::format("OutputGap of stream {} at offset {} (+{}), expected offset {}", g->stream(), g->offset(),
-                             g->lost_bytes(), c->expected[g->stream()])))
+                 [&] {
+                   return fmt::format("OutputGap of stream {} at offset {} (+{}), expected offset {}", g->stream(),
+                                      g->offset(), g->lost_bytes(), c->expected[g->stream()]);
+                 }))
         return;
       c->expected[g->stream()] += g->lost_bytes();
       observer_.on_output_gap(g->command_id(), g->stream(), g->lost_bytes());
@@ -434,10 +666,12 @@ void init_client::dispatch(const v1::InitMessage& m) {
     case v1::Message::OutputTruncated: {
       const auto* t = m.message_as_OutputTruncated();
       command_state* c = running(t->command_id(), "OutputTruncated");
-      if (!c || !check(!c->truncated, fmt::format("OutputTruncated twice for command {}", t->command_id())) ||
-          !check(t->stdout_offset() == c->expected[0] && t->stderr_offset() == c->expected[1],
-                 fmt::format("OutputTruncated at offsets {}/{}, expected {}/{}", t->stdout_offset(), t->stderr_offset(),
-                             c->expected[0], c->expected[1])))
+      if (!c ||
+          !check(!c->truncated, [&] { return fmt::format("OutputTruncated twice for command {}", t->command_id()); }) ||
+          !check(t->stdout_offset() == c->expected[0] && t->stderr_offset() == c->expected[1], [&] {
+            return fmt::format("OutputTruncated at offsets {}/{}, expected {}/{}", t->stdout_offset(),
+                               t->stderr_offset(), c->expected[0], c->expected[1]);
+          }))
         return;
       c->truncated = true;
       observer_.on_output_truncated(t->command_id(), t->path() ? t->path()->string_view() : std::string_view());
@@ -490,8 +724,9 @@ void init_client::dispatch(const v1::InitMessage& m) {
         requested = active_.count(id) > 0;
       }
       // Only for a Run not yet started, or a resume point the sandbox does not know.
-      if (!check(requested && (it == commands_.end() || it->second.state == phase::resumed),
-                 fmt::format("CommandError for command {}, which was not asked for or is running", id)))
+      if (!check(requested && (it == commands_.end() || it->second.state == phase::resumed), [&] {
+            return fmt::format("CommandError for command {}, which was not asked for or is running", id);
+          }))
         return;
       if (it != commands_.end())
         commands_.erase(it);
@@ -507,6 +742,12 @@ void init_client::dispatch(const v1::InitMessage& m) {
       init_error_ = e->message() ? e->message()->str() : std::string("(no message)");
       return;
     }
+    case v1::Message::FileResponse:
+      file_answer(m.message_as_FileResponse()->request_id(), decoder_.frame());
+      return;
+    case v1::Message::FileError:
+      file_answer(m.message_as_FileError()->request_id(), decoder_.frame());
+      return;
     case v1::Message::Hello:
     case v1::Message::Attached:
       violation(fmt::format("{} after the handshake", describe(m.message_type())));
@@ -516,6 +757,7 @@ void init_client::dispatch(const v1::InitMessage& m) {
     case v1::Message::Run:
     case v1::Message::Signal:
     case v1::Message::Stdin:
+    case v1::Message::FileRequest:
       violation(fmt::format("host message {} from ferry-init", describe(m.message_type())));
       return;
     case v1::Message::NONE:

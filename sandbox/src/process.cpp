@@ -243,6 +243,25 @@ result<child_process> child_process::spawn(const spawn_options& opts) {
                                                 target == 0 ? O_RDONLY : O_WRONLY, 0);
       case stdio::pipe:
         return add_pipe(target, target != 0, parent_end);
+      case stdio::bytes: {
+        // The pipe buffer (64 KiB on Linux) takes them all before the child runs.
+        if (target != 0 || opts.in_bytes.size() > (64u << 10))
+          return EINVAL;
+        int p[2];
+        if (::pipe2(p, O_CLOEXEC) != 0)
+          return errno;
+        unique_fd write_end(p[1]);
+        child_ends.emplace_back(p[0]);
+        for (size_t off = 0; off < opts.in_bytes.size();) {
+          ssize_t w = ::write(write_end.get(), opts.in_bytes.data() + off, opts.in_bytes.size() - off);
+          if (w < 0 && errno == EINTR)
+            continue;
+          if (w < 0)
+            return errno;
+          off += static_cast<size_t>(w);
+        }
+        return posix_spawn_file_actions_adddup2(&sa.actions, p[0], target);
+      }
       case stdio::file:
         if (target == 0 || opts.file.empty())
           return EINVAL;

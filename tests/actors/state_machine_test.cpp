@@ -114,6 +114,24 @@ struct scripted_runtime final : ferry::sandbox::sandbox_runtime {
     ferry::result<void> signal(uint32_t, int, bool) override { return {}; }
     ferry::result<void> write_stdin(uint32_t, std::string_view, bool) override { return {}; }
     ferry::result<void> release() override { return {}; }
+    static ferry::error_info no_files() { return ferry::fail("scripted sandboxes have no files"); }
+    ferry::result<ferry::sandbox::file_text> read_file(const std::string&, const ferry::sandbox::read_options&) override {
+      return no_files();
+    }
+    ferry::result<ferry::sandbox::file_written> write_file(const std::string&, std::string_view, uint32_t) override {
+      return no_files();
+    }
+    ferry::result<ferry::sandbox::file_edited> edit_file(const std::string&, std::string_view, std::string_view,
+                                                         bool) override {
+      return no_files();
+    }
+    ferry::result<ferry::sandbox::dir_listing> list_dir(const std::string&, uint32_t) override { return no_files(); }
+    ferry::result<ferry::sandbox::glob_matches> glob(const std::string&, const ferry::sandbox::glob_options&) override {
+      return no_files();
+    }
+    ferry::result<ferry::sandbox::grep_matches> grep(const std::string&, const ferry::sandbox::grep_options&) override {
+      return no_files();
+    }
     void kill() override {}
     void detach() override {}
     void wait() override {}

@@ -31,7 +31,7 @@
 
 #include "ferry/sandbox/image.h"
 #include "ferry/sandbox/sandbox.h"
-#include "runsc_test_support.h"
+#include "backend_test_support.h"
 
 using namespace ferry::sandbox;
 using namespace std::chrono_literals;

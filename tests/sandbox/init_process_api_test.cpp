@@ -1,7 +1,7 @@
 #define BOOST_TEST_MODULE sandbox_init_process_api
 #include <boost/test/unit_test.hpp>
 
-// ferry-init's process API (protocol 3) on the host, in socket mode, talked to frame by frame:
+// ferry-init's process API (protocol 4) on the host, in socket mode, talked to frame by frame:
 // Run (argv, shell, env, cwd, pty, timeout, stdin, output limit), Signal, Stdin, persistent shell
 // sessions, several commands at once, re-attach with several commands, Release, the HTTP
 // forwarder, backpressure and memory, and hostile frames (a fixed-seed fuzz loop). The same
@@ -793,8 +793,8 @@ BOOST_AUTO_TEST_CASE(without_the_egress_socket_a_proxied_request_fails_fast) {
 BOOST_AUTO_TEST_CASE(hostile_frames_from_the_host_get_an_error_and_never_a_crash) {
   // Valid frames to start from: everything a host may send, and what only ferry-init sends.
   std::vector<std::string> seeds{
-      attach_frame(),
-      attach_frame({{1, 0, 0}, {2, 5, 5, true}}),
+      raw_attach_frame(),  // proves nothing: refused
+      raw_attach_frame({{1, 0, 0}, {2, 5, 5, true}}, ferry::wire::socket_protocol, std::string(32, 'n'), std::string(32, 'm')),
       run_frame(shell_run(1, "echo hi")),
       run_frame([] {
         run_request r = argv_run(2, {"true"});
@@ -856,7 +856,7 @@ BOOST_AUTO_TEST_CASE(hostile_frames_from_the_host_get_an_error_and_never_a_crash
     BOOST_REQUIRE((hello->type == v1::Message::Hello));
     // Half the rounds attach properly first, so later frames meet an attached ferry-init.
     if (i % 2 == 0) {
-      c->send(attach_frame());
+      c->send(c->attach_frame());
       BOOST_REQUIRE(c->until([&] { return !c->events.empty() && c->events.back().type == v1::Message::Attached; }));
     }
     for (int k = 0; k < 3; ++k) {
@@ -890,7 +890,7 @@ BOOST_AUTO_TEST_CASE(oversized_requests_are_refused) {
       many.push_back({i, 0, 0});
     auto c = init.connect();
     BOOST_REQUIRE(c->next());
-    c->send(attach_frame(many));
+    c->send(c->attach_frame(many));
     auto e = c->next();
     BOOST_REQUIRE(e);
     BOOST_TEST((e->type == v1::Message::Error));

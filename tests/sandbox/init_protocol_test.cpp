@@ -9,7 +9,9 @@
 #include <sys/un.h>
 
 #include <cstring>
+#include <functional>
 #include <random>
+#include <set>
 #include <thread>
 
 #include <flatbuffers/flatbuffers.h>
@@ -321,14 +323,11 @@ BOOST_AUTO_TEST_CASE(decoder_survives_every_single_byte_corruption) {
 }
 
 // --- socket mode (--listen): what every runsc sandbox runs ------------------------------------
-// The command line's part of the process API (protocol 2 behaviour kept in protocol 3); Run,
+// The command line's part of the process API (protocol 2 behaviour kept in protocols 3 and 4); Run,
 // Signal and the rest are in init_process_api_test.
 
 namespace {
 
-bool is_hex_token(const std::string& s) {
-  return s.size() == 32 && s.find_first_not_of("0123456789abcdef") == std::string::npos;
-}
 
 }  // namespace
 
@@ -340,10 +339,10 @@ BOOST_AUTO_TEST_CASE(socket_mode_starts_the_command_line_on_the_first_attach_and
   auto hello = c->next();
   BOOST_REQUIRE(hello);
   BOOST_TEST((hello->type == v1::Message::Hello));
-  BOOST_TEST(hello->protocol == 3);
+  BOOST_TEST(hello->protocol == 4);
   std::this_thread::sleep_for(200ms);
   BOOST_TEST(!fs::exists(marker));  // nothing runs before a host has attached
-  c->send(attach_frame());
+  c->send(c->attach_frame());
   auto attached = c->next();
   BOOST_REQUIRE(attached);
   BOOST_TEST((attached->type == v1::Message::Attached));
@@ -370,32 +369,132 @@ BOOST_AUTO_TEST_CASE(socket_mode_starts_the_command_line_on_the_first_attach_and
   BOOST_TEST(st->ok());
 }
 
-BOOST_AUTO_TEST_CASE(socket_mode_hello_carries_the_same_instance_token_on_every_connection) {
+BOOST_AUTO_TEST_CASE(socket_mode_hello_carries_a_fresh_nonce_and_no_secret) {
   listening_init init({"sleep", "100"});
-  std::string first;
+  std::set<std::string> seen;
+  const std::string key = ferry::wire::key_to_hex(init.key);
   for (int i = 0; i < 3; ++i) {
     auto c = init.connect();
     auto hello = c->next();
     BOOST_REQUIRE(hello);
     BOOST_TEST(hello->protocol == ferry::wire::socket_protocol);
-    BOOST_TEST(is_hex_token(hello->data), hello->data);
-    if (i == 0)
-      first = hello->data;
-    BOOST_TEST(hello->data == first);
+    BOOST_TEST(hello->data.size() == 32u);
+    BOOST_TEST(seen.insert(hello->data).second);  // never the same challenge twice
+    // Nothing of the key in the frame: neither its bytes nor its hex form.
+    BOOST_TEST(hello->data.find(bytes_of(init.key)) == std::string::npos);
+    BOOST_TEST(c->decoder.pending() == 0u);
   }
-  listening_init other({"sleep", "100"});
-  auto c = other.connect();
-  auto hello = c->next();
-  BOOST_REQUIRE(hello);
-  BOOST_TEST(hello->data != first);
+  BOOST_TEST(init.diagnostics().find(key) == std::string::npos);
+}
+
+BOOST_AUTO_TEST_CASE(socket_mode_needs_a_key_on_stdin) {
+  testing::temp_dir tmp;
+  for (const std::string& given : {std::string(), std::string("abc"), std::string(64, 'g'), std::string(65, 'a')}) {
+    auto o = init_options({"--listen", (tmp.path() / "init.sock").string(), "--workspace", tmp.path().string()});
+    o.in = stdio::bytes;
+    o.in_bytes = given;
+    o.err = stdio::pipe;
+    auto c = child_process::spawn(o);
+    BOOST_REQUIRE(c.ok());
+    auto st = c->wait_for(15s);
+    BOOST_REQUIRE(st);
+    BOOST_TEST(st->exit_code == 2);
+    auto diagnostics = testing::read_until_eof(c->stderr_fd(), 5s);
+    BOOST_REQUIRE(diagnostics);
+    BOOST_TEST(diagnostics->find("key on stdin") != std::string::npos, *diagnostics);
+    BOOST_TEST(!fs::exists(tmp.path() / "init.sock"));  // never listened
+  }
+}
+
+BOOST_AUTO_TEST_CASE(socket_mode_refuses_attaches_that_do_not_prove_the_key) {
+  testing::temp_dir marker_dir;
+  const auto marker = marker_dir.path() / "ran";
+  listening_init init({"/bin/sh", "-c", "touch " + marker.string() + "; sleep 100"});
+  auto refused = [&](const std::function<std::string(init_connection&)>& attach, const std::string& why) {
+    auto c = init.connect();
+    BOOST_REQUIRE(c->next());  // Hello
+    c->send(attach(*c));
+    auto e = c->next(10s, true);
+    BOOST_REQUIRE_MESSAGE(e, why);
+    BOOST_TEST((e->type == v1::Message::Error), why);
+    BOOST_TEST(e->data.find("authentication failed") != std::string::npos, why << ": " << e->data);
+    BOOST_TEST(!c->next(5s, true).has_value(), why);  // closed
+  };
+  const auto other_key = random_key();
+  ferry::wire::handshake_nonce n{};
+  BOOST_REQUIRE(ferry::wire::random_bytes(n));
+  refused([](init_connection&) { return raw_attach_frame(); }, "no nonce, no mac");
+  refused([&](init_connection&) { return raw_attach_frame({}, ferry::wire::socket_protocol, bytes_of(n)); }, "no mac");
+  refused([&](init_connection&) { return raw_attach_frame({}, ferry::wire::socket_protocol, bytes_of(n), std::string(32, 'x')); },
+          "a made-up mac");
+  refused([&](init_connection& c) {
+    auto mac = ferry::wire::host_proof(other_key, array_of(*c.hello_nonce), n);
+    return raw_attach_frame({}, ferry::wire::socket_protocol, bytes_of(n), bytes_of(*mac));
+  }, "another sandbox's key");
+  refused([&](init_connection& c) {
+    // ferry-init's own proof (the other label) does not pass for a host's.
+    auto mac = ferry::wire::init_proof(init.key, array_of(*c.hello_nonce), n);
+    return raw_attach_frame({}, ferry::wire::socket_protocol, bytes_of(n), bytes_of(*mac));
+  }, "the wrong label");
+  refused([&](init_connection& c) {
+    auto mac = ferry::wire::host_proof(init.key, array_of(*c.hello_nonce), n);
+    return raw_attach_frame({}, ferry::wire::socket_protocol, bytes_of(n), bytes_of(*mac).substr(0, 16));
+  }, "a cut mac");
+  refused([&](init_connection& c) {
+    auto mac = ferry::wire::host_proof(init.key, array_of(*c.hello_nonce), n);
+    return raw_attach_frame({}, ferry::wire::socket_protocol, bytes_of(n).substr(0, 31), bytes_of(*mac));
+  }, "a short nonce");
+  {
+    // Replay: a proof that was good for one connection is worthless on the next (new nonce).
+    auto first = init.connect();
+    BOOST_REQUIRE(first->next());
+    const std::string good = first->attach_frame();
+    first.reset();
+    std::this_thread::sleep_for(100ms);
+    refused([&](init_connection&) { return good; }, "a replayed Attach");
+  }
+  std::this_thread::sleep_for(200ms);
+  BOOST_TEST(!fs::exists(marker));  // no refused Attach started the command line
+  BOOST_TEST(!init.proc->try_wait().has_value());
+
+  // The real host still attaches, and gets ferry-init's proof back.
+  auto host = init.attach();
+  BOOST_REQUIRE(host->until([&] { return host->story(1).started.has_value(); }));
+  BOOST_REQUIRE(host->until([&] { return fs::exists(marker); }, 10s));
+}
+
+BOOST_AUTO_TEST_CASE(socket_mode_does_not_let_an_unauthenticated_connection_hold_the_host_slot) {
+  listening_init init({"sleep", "100"});
+  // Silent after Hello: dropped after 2 s.
+  auto idle = init.connect();
+  BOOST_REQUIRE(idle->next());
+  const auto t0 = std::chrono::steady_clock::now();
+  BOOST_TEST(!idle->next(10s, true).has_value());
+  const auto held = std::chrono::steady_clock::now() - t0;
+  BOOST_TEST(held >= 1500ms);
+  BOOST_TEST(held < 5s);
+  // One that has not authenticated yet gives way to the next connection at once.
+  auto prober = init.connect();
+  BOOST_REQUIRE(prober->next());
+  auto host = init.attach();
+  auto e = prober->next(5s, true);
+  BOOST_REQUIRE(e);
+  BOOST_TEST((e->type == v1::Message::Error));
+  BOOST_TEST(e->data.find("another connection") != std::string::npos, e->data);
+  // An authenticated host keeps the slot: the next connection is refused.
+  auto late = init.connect();
+  auto refused = late->next();
+  BOOST_REQUIRE(refused);
+  BOOST_TEST((refused->type == v1::Message::Error));
+  BOOST_TEST(refused->data.find("another host") != std::string::npos);
 }
 
 BOOST_AUTO_TEST_CASE(socket_mode_refuses_bad_hosts_and_carries_on) {
   listening_init init({"/bin/sh", "-c", "echo hi; sleep 100"});
-  auto refused = [&](const std::string& bytes, const std::string& needle) {
+  auto refused_with = [&](const std::function<std::string(init_connection&)>& bytes, const std::string& needle) {
     auto c = init.connect();
     BOOST_REQUIRE(c->next());  // Hello
-    c->send(bytes);
+    c->send(bytes(*c));
     auto e = c->next(10s, true);
     BOOST_REQUIRE(e);
     BOOST_TEST((e->type == v1::Message::Error));
@@ -403,10 +502,15 @@ BOOST_AUTO_TEST_CASE(socket_mode_refuses_bad_hosts_and_carries_on) {
     BOOST_TEST(!c->next(5s, true).has_value());  // closed
     BOOST_TEST(!init.proc->try_wait().has_value());
   };
-  refused(protocol2_attach_frame(), "unsupported host protocol 2 (this ferry-init speaks 3)");
-  refused(attach_frame({}, 7), "unsupported host protocol 7");
-  refused(attach_frame({{1, 5, 0}}), "beyond");  // nothing written yet: the command has not started
-  refused(attach_frame({{9, 0, 0}, {9, 0, 0}}), "command 9 twice");
+  auto refused = [&](const std::string& bytes, const std::string& needle) {
+    refused_with([&](init_connection&) { return bytes; }, needle);
+  };
+  refused(protocol2_attach_frame(), "unsupported host protocol 2 (this ferry-init speaks 4)");
+  refused(raw_attach_frame({}, 3), "unsupported host protocol 3 (this ferry-init speaks 4)");
+  refused(raw_attach_frame({}, 7), "unsupported host protocol 7");
+  // Authenticated, but asking for what cannot be: refused all the same.
+  refused_with([](init_connection& c) { return c.attach_frame({{1, 5, 0}}); }, "beyond");  // nothing written yet
+  refused_with([](init_connection& c) { return c.attach_frame({{9, 0, 0}, {9, 0, 0}}); }, "command 9 twice");
   refused(release_frame(), "before Attach");
   run_request early;
   early.command_id = 2;
@@ -420,7 +524,7 @@ BOOST_AUTO_TEST_CASE(socket_mode_refuses_bad_hosts_and_carries_on) {
     // command line).
     auto c = init.connect();
     BOOST_REQUIRE(c->next());
-    c->send(attach_frame());
+    c->send(c->attach_frame());
     BOOST_REQUIRE(c->until([&] { return c->story(1).out[0] == "hi\n"; }));
     c->send(hello_frame());
     BOOST_REQUIRE(c->until([&] { return !c->events.empty() && c->events.back().type == v1::Message::Error; }));
@@ -441,11 +545,11 @@ BOOST_AUTO_TEST_CASE(socket_mode_refuses_bad_hosts_and_carries_on) {
   std::this_thread::sleep_for(100ms);
   auto third = init.connect();
   BOOST_REQUIRE(third->next());
-  third->send(attach_frame({{1, 3, 0}}));
+  third->send(third->attach_frame({{1, 3, 0}}));
   BOOST_REQUIRE(third->until([&] { return third->story(1).started.has_value(); }));  // replayed for every host
   std::this_thread::sleep_for(100ms);
   BOOST_TEST(third->story(1).out[0].empty());  // it had all 3 bytes
-  third->send(attach_frame());  // Attach twice: refused
+  third->send(third->attach_frame());  // Attach twice: refused
   BOOST_REQUIRE(third->until([&] { return third->events.back().type == v1::Message::Error; }));
   BOOST_TEST(third->events.back().data.find("Attach sent twice") != std::string::npos);
 }

@@ -24,6 +24,7 @@
 
 #include "ferry/sandbox/process.h"
 #include "ferry/schemas/frame.h"
+#include "ferry/schemas/handshake.h"
 #include "test_support.h"
 
 namespace ferry::sandbox::testing {
@@ -37,7 +38,8 @@ struct event {
   uint32_t command_id = 0;
   int32_t pid = 0, pgid = 0;
   int stream = -1;
-  std::string data;  // Output data, Error / CommandError message, OutputTruncated / Exited path
+  std::string data;  // Output data, Error / CommandError message, OutputTruncated / Exited path,
+                     // Hello's nonce, Attached's mac
   std::vector<std::string> argv;
   std::string session;
   bool pty = false;
@@ -62,7 +64,8 @@ inline event flatten(const v1::InitMessage& m) {
     case v1::Message::Hello:
       e.pid = m.message_as_Hello()->pid();
       e.protocol = m.message_as_Hello()->protocol();
-      e.data = str_of(m.message_as_Hello()->instance());
+      if (const auto* n = m.message_as_Hello()->nonce())
+        e.data.assign(reinterpret_cast<const char*>(n->data()), n->size());
       break;
     case v1::Message::Started: {
       auto* s = m.message_as_Started();
@@ -115,12 +118,20 @@ inline event flatten(const v1::InitMessage& m) {
     case v1::Message::Attached:
       e.commands = m.message_as_Attached()->commands();
       e.running = m.message_as_Attached()->running();
+      if (const auto* mac = m.message_as_Attached()->mac())
+        e.data.assign(reinterpret_cast<const char*>(mac->data()), mac->size());
       break;
     case v1::Message::CommandError: {
       auto* c = m.message_as_CommandError();
       e.command_id = c->command_id();
       e.code = c->code();
       e.data = str_of(c->message());
+      break;
+    }
+    case v1::Message::FileError: {
+      auto* f = m.message_as_FileError();
+      e.command_id = f->request_id();
+      e.data = str_of(f->message());
       break;
     }
     case v1::Message::OutputTruncated: {
@@ -160,13 +171,37 @@ struct resume_entry {
   bool exited = false;
 };
 
-inline std::string attach_frame(std::vector<resume_entry> resume = {}, uint16_t protocol = ferry::wire::socket_protocol) {
+/// An Attach with the given nonce and proof (none: an Attach that proves nothing). Tests that
+/// attach for real use init_connection::attach_frame.
+inline std::string raw_attach_frame(std::vector<resume_entry> resume = {}, uint16_t protocol = ferry::wire::socket_protocol,
+                                    std::optional<std::string> nonce = std::nullopt,
+                                    std::optional<std::string> mac = std::nullopt) {
   flatbuffers::FlatBufferBuilder fbb;
   std::vector<flatbuffers::Offset<v1::Resume>> entries;
   for (const auto& r : resume)
     entries.push_back(v1::CreateResume(fbb, r.command_id, r.out, r.err, r.exited));
-  auto a = v1::CreateAttach(fbb, protocol, fbb.CreateVector(entries));
+  auto bytes = [&](const std::optional<std::string>& b) {
+    return b ? fbb.CreateVector(reinterpret_cast<const uint8_t*>(b->data()), b->size())
+             : flatbuffers::Offset<flatbuffers::Vector<uint8_t>>();
+  };
+  auto n = bytes(nonce);
+  auto m = bytes(mac);
+  auto a = v1::CreateAttach(fbb, protocol, fbb.CreateVector(entries), n, m);
   return frame(fbb, v1::Message::Attach, a);
+}
+
+inline std::string bytes_of(const std::array<uint8_t, 32>& a) { return std::string(reinterpret_cast<const char*>(a.data()), a.size()); }
+inline std::array<uint8_t, 32> array_of(const std::string& s) {
+  std::array<uint8_t, 32> a{};
+  std::memcpy(a.data(), s.data(), std::min(s.size(), a.size()));
+  return a;
+}
+
+/// A fresh random key, as a host draws one per sandbox.
+inline ferry::wire::handshake_key random_key() {
+  ferry::wire::handshake_key k{};
+  BOOST_REQUIRE(ferry::wire::random_bytes(k));
+  return k;
 }
 
 /// The protocol-2 Attach (command id and offsets in the Attach itself), as an old host sends it.
@@ -248,9 +283,28 @@ struct init_connection {
   frame_decoder decoder;
   std::map<uint32_t, command_story> stories;
   std::vector<event> events;  // everything received, in order
+  std::map<uint32_t, std::string> file_answers;  // FileResponse / FileError frames by request id
   bool keep_output = true;    // false: Output is counted (offsets checked), its bytes not kept
+  ferry::wire::handshake_key key{};           // the sandbox's key (the listening_init's)
+  std::optional<std::string> hello_nonce;     // from ferry-init's Hello
+  ferry::wire::handshake_nonce host_nonce{};  // sent in our Attach
 
   explicit init_connection(int f) : fd(f) {}
+
+  /// An Attach that proves `key` over this connection's Hello nonce (REQUIRES: Hello received).
+  std::string attach_frame(std::vector<resume_entry> resume = {}, uint16_t protocol = ferry::wire::socket_protocol) {
+    BOOST_REQUIRE_MESSAGE(hello_nonce, "Attach before Hello");
+    BOOST_REQUIRE(ferry::wire::random_bytes(host_nonce));
+    auto mac = ferry::wire::host_proof(key, array_of(*hello_nonce), host_nonce);
+    BOOST_REQUIRE(mac);
+    return raw_attach_frame(std::move(resume), protocol, bytes_of(host_nonce), bytes_of(*mac));
+  }
+  /// Whether an Attached carries ferry-init's proof of the key for this connection.
+  bool proves_key(const event& attached) const {
+    return hello_nonce && ferry::wire::proof_matches(
+                              ferry::wire::init_proof(key, host_nonce, array_of(*hello_nonce)),
+                              reinterpret_cast<const uint8_t*>(attached.data.data()), attached.data.size());
+  }
   init_connection(const init_connection&) = delete;
   ~init_connection() {
     if (fd >= 0)
@@ -273,6 +327,11 @@ struct init_connection {
     for (;;) {
       auto st = decoder.next();
       if (st == frame_decoder::status::message) {
+        const auto type = decoder.msg()->message_type();
+        if (type == v1::Message::FileResponse)
+          file_answers[decoder.msg()->message_as_FileResponse()->request_id()] = decoder.frame();
+        else if (type == v1::Message::FileError)
+          file_answers[decoder.msg()->message_as_FileError()->request_id()] = decoder.frame();
         event e = flatten(*decoder.msg());
         record(e);
         return e;
@@ -322,6 +381,9 @@ struct init_connection {
     }
     events.push_back(e);
     switch (e.type) {
+      case v1::Message::Hello:
+        hello_nonce = e.data;
+        break;
       case v1::Message::Started: {
         auto& s = stories[e.command_id];
         BOOST_TEST(!s.started.has_value(), "Started twice for command " << e.command_id);
@@ -377,6 +439,7 @@ struct listening_init {
   std::filesystem::path workspace = tmp.path() / "workspace";
   std::filesystem::path state = tmp.path() / "state";
   std::filesystem::path log = tmp.path() / "init.log";
+  ferry::wire::handshake_key key = random_key();
   std::optional<child_process> proc;
 
   listening_init(const listening_init&) = delete;
@@ -431,6 +494,8 @@ struct listening_init {
     args.push_back("--");
     args.insert(args.end(), command.begin(), command.end());
     auto o = init_options(args);
+    o.in = stdio::bytes;  // the key, as runsc hands it to PID 1
+    o.in_bytes = ferry::wire::key_to_hex(key);
     o.out = stdio::null;
     o.err = stdio::file;  // a file, not a pipe: a chatty ferry-init never blocks on it
     o.file = log;
@@ -470,7 +535,9 @@ struct listening_init {
       errno = err;
       return nullptr;
     }
-    return std::make_unique<init_connection>(fd);
+    auto c = std::make_unique<init_connection>(fd);
+    c->key = key;
+    return c;
   }
 
   /// Connects, reads Hello, attaches and reads Attached.
@@ -479,10 +546,11 @@ struct listening_init {
     auto hello = c->next();
     BOOST_REQUIRE(hello);
     BOOST_REQUIRE((hello->type == v1::Message::Hello));
-    c->send(attach_frame(std::move(resume)));
+    c->send(c->attach_frame(std::move(resume)));
     auto attached = c->next();
     BOOST_REQUIRE(attached);
     BOOST_REQUIRE_MESSAGE((attached->type == v1::Message::Attached), "got message type " << int(attached->type) << ": " << attached->data);
+    BOOST_REQUIRE_MESSAGE(c->proves_key(*attached), "Attached does not prove the key");
     return c;
   }
 

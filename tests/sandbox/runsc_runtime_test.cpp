@@ -20,7 +20,7 @@
 #include <fmt/format.h>
 
 #include "ferry/sandbox/sandbox.h"
-#include "runsc_test_support.h"
+#include "backend_test_support.h"
 
 using namespace ferry::sandbox;
 using namespace std::chrono_literals;
@@ -34,10 +34,7 @@ using testing::processes_mentioning;
 using testing::runsc_available;
 using testing::sandbox_processes;
 
-std::string unique_id(const std::string& what) {
-  static int counter = 0;
-  return fmt::format("ft-{}-{}-{}", what, ::getpid(), ++counter);
-}
+std::string unique_id(const std::string& what) { return testing::unique_id("ft", what); }
 
 struct fixture {
   testing::temp_dir tmp;

@@ -1,10 +1,11 @@
-// sandbox_owner: the victim of runsc_recovery_test. Starts one sandbox and records what it
+// sandbox_owner: the victim of recovery_test and bwrap_runtime_test. Starts one sandbox and records what it
 // receives until it is killed (SIGKILL, mid-run: the owner "crash" a restarted ferryd recovers
 // from).
 //
-//   sandbox_owner <work-dir> <id> <argv...>
+//   sandbox_owner <runsc|bwrap> <work-dir> <id> <argv...>
 //
-// The runtime uses <work-dir>/state and <work-dir>/sandboxes, like the test's own runtime. Each
+// The runtime (of that backend) uses <work-dir>/state and <work-dir>/sandboxes, like the test's
+// own runtime. Each
 // output chunk is appended to <work-dir>/received.<stream> before it is reported, so the file
 // sizes are the offsets this owner "persisted" (what a ferryd would resume from).
 //
@@ -73,20 +74,24 @@ class file_observer : public sandbox_observer {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc < 4)
-    die("usage: sandbox_owner <work-dir> <id> <argv...>");
-  const std::string dir = argv[1];
-  runsc_options o;
-  o.state_dir = dir + "/state";
+  if (argc < 5)
+    die("usage: sandbox_owner <runsc|bwrap> <work-dir> <id> <argv...>");
+  auto backend = parse_backend_choice(argv[1]);
+  if (!backend)
+    die(backend.error().message);
+  const std::string dir = argv[2];
+  runtime_config o;
+  o.backend = *backend;
+  o.runsc.state_dir = dir + "/state";
   o.sandboxes_dir = dir + "/sandboxes";
   o.init_binary = FERRY_INIT_BINARY;
-  auto runtime = make_runsc_runtime(o);
+  auto runtime = make_runtime(o);
   if (!runtime)
     die(runtime.error().message);
   file_observer obs(dir);
   sandbox_spec spec;
-  spec.id = argv[2];
-  spec.argv.assign(argv + 3, argv + argc);
+  spec.id = argv[3];
+  spec.argv.assign(argv + 4, argv + argc);
   auto sb = (*runtime)->start(spec, obs);
   if (!sb)
     die(sb.error().message);

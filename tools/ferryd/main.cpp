@@ -98,7 +98,7 @@ fs::path self_dir() {
 }  // namespace
 
 int run(int argc, char** argv) {
-  CLI::App app{"ferryd — the Ferry server (tasks in gVisor sandboxes, event-sourced)"};
+  CLI::App app{"ferryd — the Ferry server (tasks in gVisor or bubblewrap sandboxes, event-sourced)"};
   std::string listen = "127.0.0.1:8080";
   std::string data_dir = "./var";
   // NATS: an external server (--nats-url and how to authenticate to it), else an embedded child.
@@ -107,6 +107,7 @@ int run(int argc, char** argv) {
   std::string nats_token_file;
   std::string nats_server = "nats-server";
   std::string runsc = "runsc";
+  std::string sandbox_runtime = "auto";
   std::string rootfs;
   std::string image = "auto";
   std::string init_binary;
@@ -141,6 +142,12 @@ int run(int argc, char** argv) {
   app.add_option("--nats-tls-server-name", nats.tls_server_name,
                  "Name the NATS server's certificate must carry (default: the URL's host)");
   app.add_option("--nats-server", nats_server, "nats-server binary for the embedded child")
+    ->capture_default_str();
+  app.add_option("--sandbox-runtime", sandbox_runtime,
+                 "Sandbox backend: runsc (gVisor), bwrap (bubblewrap: namespaces and a seccomp filter "
+                 "on the host's kernel), or auto: runsc if a probe sandbox runs on this host, else "
+                 "bwrap (said loudly)")
+    ->check(CLI::IsMember({"auto", "runsc", "bwrap"}))
     ->capture_default_str();
   app.add_option("--runsc", runsc, "gVisor runsc binary")->capture_default_str();
   app.add_option("--image", image,
@@ -274,16 +281,18 @@ int run(int argc, char** argv) {
   if (!relay)
     die("outbox relay: " + relay.error().message);
 
-  ferry::sandbox::runsc_options ro;
-  ro.runsc = runsc;
-  ro.state_dir = data / "runsc";
-  ro.sandboxes_dir = data / "sandboxes";
-  ro.rootfs = rootfs;
-  ro.init_binary = init_binary.empty() ? self_dir() / "ferry-init" : fs::path(init_binary);
-  ro.ignore_cgroups = ignore_cgroups;
-  auto runtime = ferry::sandbox::make_runsc_runtime(ro);
+  ferry::sandbox::runtime_config rc;
+  rc.backend = *ferry::sandbox::parse_backend_choice(sandbox_runtime);  // checked by CLI11
+  rc.runsc.runsc = runsc;
+  rc.runsc.state_dir = data / "runsc";
+  rc.runsc.ignore_cgroups = ignore_cgroups;
+  rc.sandboxes_dir = data / "sandboxes";
+  rc.rootfs = rootfs;
+  rc.init_binary = init_binary.empty() ? self_dir() / "ferry-init" : fs::path(init_binary);
+  auto runtime = ferry::sandbox::make_runtime(rc);
   if (!runtime)
     die("sandbox runtime: " + runtime.error().message);
+  // The start-up line names the backend, and so does every sandbox's SandboxStateChanged.
   // Sandboxes an earlier ferryd left behind are re-attached or removed by the task manager's
   // recovery (start_task_manager).
 

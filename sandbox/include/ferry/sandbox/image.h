@@ -5,7 +5,7 @@
 // build of the same recipe returns at once.
 //
 // On disk (`<images_dir>` is `<data_dir>/images`):
-//   <hash>/rootfs/             the root; sandboxes mount it read-only (runsc_options::rootfs)
+//   <hash>/rootfs/             the root; sandboxes mount it read-only (runtime_options::rootfs)
 //   <hash>/manifest.json       hash, recipe, created, size, installed package versions
 //   <hash>/build.log           debootstrap's output
 //   .build-<hash>-<pid>[-…]/   a build in progress, or the remains of an interrupted one
@@ -86,7 +86,7 @@ std::string image_hash(const image_recipe& resolved);
 struct image_info {
   std::string hash;
   std::filesystem::path dir;      ///< <images_dir>/<hash>
-  std::filesystem::path rootfs;   ///< <dir>/rootfs: pass as runsc_options::rootfs
+  std::filesystem::path rootfs;   ///< <dir>/rootfs: pass as runtime_options::rootfs
   image_recipe recipe;
   std::string created;            ///< ISO 8601 UTC, when the build completed
   uint64_t size_bytes = 0;        ///< disk usage of rootfs (hard links counted once)

@@ -24,6 +24,10 @@ enum class stdio {
   pipe,
   /// `spawn_options::file`, opened for appending (created 0600); for output streams only.
   file,
+  /// stdin only: a pipe that already holds `spawn_options::in_bytes` (at most 64 KiB) and whose
+  /// write end is closed, so the child reads them and then end of file. Nothing is left for the
+  /// parent to write (no SIGPIPE if the child is gone).
+  bytes,
 };
 
 struct spawn_options {
@@ -39,6 +43,7 @@ struct spawn_options {
   /// For children that must outlive this process (`runsc run --detach`).
   bool new_session = false;
   std::filesystem::path file;                    ///< target of stdio::file
+  std::string in_bytes;                          ///< content of stdin with stdio::bytes
 };
 
 /// How a child ended.

@@ -1,5 +1,6 @@
 #pragma once
-// ferry_sandbox public header: the sandbox runtime interface and its gVisor (runsc) backend.
+// ferry_sandbox public header: the sandbox runtime interface and its backends, gVisor (runsc) and
+// bubblewrap (bwrap).
 //
 // A sandbox is one isolated run of ferry-init (PID 1) with a read-only root, a writable
 // workspace at /workspace that is deleted when the sandbox ends, and no network (optionally an
@@ -118,6 +119,102 @@ struct command_exit {
   std::string output_path;
 };
 
+// --- file operations for the agent's tools (sandbox::read_file …) ---------------------------------
+// Paths are relative to /workspace unless absolute (inside the sandbox: the sandbox is the
+// boundary); a NUL byte is refused. Each call blocks its caller until ferry-init answers (it runs
+// every operation in a child process, killed after 30 s), so it must not be called from the
+// sandbox's own observer. Errors: errc::not_found (no such file or directory),
+// errc::invalid_argument (a bad request, a directory where a file is needed or the reverse, a
+// binary file, a file or content over its limit, an edit's old string absent or not unique),
+// errc::busy (16 operations in progress), errc::closed (the sandbox is ending), errc::failed
+// (permission denied, a timeout, anything else); the message says which, naming the path.
+
+enum class file_type { file, directory, symlink, other };
+
+struct read_options {
+  /// First line, 1-based (0 = 1).
+  uint64_t offset = 0;
+  /// Lines at most; 0 = as many as max_bytes allows.
+  uint64_t limit = 0;
+  /// Size of file_text::content at most (≤ 768 KiB).
+  uint64_t max_bytes = 256u << 10;
+};
+
+/// Lines of a text file (read_file).
+struct file_text {
+  std::string path;  ///< absolute
+  /// "<number>\t<line>\n" per line, the number right-aligned in 6 columns (as `cat -n`).
+  std::string content;
+  uint64_t first_line = 0;  ///< 0 when there is no line at the offset
+  uint64_t lines = 0;
+  /// The byte cap ended it before `limit` lines (the last one may be cut): read on from next_line.
+  bool truncated = false;
+  bool more = false;  ///< lines follow the ones returned
+  uint64_t next_line = 0;
+  uint64_t size = 0;  ///< the file's size in bytes
+};
+
+struct file_written {
+  std::string path;
+  uint64_t bytes = 0;
+  bool created = false;
+};
+
+struct file_edited {
+  std::string path;
+  uint64_t replacements = 0;
+  uint64_t bytes = 0;  ///< the new size
+};
+
+struct dir_entry {
+  std::string name;
+  file_type type = file_type::other;
+  uint64_t size = 0;
+};
+
+struct dir_listing {
+  std::string path;
+  std::vector<dir_entry> entries;  ///< sorted by name
+  uint64_t total = 0;              ///< entries in the directory
+  bool truncated = false;
+};
+
+struct glob_options {
+  std::string path;  ///< where a relative pattern starts; empty: /workspace
+  uint32_t max_results = 1000;
+  bool include_git = false;  ///< descend into .git directories
+};
+
+struct glob_matches {
+  std::string path;                  ///< what the matches are relative to
+  std::vector<std::string> matches;  ///< sorted
+  bool truncated = false;
+};
+
+struct grep_options {
+  std::string path;  ///< file or directory; empty: /workspace
+  std::string glob;  ///< only files whose name matches (e.g. "*.cpp")
+  bool ignore_case = false;
+  uint32_t context = 0;  ///< lines before and after each match (≤ 20)
+  uint32_t max_matches = 200;
+};
+
+struct grep_line {
+  std::string path;  ///< relative to grep_matches::path
+  uint64_t line = 0;
+  std::string text;
+  bool match = false;  ///< else a context line
+};
+
+struct grep_matches {
+  std::string path;
+  std::vector<grep_line> lines;  ///< by file, then line
+  uint32_t matches = 0;
+  uint32_t files = 0;
+  bool truncated = false;
+  std::string engine;  ///< "rg" (the image has ripgrep) or "posix" (ferry-init's own)
+};
+
 /// Receives what happens in one sandbox. Called on the sandbox's reader thread, in order:
 ///   on_running, then per command: on_command_started (on_output | on_output_gap)*
 ///   on_output_truncated? on_command_ended — or only on_command_failed; and at the end
@@ -140,7 +237,7 @@ class sandbox_observer {
   /// stream: 0 stdout (or the pty), 1 stderr. `data` is valid only during the call.
   virtual void on_output(uint32_t command_id, int stream, std::string_view data) = 0;
   /// Only after `attach`: `lost_bytes` (≥ 1) of `stream` after the resume point were no longer
-  /// kept by the sandbox (it keeps the last runsc_options::output_buffer_bytes per stream while
+  /// kept by the sandbox (it keeps the last runtime_options::output_buffer_bytes per stream while
   /// no host is attached); output continues after them. An observer used with `attach` must
   /// override this to record the loss; the default ignores it.
   virtual void on_output_gap(uint32_t /*command_id*/, int /*stream*/, uint64_t /*lost_bytes*/) {}
@@ -186,8 +283,26 @@ class sandbox {
   /// Ends the sandbox normally: ferry-init kills every process and exits; on_ended(nullopt)
   /// follows once everything is cleaned up. errc::closed if it is already ending.
   virtual result<void> release() = 0;
-  /// Kills every process of the sandbox at once: SIGKILL to its host processes (Sentry, gofer
-  /// and the Sentry's stub processes) through pidfds, then waits until they have all exited.
+
+  // File operations (see above): each blocks until ferry-init answers. REQUIRES: not called from
+  // this sandbox's observer.
+  /// `limit` lines from line `offset`, numbered, within a byte cap; a binary file is an error.
+  virtual result<file_text> read_file(const std::string& path, const read_options& options = {}) = 0;
+  /// Writes the whole file atomically (parents created; an existing file keeps its mode; `mode`
+  /// for a new one, 0 = 0644). At most 768 KiB.
+  virtual result<file_written> write_file(const std::string& path, std::string_view content, uint32_t mode = 0) = 0;
+  /// Replaces `old_string` (which must occur exactly once unless `replace_all`) by `new_string`.
+  virtual result<file_edited> edit_file(const std::string& path, std::string_view old_string,
+                                        std::string_view new_string, bool replace_all = false) = 0;
+  /// A directory's entries (not recursive), sorted; empty path: /workspace.
+  virtual result<dir_listing> list_dir(const std::string& path, uint32_t max_entries = 1000) = 0;
+  /// Files matching a pattern with `**`, `*`, `?`, `[...]` (e.g. "src/**/*.cpp").
+  virtual result<glob_matches> glob(const std::string& pattern, const glob_options& options = {}) = 0;
+  /// Lines matching a regular expression (ripgrep's syntax if the image has it, else POSIX ERE).
+  virtual result<grep_matches> grep(const std::string& pattern, const grep_options& options = {}) = 0;
+  /// Kills every process of the sandbox at once: SIGKILL to its host processes through pidfds
+  /// (runsc: Sentry, gofer and the Sentry's stub processes; bwrap: ferry-init, which takes its
+  /// PID namespace along, and bwrap), then waits until they have all exited.
   /// Returns once they are gone (or the runtime gave up); on_processes_gone and on_ended follow
   /// on the reader thread. Idempotent. No-op after detach().
   virtual void kill() = 0;
@@ -229,25 +344,32 @@ class sandbox_runtime {
   /// processes run and ferry-init listens. Sandboxes held by this runtime are not listed.
   virtual result<std::vector<std::string>> list_live() = 0;
   /// Kills and deletes every leftover sandbox (alive or not) except those in `keep` and those
-  /// held by this runtime: kills its processes, deletes the runsc container and its files.
+  /// held by this runtime: kills its processes, deletes what the backend left (the runsc
+  /// container; the bwrap cgroups) and its files.
   /// Returns how many it cleaned up.
   virtual result<size_t> cleanup_orphans(const std::set<std::string>& keep = {}) = 0;
 };
 
-struct runsc_options {
-  /// The runsc binary.
-  std::string runsc = "runsc";
-  /// Where runsc keeps container state (`runsc --root`).
-  std::filesystem::path state_dir;
-  /// Per-sandbox directories (bundle + workspace) are created under here and deleted at the end.
+/// Resource limits of each sandbox; 0 = unlimited.
+struct sandbox_limits {
+  /// Memory of all its processes (and its tmpfs) together.
+  uint64_t memory_bytes = 4ull << 30;
+  /// Processes and threads at once.
+  uint32_t pids = 4096;
+  /// CPU time per wall-clock second, in thousandths of a CPU (1500 = one and a half CPUs).
+  uint32_t cpu_millis = 0;
+};
+
+/// Settings every backend shares.
+struct runtime_options {
+  /// Per-sandbox directories (workspace, control socket, backend files) are created under here
+  /// and deleted when the sandbox ends.
   std::filesystem::path sandboxes_dir;
   /// Read-only root filesystem. Empty: a "host tree" root made of read-only bind mounts of the
   /// host's /usr (plus the merged-/usr symlinks), prepared under `sandboxes_dir/../rootfs-host`.
   std::filesystem::path rootfs;
   /// Host path of the ferry-init binary; bind-mounted read-only into every sandbox.
   std::filesystem::path init_binary;
-  /// Pass --ignore-cgroups (needed under `ip netns exec`).
-  bool ignore_cgroups = false;
   /// Output ferry-init keeps per stream for a host that re-attaches (at least 64 KiB).
   uint64_t output_buffer_bytes = 8u << 20;
   /// How long a sandbox whose command has ended (or not started) waits for a host to attach
@@ -255,15 +377,70 @@ struct runsc_options {
   std::chrono::milliseconds linger = std::chrono::minutes(10);
   /// Host path of the egress proxy's unix socket. Set: it is bind-mounted into every sandbox
   /// and ferry-init relays 127.0.0.1:`proxy_port` inside to it (HTTP_PROXY/HTTPS_PROXY point
-  /// there), which needs `runsc --host-uds=all` (see README: the control socket is then
-  /// reachable from inside too). Empty: sandboxes have no way out.
+  /// there). runsc then needs `--host-uds=all` (the control socket is then reachable from
+  /// inside too, as it always is under bwrap; the key's handshake makes that safe, see README).
+  /// Empty: sandboxes have no way out.
   std::filesystem::path egress_socket;
   uint16_t proxy_port = 3128;
+  sandbox_limits limits;
+};
+
+/// What only the gVisor backend needs.
+struct runsc_settings {
+  /// The runsc binary.
+  std::string runsc = "runsc";
+  /// Where runsc keeps container state (`runsc --root`).
+  std::filesystem::path state_dir;
+  /// Pass --ignore-cgroups (needed under `ip netns exec`; the limits are then not applied).
+  bool ignore_cgroups = false;
   /// Extra global runsc flags (e.g. "--debug").
   std::vector<std::string> extra_flags;
 };
 
+/// What only the bubblewrap backend needs.
+struct bwrap_settings {
+  /// The bwrap binary.
+  std::string bwrap = "bwrap";
+  /// Each sandbox runs as its own host uid and gid (uid 0 inside its user namespace), taken from
+  /// [uid_base, uid_base + uid_count); none of them may belong to anything else on the host.
+  uint32_t uid_base = 200000;
+  uint32_t uid_count = 65536;
+  /// Size of the sandbox's /tmp (a tmpfs; it also counts against memory_bytes).
+  uint64_t tmp_bytes = 1ull << 30;
+  /// Where the per-sandbox cgroups go, below the root of each cgroup hierarchy (v2: the unified
+  /// one; v1: memory, pids, cpu). Empty: no cgroups, the limits fall back to rlimits (README).
+  std::string cgroup_parent = "ferry";
+};
+
+struct runsc_options : runtime_options, runsc_settings {};
+struct bwrap_options : runtime_options, bwrap_settings {};
+
 /// The gVisor backend. Fails if runsc is missing or the directories cannot be created.
 result<std::unique_ptr<sandbox_runtime>> make_runsc_runtime(runsc_options opts);
+
+/// The bubblewrap backend (namespaces + a seccomp filter on the host kernel; see README for what
+/// differs from gVisor). Fails if bwrap is missing or the directories cannot be created.
+result<std::unique_ptr<sandbox_runtime>> make_bwrap_runtime(bwrap_options opts);
+
+/// Which backend `make_runtime` uses.
+enum class backend_choice {
+  automatic,  ///< runsc if a probe sandbox runs on this host, else bwrap (logged loudly)
+  runsc,
+  bwrap,
+};
+/// "auto", "runsc" or "bwrap".
+result<backend_choice> parse_backend_choice(std::string_view name);
+std::string_view to_string(backend_choice c);
+
+struct runtime_config : runtime_options {
+  backend_choice backend = backend_choice::automatic;
+  runsc_settings runsc;
+  bwrap_settings bwrap;
+};
+
+/// The backend `config` asks for. `automatic` starts one probe sandbox with runsc (once per
+/// call: a second or two) and falls back to bwrap if that fails, saying so on stderr; the
+/// chosen runtime's name() says which one it is.
+result<std::unique_ptr<sandbox_runtime>> make_runtime(const runtime_config& config);
 
 }  // namespace ferry::sandbox

@@ -26,8 +26,9 @@ inline constexpr size_t max_output_chunk = 64u * 1024;
 /// Hello.protocol in stdio mode (one-way, on ferry-init's stdout).
 inline constexpr uint16_t stdio_protocol = 1;
 /// Hello.protocol / Attach.protocol in socket mode (re-attachable process API; see init.fbs).
-/// 2 was the one-command protocol before Run/Signal; both sides refuse any other version.
-inline constexpr uint16_t socket_protocol = 3;
+/// 2 was the one-command protocol before Run/Signal, 3 the process API before the authenticated
+/// handshake; both sides refuse any other version.
+inline constexpr uint16_t socket_protocol = 4;
 
 /// Finishes `fbb` with an InitMessage carrying `body` (of union type `type`) and appends its
 /// frame to `out`. `fbb` must hold only `body` and what it refers to.
@@ -99,6 +100,19 @@ class frame_decoder {
   }
 
   const ferry::init::v1::InitMessage* msg() const { return current_; }
+  /// The current message's frame as it came (length prefix and payload), valid like msg(): for
+  /// passing a verified request on unchanged.
+  std::string frame() const {
+    std::string out;
+    if (!current_)
+      return out;
+    const uint32_t n = static_cast<uint32_t>(consumed_ - 4);
+    const unsigned char len[4] = {static_cast<unsigned char>(n), static_cast<unsigned char>(n >> 8),
+                                  static_cast<unsigned char>(n >> 16), static_cast<unsigned char>(n >> 24)};
+    out.append(reinterpret_cast<const char*>(len), 4);
+    out.append(reinterpret_cast<const char*>(aligned_.data()), n);
+    return out;
+  }
   const std::string& error_message() const { return error_; }
   /// Bytes buffered but not yet consumed (a partial frame at end of stream is a protocol error).
   size_t pending() const { return buf_.size() - start_ - consumed_; }

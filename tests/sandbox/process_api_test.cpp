@@ -1,11 +1,12 @@
-#define BOOST_TEST_MODULE sandbox_runsc_process_api
+#define BOOST_TEST_MODULE sandbox_process_api
 #include <boost/test/unit_test.hpp>
 
-// The process API through the sandbox interface, in real gVisor sandboxes: idle sandboxes that
+// The process API through the sandbox interface, in real sandboxes of the backend under test
+// (built once per backend: sandbox_runsc_process_api_test, sandbox_bwrap_process_api_test): idle sandboxes that
 // run what they are asked and end on release(), several commands at once, argv and shell, env,
 // cwd, pty, timeouts, signals (to a group, to everything), resource usage, a 50 MB output cut at
 // the limit and kept whole in the workspace, a persistent shell session, re-attach with several
-// commands, and the HTTP forwarder to an egress socket on the host. Needs root and runsc.
+// commands, and the HTTP forwarder to an egress socket on the host. Needs root and the backend.
 
 #include <netinet/in.h>
 #include <signal.h>
@@ -19,7 +20,8 @@
 #include <fmt/format.h>
 
 #include "ferry/sandbox/sandbox.h"
-#include "runsc_test_support.h"
+#include "backend_test_support.h"
+#include "ferry/schemas/handshake.h"
 
 using namespace ferry::sandbox;
 using namespace std::chrono_literals;
@@ -29,25 +31,11 @@ using testing::recording_observer;
 
 namespace {
 
-std::string unique_id(const std::string& what) {
-  static int counter = 0;
-  return fmt::format("fp-{}-{}-{}", what, ::getpid(), ++counter);
-}
+std::string unique_id(const std::string& what) { return testing::unique_id("fp", what); }
 
-command_spec shell(uint32_t id, std::string line, std::string session = "") {
-  command_spec c;
-  c.command_id = id;
-  c.shell = std::move(line);
-  c.session = std::move(session);
-  return c;
-}
-
-command_spec argv(uint32_t id, std::vector<std::string> args) {
-  command_spec c;
-  c.command_id = id;
-  c.argv = std::move(args);
-  return c;
-}
+using testing::argv;
+using testing::percentile;
+using testing::shell;
 
 struct fixture {
   testing::temp_dir tmp;
@@ -56,12 +44,9 @@ struct fixture {
   fixture() { runtime = make_runtime(); }
 
   std::unique_ptr<sandbox_runtime> make_runtime(fs::path egress = {}) const {
-    runsc_options o;
-    o.state_dir = tmp.path() / "state";
-    o.sandboxes_dir = tmp.path() / "sandboxes";
-    o.init_binary = FERRY_INIT_BINARY;
+    auto o = testing::test_config(tmp.path());
     o.egress_socket = std::move(egress);
-    auto r = make_runsc_runtime(o);
+    auto r = ferry::sandbox::make_runtime(o);
     BOOST_REQUIRE_MESSAGE(r.ok(), (r.ok() ? "" : r.error().message));
     return std::move(*r);
   }
@@ -77,16 +62,9 @@ struct fixture {
     return std::move(*s);
   }
 
-  /// Runs `c` and waits for its end.
   static recording_observer::record run(sandbox& sb, recording_observer& obs, const command_spec& c,
                                         std::chrono::milliseconds timeout = 30s) {
-    auto r = sb.run(c);
-    BOOST_REQUIRE_MESSAGE(r.ok(), (r.ok() ? "" : r.error().message));
-    BOOST_REQUIRE_MESSAGE(obs.wait_for_end(c.command_id, timeout), "command " << c.command_id << " did not end");
-    auto e = obs.find("exited", c.command_id);
-    if (!e)
-      e = obs.find("failed", c.command_id);
-    return *e;
+    return testing::run_to_end(sb, obs, c, timeout);
   }
 
   /// Releases the sandbox and checks it ended cleanly with nothing left.
@@ -102,14 +80,9 @@ struct fixture {
   }
 };
 
-double percentile(std::vector<double> v, double q) {
-  std::sort(v.begin(), v.end());
-  return v[std::min(v.size() - 1, static_cast<size_t>(q * static_cast<double>(v.size())))];
-}
-
 }  // namespace
 
-BOOST_AUTO_TEST_SUITE(runsc_process_api, *boost::unit_test::precondition(&testing::runsc_available))
+BOOST_AUTO_TEST_SUITE(process_api, *boost::unit_test::precondition(&testing::backend_available))
 
 BOOST_FIXTURE_TEST_CASE(an_idle_sandbox_runs_commands_at_once_and_ends_on_release, fixture) {
   recording_observer obs;
@@ -136,7 +109,7 @@ BOOST_FIXTURE_TEST_CASE(an_idle_sandbox_runs_commands_at_once_and_ends_on_releas
   auto last_one = std::find_if(records.rbegin(), records.rend(), [](auto& r) { return r.command_id == 1 && r.what == "output"; });
   BOOST_TEST((first_two->at < last_one->at));
 
-  // Environment and working directory, inside gVisor.
+  // Environment and working directory, inside the sandbox.
   command_spec env = shell(4, "echo \"$FOO|$HOME\"; pwd; mkdir -p sub/dir");
   env.env = {"FOO=bar baz"};
   run(*sb, obs, env);
@@ -161,15 +134,15 @@ BOOST_FIXTURE_TEST_CASE(an_idle_sandbox_runs_commands_at_once_and_ends_on_releas
     run(*sb, obs, i % 2 ? shell(100 + i, "true") : argv(100 + i, {"true"}));
     (i % 2 ? via_shell : direct).push_back(std::chrono::duration<double, std::milli>(steady::now() - t0).count());
   }
-  BOOST_TEST_MESSAGE(fmt::format("exec round trip of `true` in gVisor: argv p50 {:.1f} ms p90 {:.1f} ms; "
+  BOOST_TEST_MESSAGE(fmt::format("exec round trip of `true` in {}: argv p50 {:.1f} ms p90 {:.1f} ms; "
                                  "bash -c p50 {:.1f} ms p90 {:.1f} ms ({} each)",
-                                 percentile(direct, 0.5), percentile(direct, 0.9), percentile(via_shell, 0.5),
+                                 testing::test_backend(), percentile(direct, 0.5), percentile(direct, 0.9), percentile(via_shell, 0.5),
                                  percentile(via_shell, 0.9), direct.size()));
   release_and_check(*sb, obs);
   BOOST_TEST((sb->run(argv(200, {"true"})).error().code == ferry::errc::closed));
 }
 
-BOOST_FIXTURE_TEST_CASE(a_pty_in_gvisor_is_a_terminal_of_the_given_size, fixture) {
+BOOST_FIXTURE_TEST_CASE(a_pty_is_a_terminal_of_the_given_size, fixture) {
   recording_observer obs;
   auto sb = start_idle(unique_id("pty"), obs);
   command_spec c = shell(1, "[ -t 0 ] && [ -t 1 ] && echo tty; stty size; tty | cut -c1-9");
@@ -216,7 +189,7 @@ BOOST_FIXTURE_TEST_CASE(timeouts_and_signals_end_whole_process_groups, fixture) 
   release_and_check(*sb, obs);
 }
 
-BOOST_FIXTURE_TEST_CASE(resource_usage_in_gvisor, fixture) {
+BOOST_FIXTURE_TEST_CASE(resource_usage, fixture) {
   recording_observer obs;
   auto sb = start_idle(unique_id("rusage"), obs);
   auto busy = run(*sb, obs, shell(1, "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done"), 120s);
@@ -320,6 +293,8 @@ class fake_egress_proxy {
     addr.sun_family = AF_UNIX;
     std::memcpy(addr.sun_path, path.c_str(), path.string().size());
     BOOST_REQUIRE(::bind(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+    // bwrap sandboxes run as a uid of their own: connecting needs write permission.
+    fs::permissions(path, fs::perms(0666));
     BOOST_REQUIRE(::listen(fd_, 16) == 0);
     thread_ = std::thread([this] {
       while (!stop_) {
@@ -403,6 +378,200 @@ BOOST_FIXTURE_TEST_CASE(the_http_forwarder_is_the_way_out_through_the_egress_soc
   BOOST_TEST(obs.output(3u, 0) == "blocked\n");
   BOOST_TEST(::accept(host_listener, nullptr, nullptr) < 0, "the host's listener was reached");
   ::close(host_listener);
+  release_and_check(*sb, obs);
+}
+
+// --- file operations ------------------------------------------------------------------------------
+
+BOOST_FIXTURE_TEST_CASE(file_operations_work_inside_a_real_sandbox, fixture) {
+  recording_observer obs;
+  const auto id = unique_id("files");
+  auto sb = start_idle(id, obs);
+  auto w = sb->write_file("src/a.cpp", "int helper();\nint main() { return helper(); }\n");
+  BOOST_REQUIRE_MESSAGE(w.ok(), (w.ok() ? "" : w.error().message));
+  BOOST_TEST(w->created);
+  BOOST_TEST(w->path == "/workspace/src/a.cpp");
+  BOOST_TEST(testing::read_proc_file(sandbox_dir(id) / "workspace/src/a.cpp").find("int main()") == 14u);
+  auto r = sb->read_file("src/a.cpp", {2, 1});
+  BOOST_REQUIRE_MESSAGE(r.ok(), (r.ok() ? "" : r.error().message));
+  BOOST_TEST(r->content == "     2\tint main() { return helper(); }\n");
+  auto e = sb->edit_file("/workspace/src/a.cpp", "return helper();", "return 0;");
+  BOOST_REQUIRE_MESSAGE(e.ok(), (e.ok() ? "" : e.error().message));
+  BOOST_TEST(e->replacements == 1u);
+  BOOST_REQUIRE(sb->write_file("src/b.h", "int helper();\n").ok());
+  auto l = sb->list_dir("src");
+  BOOST_REQUIRE_MESSAGE(l.ok(), (l.ok() ? "" : l.error().message));
+  BOOST_REQUIRE(l->entries.size() == 2u);
+  BOOST_TEST(l->entries[0].name == "a.cpp");
+  BOOST_TEST((l->entries[1].type == file_type::file));
+  auto g = sb->glob("**/*.h");
+  BOOST_REQUIRE_MESSAGE(g.ok(), (g.ok() ? "" : g.error().message));
+  BOOST_TEST((g->matches == std::vector<std::string>{"src/b.h"}));
+  auto found = sb->grep("helper", {});
+  BOOST_REQUIRE_MESSAGE(found.ok(), (found.ok() ? "" : found.error().message));
+  // The host-tree root binds the host's /usr: ripgrep when the host has it.
+  BOOST_TEST(found->engine == (::access("/usr/bin/rg", X_OK) == 0 ? "rg" : "posix"));
+  BOOST_REQUIRE(found->lines.size() == 2u);
+  BOOST_TEST(found->lines[0].path == "src/a.cpp");
+  BOOST_TEST(found->lines[0].line == 1u);
+  BOOST_TEST(found->lines[1].path == "src/b.h");
+  // Errors, typed: a missing file, the read-only root, a binary file.
+  auto missing = sb->read_file("nope.txt");
+  BOOST_REQUIRE(!missing.ok());
+  BOOST_TEST((missing.error().code == ferry::errc::not_found), missing.error().message);
+  auto ro = sb->write_file("/usr/ferry-test", "x");
+  BOOST_REQUIRE(!ro.ok());
+  BOOST_TEST(ro.error().message.find("read-only file system") != std::string::npos, ro.error().message);
+  BOOST_REQUIRE(sb->write_file("/tmp/bin", std::string("\0\1\2", 3)).ok());  // outside the workspace: allowed
+  auto bin = sb->read_file("/tmp/bin");
+  BOOST_REQUIRE(!bin.ok());
+  BOOST_TEST(bin.error().message.find("binary") != std::string::npos, bin.error().message);
+  // Commands and file operations side by side.
+  run(*sb, obs, shell(1, "cat src/a.cpp"));
+  BOOST_TEST(obs.output(1u, 0) == "int helper();\nint main() { return 0; }\n");
+  release_and_check(*sb, obs);
+}
+
+// --- the control socket when commands can reach it (--host-uds=all, with an egress socket) ------
+
+namespace {
+
+/// Copies the hostile probe (init_socket_probe.cpp) into the sandbox's workspace: /workspace/probe.
+void copy_probe(const fs::path& sandbox_dir) {
+  const fs::path to = sandbox_dir / "workspace" / "probe";
+  fs::copy_file(FERRY_INIT_SOCKET_PROBE, to, fs::copy_options::overwrite_existing);
+  fs::permissions(to, fs::perms(0755));
+}
+
+/// Waits until `path` (on the host) exists.
+bool wait_for_file(const fs::path& path, std::chrono::milliseconds timeout) {
+  for (auto deadline = steady::now() + timeout; !fs::exists(path);) {
+    if (steady::now() > deadline)
+      return false;
+    std::this_thread::sleep_for(20ms);
+  }
+  return true;
+}
+
+}  // namespace
+
+BOOST_FIXTURE_TEST_CASE(a_command_that_reaches_the_control_socket_cannot_attach_without_the_key, fixture) {
+  const fs::path egress = tmp.path() / "egress.sock";
+  fake_egress_proxy proxy(egress);
+  recording_observer obs;
+  const auto id = unique_id("probe");
+  {
+    auto rt = make_runtime(egress);
+    auto sb = start_idle(id, obs, rt.get());
+    copy_probe(sandbox_dir(id));
+    // While a host is attached, a connection from inside is simply turned away.
+    run(*sb, obs, shell(1, "/workspace/probe attach /.ferry/ctl/init.sock random"));
+    BOOST_TEST(obs.output(1u, 0).find("first message Error") != std::string::npos, obs.output(1u, 0));
+    // Then, with no host attached (ferryd restarting): the probe gets a Hello, but an Attach
+    // without the key's proof is refused, and the Run behind it never runs.
+    BOOST_REQUIRE(sb->run(shell(2, "sleep 1.5; for m in none random; do /workspace/probe attach /.ferry/ctl/init.sock $m; "
+                                   "done > /workspace/probe.log 2>&1; touch /workspace/probe.done")).ok());
+    // Command 2's own start (command 1's is recorded already): a detach before ferry-init got
+    // the Run would drop it.
+    BOOST_REQUIRE(obs.wait_for("started", 2, 20s));
+    sb->detach();
+  }
+  BOOST_REQUIRE(wait_for_file(sandbox_dir(id) / "workspace" / "probe.done", 30s));
+  const std::string log = testing::read_proc_file(sandbox_dir(id) / "workspace" / "probe.log");
+  BOOST_TEST_MESSAGE("probe: " << log);
+  // What the Hello gave away: a nonce, nothing else.
+  BOOST_TEST(log.find("hello protocol=4 nonce_bytes=32") != std::string::npos, log);
+  size_t refusals = 0;
+  for (size_t at = 0; (at = log.find("answer: Error: authentication failed", at)) != std::string::npos; ++at)
+    ++refusals;
+  BOOST_TEST(refusals == 2u, log);
+  BOOST_TEST(log.find("closed") != std::string::npos, log);
+  BOOST_TEST(!fs::exists(sandbox_dir(id) / "workspace" / "pwned"));
+  // The real host still attaches and runs commands.
+  recording_observer again;
+  auto rt = make_runtime(egress);
+  auto sb = rt->attach(id, std::vector<resume_point>{{1, obs.output(1u, 0).size(), 0, true}, {2, 0, 0, false}}, again);
+  BOOST_REQUIRE_MESSAGE(sb.ok(), (sb.ok() ? "" : sb.error().message));
+  run(**sb, again, shell(3, "echo still mine"));
+  BOOST_TEST(again.output(3u, 0) == "still mine\n");
+  release_and_check(**sb, again);
+}
+
+BOOST_FIXTURE_TEST_CASE(a_command_that_replaces_the_control_socket_gets_the_sandbox_killed, fixture) {
+  const fs::path egress = tmp.path() / "egress.sock";
+  fake_egress_proxy proxy(egress);
+  recording_observer obs;
+  const auto id = unique_id("impostor");
+  auto rt = make_runtime(egress);
+  {
+    auto sb = start_idle(id, obs, rt.get());
+    copy_probe(sandbox_dir(id));
+    BOOST_REQUIRE(sb->run(shell(1, "/workspace/probe impostor /.ferry/ctl/init.sock 60 > /workspace/impostor.log 2>&1")).ok());
+    for (auto deadline = steady::now() + 20s;
+         testing::read_proc_file(sandbox_dir(id) / "workspace" / "impostor.log").find("listening") == std::string::npos;) {
+      BOOST_REQUIRE_MESSAGE(steady::now() < deadline, "the impostor did not listen: "
+                                                         << testing::read_proc_file(sandbox_dir(id) / "workspace" / "impostor.log"));
+      std::this_thread::sleep_for(50ms);
+    }
+    BOOST_TEST(fs::exists(sandbox_dir(id) / "ctl" / "init.sock.real"));
+    sb->detach();
+  }
+  auto procs = testing::sandbox_processes(sandbox_dir(id));
+  BOOST_REQUIRE(!procs.alive().empty());
+  recording_observer next;
+  auto r = make_runtime(egress)->attach(id, std::vector<resume_point>{{1, 0, 0, false}}, next);
+  BOOST_REQUIRE(!r.ok());
+  BOOST_TEST(r.error().message.find("ferry-init failed authentication") != std::string::npos, r.error().message);
+  BOOST_TEST(r.error().message.find("killed as compromised") != std::string::npos, r.error().message);
+  BOOST_TEST(next.records().empty());  // nothing the impostor said reached the observer
+  BOOST_TEST(procs.alive().empty());
+  BOOST_TEST(!fs::exists(sandbox_dir(id)));
+}
+
+BOOST_FIXTURE_TEST_CASE(the_key_is_not_readable_from_inside_the_sandbox, fixture) {
+  // With an egress socket (--host-uds=all: the most a command can reach). The key is on the host
+  // in <sandbox dir>/key; inside, look where it could leak: ferry-init's environment, command
+  // line, stdin and memory, and every file a command can see outside /usr.
+  const fs::path egress = tmp.path() / "egress.sock";
+  fake_egress_proxy proxy(egress);
+  recording_observer obs;
+  const auto id = unique_id("key");
+  auto rt = make_runtime(egress);
+  auto sb = start_idle(id, obs, rt.get());
+  const std::string key_hex = testing::read_proc_file(sandbox_dir(id) / "key");
+  const auto key = ferry::wire::key_from_hex(key_hex);
+  BOOST_REQUIRE(key);
+  const std::string key_raw(reinterpret_cast<const char*>(key->data()), key->size());
+  BOOST_TEST(((fs::status(sandbox_dir(id) / "key").permissions() & fs::perms::all) ==
+              (fs::perms::owner_read | fs::perms::owner_write)));
+  const std::string probe = R"sh(
+    echo "== environ"; cat /proc/1/environ; echo
+    echo "== cmdline"; cat /proc/1/cmdline; echo
+    echo "== fd0"; readlink /proc/1/fd/0; timeout 2 cat /proc/1/fd/0; echo
+    echo "== fds"; ls /proc/1/fd/
+    echo "== files"; find /.ferry /workspace /tmp /etc -xdev -type f -size -4M 2>/dev/null | grep -v '^/workspace/mem' | xargs -r cat
+    echo "== mem"
+    while read -r range perms rest; do
+      case $perms in rw*)
+        s=$((16#${range%-*})); e=$((16#${range#*-}))
+        dd if=/proc/1/mem bs=4096 skip=$((s / 4096)) count=$(((e - s) / 4096)) 2>>/workspace/mem.err >>/workspace/mem.bin;;
+      esac
+    done < /proc/1/maps
+    echo "maps: $(wc -l < /proc/1/maps)"; cat /workspace/mem.err
+  )sh";
+  auto r = run(*sb, obs, shell(1, probe));
+  const std::string out = obs.output(1u, 0) + obs.output(1u, 1);
+  BOOST_TEST_MESSAGE("from inside: " << out.substr(0, 3000));
+  BOOST_TEST(out.find("== mem") != std::string::npos);  // the probe ran to the end
+  BOOST_TEST(out.find(key_hex.substr(0, 64)) == std::string::npos);
+  BOOST_TEST(out.find(key_raw) == std::string::npos);
+  const std::string fd0 = out.substr(out.find("== fd0"), out.find("== fds") - out.find("== fd0"));
+  BOOST_TEST(fd0.find("pipe:") == std::string::npos, fd0);  // stdin no longer the key's pipe
+  BOOST_TEST(fd0.find("host:") == std::string::npos, fd0);
+  const std::string mem = testing::read_proc_file(sandbox_dir(id) / "workspace" / "mem.bin");
+  BOOST_TEST_MESSAGE("ferry-init memory read from inside: " << mem.size() << " bytes");
+  BOOST_TEST(mem.find(key_raw) == std::string::npos);
+  BOOST_TEST(mem.find(key_hex.substr(0, 64)) == std::string::npos);
   release_and_check(*sb, obs);
 }
 

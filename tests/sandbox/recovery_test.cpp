@@ -1,10 +1,11 @@
-#define BOOST_TEST_MODULE sandbox_runsc_recovery
+#define BOOST_TEST_MODULE sandbox_recovery
 #include <boost/test/unit_test.hpp>
 
 // Sandboxes outliving their owner: a real owner crash (SIGKILL of sandbox_owner mid-run) and
 // re-attach from a new runtime, attach after the command finished, output gaps, attach errors,
-// impostors and garbage on the control socket, and the bounded linger. Real gVisor; needs root
-// and runsc (skipped with a message otherwise).
+// impostors and garbage on the control socket, and the bounded linger. Real sandboxes of the
+// backend under test (built once per backend: sandbox_runsc_recovery_test,
+// sandbox_bwrap_recovery_test); needs root and the backend (skipped with a message otherwise).
 
 #include <signal.h>
 #include <sys/socket.h>
@@ -20,7 +21,8 @@
 
 #include "ferry/sandbox/sandbox.h"
 #include "ferry/schemas/frame.h"
-#include "runsc_test_support.h"
+#include "backend_test_support.h"
+#include "ferry/schemas/handshake.h"
 
 using namespace ferry::sandbox;
 using namespace std::chrono_literals;
@@ -31,15 +33,9 @@ using testing::recording_observer;
 
 namespace {
 
-std::string unique_id(const std::string& what) {
-  static int counter = 0;
-  return fmt::format("fr-{}-{}-{}", what, ::getpid(), ++counter);
-}
+std::string unique_id(const std::string& what) { return testing::unique_id("fr", what); }
 
-std::string file_content(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
-}
+using testing::file_content;
 
 /// `<prefix> 0\n` … `<prefix> n-1\n`.
 std::string numbered_lines(const std::string& prefix, int n) {
@@ -57,13 +53,10 @@ struct fixture {
 
   std::unique_ptr<sandbox_runtime> make_runtime(uint64_t buffer_bytes = 8u << 20,
                                                 std::chrono::milliseconds linger = 10min) const {
-    runsc_options o;
-    o.state_dir = tmp.path() / "state";
-    o.sandboxes_dir = tmp.path() / "sandboxes";
-    o.init_binary = FERRY_INIT_BINARY;
+    auto o = testing::test_config(tmp.path());
     o.output_buffer_bytes = buffer_bytes;
     o.linger = linger;
-    auto r = make_runsc_runtime(o);
+    auto r = ferry::sandbox::make_runtime(o);
     BOOST_REQUIRE_MESSAGE(r.ok(), (r.ok() ? "" : r.error().message));
     return std::move(*r);
   }
@@ -156,9 +149,9 @@ void send_bytes(int fd, const std::string& bytes) {
   [[maybe_unused]] ssize_t n = ::send(fd, bytes.data(), bytes.size(), MSG_NOSIGNAL);
 }
 
-std::string hello_frame(const std::string& instance) {
+std::string hello_frame(const ferry::wire::handshake_nonce& nonce) {
   flatbuffers::FlatBufferBuilder fbb;
-  auto h = v1::CreateHello(fbb, ferry::wire::socket_protocol, 1, fbb.CreateString(instance));
+  auto h = v1::CreateHello(fbb, ferry::wire::socket_protocol, 1, fbb.CreateVector(nonce.data(), nonce.size()));
   std::string out;
   ferry::wire::append_message(out, fbb, v1::Message::Hello, h);
   return out;
@@ -173,9 +166,9 @@ std::string started_frame() {
   return out;
 }
 
-std::string attached_frame() {
+std::string attached_frame(const ferry::wire::handshake_mac& mac) {
   flatbuffers::FlatBufferBuilder fbb;
-  auto a = v1::CreateAttached(fbb, 1, 1);
+  auto a = v1::CreateAttached(fbb, 1, 1, fbb.CreateVector(mac.data(), mac.size()));
   std::string out;
   ferry::wire::append_message(out, fbb, v1::Message::Attached, a);
   return out;
@@ -190,8 +183,9 @@ std::string output_frame(uint64_t offset, const std::string& data) {
   return out;
 }
 
-/// Reads (and discards) the host's Attach frame, so the script answers after it.
-void read_attach(int fd) {
+/// Reads the host's Attach frame, so the script answers after it; returns its nonce (zeros if
+/// none came).
+ferry::wire::handshake_nonce read_attach(int fd) {
   ferry::wire::frame_decoder d;
   char buf[512];
   for (auto deadline = steady::now() + 10s; steady::now() < deadline;) {
@@ -200,16 +194,27 @@ void read_attach(int fd) {
       continue;
     ssize_t n = ::recv(fd, buf, sizeof buf, 0);
     if (n <= 0)
-      return;
+      break;
     d.feed(buf, static_cast<size_t>(n));
-    if (d.next() == ferry::wire::frame_decoder::status::message)
-      return;
+    if (d.next() == ferry::wire::frame_decoder::status::message && d.msg()->message_type() == v1::Message::Attach) {
+      const auto* a = d.msg()->message_as_Attach();
+      if (auto nonce = ferry::wire::nonce_from(a->nonce() ? a->nonce()->data() : nullptr, a->nonce() ? a->nonce()->size() : 0))
+        return *nonce;
+      break;
+    }
   }
+  return {};
+}
+
+ferry::wire::handshake_nonce random_nonce() {
+  ferry::wire::handshake_nonce n{};
+  BOOST_REQUIRE(ferry::wire::random_bytes(n));
+  return n;
 }
 
 }  // namespace
 
-BOOST_AUTO_TEST_SUITE(runsc_recovery, *boost::unit_test::precondition(&testing::runsc_available))
+BOOST_AUTO_TEST_SUITE(recovery, *boost::unit_test::precondition(&testing::backend_available))
 
 BOOST_FIXTURE_TEST_CASE(a_sandbox_survives_its_owners_sigkill_and_resumes_after_the_persisted_offsets, fixture) {
   const auto id = unique_id("crash");
@@ -218,7 +223,7 @@ BOOST_FIXTURE_TEST_CASE(a_sandbox_survives_its_owners_sigkill_and_resumes_after_
       "i=0; while [ $i -lt {0} ]; do echo \"line $i\"; echo \"err $i\" >&2; i=$((i+1)); sleep 0.01; done; exit 7",
       lines);
   spawn_options o;
-  o.argv = {FERRY_SANDBOX_OWNER, tmp.path().string(), id, "/bin/sh", "-c", script};
+  o.argv = {FERRY_SANDBOX_OWNER, testing::test_backend(), tmp.path().string(), id, "/bin/sh", "-c", script};
   o.out = stdio::pipe;
   o.err = stdio::pipe;
   auto owner = child_process::spawn(o);
@@ -370,11 +375,9 @@ BOOST_FIXTURE_TEST_CASE(attach_refuses_missing_held_invalid_and_dead_sandboxes_w
   kill_via_attach(sleeper);
 }
 
-BOOST_FIXTURE_TEST_CASE(impostors_and_garbage_on_the_control_socket_fail_the_attach_never_the_host, fixture) {
+BOOST_FIXTURE_TEST_CASE(garbage_on_the_control_socket_fails_the_attach_never_the_sandbox, fixture) {
   const auto id = detached_sleeper();
   const fs::path ctl = sandbox_dir(id) / "ctl";
-  const std::string instance = file_content(sandbox_dir(id) / "instance");
-  BOOST_REQUIRE(instance.size() == 32u);
   recording_observer obs;
   {
     impostor fake(ctl);
@@ -383,8 +386,10 @@ BOOST_FIXTURE_TEST_CASE(impostors_and_garbage_on_the_control_socket_fail_the_att
       auto r = make_runtime()->attach(id, resume_point{}, obs);
       fake.join();
       BOOST_TEST(!r.ok(), what << ": attach succeeded");
-      if (!r.ok())
+      if (!r.ok()) {
         BOOST_TEST_MESSAGE(what << ": " << r.error().message);
+        BOOST_TEST(r.error().message.find("failed authentication") == std::string::npos, what << ": " << r.error().message);
+      }
       return r.ok() ? std::string() : r.error().message;
     };
     attempt("closes at once", [](int) {});
@@ -392,14 +397,11 @@ BOOST_FIXTURE_TEST_CASE(impostors_and_garbage_on_the_control_socket_fail_the_att
     BOOST_TEST(huge.find("frame length") != std::string::npos);
     attempt("zero length", [](int c) { send_bytes(c, std::string(4, '\0') + "xxxx"); });
     attempt("truncated Hello", [&](int c) {
-      auto h = hello_frame(instance);
+      auto h = hello_frame(random_nonce());
       send_bytes(c, h.substr(0, h.size() - 3));
     });
-    auto wrong = attempt("Hello with another token", [](int c) { send_bytes(c, hello_frame(std::string(32, 'a'))); });
-    BOOST_TEST(wrong.find("not this sandbox's ferry-init") != std::string::npos);
-    attempt("Hello without token", [](int c) { send_bytes(c, hello_frame("")); });
     attempt("garbage after Attach", [&](int c) {
-      send_bytes(c, hello_frame(instance));
+      send_bytes(c, hello_frame(random_nonce()));
       read_attach(c);
       send_bytes(c, "\x10\x00\x00\x00" + std::string(16, '\x7f'));
     });
@@ -417,16 +419,55 @@ BOOST_FIXTURE_TEST_CASE(impostors_and_garbage_on_the_control_socket_fail_the_att
   }
   // The real sandbox took no harm.
   BOOST_TEST((make_runtime()->list_live().value() == std::vector<std::string>{id}));
+  kill_via_attach(id);
+}
 
-  // Accepted, then a frame that breaks the stream's offsets: a protocol error, fatal to the
-  // sandbox (the host no longer knows what it has), reported, and everything cleaned up.
+BOOST_FIXTURE_TEST_CASE(an_impostor_that_cannot_prove_the_key_gets_the_sandbox_killed, fixture) {
+  // Something other than ferry-init on the control socket that plays the protocol (a valid Hello,
+  // an Attached) but does not know the key: the attach fails naming it, and the sandbox is
+  // killed and removed as compromised.
+  const auto id = detached_sleeper();
+  const fs::path ctl = sandbox_dir(id) / "ctl";
   auto procs = testing::sandbox_processes(sandbox_dir(id));
+  BOOST_REQUIRE(!procs.alive().empty());
+  recording_observer obs;
+  impostor fake(ctl);
+  fake.serve([&](int c) {
+    send_bytes(c, hello_frame(random_nonce()));
+    read_attach(c);
+    ferry::wire::handshake_mac made_up{};
+    made_up.fill(0x42);
+    send_bytes(c, attached_frame(made_up) + started_frame());
+    std::this_thread::sleep_for(500ms);
+  });
+  auto r = make_runtime()->attach(id, resume_point{}, obs);
+  fake.join();
+  BOOST_REQUIRE(!r.ok());
+  BOOST_TEST(r.error().message.find("ferry-init failed authentication") != std::string::npos, r.error().message);
+  BOOST_TEST(r.error().message.find("killed as compromised") != std::string::npos, r.error().message);
+  BOOST_TEST(obs.records().empty());  // nothing it said was delivered
+  BOOST_TEST(procs.alive().empty());
+  BOOST_TEST(!fs::exists(sandbox_dir(id)));
+}
+
+BOOST_FIXTURE_TEST_CASE(a_ferry_init_that_breaks_the_offsets_is_a_protocol_error_fatal_to_the_sandbox, fixture) {
+  // Accepted (this fake knows the key, as a buggy ferry-init would), then a frame that breaks the
+  // stream's offsets: a protocol error, fatal to the sandbox (the host no longer knows what it
+  // has), reported, and everything cleaned up.
+  const auto id = detached_sleeper();
+  const fs::path ctl = sandbox_dir(id) / "ctl";
+  const auto key = ferry::wire::key_from_hex(file_content(sandbox_dir(id) / "key"));
+  BOOST_REQUIRE(key);
+  auto procs = testing::sandbox_processes(sandbox_dir(id));
+  recording_observer obs;
   {
     impostor fake(ctl);
     fake.serve([&](int c) {
-      send_bytes(c, hello_frame(instance));
-      read_attach(c);
-      send_bytes(c, attached_frame() + started_frame() + output_frame(5, "hello"));
+      const auto nonce = random_nonce();
+      send_bytes(c, hello_frame(nonce));
+      const auto host_nonce = read_attach(c);
+      send_bytes(c, attached_frame(*ferry::wire::init_proof(*key, host_nonce, nonce)) + started_frame() +
+                        output_frame(5, "hello"));
       std::this_thread::sleep_for(500ms);
     });
     auto sb = make_runtime()->attach(id, resume_point{}, obs);
@@ -463,7 +504,7 @@ BOOST_FIXTURE_TEST_CASE(a_finished_sandbox_nobody_attaches_to_ends_itself_after_
   auto gone = runtime->attach(id, resume_point{}, obs);
   BOOST_REQUIRE(!gone.ok());
   BOOST_TEST((gone.error().code == ferry::errc::not_found), gone.error().message);
-  BOOST_TEST(file_content(sandbox_dir(id) / "runsc.log").find("giving up") != std::string::npos);
+  BOOST_TEST(file_content(sandbox_dir(id) / testing::log_name()).find("giving up") != std::string::npos);
   auto cleaned = runtime->cleanup_orphans();
   BOOST_REQUIRE(cleaned.ok());
   BOOST_TEST(*cleaned == 1u);

@@ -1,19 +1,24 @@
 #pragma once
-// Helpers shared by the tests that start real gVisor sandboxes (runsc_runtime_test,
-// runsc_recovery_test): the precondition (root + runsc), an observer that records every
-// callback, and finding a sandbox's host processes in /proc.
+// Helpers shared by the tests that start real sandboxes (runsc_runtime_test, bwrap_runtime_test,
+// and process_api_test and recovery_test, which are built once per backend with
+// FERRY_TEST_BACKEND "runsc" or "bwrap"): the backend under test and its precondition (root + the
+// backend's binary), an observer that records every callback, and finding a sandbox's host
+// processes in /proc.
 
 #include <poll.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <fstream>
 #include <condition_variable>
 #include <map>
 #include <mutex>
 #include <set>
 
 #include <boost/test/unit_test.hpp>
+#include <fmt/format.h>
 
 #include "ferry/sandbox/sandbox.h"
 #include "test_support.h"
@@ -25,22 +30,82 @@ using steady = std::chrono::steady_clock;
 using namespace std::chrono_literals;
 
 
-inline bool runsc_installed() {
-  auto r = run_command({"runsc", "--version"}, 10s);
+#ifndef FERRY_TEST_BACKEND
+#define FERRY_TEST_BACKEND "runsc"
+#endif
+
+/// The backend under test: "runsc" or "bwrap".
+inline std::string test_backend() { return FERRY_TEST_BACKEND; }
+
+/// The file in a sandbox directory with the backend's (and ferry-init's) stdout and stderr.
+inline std::string log_name() { return test_backend() + ".log"; }
+
+inline bool installed(const std::string& backend) {
+  auto r = run_command({backend, "--version"}, 10s);
   return r.ok() && r->status.ok();
 }
 
-/// Precondition of the suite: root and an installed runsc.
-inline boost::test_tools::assertion_result runsc_available(boost::unit_test::test_unit_id) {
+/// Precondition of a suite of `backend`: root and its binary.
+inline boost::test_tools::assertion_result available(const std::string& backend) {
   boost::test_tools::assertion_result ok(true);
   if (::geteuid() != 0) {
     ok = false;
-    ok.message() << "skipped: runsc sandboxes need root";
-  } else if (!runsc_installed()) {
+    ok.message() << "skipped: " << backend << " sandboxes need root";
+  } else if (!installed(backend)) {
     ok = false;
-    ok.message() << "skipped: runsc (gVisor) is not installed";
+    ok.message() << "skipped: " << backend << (backend == "runsc" ? " (gVisor)" : " (bubblewrap)") << " is not installed";
   }
   return ok;
+}
+inline boost::test_tools::assertion_result runsc_available(boost::unit_test::test_unit_id) { return available("runsc"); }
+inline boost::test_tools::assertion_result bwrap_available(boost::unit_test::test_unit_id) { return available("bwrap"); }
+inline boost::test_tools::assertion_result backend_available(boost::unit_test::test_unit_id) {
+  return available(test_backend());
+}
+
+/// A configuration of the backend under test with everything in `dir` (state/, sandboxes/).
+inline runtime_config test_config(const fs::path& dir) {
+  // bwrap sandboxes run as uids of their own, which must reach their directories.
+  fs::permissions(dir, fs::perms::others_exec, fs::perm_options::add);
+  runtime_config c;
+  c.backend = test_backend() == "bwrap" ? backend_choice::bwrap : backend_choice::runsc;
+  c.sandboxes_dir = dir / "sandboxes";
+  c.runsc.state_dir = dir / "state";
+  c.init_binary = FERRY_INIT_BINARY;
+  return c;
+}
+
+/// A sandbox id unique to this test process: `<prefix>-<what>-<pid>-<n>`.
+inline std::string unique_id(std::string_view prefix, std::string_view what) {
+  static std::atomic<int> counter{0};
+  return fmt::format("{}-{}-{}-{}", prefix, what, ::getpid(), ++counter);
+}
+
+/// A shell command line (in `session`, if given).
+inline command_spec shell(uint32_t id, std::string line, std::string session = "") {
+  command_spec c;
+  c.command_id = id;
+  c.shell = std::move(line);
+  c.session = std::move(session);
+  return c;
+}
+
+/// An argument vector.
+inline command_spec argv(uint32_t id, std::vector<std::string> args) {
+  command_spec c;
+  c.command_id = id;
+  c.argv = std::move(args);
+  return c;
+}
+
+inline double percentile(std::vector<double> v, double q) {
+  std::sort(v.begin(), v.end());
+  return v[std::min(v.size() - 1, static_cast<size_t>(q * static_cast<double>(v.size())))];
+}
+
+inline std::string file_content(const fs::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
 }
 
 /// Records every callback with its time; lets the test wait for a condition on them.
@@ -190,6 +255,15 @@ class recording_observer : public sandbox_observer {
         },
         timeout);
   }
+  /// Waits for record `what` of command `command_id` (not just any command's).
+  bool wait_for(const std::string& what, uint32_t command_id, std::chrono::milliseconds timeout) {
+    return wait_until(
+        [&](const std::vector<record>& rs) {
+          return std::any_of(rs.begin(), rs.end(),
+                             [&](const record& r) { return r.what == what && r.command_id == command_id; });
+        },
+        timeout);
+  }
   bool wait_for(const std::string& what, std::chrono::milliseconds timeout) {
     return wait_until(
         [&](const std::vector<record>& rs) {
@@ -211,6 +285,18 @@ class recording_observer : public sandbox_observer {
   std::condition_variable cv_;
   std::vector<record> records_;
 };
+
+/// Runs `c` in `sb` and waits for its end; its record ("exited" or "failed").
+inline recording_observer::record run_to_end(sandbox& sb, recording_observer& obs, const command_spec& c,
+                                             std::chrono::milliseconds timeout = 30s) {
+  auto r = sb.run(c);
+  BOOST_REQUIRE_MESSAGE(r.ok(), (r.ok() ? "" : r.error().message));
+  BOOST_REQUIRE_MESSAGE(obs.wait_for_end(c.command_id, timeout), "command " << c.command_id << " did not end");
+  auto e = obs.find("exited", c.command_id);
+  if (!e)
+    e = obs.find("failed", c.command_id);
+  return *e;
+}
 
 /// Live host processes of a sandbox, held by pidfds: every process whose command line names
 /// the sandbox directory (Sentry, gofer), and all their descendants (the ptrace stubs, whose
