@@ -38,7 +38,6 @@
 
 #include <fmt/format.h>
 
-#include "cgroups.h"
 #include "ferry/sandbox/sandbox.h"
 #include "host_paths.h"
 #include "hosted.h"
@@ -65,24 +64,12 @@ constexpr int fd_report = 10;  // the launcher's errno if exec fails (close-on-e
 // The parent's descriptors are moved this high first, so that placing them never clobbers one.
 constexpr int fd_high = 32;
 
-/// FNV-1a, for stable names derived from paths.
-uint64_t fnv1a(std::string_view s) {
-  uint64_t h = 1469598103934665603ull;
-  for (unsigned char c : s) {
-    h ^= c;
-    h *= 1099511628211ull;
-  }
-  return h;
-}
-
 struct bwrap_context {
   common_settings common;
   std::string bwrap;            // resolved path of the binary
   std::string seccomp_program;  // BPF, what --seccomp reads
   uint32_t uid_base = 0, uid_count = 0;
   uint64_t tmp_bytes = 0;
-  std::string cgroup_parent;    // empty: no cgroups (rlimits instead)
-  std::string cgroup_prefix;    // names this runtime's groups apart from other runtimes'
   std::mutex uid_mu;            // serialises uid allocation
 };
 
@@ -260,12 +247,8 @@ class bwrap_driver final : public sandbox_driver {
     }
   }
 
-  result<void> cleanup() override {
-    std::vector<fs::path> dirs;
-    for (const auto& line : lines_of(read_small_file(dir_ / std::string(cgroups_file))))
-      dirs.emplace_back(line);
-    return remove_cgroups(dirs);
-  }
+  /// Nothing of bwrap's own is left once its processes are gone (the cgroup is hosted.cpp's).
+  result<void> cleanup() override { return {}; }
 
   std::string_view log_name() const override { return "bwrap.log"; }
 
@@ -361,7 +344,7 @@ class bwrap_driver final : public sandbox_driver {
     const uid_t uid = *uid_;
     rlimit nproc{ctx_->common.limits.pids, ctx_->common.limits.pids};
     rlimit as{ctx_->common.limits.memory_bytes, ctx_->common.limits.memory_bytes};
-    const bool rlimits = ctx_->cgroup_parent.empty();
+    const bool rlimits = ctx_->common.cgroup_parent.empty();
     std::vector<int> cgroup_fds;
     for (const auto& fd : cgroup_procs)
       cgroup_fds.push_back(fd.get());
@@ -466,7 +449,7 @@ class bwrap_backend final : public backend {
 
   /// The sandbox's uid (owner of its workspace and control directory), its cgroups, and
   /// ferry-init's command line with the environment as bwrap arguments.
-  result<void> prepare(const sandbox_spec& spec, const fs::path& dir) override {
+  result<void> prepare(const sandbox_spec& spec, const fs::path& dir, const sandbox_cgroup* cgroup) override {
     auto uid = allocate_uid(dir);
     if (!uid)
       return uid.error();
@@ -474,18 +457,13 @@ class bwrap_backend final : public backend {
       if (::chown((dir / d).c_str(), *uid, *uid) != 0)
         return fail(fmt::format("cannot give {} to uid {}: {}", (dir / d).string(), *uid, std::strerror(errno)));
     }
-    if (!ctx_->cgroup_parent.empty()) {
-      auto dirs = create_cgroups(ctx_->cgroup_parent, fmt::format("{}-{}", ctx_->cgroup_prefix, spec.id),
-                                 ctx_->common.limits);
-      if (!dirs)
-        return dirs.error();
+    if (cgroup) {
+      // The launcher joins them (cgroup.procs) before it execs bwrap.
       std::string text;
-      for (const auto& d : *dirs)
+      for (const auto& d : cgroup->dirs())
         text += d.string() + "\n";
-      if (auto r = write_file_atomically(dir / std::string(cgroups_file), text, fs::perms(0644)); !r) {
-        (void)remove_cgroups(*dirs);
+      if (auto r = write_file_atomically(dir / std::string(cgroups_file), text, fs::perms(0644)); !r)
         return r;
-      }
     }
     // The rest of bwrap's command line, NUL-separated: the environment, then ferry-init's.
     std::string args;
@@ -569,7 +547,8 @@ result<std::unique_ptr<sandbox_runtime>> make_bwrap_runtime(bwrap_options opts) 
   ctx->uid_base = opts.uid_base;
   ctx->uid_count = opts.uid_count;
   ctx->tmp_bytes = opts.tmp_bytes;
-  auto common = check_options(opts, "bwrap");
+  auto common = check_options(opts, "bwrap", true,
+                              "RLIMIT_NPROC (per sandbox: its uid is its own) and RLIMIT_AS (per process)");
   if (!common)
     return common.error();
   ctx->common = std::move(*common);
@@ -587,20 +566,6 @@ result<std::unique_ptr<sandbox_runtime>> make_bwrap_runtime(bwrap_options opts) 
     return fail("bwrap runtime: " + program.error().message);
   ctx->seccomp_program = std::move(*program);
 
-  ctx->cgroup_prefix = fmt::format("{:016x}", fnv1a(ctx->common.sandboxes_dir.string()));
-  if (!opts.cgroup_parent.empty()) {
-    // Probe once: a group made and removed here, or the limits fall back to rlimits.
-    auto probe = create_cgroups(opts.cgroup_parent, fmt::format("{}-probe-{}", ctx->cgroup_prefix, ::getpid()),
-                                ctx->common.limits);
-    if (probe && remove_cgroups(*probe)) {
-      ctx->cgroup_parent = opts.cgroup_parent;
-    } else {
-      std::fprintf(stderr,
-                   "ferry: WARNING: bwrap runtime: no cgroups here (%s); the sandboxes' limits fall back to "
-                   "RLIMIT_NPROC (per sandbox: its uid is its own) and RLIMIT_AS (per process)\n",
-                   probe ? "cannot remove the probe group" : probe.error().message.c_str());
-    }
-  }
   return make_hosted_runtime(std::make_shared<bwrap_backend>(std::move(ctx)));
 }
 

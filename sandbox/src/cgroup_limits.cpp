@@ -9,7 +9,6 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
-#include <cmath>
 #include <sstream>
 #include <system_error>
 #include <thread>
@@ -17,6 +16,20 @@
 #include <fmt/format.h>
 
 #include "ferry/sandbox/process.h"
+
+namespace ferry::sandbox {
+
+std::string_view to_string(limit_hit::kind k) {
+  switch (k) {
+    case limit_hit::kind::memory:
+      return "memory";
+    case limit_hit::kind::pids:
+      return "pids";
+  }
+  return "unknown";
+}
+
+}  // namespace ferry::sandbox
 
 namespace ferry::sandbox::detail {
 
@@ -117,7 +130,7 @@ sandbox_cgroup sandbox_cgroup::existing(const std::string& parent, const std::st
 }
 
 result<sandbox_cgroup> sandbox_cgroup::create(const std::string& parent, const std::string& id,
-                                              const resource_limits& limits, const fs::path& root) {
+                                              const sandbox_limits& limits, const fs::path& root) {
   if (!valid_name(parent) || !valid_name(id))
     return fail(fmt::format("invalid cgroup name {}/{}", parent, id));
   sandbox_cgroup g = existing(parent, id, root);
@@ -166,8 +179,8 @@ result<sandbox_cgroup> sandbox_cgroup::create(const std::string& parent, const s
     const uint32_t weight = std::clamp<uint32_t>(limits.cpu_weight ? limits.cpu_weight : 100, 1, 10000);
     if (auto ok = write_control(g.cpu_ / "cpu.weight", std::to_string(weight)); !ok)
       return undo(ok.error());
-    const std::string max = limits.cpus > 0
-                              ? fmt::format("{} 100000", std::max<int64_t>(1000, std::llround(limits.cpus * 100000)))
+    const std::string max = limits.cpu_millis > 0
+                              ? fmt::format("{} 100000", std::max<uint64_t>(1000, uint64_t{limits.cpu_millis} * 100))
                               : "max 100000";
     if (auto ok = write_control(g.cpu_ / "cpu.max", max); !ok)
       return undo(ok.error());
@@ -190,10 +203,10 @@ result<sandbox_cgroup> sandbox_cgroup::create(const std::string& parent, const s
         return undo(ok.error());
       (void)write_control(g.cpu_ / "cpu.cfs_period_us", "100000");
       const std::string quota =
-        limits.cpus > 0 ? std::to_string(std::max<int64_t>(1000, std::llround(limits.cpus * 100000))) : "-1";
+        limits.cpu_millis > 0 ? std::to_string(std::max<uint64_t>(1000, uint64_t{limits.cpu_millis} * 100)) : "-1";
       if (auto ok = write_control(g.cpu_ / "cpu.cfs_quota_us", quota); !ok)
         return undo(ok.error());
-    } else if (limits.cpus > 0) {
+    } else if (limits.cpu_millis > 0) {
       return undo(fail("a CPU limit was asked for, but this host has no cgroup v1 cpu controller"));
     }
   }
@@ -251,31 +264,47 @@ result<void> sandbox_cgroup::remove() const {
   return {};
 }
 
-std::vector<std::string> remove_orphan_cgroups(const std::string& parent,
-                                               const std::set<std::string>& keep,
+std::vector<std::string> remove_orphan_cgroups(const std::string& parent, std::string_view prefix,
+                                               const std::function<bool(const std::string&)>& remove,
+                                               const std::function<void(const std::string&)>& done,
                                                const fs::path& root) {
   std::set<std::string> ids;
   for (const auto& dir : parent_dirs(detect_cgroup_mode(root), root, parent)) {
     std::error_code ec;
-    for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec))
-      if (it->is_directory(ec) && !keep.count(it->path().filename().string()))
-        ids.insert(it->path().filename().string());
+    for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+      const std::string id = it->path().filename().string();
+      if (it->is_directory(ec) && id.starts_with(prefix))
+        ids.insert(id);
+    }
   }
   std::vector<std::string> removed;
-  for (const auto& id : ids)
+  for (const auto& id : ids) {
+    if (!remove(id))
+      continue;
     if (sandbox_cgroup::existing(parent, id, root).remove())
       removed.push_back(id);
+    done(id);
+  }
   return removed;
 }
 
-std::string describe_hits(const limit_hits& h, const resource_limits& limits) {
+std::vector<std::string> remove_orphan_cgroups(const std::string& parent, std::string_view prefix,
+                                               const std::set<std::string>& keep,
+                                               const fs::path& root) {
+  return remove_orphan_cgroups(
+    parent, prefix, [&](const std::string& id) { return keep.count(id) == 0; }, [](const std::string&) {}, root);
+}
+
+std::vector<limit_hit> describe_hits(const limit_hits& h, const sandbox_limits& limits) {
+  std::vector<limit_hit> hits;
   if (h.oom_kills > 0)
-    return fmt::format("memory limit reached ({} MiB): the OOM killer ran",
-                       limits.memory_bytes >> 20);
+    hits.push_back({limit_hit::kind::memory, limits.memory_bytes, h.oom_kills, false,
+                    fmt::format("memory limit reached ({} MiB): the OOM killer ran", limits.memory_bytes >> 20)});
   if (h.pids_refused > 0)
-    return fmt::format("process limit reached ({} processes and threads): a fork was refused",
-                       limits.pids);
-  return {};
+    hits.push_back({limit_hit::kind::pids, limits.pids, h.pids_refused, false,
+                    fmt::format("process limit reached ({} processes and threads): {} fork{} refused", limits.pids,
+                                h.pids_refused, h.pids_refused == 1 ? " was" : "s were")});
+  return hits;
 }
 
 }  // namespace ferry::sandbox::detail

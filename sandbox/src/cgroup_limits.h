@@ -18,21 +18,15 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <set>
 #include <string>
 #include <vector>
 
+#include "ferry/sandbox/sandbox.h"
 #include "ferry/schemas/result.h"
 
 namespace ferry::sandbox::detail {
-
-/// Per-sandbox resource limits; 0 means "no limit" for each.
-struct resource_limits {
-  uint64_t memory_bytes = 4ull << 30;  ///< memory (RAM; no swap) of all the sandbox's processes
-  uint32_t pids = 1024;                ///< host tasks (threads and processes) of the sandbox
-  uint32_t cpu_weight = 100;           ///< relative CPU share (cgroup v2 scale 1..10000; 100 = 1 CPU's worth)
-  double cpus = 0;                     ///< CPU time cap in CPUs (e.g. 2.0), 0 = none
-};
 
 /// Which cgroup hierarchy the host has.
 enum class cgroup_mode { v2, v1, none };
@@ -52,7 +46,7 @@ class sandbox_cgroup {
   /// Makes `<parent>/<id>` in every controller (an existing one is reused: re-attach after a
   /// restart) and writes `limits`. `root` is the cgroup mount (tests may point elsewhere).
   static result<sandbox_cgroup> create(const std::string& parent, const std::string& id,
-                                       const resource_limits& limits,
+                                       const sandbox_limits& limits,
                                        const std::filesystem::path& root = "/sys/fs/cgroup");
   /// The cgroup of a sandbox made earlier (possibly by another process), without touching it.
   static sandbox_cgroup existing(const std::string& parent, const std::string& id,
@@ -81,13 +75,20 @@ class sandbox_cgroup {
   std::filesystem::path memory_, pids_, cpu_;  // the controllers' directories (v2: all the same)
 };
 
-/// Removes every `<parent>/<id>` cgroup whose id is not in `keep` (leftovers of sandboxes a
-/// crashed ferryd had). Returns the ids removed.
-std::vector<std::string> remove_orphan_cgroups(const std::string& parent,
+/// Removes every `<parent>/<id>` cgroup whose id starts with `prefix` and is not in `keep`
+/// (leftovers of sandboxes a crashed ferryd had; other runtimes' groups have other prefixes).
+/// Returns the ids removed.
+std::vector<std::string> remove_orphan_cgroups(const std::string& parent, std::string_view prefix,
                                                const std::set<std::string>& keep,
                                                const std::filesystem::path& root = "/sys/fs/cgroup");
+/// The same, asking `remove(id)` for each candidate (which may also take a lock on the id for
+/// the duration: `done(id)` follows each removal attempt).
+std::vector<std::string> remove_orphan_cgroups(const std::string& parent, std::string_view prefix,
+                                               const std::function<bool(const std::string&)>& remove,
+                                               const std::function<void(const std::string&)>& done,
+                                               const std::filesystem::path& root = "/sys/fs/cgroup");
 
-/// A human sentence for a limit a dead sandbox hit ("" when none): the event's reason.
-std::string describe_hits(const limit_hits& h, const resource_limits& limits);
+/// The limits `h` says were hit (none, one or both), described for people.
+std::vector<limit_hit> describe_hits(const limit_hits& h, const sandbox_limits& limits);
 
 }  // namespace ferry::sandbox::detail

@@ -23,6 +23,7 @@
 #include <atomic>
 #include <cassert>
 #include <condition_variable>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <mutex>
@@ -195,7 +196,11 @@ class hosted_sandbox final : public sandbox {
         driver_(backend_->driver(id_)),
         observer_(observer),
         has_command_line_(command_line_id.has_value()),
-        client_(observer, from, command_line_id) {}
+        client_(observer, from, command_line_id) {
+    const common_settings& s = backend_->settings();
+    if (!s.cgroup_parent.empty())
+      cgroup_ = sandbox_cgroup::existing(s.cgroup_parent, s.cgroup_id(id_));
+  }
 
   /// start(): launches the sandbox and talks to it on the reader thread.
   void begin_new() {
@@ -453,13 +458,29 @@ class hosted_sandbox final : public sandbox {
       cleanup_error = fmt::format("processes of sandbox {} survived SIGKILL", id_);
     if (auto r = driver_->cleanup(); !r && cleanup_error.empty())
       cleanup_error = r.error().message;
+    // What the cgroup counted, read once nothing of the sandbox runs any more, then the group.
+    std::vector<limit_hit> hits;
+    if (cgroup_) {
+      hits = describe_hits(cgroup_->hits(), backend_->settings().limits);
+      if (auto r = cgroup_->remove(); !r && cleanup_error.empty())
+        cleanup_error = r.error().message;
+    }
     std::error_code ec;
     fs::remove_all(dir_, ec);
     if (ec && cleanup_error.empty())
       cleanup_error = fmt::format("cannot remove {}: {}", dir_.string(), ec.message());
     registry_->release(id_);
 
-    observer_.on_ended(failure_reason(cleanup_error, log));
+    auto failure = failure_reason(cleanup_error, log);
+    for (auto& hit : hits) {
+      hit.whole_sandbox = failure.has_value() && !killed_by_owner_;
+      observer_.on_limit_reached(hit);
+    }
+    // A sandbox that died at a limit says so first (runsc: the Sentry cannot go on and the whole
+    // sandbox ends, with nothing in its log that names the limit).
+    if (failure && !hits.empty() && !killed_by_owner_)
+      failure = fmt::format("{} ({})", hits.front().detail, *failure);
+    observer_.on_ended(std::move(failure));
     std::lock_guard lock(kill_mu_);
     reader_done_ = true;
     gone_cv_.notify_all();
@@ -493,6 +514,7 @@ class hosted_sandbox final : public sandbox {
   const fs::path dir_;
   const wire::handshake_key key_;
   const std::unique_ptr<sandbox_driver> driver_;  // REQUIRES: kill_mu_ for kill(); reader otherwise
+  std::optional<sandbox_cgroup> cgroup_;           // without cgroups: none. Reader thread (finish)
   sandbox_observer& observer_;
   const bool has_command_line_;
   init_client client_;
@@ -549,14 +571,12 @@ class hosted_runtime final : public sandbox_runtime {
                         errc::conflict};
     }
     if (auto r = prepare(spec, dir); !r) {
-      fs::remove_all(dir, ec);
-      registry_->release(spec.id);
+      discard(spec.id, dir);
       return r.error();
     }
     auto key = read_key(dir);
     if (!key) {
-      fs::remove_all(dir, ec);
-      registry_->release(spec.id);
+      discard(spec.id, dir);
       return key.error();
     }
     std::optional<uint32_t> command_line;
@@ -623,6 +643,26 @@ class hosted_runtime final : public sandbox_runtime {
         return r.error();
       ++cleaned;
     }
+    // Groups whose sandbox directory is already gone (a crash between the two removals, or in
+    // prepare): of this runtime (its prefix) and neither held nor kept.
+    // Each is held while it is looked at, so that a sandbox starting meanwhile keeps its group.
+    const common_settings& settings = backend_->settings();
+    if (!settings.cgroup_parent.empty()) {
+      const size_t skip = settings.cgroup_prefix.size();
+      auto orphan = [&](const std::string& group) {
+        const std::string id = group.substr(skip);
+        if (keep.count(id) > 0 || !registry_->try_hold(id))
+          return false;
+        std::error_code ec;
+        if (fs::exists(sandboxes_dir() / id, ec) || ec) {
+          registry_->release(id);
+          return false;
+        }
+        return true;
+      };
+      auto done = [&](const std::string& group) { registry_->release(group.substr(skip)); };
+      cleaned += remove_orphan_cgroups(settings.cgroup_parent, settings.cgroup_prefix, orphan, done).size();
+    }
     return cleaned;
   }
 
@@ -687,6 +727,8 @@ class hosted_runtime final : public sandbox_runtime {
       return fail(fmt::format("cleaning up orphan sandbox {}: its processes survived SIGKILL", id));
     if (auto r = driver->cleanup(); !r)
       return fail(fmt::format("cleaning up orphan sandbox {}: {}", id, r.error().message));
+    if (auto r = remove_cgroup(id); !r)
+      return fail(fmt::format("cleaning up orphan sandbox {}: {}", id, r.error().message));
     std::error_code ec;
     fs::remove_all(dir, ec);
     if (ec)
@@ -732,9 +774,33 @@ class hosted_runtime final : public sandbox_runtime {
           !r)
         return fail(fmt::format("sandbox {}: {}", spec.id, r.error().message));
     }
-    if (auto r = backend_->prepare(spec, dir); !r)
+    const common_settings& settings = backend_->settings();
+    std::optional<sandbox_cgroup> cgroup;
+    if (!settings.cgroup_parent.empty()) {
+      auto made = sandbox_cgroup::create(settings.cgroup_parent, settings.cgroup_id(spec.id), settings.limits);
+      if (!made)
+        return fail(fmt::format("sandbox {}: its cgroup: {}", spec.id, made.error().message));
+      cgroup = std::move(*made);
+    }
+    if (auto r = backend_->prepare(spec, dir, cgroup ? &*cgroup : nullptr); !r)
       return fail(fmt::format("sandbox {}: {}", spec.id, r.error().message));
     return {};
+  }
+
+  /// Removes sandbox `id`'s cgroup (absent, or no cgroups: nothing to do).
+  result<void> remove_cgroup(const std::string& id) const {
+    const common_settings& settings = backend_->settings();
+    if (settings.cgroup_parent.empty())
+      return {};
+    return sandbox_cgroup::existing(settings.cgroup_parent, settings.cgroup_id(id)).remove();
+  }
+
+  /// Undoes a start that failed before the sandbox object took over.
+  void discard(const std::string& id, const fs::path& dir) {
+    (void)remove_cgroup(id);
+    std::error_code ec;
+    fs::remove_all(dir, ec);
+    registry_->release(id);
   }
 
   const std::shared_ptr<backend> backend_;
@@ -743,7 +809,17 @@ class hosted_runtime final : public sandbox_runtime {
 
 }  // namespace
 
-result<common_settings> check_options(const runtime_options& opts, std::string_view backend) {
+uint64_t fnv1a(std::string_view s) {
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char c : s) {
+    h ^= c;
+    h *= 1099511628211ull;
+  }
+  return h;
+}
+
+result<common_settings> check_options(const runtime_options& opts, std::string_view backend, bool use_cgroups,
+                                      std::string_view fallback) {
   common_settings s;
   if (opts.sandboxes_dir.empty())
     return fail(fmt::format("{} runtime: sandboxes_dir must be set", backend));
@@ -782,6 +858,25 @@ result<common_settings> check_options(const runtime_options& opts, std::string_v
       return fail(fmt::format("{} runtime: proxy_port must not be 0", backend));
   }
   s.limits = opts.limits;
+
+  // Every sandbox's cgroup is `<parent>/<prefix><id>`; the prefix keeps runtimes with other
+  // sandbox directories (tests, a second ferryd) out of each other's groups.
+  s.cgroup_prefix = fmt::format("{:012x}-", fnv1a(s.sandboxes_dir.string()) & 0xffffffffffffull);
+  if (use_cgroups && !opts.cgroup_parent.empty()) {
+    // Probe once: a group made (with the limits) and removed here.
+    auto probe = sandbox_cgroup::create(opts.cgroup_parent, fmt::format("{}probe-{}", s.cgroup_prefix, ::getpid()),
+                                        s.limits);
+    if (probe && probe->remove()) {
+      s.cgroup_parent = opts.cgroup_parent;
+    } else {
+      std::fprintf(stderr,
+                   "ferry: WARNING: %.*s runtime: cannot make sandbox cgroups under %s (%s); the sandboxes' limits "
+                   "fall back to %.*s, and a limit a sandbox hits is not named\n",
+                   static_cast<int>(backend.size()), backend.data(), opts.cgroup_parent.c_str(),
+                   probe ? "the probe group could not be removed" : probe.error().message.c_str(),
+                   static_cast<int>(fallback.size()), fallback.data());
+    }
+  }
   return s;
 }
 

@@ -8,7 +8,9 @@
 //
 // On disk, for every backend: `<sandboxes_dir>/<id>/` (creating it claims the id; removing it is
 // the last step before on_ended) with `workspace/`, `ctl/init.sock`, `key` (the sandbox's
-// handshake key, 0600, hex) and `command_line`; the backend adds its own files.
+// handshake key, 0600, hex) and `command_line`; the backend adds its own files. With cgroups, each
+// sandbox has `<cgroup_parent>/<cgroup_prefix><id>` in every hierarchy, made before its launch and
+// removed after its processes (hits read first: on_limit_reached).
 //
 // Threading: `backend` and `sandbox_driver` implementations are called from any thread, but a
 // driver never concurrently with itself (the sandbox object serialises its calls, or the runtime
@@ -23,6 +25,7 @@
 #include <vector>
 
 #include "ferry/sandbox/sandbox.h"
+#include "cgroup_limits.h"
 #include "ferry/schemas/handshake.h"
 #include "held_process.h"
 #include "unique_fd.h"
@@ -51,11 +54,24 @@ struct common_settings {
   std::filesystem::path egress_socket;  // empty: no HTTP forwarder
   uint16_t proxy_port = 0;
   sandbox_limits limits;
+  /// Where the sandboxes' cgroups go (runtime_options::cgroup_parent), empty when this host has
+  /// none Ferry can make (checked once by making and removing one); and what starts each group's
+  /// name, set apart from other runtimes' (a hash of sandboxes_dir).
+  std::string cgroup_parent;
+  std::string cgroup_prefix;
+  /// The name of sandbox `id`'s cgroup below cgroup_parent.
+  std::string cgroup_id(const std::string& id) const { return cgroup_prefix + id; }
 };
 
+/// FNV-1a, for stable names derived from paths.
+uint64_t fnv1a(std::string_view s);
+
 /// Checks `opts` (errors start with "<backend> runtime: "), creates sandboxes_dir and, without
-/// a rootfs, prepares the host-tree root next to it.
-result<common_settings> check_options(const runtime_options& opts, std::string_view backend);
+/// a rootfs, prepares the host-tree root next to it. With `use_cgroups`, probes that a cgroup
+/// can be made under opts.cgroup_parent, and says loudly on stderr when not (the sandboxes' limits
+/// are then `fallback`).
+result<common_settings> check_options(const runtime_options& opts, std::string_view backend, bool use_cgroups,
+                                      std::string_view fallback);
 
 /// ferry-init's command line in a sandbox of `spec` (its socket, linger, buffer, forwarder).
 std::vector<std::string> init_command(const common_settings& s, const sandbox_spec& spec);
@@ -97,7 +113,7 @@ class sandbox_driver {
   /// survive.
   virtual bool kill(std::vector<held_process>& procs) = 0;
   /// After the processes are gone: the backend's own leftovers (runsc's container state, stray
-  /// runsc processes, cgroups). The sandbox directory is removed afterwards by the caller.
+  /// runsc processes). The sandbox's cgroup and directory are removed afterwards by the caller.
   virtual result<void> cleanup() = 0;
   /// The file in the sandbox directory with the sandbox's own stdout and stderr (failure
   /// reasons quote its tail).
@@ -111,7 +127,10 @@ class backend {
   virtual std::string_view name() const = 0;
   virtual const common_settings& settings() const = 0;
   /// Writes what a new sandbox needs in `dir` besides `workspace/` and `ctl/` (made before).
-  virtual result<void> prepare(const sandbox_spec& spec, const std::filesystem::path& dir) = 0;
+  /// `cgroup`: the sandbox's cgroup, made with the limits written (null without cgroups); its
+  /// processes must go there. hosted.cpp reads it after the sandbox's end and removes it.
+  virtual result<void> prepare(const sandbox_spec& spec, const std::filesystem::path& dir,
+                               const sandbox_cgroup* cgroup) = 0;
   /// The driver of sandbox `id` (new or found in sandboxes_dir).
   virtual std::unique_ptr<sandbox_driver> driver(const std::string& id) = 0;
 };

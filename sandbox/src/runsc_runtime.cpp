@@ -104,7 +104,7 @@ struct runsc_context {
 };
 
 nlohmann::json make_config(const runsc_context& ctx, const sandbox_spec& spec,
-                           const fs::path& workspace, const fs::path& ctl) {
+                           const fs::path& workspace, const fs::path& ctl, const sandbox_cgroup* cgroup) {
   using nlohmann::json;
   const common_settings& s = ctx.common;
   json mounts = json::array();
@@ -147,14 +147,23 @@ nlohmann::json make_config(const runsc_context& ctx, const sandbox_spec& spec,
   for (const char* ns : {"pid", "ipc", "uts", "mount", "network"})
     namespaces.push_back({{"type", ns}});
 
-  // The limits, as the OCI spec has them (runsc puts the sandbox into cgroups of its own).
-  json resources = json::object();
-  if (s.limits.memory_bytes > 0)
-    resources["memory"] = {{"limit", s.limits.memory_bytes}};
-  if (s.limits.pids > 0)
-    resources["pids"] = {{"limit", s.limits.pids}};
-  if (s.limits.cpu_millis > 0)
-    resources["cpu"] = {{"quota", uint64_t{s.limits.cpu_millis} * 100}, {"period", 100000}};
+  // The limits. In Ferry's own cgroup (made, with the limits written, before the launch): runsc
+  // puts the sandbox's host processes there and, finding it made, leaves its settings and its
+  // removal to Ferry, which reads after the end which limit was hit. Without: as the OCI spec
+  // has them, in cgroups runsc makes (and removes) itself.
+  json linux_section = {{"namespaces", namespaces}};
+  if (cgroup) {
+    linux_section["cgroupsPath"] = cgroup->oci_path();
+  } else {
+    json resources = json::object();
+    if (s.limits.memory_bytes > 0)
+      resources["memory"] = {{"limit", s.limits.memory_bytes}};
+    if (s.limits.pids > 0)
+      resources["pids"] = {{"limit", s.limits.pids}};
+    if (s.limits.cpu_millis > 0)
+      resources["cpu"] = {{"quota", uint64_t{s.limits.cpu_millis} * 100}, {"period", 100000}};
+    linux_section["resources"] = resources;
+  }
 
   return {
       {"ociVersion", "1.0.2"},
@@ -168,7 +177,7 @@ nlohmann::json make_config(const runsc_context& ctx, const sandbox_spec& spec,
       {"root", {{"path", s.rootfs.string()}, {"readonly", true}}},
       {"hostname", "sandbox"},
       {"mounts", mounts},
-      {"linux", {{"namespaces", namespaces}, {"resources", resources}}},
+      {"linux", linux_section},
   };
 }
 
@@ -304,7 +313,7 @@ class runsc_backend final : public backend {
   const common_settings& settings() const override { return ctx_->common; }
 
   /// The OCI bundle.
-  result<void> prepare(const sandbox_spec& spec, const fs::path& dir) override {
+  result<void> prepare(const sandbox_spec& spec, const fs::path& dir, const sandbox_cgroup* cgroup) override {
     std::error_code ec;
     const fs::path bundle = dir / "bundle";
     fs::create_directory(bundle, ec);
@@ -312,7 +321,7 @@ class runsc_backend final : public backend {
       return fail(fmt::format("cannot create {}: {}", bundle.string(), ec.message()));
     std::string config;
     try {
-      config = make_config(*ctx_, spec, dir / "workspace", dir / "ctl").dump(2);
+      config = make_config(*ctx_, spec, dir / "workspace", dir / "ctl", cgroup).dump(2);
     } catch (const nlohmann::json::exception&) {
       return fail("argv and env must be valid UTF-8 (they go into the OCI config.json)");
     }
@@ -337,7 +346,8 @@ result<std::unique_ptr<sandbox_runtime>> make_runsc_runtime(runsc_options opts) 
   if (!runsc)
     return fail(fmt::format("runsc runtime: `{}` not found or not executable (is gVisor installed?)", opts.runsc));
   ctx->runsc = *runsc;
-  auto common = check_options(opts, "runsc");
+  // --ignore-cgroups: runsc would not put the sandbox into any group (under `ip netns exec`).
+  auto common = check_options(opts, "runsc", !opts.ignore_cgroups, "the cgroups runsc makes itself");
   if (!common)
     return common.error();
   ctx->common = std::move(*common);

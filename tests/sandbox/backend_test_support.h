@@ -112,7 +112,8 @@ inline std::string file_content(const fs::path& p) {
 class recording_observer : public sandbox_observer {
  public:
   struct record {
-    /// "running", "started", "output", "gap", "truncated", "exited", "failed", "gone", "ended"
+    /// "running", "started", "output", "gap", "truncated", "exited", "failed", "gone", "limit",
+    /// "ended"
     std::string what;
     steady::time_point at;
     uint32_t command_id = 0;
@@ -122,6 +123,7 @@ class recording_observer : public sandbox_observer {
     uint64_t duration_ms = 0;
     uint64_t lost_bytes = 0;
     command_exit exit;  // "exited"
+    limit_hit hit;      // "limit"
     std::optional<std::string> failure;
   };
 
@@ -178,6 +180,12 @@ class recording_observer : public sandbox_observer {
     r.signal = e.signal;
     r.duration_ms = e.duration_ms;
     r.exit = e;
+    add(r);
+  }
+  void on_limit_reached(const limit_hit& hit) override {
+    auto r = make("limit");
+    r.hit = hit;
+    r.data = hit.detail;
     add(r);
   }
   void on_ended(std::optional<std::string> failure) override {

@@ -35,7 +35,7 @@ std::string test_parent(const char* what) {
 struct parent_guard {
   std::string parent;
   ~parent_guard() {
-    remove_orphan_cgroups(parent, {});
+    remove_orphan_cgroups(parent, "", {});
     for (const char* c : {"", "memory/", "pids/", "cpu/", "cpu,cpuacct/"})
       ::rmdir((fs::path("/sys/fs/cgroup") / (std::string(c) + parent)).c_str());
   }
@@ -105,11 +105,11 @@ BOOST_AUTO_TEST_CASE(the_host_has_a_cgroup_hierarchy) {
 
 BOOST_AUTO_TEST_CASE(limits_are_written_and_read_back) {
   parent_guard guard{test_parent("write")};
-  resource_limits limits;
+  ferry::sandbox::sandbox_limits limits;
   limits.memory_bytes = 96ull << 20;
   limits.pids = 77;
   limits.cpu_weight = 50;
-  limits.cpus = 1.5;
+  limits.cpu_millis = 1500;
   auto g = sandbox_cgroup::create(guard.parent, "box-1", limits);
   BOOST_TEST_REQUIRE(g.ok(), (g.ok() ? "" : g.error().message));
   BOOST_TEST(g->oci_path() == "/" + guard.parent + "/box-1");
@@ -129,7 +129,7 @@ BOOST_AUTO_TEST_CASE(limits_are_written_and_read_back) {
     BOOST_TEST(read(g->dirs()[0] / "cpu.max") == "150000 100000");
   }
   // Unlimited is "max" / -1, never 0.
-  auto open = sandbox_cgroup::create(guard.parent, "box-2", resource_limits{0, 0, 100, 0});
+  auto open = sandbox_cgroup::create(guard.parent, "box-2", ferry::sandbox::sandbox_limits{0, 0, 0, 100});
   BOOST_TEST_REQUIRE(open.ok(), (open.ok() ? "" : open.error().message));
   BOOST_TEST(read(open->dirs()[g->mode() == cgroup_mode::v1 ? 1 : 0] / "pids.max") == "max");
   BOOST_TEST(g->remove().ok());
@@ -144,7 +144,7 @@ BOOST_AUTO_TEST_CASE(limits_are_written_and_read_back) {
 
 BOOST_AUTO_TEST_CASE(a_memory_hog_is_oom_killed_and_the_cgroup_says_so) {
   parent_guard guard{test_parent("mem")};
-  resource_limits limits;
+  ferry::sandbox::sandbox_limits limits;
   limits.memory_bytes = 32ull << 20;
   auto g = sandbox_cgroup::create(guard.parent, "hog", limits);
   BOOST_TEST_REQUIRE(g.ok(), (g.ok() ? "" : g.error().message));
@@ -167,14 +167,17 @@ BOOST_AUTO_TEST_CASE(a_memory_hog_is_oom_killed_and_the_cgroup_says_so) {
   auto hits = g->hits();
   BOOST_TEST(hits.oom_kills >= 1u);
   BOOST_TEST(hits.pids_refused == 0u);
-  const std::string why = describe_hits(hits, limits);
-  BOOST_TEST(why.find("memory limit reached (32 MiB)") != std::string::npos, why);
+  auto why = describe_hits(hits, limits);
+  BOOST_TEST_REQUIRE(why.size() == 1u);
+  BOOST_TEST((why[0].what == ferry::sandbox::limit_hit::kind::memory));
+  BOOST_TEST(why[0].limit == 32ull << 20);
+  BOOST_TEST(why[0].detail.find("memory limit reached (32 MiB)") != std::string::npos, why[0].detail);
   BOOST_TEST(g->remove().ok());
 }
 
 BOOST_AUTO_TEST_CASE(a_fork_bomb_stops_at_the_pids_limit_and_the_cgroup_says_so) {
   parent_guard guard{test_parent("pids")};
-  resource_limits limits;
+  ferry::sandbox::sandbox_limits limits;
   limits.pids = 16;
   auto g = sandbox_cgroup::create(guard.parent, "bomb", limits);
   BOOST_TEST_REQUIRE(g.ok(), (g.ok() ? "" : g.error().message));
@@ -200,7 +203,10 @@ BOOST_AUTO_TEST_CASE(a_fork_bomb_stops_at_the_pids_limit_and_the_cgroup_says_so)
   BOOST_TEST(made < 16, "forks that succeeded: " << made);
   auto hits = g->hits();
   BOOST_TEST(hits.pids_refused >= 1u);
-  BOOST_TEST(describe_hits(hits, limits).find("process limit reached (16") != std::string::npos);
+  auto why = describe_hits(hits, limits);
+  BOOST_TEST_REQUIRE(why.size() == 1u);
+  BOOST_TEST((why[0].what == ferry::sandbox::limit_hit::kind::pids));
+  BOOST_TEST(why[0].detail.find("process limit reached (16") != std::string::npos, why[0].detail);
   // The bomb's children are still in the cgroup: remove() kills them first.
   BOOST_TEST(!g->processes().empty());
   auto removed = g->remove();
@@ -211,16 +217,19 @@ BOOST_AUTO_TEST_CASE(a_fork_bomb_stops_at_the_pids_limit_and_the_cgroup_says_so)
 
 BOOST_AUTO_TEST_CASE(orphans_are_removed_and_kept_ones_stay) {
   parent_guard guard{test_parent("orphans")};
-  resource_limits limits;
-  for (const char* id : {"a", "b", "c"})
+  ferry::sandbox::sandbox_limits limits;
+  // Two runtimes share the parent, told apart by the prefix of their groups' names.
+  for (const char* id : {"r1-a", "r1-b", "r1-c", "r2-a"})
     BOOST_TEST_REQUIRE(sandbox_cgroup::create(guard.parent, id, limits).ok());
-  auto removed = remove_orphan_cgroups(guard.parent, {"b"});
+  auto removed = remove_orphan_cgroups(guard.parent, "r1-", {"r1-b"});
   std::sort(removed.begin(), removed.end());
-  BOOST_TEST((removed == std::vector<std::string>{"a", "c"}));
-  auto b = sandbox_cgroup::existing(guard.parent, "b");
-  for (const auto& d : b.dirs())
-    BOOST_TEST(fs::is_directory(d), d);
-  auto a = sandbox_cgroup::existing(guard.parent, "a");
-  for (const auto& d : a.dirs())
+  BOOST_TEST((removed == std::vector<std::string>{"r1-a", "r1-c"}));
+  for (const char* kept : {"r1-b", "r2-a"}) {
+    const auto g = sandbox_cgroup::existing(guard.parent, kept);
+    for (const auto& d : g.dirs())
+      BOOST_TEST(fs::is_directory(d), d);
+  }
+  const auto gone = sandbox_cgroup::existing(guard.parent, "r1-a");
+  for (const auto& d : gone.dirs())
     BOOST_TEST(!fs::exists(d), d);
 }

@@ -215,10 +215,26 @@ struct grep_matches {
   std::string engine;  ///< "rg" (the image has ripgrep) or "posix" (ferry-init's own)
 };
 
+/// A resource limit a sandbox hit, as its cgroup counted it.
+struct limit_hit {
+  enum class kind { memory, pids };
+  kind what = kind::memory;
+  /// The limit in force: bytes (memory) or processes and threads (pids).
+  uint64_t limit = 0;
+  /// How often: OOM kills, or forks refused.
+  uint64_t count = 0;
+  /// The sandbox ended abnormally with it (gVisor: a hit kills the whole sandbox).
+  bool whole_sandbox = false;
+  /// A sentence for people ("memory limit reached (4096 MiB): the OOM killer ran").
+  std::string detail;
+};
+/// "memory" or "pids".
+std::string_view to_string(limit_hit::kind k);
+
 /// Receives what happens in one sandbox. Called on the sandbox's reader thread, in order:
 ///   on_running, then per command: on_command_started (on_output | on_output_gap)*
 ///   on_output_truncated? on_command_ended — or only on_command_failed; and at the end
-///   on_processes_gone? on_ended.
+///   on_processes_gone? on_limit_reached* on_ended.
 /// Commands interleave. A command still running (or not yet started) when the sandbox ends gets
 /// no on_command_ended: on_ended says why the sandbox ended. on_ended comes exactly once per
 /// sandbox object, unless the object was detached (then nothing follows the detach). After `attach`, on_running and on_command_started
@@ -259,6 +275,9 @@ class sandbox_observer {
   /// reader thread, whichever saw it); the slower cleanup (runsc delete, files) follows, then
   /// on_ended. Not delivered if the runtime could not confirm it (on_ended then says why).
   virtual void on_processes_gone(std::chrono::steady_clock::time_point /*at*/) {}
+  /// The sandbox's cgroup counted a limit being hit (read once its processes are gone, before
+  /// on_ended; once per limit hit). Only with Ferry's own cgroups (runtime_options::cgroup_parent).
+  virtual void on_limit_reached(const limit_hit& /*hit*/) {}
   /// The sandbox is gone: no process of it remains and its files are deleted. `failure` is set
   /// when it ended abnormally (runtime error, protocol error, killed) with the reason.
   virtual void on_ended(std::optional<std::string> failure) = 0;
@@ -354,10 +373,14 @@ class sandbox_runtime {
 struct sandbox_limits {
   /// Memory of all its processes (and its tmpfs) together.
   uint64_t memory_bytes = 4ull << 30;
-  /// Processes and threads at once.
+  /// Processes and threads at once (host tasks: under runsc every sandbox address space is a
+  /// host stub process, and the Sentry's and gofer's threads count too).
   uint32_t pids = 4096;
   /// CPU time per wall-clock second, in thousandths of a CPU (1500 = one and a half CPUs).
   uint32_t cpu_millis = 0;
+  /// CPU share against other sandboxes when the CPUs are busy: 100 = an even share (cgroup v2
+  /// cpu.weight scale, 1..10000; v1 cpu.shares = weight × 1024 / 100).
+  uint32_t cpu_weight = 100;
 };
 
 /// Settings every backend shares.
@@ -383,6 +406,12 @@ struct runtime_options {
   std::filesystem::path egress_socket;
   uint16_t proxy_port = 3128;
   sandbox_limits limits;
+  /// Where each sandbox's cgroup goes, below the root of each cgroup hierarchy (v2: the unified
+  /// one; v1: memory, pids, cpu): `<cgroup_parent>/<runtime>-<sandbox id>`. Ferry makes it before
+  /// the sandbox starts, writes the limits, reads after the sandbox's end which limit it hit,
+  /// and removes it. Empty, or no cgroup can be made here: runsc applies the limits in cgroups
+  /// of its own (a hit is then not named), bwrap falls back to rlimits; either says so loudly.
+  std::string cgroup_parent = "ferry";
 };
 
 /// What only the gVisor backend needs.
@@ -407,9 +436,6 @@ struct bwrap_settings {
   uint32_t uid_count = 65536;
   /// Size of the sandbox's /tmp (a tmpfs; it also counts against memory_bytes).
   uint64_t tmp_bytes = 1ull << 30;
-  /// Where the per-sandbox cgroups go, below the root of each cgroup hierarchy (v2: the unified
-  /// one; v1: memory, pids, cpu). Empty: no cgroups, the limits fall back to rlimits (README).
-  std::string cgroup_parent = "ferry";
 };
 
 struct runsc_options : runtime_options, runsc_settings {};
