@@ -912,3 +912,20 @@ BOOST_FIXTURE_TEST_CASE(a_recovered_task_keeps_its_deadline_across_a_restart, ta
   BOOST_TEST(v->reason == "wall-clock limit of 1s reached");
   BOOST_TEST(v->limits_reached.size() == 1u);
 }
+
+// A resume is a fresh run: the limit counts from the change interrupted → running, and the
+// timer is armed for it.
+BOOST_FIXTURE_TEST_CASE(a_resumed_task_gets_its_wall_clock_from_the_resume, task_fixture) {
+  const auto id = new_id();
+  auto t = interrupted(id);
+  const auto before = fa::load_task_view(*store, id).value();
+  BOOST_TEST(before->wall_clock_limit_ms == 4u * 3600 * 1000);  // task_deps' default
+  BOOST_TEST(state(t).wall_clock_arms == 0u);  // interrupted: nothing runs, no timer
+  auto run = ask<bool>(t, fa::run_atom_v);
+  BOOST_REQUIRE(run.value.has_value());
+  const auto after = fa::load_task_view(*store, id).value();
+  BOOST_TEST(after->status == "running");
+  BOOST_TEST(after->running_since_ns > before->running_since_ns);
+  BOOST_TEST(state(t).wall_clock_arms == 1u);
+  BOOST_TEST(after->limits_reached.empty());
+}
