@@ -198,6 +198,12 @@ struct task_state {
   bool finishing = false;
   bool rerun_lost_turn = false;
   bool recovering_sandbox = false;  // a recovered sandbox actor will report its sandbox's fate
+  /// Set once the wall-clock limit is reached: the reason the task fails with. The sandbox is
+  /// killed and the task ends failed as soon as the sandbox is gone; nothing else starts.
+  std::string limit_failure;
+  /// Counts the wall-clock timers armed; a timer message carries its number, so one armed for
+  /// an earlier run (before a resume) is recognised as stale.
+  uint64_t wall_clock_arms = 0;
   std::optional<int32_t> exit_code;
   std::string sandbox_failure;
   std::vector<caf::response_promise> end_waiters;
@@ -260,6 +266,8 @@ struct task_state {
 ///   queued(uint32 position, uint32 running, uint32 limit, string why)   a waiting task's place
 ///   abort(string reason, string user) → int32 abort_outcome             urgent: kills first
 ///   steer(string user, string text) → (int32 errc, string message, uint64 seq)
+///   wall_clock(uint64 arm)              to itself, when the wall-clock limit is up: records
+///                                       limit_reached, kills the sandbox, fails the task
 ///   sbx_state, cmd_start, output → bool, cmd_exit                  the sandbox actor's facts
 /// A transition lifecycle.h forbids is recorded as transition_refused and changes nothing; the
 /// requester gets an error (abort: already_finished). A finished task has no actor: it stops

@@ -88,5 +88,7 @@ CAF_BEGIN_TYPE_ID_BLOCK(ferry, caf::first_custom_type_id)
   CAF_ADD_ATOM(ferry, ferry::actors, down_atom, "down")
   CAF_ADD_ATOM(ferry, ferry::actors, status_atom, "status")
   CAF_ADD_ATOM(ferry, ferry::actors, restart_atom, "restart")
+  // task → itself: its wall-clock limit is up (delayed_send)
+  CAF_ADD_ATOM(ferry, ferry::actors, wall_clock_atom, "wall_clock")
 
 CAF_END_TYPE_ID_BLOCK(ferry)

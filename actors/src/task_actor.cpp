@@ -2,6 +2,8 @@
 // and mirrors those of its session and sandbox actors (which keep their own streams), so the
 // timeline a user follows is one stream. See actors.h and ferry/actors/lifecycle.h.
 
+#include <algorithm>
+#include <chrono>
 #include <cstdio>
 
 #include "actors.h"
@@ -120,6 +122,38 @@ void settle_session(task_actor_t* self, bool close, std::string outcome,
         });
 }
 
+/// `ms` the way a person writes it: "4h", "15m", "90s", "1500ms".
+std::string format_duration(uint64_t ms) {
+  if (ms != 0 && ms % 3'600'000 == 0)
+    return std::to_string(ms / 3'600'000) + "h";
+  if (ms != 0 && ms % 60'000 == 0)
+    return std::to_string(ms / 60'000) + "m";
+  if (ms != 0 && ms % 1000 == 0)
+    return std::to_string(ms / 1000) + "s";
+  return std::to_string(ms) + "ms";
+}
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+           std::chrono::system_clock::now().time_since_epoch())
+    .count();
+}
+
+/// The reason a task that ran out of wall-clock time fails with.
+std::string wall_clock_failure(uint64_t limit_ms) {
+  return "wall-clock limit of " + format_duration(limit_ms) + " reached";
+}
+
+/// True when the task's wall-clock limit is already recorded as reached for its current run
+/// (limit_reached after its latest change to running): a recovered actor must not record it
+/// again, only finish what it caused.
+bool wall_clock_recorded(const task_view& v) {
+  return std::any_of(v.limits_reached.begin(), v.limits_reached.end(), [&](const limit_hit& l) {
+    return l.kind == schemas::to_string(ev::LimitKind::task_wall_clock) &&
+           l.time_ns >= v.running_since_ns;
+  });
+}
+
 void finish_task(task_actor_t* self, std::optional<std::string> forced_failure = std::nullopt) {
   auto& s = self->state;
   if (s.finishing)
@@ -129,6 +163,9 @@ void finish_task(task_actor_t* self, std::optional<std::string> forced_failure =
   if (forced_failure) {
     status = TS::failed;
     reason = *forced_failure;
+  } else if (!s.limit_failure.empty()) {
+    status = TS::failed;
+    reason = s.limit_failure;
   } else if (s.aborting || s.view.abort_requested) {
     status = TS::aborted;
     reason = "aborted on request";
@@ -177,6 +214,51 @@ void interrupt(task_actor_t* self, std::string reason) {
                 schemas::task_finished(m, TS::interrupted, -1, "interrupted: " + reason)},
                abort_outcome::already_finished);
   });
+}
+
+/// Arms the wall-clock timer for the task's current run: it fires when the limit recorded in
+/// task_submitted is up, counted from the task's latest change to running (the recorded
+/// timestamp, so a recovered actor re-arms with the time that is left; at once when none is).
+/// REQUIRES: the task is running.
+void arm_wall_clock(task_actor_t* self) {
+  auto& s = self->state;
+  const uint64_t arm = ++s.wall_clock_arms;
+  if (s.view.wall_clock_limit_ms == 0 || s.view.running_since_ns == 0)
+    return;  // submitted before limits were recorded
+  // Capped at ten years: nothing runs that long, and the deadline must not overflow.
+  const int64_t limit_ns =
+    static_cast<int64_t>(std::min<uint64_t>(s.view.wall_clock_limit_ms, 315'360'000'000ULL)) *
+    1'000'000;
+  const int64_t left_ns = s.view.running_since_ns + limit_ns - now_ns();
+  if (left_ns <= 0) {
+    self->send(self, wall_clock_atom_v, arm);
+    return;
+  }
+  self->delayed_send(self,
+                     std::chrono::ceil<std::chrono::milliseconds>(std::chrono::nanoseconds(left_ns)),
+                     wall_clock_atom_v, arm);
+}
+
+/// The wall-clock limit is up: records limit_reached first (the user sees why before anything
+/// dies), then kills the sandbox the way an abort does; the task fails once the sandbox is gone.
+void reach_wall_clock(task_actor_t* self) {
+  auto& s = self->state;
+  const uint64_t limit = s.view.wall_clock_limit_ms;
+  s.limit_failure = wall_clock_failure(limit);
+  auto m = s.meta();
+  m.user = "system";
+  const auto detail = "running since " + schemas::iso_time(s.view.running_since_ns) +
+                      "; the task and its sandbox are stopped";
+  persist(self,
+          schemas::limit_reached(m, ev::LimitKind::task_wall_clock, limit, 0, true, detail),
+          [self](const storage::append_result&) {
+            auto& s = self->state;
+            if (s.sandbox)
+              self->send<caf::message_priority::high>(s.sandbox, kill_atom_v);
+            else if (!s.turn_pending)
+              finish_task(self);  // no sandbox runs: it ends here
+            // else: the turn's answer sees limit_failure and finishes the task
+          });
 }
 
 /// Spawns the task's sandbox actor (monitored): the real one, detached (it makes blocking runtime
@@ -233,7 +315,7 @@ void begin_turn(task_actor_t* self) {
         when_idle(self, [self] {
           auto& s = self->state;
           s.turn_pending = false;
-          if (s.aborting || s.finishing)
+          if (s.aborting || s.finishing || !s.limit_failure.empty())
             return finish_task(self);
           start_sandbox(self);
         });
@@ -274,6 +356,12 @@ void carry_on(task_actor_t* self, const task_args& args) {
   }
   if (*status != TS::running)
     return;  // queued or interrupted: waits for run (the manager's queue)
+  // The wall clock keeps running across a restart: re-armed with the time left, or — when the
+  // limit was already recorded as reached — what it causes is carried out now.
+  if (wall_clock_recorded(s.view))
+    s.limit_failure = wall_clock_failure(s.view.wall_clock_limit_ms);
+  else
+    arm_wall_clock(self);
   s.exit_code = s.view.exit_code;
   if (s.view.sandbox_status == "failed")
     s.sandbox_failure = s.view.sandbox_reason;
@@ -295,7 +383,9 @@ void carry_on(task_actor_t* self, const task_args& args) {
     a.resume.stderr_bytes = s.output_bytes[1];
     s.recovering_sandbox = true;
     s.sandbox = spawn_sandbox(self, std::move(a));
-    if (s.aborting)  // the abort came while this actor recovered, before it had a sandbox
+    // The abort came while this actor recovered, before it had a sandbox; or the wall-clock
+    // limit was reached before the restart.
+    if (s.aborting || !s.limit_failure.empty())
       self->send<caf::message_priority::high>(s.sandbox, kill_atom_v);
     return;
   }
@@ -305,7 +395,9 @@ void carry_on(task_actor_t* self, const task_args& args) {
     return;
   }
   // Running, but no sandbox was started yet (the crash came between).
-  if (s.rerun_lost_turn)
+  if (!s.limit_failure.empty())
+    finish_task(self);
+  else if (s.rerun_lost_turn)
     begin_turn(self);
   else
     interrupt(self, "ferryd stopped before the task's sandbox started");
@@ -330,6 +422,9 @@ caf::behavior task_actor(task_actor_t* self, task_args args) {
     s.view.repo = args.req.repo;
     s.view.user = args.req.user;
     s.correlation = args.req.correlation_id;
+    const auto limit = args.req.wall_clock_limit.count() > 0 ? args.req.wall_clock_limit
+                                                             : args.deps.default_wall_clock;
+    s.view.wall_clock_limit_ms = static_cast<uint64_t>(std::max<int64_t>(0, limit.count()));
   }
 
   // A crash keeps its message: the supervisor logs it and, after repeated crashes, fails the
@@ -354,8 +449,8 @@ caf::behavior task_actor(task_actor_t* self, task_args args) {
   auto begin_abort = [=](caf::response_promise rp, std::string reason, std::string user) {
     auto& s = self->state;
     s.end_waiters.push_back(std::move(rp));
-    if (s.aborting || s.finishing)
-      return;
+    if (s.aborting || s.finishing || !s.limit_failure.empty())
+      return;  // ending already (a limit reached ends it failed: the abort is answered so)
     s.aborting = true;
     if (s.sandbox)
       self->send<caf::message_priority::high>(s.sandbox, kill_atom_v);
@@ -408,7 +503,8 @@ caf::behavior task_actor(task_actor_t* self, task_args args) {
       }
       auto m = s.meta();
       std::vector<std::string> envs{
-        schemas::task_submitted(m, s.view.id, s.view.command, s.view.repo)};
+        schemas::task_submitted(m, s.view.id, s.view.command, s.view.repo,
+                                s.view.wall_clock_limit_ms)};
       if (position == 0)
         envs.push_back(schemas::task_state_changed(m, TS::queued, TS::running, ""));
       else
@@ -419,8 +515,10 @@ caf::behavior task_actor(task_actor_t* self, task_args args) {
         auto& s = self->state;
         s.start_rp->deliver(true, s.view.id);
         s.start_rp.reset();
-        if (position == 0)
+        if (position == 0) {
+          arm_wall_clock(self);
           begin_turn(self);
+        }
       });
       return rp;
     },
@@ -448,6 +546,7 @@ caf::behavior task_actor(task_actor_t* self, task_args args) {
       persist(self, schemas::task_state_changed(s.meta(), from, TS::running, why),
               [self, rp](const storage::append_result&) mutable {
                 rp.deliver(true);
+                arm_wall_clock(self);
                 begin_turn(self);
               });
       return rp;
@@ -491,7 +590,7 @@ caf::behavior task_actor(task_actor_t* self, task_args args) {
         if (!sandbox_status_terminal(to_status))
           return;
         const bool lost = std::exchange(s.recovering_sandbox, false) && !s.exit_code;
-        if (lost && !s.aborting && !s.finishing) {
+        if (lost && !s.aborting && !s.finishing && s.limit_failure.empty()) {
           // Recovered, and its sandbox ended before the command did: run the turn again (the
           // actor crashed) or stop resumably (ferryd restarted).
           s.sandbox = nullptr;
@@ -549,7 +648,7 @@ caf::behavior task_actor(task_actor_t* self, task_args args) {
         std::string& text) -> caf::result<int32_t, std::string, uint64_t> {
       // Persisted at once; the session takes it into its next turn.
       auto& s = self->state;
-      if (s.view.finished || s.aborting || s.finishing)
+      if (s.view.finished || s.aborting || s.finishing || !s.limit_failure.empty())
         return {static_cast<int32_t>(errc::conflict), std::string("the task has ended"),
                 uint64_t{0}};
       if (s.steering.size() >= max_steering_comments)
@@ -588,6 +687,15 @@ caf::behavior task_actor(task_actor_t* self, task_args args) {
         if (!s.sandbox && !s.turn_pending)
           finish_task(self);  // nothing runs (queued, or between turns): it ends here
       });
+    },
+    [=](wall_clock_atom, uint64_t arm) {
+      // Does nothing when late: the task ended or is ending, or it ran again (a resume) since
+      // this timer was armed.
+      auto& s = self->state;
+      if (arm != s.wall_clock_arms || s.view.status != "running" || s.view.finished ||
+          s.finishing || s.aborting || !s.limit_failure.empty())
+        return;
+      reach_wall_clock(self);
     },
     [=](down_atom, bool, bool was_sandbox, std::string& reason) {
       auto& s = self->state;

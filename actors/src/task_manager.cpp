@@ -408,7 +408,8 @@ caf::behavior task_manager(manager_actor_t* self, task_deps deps, recovery_plan 
       spawn_task(self, std::move(a));
     },
     [=](submit_atom, std::string& command, std::string& repo, std::string& user,
-        std::string& correlation) -> caf::result<int32_t, std::string, uint32_t> {
+        std::string& correlation,
+        int64_t wall_clock_ms) -> caf::result<int32_t, std::string, uint32_t> {
       auto& s = self->state;
       if (s.shutting_down)
         return {static_cast<int32_t>(errc::closed),
@@ -423,7 +424,8 @@ caf::behavior task_manager(manager_actor_t* self, task_deps deps, recovery_plan 
                 uint32_t{0}};
       task_args a;
       a.id = random_hex(8);
-      a.req = task_request{std::move(command), std::move(repo), user, std::move(correlation)};
+      a.req = task_request{std::move(command), std::move(repo), user, std::move(correlation),
+                           std::chrono::milliseconds(wall_clock_ms)};
       auto id = a.id;
       auto task = spawn_task(self, std::move(a));
       const uint32_t position = enqueue(self, id, user, task, false);
@@ -542,7 +544,7 @@ class caf_task_service final : public task_service {
 
   result<submission> submit(const task_request& req) override {
     return ask_submission("submit", submit_atom_v, req.command, req.repo, req.user,
-                          req.correlation_id);
+                          req.correlation_id, static_cast<int64_t>(req.wall_clock_limit.count()));
   }
 
   result<abort_outcome> abort(const std::string& task_id, const std::string& user,

@@ -30,12 +30,15 @@ void apply(task_view& v, const ev::Envelope& env) {
       v.repo = x->repo() ? x->repo()->str() : "";
       v.user = env.user() ? env.user()->str() : "";
       v.created_ns = env.timestamp_ns();
+      v.wall_clock_limit_ms = x->wall_clock_limit_ms();
       v.status = "queued";
       break;
     }
     case ev::Event::TaskStateChanged:
       v.status = schemas::to_string(env.event_as_TaskStateChanged()->to());
       v.queue_position = 0;
+      if (env.event_as_TaskStateChanged()->to() == ev::TaskStatus::running)
+        v.running_since_ns = env.timestamp_ns();
       if (env.event_as_TaskStateChanged()->from() == ev::TaskStatus::interrupted) {
         // Resumed: the task runs again.
         v.finished = false;
@@ -68,6 +71,13 @@ void apply(task_view& v, const ev::Envelope& env) {
         v.exit_code = x->exit_code();
       break;
     }
+    case ev::Event::LimitReached: {
+      auto* x = env.event_as_LimitReached();
+      v.limits_reached.push_back({std::string(schemas::to_string(x->kind())), x->limit(),
+                                  x->command_id(), x->whole_sandbox(),
+                                  x->detail() ? x->detail()->str() : "", env.timestamp_ns()});
+      break;
+    }
     case ev::Event::TaskFinished: {
       auto* x = env.event_as_TaskFinished();
       v.status = schemas::to_string(x->status());
@@ -92,7 +102,18 @@ nlohmann::json to_json(const task_view& v) {
          {"reason", v.reason},
          {"finished", v.finished},
          {"last_seq", v.last_sequence},
-         {"created_ns", v.created_ns}};
+         {"created_ns", v.created_ns},
+         {"running_since_ns", v.running_since_ns},
+         {"wall_clock_limit_ms", v.wall_clock_limit_ms}};
+  json limits = json::array();
+  for (const auto& l : v.limits_reached)
+    limits.push_back({{"kind", l.kind},
+                      {"limit", l.limit},
+                      {"command_id", l.command_id},
+                      {"whole_sandbox", l.whole_sandbox},
+                      {"detail", l.detail},
+                      {"time_ns", l.time_ns}});
+  j["limits_reached"] = std::move(limits);
   j["sandbox"] = {{"id", v.sandbox_id},
                   {"backend", v.sandbox_backend},
                   {"status", v.sandbox_status},
@@ -131,6 +152,16 @@ result<task_view> task_view_from_json(const nlohmann::json& j) {
     v.queue_position = j.value("queue_position", uint32_t{0});
     v.resumable = j.value("resumable", false);
     v.abort_requested = j.value("abort_requested", false);
+    // Absent from snapshots taken before limits were recorded.
+    v.running_since_ns = j.value("running_since_ns", int64_t{0});
+    v.wall_clock_limit_ms = j.value("wall_clock_limit_ms", uint64_t{0});
+    if (auto it = j.find("limits_reached"); it != j.end())
+      for (const auto& l : *it)
+        v.limits_reached.push_back({l.at("kind").get<std::string>(), l.at("limit").get<uint64_t>(),
+                                    l.at("command_id").get<uint32_t>(),
+                                    l.at("whole_sandbox").get<bool>(),
+                                    l.at("detail").get<std::string>(),
+                                    l.value("time_ns", int64_t{0})});
     return v;
   } catch (const nlohmann::json::exception& e) {
     return fail(errc::corrupt, std::string("task view: ") + e.what());

@@ -61,11 +61,12 @@ std::string_view sv(const flatbuffers::String* s) {
 }  // namespace
 
 std::string task_submitted(const envelope_meta& m, std::string_view task_id,
-                           std::string_view command, std::string_view repo) {
+                           std::string_view command, std::string_view repo,
+                           uint64_t wall_clock_limit_ms) {
   return build_envelope(m, [&](fbb_t& fbb) {
     auto body = ev::CreateTaskSubmittedDirect(fbb, std::string(task_id).c_str(),
                                               std::string(command).c_str(),
-                                              std::string(repo).c_str());
+                                              std::string(repo).c_str(), wall_clock_limit_ms);
     return std::pair{ev::Event::TaskSubmitted, body.Union()};
   });
 }
@@ -350,6 +351,22 @@ std::string session_closed(const envelope_meta& m, std::string_view reason) {
   });
 }
 
+std::string limit_reached(const envelope_meta& m, ev::LimitKind kind, uint64_t limit,
+                          uint32_t command_id, bool whole_sandbox, std::string_view detail) {
+  return build_envelope(m, [&](fbb_t& fbb) {
+    auto d = fbb.CreateString(detail);
+    ev::LimitReachedBuilder b(fbb);
+    fbb.ForceDefaults(true);
+    b.add_kind(kind);
+    b.add_limit(limit);
+    b.add_command_id(command_id);
+    b.add_whole_sandbox(whole_sandbox);
+    fbb.ForceDefaults(false);
+    b.add_detail(d);
+    return std::pair{ev::Event::LimitReached, b.Finish().Union()};
+  });
+}
+
 std::string_view event_type_name(ev::Event type) {
   switch (type) {
     case ev::Event::TaskSubmitted: return "task_submitted";
@@ -369,6 +386,7 @@ std::string_view event_type_name(ev::Event type) {
     case ev::Event::TurnStarted: return "turn_started";
     case ev::Event::TurnEnded: return "turn_ended";
     case ev::Event::SessionClosed: return "session_closed";
+    case ev::Event::LimitReached: return "limit_reached";
     case ev::Event::NONE: break;
   }
   return "unknown";
@@ -382,6 +400,18 @@ std::string_view to_string(ev::TaskStatus s) {
     case ev::TaskStatus::failed: return "failed";
     case ev::TaskStatus::aborted: return "aborted";
     case ev::TaskStatus::interrupted: return "interrupted";
+  }
+  return "unknown";
+}
+
+std::string_view to_string(ev::LimitKind k) {
+  switch (k) {
+    case ev::LimitKind::memory: return "memory";
+    case ev::LimitKind::pids: return "pids";
+    case ev::LimitKind::disk_quota: return "disk_quota";
+    case ev::LimitKind::command_timeout: return "command_timeout";
+    case ev::LimitKind::task_wall_clock: return "task_wall_clock";
+    case ev::LimitKind::output: return "output";
   }
   return "unknown";
 }
@@ -410,7 +440,7 @@ nlohmann::json to_json(const ev::Envelope& e) {
     case ev::Event::TaskSubmitted: {
       auto* x = e.event_as_TaskSubmitted();
       data = {{"task_id", sv(x->task_id())}, {"command", sv(x->command())},
-              {"repo", sv(x->repo())}};
+              {"repo", sv(x->repo())}, {"wall_clock_limit_ms", x->wall_clock_limit_ms()}};
       break;
     }
     case ev::Event::TaskStateChanged: {
@@ -517,6 +547,13 @@ nlohmann::json to_json(const ev::Envelope& e) {
       auto* x = e.event_as_TurnEnded();
       data = {{"turn", x->turn()}, {"outcome", sv(x->outcome())},
               {"input_tokens", x->input_tokens()}, {"output_tokens", x->output_tokens()}};
+      break;
+    }
+    case ev::Event::LimitReached: {
+      auto* x = e.event_as_LimitReached();
+      data = {{"kind", to_string(x->kind())}, {"limit", x->limit()},
+              {"command_id", x->command_id()}, {"whole_sandbox", x->whole_sandbox()},
+              {"detail", sv(x->detail())}};
       break;
     }
     case ev::Event::NONE: break;

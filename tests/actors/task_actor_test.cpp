@@ -28,6 +28,7 @@
 #include <cstdio>
 #include <map>
 #include <set>
+#include <thread>
 #include <tuple>
 #include <utility>
 
@@ -822,4 +823,109 @@ BOOST_FIXTURE_TEST_CASE(a_respawned_task_replays_to_the_same_state_and_fences_ou
   auto session = types(fa::session_stream(id));
   BOOST_TEST((std::count(session.begin(), session.end(), ev::Event::ActorRecovered) == 1));
   BOOST_TEST((session.back() == ev::Event::SessionClosed));
+}
+
+// The wall-clock limit's timer is a message the task sends itself (wall_clock, with the number
+// of the arming); here the test delivers it as the clock would. Firing on a running task: the
+// limit is recorded, the sandbox killed, and the task fails naming the limit once the sandbox
+// is gone. A stale or repeated timer changes nothing.
+BOOST_FIXTURE_TEST_CASE(the_wall_clock_timer_records_the_limit_kills_the_sandbox_and_fails_it,
+                        task_fixture) {
+  const auto id = new_id();
+  auto a = args(id);
+  a.req.wall_clock_limit = std::chrono::minutes(15);
+  auto t = spawn(std::move(a));
+  auto started = ask<bool, std::string>(t, fa::start_atom_v, uint32_t{0}, uint32_t{1},
+                                        uint32_t{1}, std::string());
+  BOOST_REQUIRE(started.value.has_value());
+  sandbox_role sb{*this, t, sandbox_of(id, 1)};
+  sb.start_command();
+  const uint64_t arm = state(t).wall_clock_arms;
+  BOOST_TEST(arm == 1u);  // armed when it began to run
+
+  caf::anon_send(t, fa::wall_clock_atom_v, arm + 1);  // not this run's timer
+  sched->run();
+  BOOST_TEST(!contains(sandbox_log, "kill " + sb.id));
+  BOOST_TEST(fa::load_task_view(*store, id).value()->limits_reached.empty());
+
+  caf::anon_send(t, fa::wall_clock_atom_v, arm);
+  sched->run();
+  BOOST_TEST(contains(sandbox_log, "kill " + sb.id));
+  auto v = fa::load_task_view(*store, id).value();
+  BOOST_REQUIRE(v->limits_reached.size() == 1u);
+  BOOST_TEST(v->limits_reached[0].kind == "task_wall_clock");
+  BOOST_TEST(v->limits_reached[0].limit == 900'000u);
+  BOOST_TEST(v->status == "running");  // until its sandbox is gone
+
+  caf::anon_send(t, fa::wall_clock_atom_v, arm);  // again: already handled
+  sched->run();
+  // An abort now is too late: the task ends failed, as the limit decided.
+  auto aborted = ask_later<int32_t>(t, fa::abort_atom_v, std::string("stop"), std::string("bob"));
+  sched->run();
+  sb.end("killed");
+  BOOST_REQUIRE(aborted->value.has_value());
+  BOOST_TEST(std::get<0>(*aborted->value) == static_cast<int32_t>(fa::abort_outcome::already_finished));
+  v = fa::load_task_view(*store, id).value();
+  BOOST_TEST(v->status == "failed");
+  BOOST_TEST(v->reason == "wall-clock limit of 15m reached");
+  BOOST_TEST(v->limits_reached.size() == 1u);
+  BOOST_TEST(!v->abort_requested);
+}
+
+// After a restart the timer is armed with the time that is left of the recorded limit, counted
+// from the recorded change to running: when none is left it fires at once. And a limit recorded
+// before the restart is carried out (the sandbox killed), not recorded again.
+BOOST_FIXTURE_TEST_CASE(a_recovered_task_keeps_its_deadline_across_a_restart, task_fixture) {
+  const auto id = new_id();
+  auto a = args(id);
+  a.req.wall_clock_limit = std::chrono::seconds(1);
+  auto first = spawn(std::move(a));
+  auto started = ask<bool, std::string>(first, fa::start_atom_v, uint32_t{0}, uint32_t{1},
+                                        uint32_t{1}, std::string());
+  BOOST_REQUIRE(started.value.has_value());
+  sandbox_role sb{*this, first, sandbox_of(id, 1)};
+  sb.start_command();
+  BOOST_TEST(fa::load_task_view(*store, id).value()->wall_clock_limit_ms == 1000u);
+  caf::anon_send_exit(first, caf::exit_reason::kill);  // ferryd stops; its timer with it
+  sched->run();
+  std::this_thread::sleep_for(std::chrono::milliseconds(1100));  // the deadline passes meanwhile
+
+  // Recovered with the sandbox alive: the time is up, so the limit is reached at once.
+  auto second = recover(id, "ferryd restarted");
+  BOOST_TEST(contains(sandbox_log, "recover " + sb.id));
+  BOOST_TEST(contains(sandbox_log, "kill " + sb.id));
+  auto v = fa::load_task_view(*store, id).value();
+  BOOST_REQUIRE(v->limits_reached.size() == 1u);
+  BOOST_TEST(v->limits_reached[0].time_ns - v->running_since_ns >= 1'000'000'000);
+
+  // ferryd stops again before the sandbox is gone: the next incarnation kills it again and
+  // records nothing new; the task fails naming the limit.
+  caf::anon_send_exit(second, caf::exit_reason::kill);
+  sched->run();
+  sandbox_log.clear();
+  auto third = recover(id, "ferryd restarted");
+  BOOST_TEST(contains(sandbox_log, "kill " + sb.id));
+  sandbox_role reattached{*this, third, sb.id, SS::executing};
+  reattached.end("killed");
+  v = fa::load_task_view(*store, id).value();
+  BOOST_TEST(v->status == "failed");
+  BOOST_TEST(v->reason == "wall-clock limit of 1s reached");
+  BOOST_TEST(v->limits_reached.size() == 1u);
+}
+
+// A resume is a fresh run: the limit counts from the change interrupted → running, and the
+// timer is armed for it.
+BOOST_FIXTURE_TEST_CASE(a_resumed_task_gets_its_wall_clock_from_the_resume, task_fixture) {
+  const auto id = new_id();
+  auto t = interrupted(id);
+  const auto before = fa::load_task_view(*store, id).value();
+  BOOST_TEST(before->wall_clock_limit_ms == 4u * 3600 * 1000);  // task_deps' default
+  BOOST_TEST(state(t).wall_clock_arms == 0u);  // interrupted: nothing runs, no timer
+  auto run = ask<bool>(t, fa::run_atom_v);
+  BOOST_REQUIRE(run.value.has_value());
+  const auto after = fa::load_task_view(*store, id).value();
+  BOOST_TEST(after->status == "running");
+  BOOST_TEST(after->running_since_ns > before->running_since_ns);
+  BOOST_TEST(state(t).wall_clock_arms == 1u);
+  BOOST_TEST(after->limits_reached.empty());
 }

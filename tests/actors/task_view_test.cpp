@@ -5,6 +5,8 @@
 
 #include <filesystem>
 
+#include <nlohmann/json.hpp>
+
 #include "ferry/actors/tasks.h"
 #include "ferry/schemas/events.h"
 #include "ferry/storage/journal.h"
@@ -100,4 +102,76 @@ BOOST_FIXTURE_TEST_CASE(the_cache_stays_bounded_and_correct_past_its_capacity, j
       BOOST_TEST((*v)->command == "cmd-" + t);
       BOOST_TEST(cache.size() <= 2u);
     }
+}
+
+BOOST_FIXTURE_TEST_CASE(a_limit_reached_round_trips_through_the_journal_into_the_view,
+                        journal_fixture) {
+  append(sc::task_submitted(meta, id, "sleep 600", "", 15 * 60'000));
+  append(sc::task_state_changed(meta, ev::TaskStatus::queued, ev::TaskStatus::running, ""));
+  append(sc::limit_reached(meta, ev::LimitKind::task_wall_clock, 15 * 60'000, 0, true,
+                           "ran too long"));
+  append(sc::task_finished(meta, ev::TaskStatus::failed, -1, "wall-clock limit of 15m reached"));
+
+  // Stored and read back: the journal's envelope renders as the API and ferryctl show it.
+  std::vector<nlohmann::json> rendered;
+  std::vector<std::string> lines;
+  int64_t running_at = 0;
+  auto n = store->for_each(meta.stream_id, {}, [&](const ev::Envelope& e, std::string_view) {
+    rendered.push_back(sc::to_json(e));
+    lines.push_back(sc::to_text(e));
+    if (e.event_type() == ev::Event::TaskStateChanged)
+      running_at = e.timestamp_ns();
+    return true;
+  });
+  BOOST_REQUIRE(n.ok());
+  BOOST_REQUIRE(rendered.size() == 4u);
+  BOOST_TEST(rendered[0]["data"]["wall_clock_limit_ms"] == 900'000);
+  const auto& limit = rendered[2];
+  BOOST_TEST(limit["type"] == "limit_reached");
+  BOOST_TEST(limit["seq"] == 3);
+  BOOST_TEST(limit["data"]["kind"] == "task_wall_clock");
+  BOOST_TEST(limit["data"]["limit"] == 900'000);
+  BOOST_TEST(limit["data"]["command_id"] == 0);
+  BOOST_TEST(limit["data"]["whole_sandbox"] == true);
+  BOOST_TEST(limit["data"]["detail"] == "ran too long");
+  BOOST_TEST(lines[2].rfind("3  ", 0) == 0, lines[2]);
+  BOOST_TEST(lines[2].find("limit_reached  ") != std::string::npos, lines[2]);
+  BOOST_TEST(lines[2].find("kind=\"task_wall_clock\"") != std::string::npos, lines[2]);
+
+  // The fold keeps the limit in force, when the task began to run and what it hit.
+  auto v = ferry::actors::load_task_view(*store, id);
+  BOOST_REQUIRE(v.ok() && v->has_value());
+  const auto& view = **v;
+  BOOST_TEST(view.wall_clock_limit_ms == 900'000u);
+  BOOST_TEST(view.running_since_ns == running_at);
+  BOOST_TEST(view.running_since_ns > 0);
+  BOOST_REQUIRE(view.limits_reached.size() == 1u);
+  BOOST_TEST(view.limits_reached[0].kind == "task_wall_clock");
+  BOOST_TEST(view.limits_reached[0].whole_sandbox);
+  BOOST_TEST(view.limits_reached[0].detail == "ran too long");
+  BOOST_TEST(view.status == "failed");
+  BOOST_TEST(view.reason == "wall-clock limit of 15m reached");
+
+  // to_json and task_view_from_json are inverses (task snapshots).
+  auto j = ferry::actors::to_json(view);
+  BOOST_TEST(j["limits_reached"][0]["kind"] == "task_wall_clock");
+  auto back = ferry::actors::task_view_from_json(j);
+  BOOST_REQUIRE(back.ok());
+  BOOST_TEST(back->wall_clock_limit_ms == view.wall_clock_limit_ms);
+  BOOST_TEST(back->running_since_ns == view.running_since_ns);
+  BOOST_REQUIRE(back->limits_reached.size() == 1u);
+  BOOST_TEST(back->limits_reached[0].detail == "ran too long");
+  BOOST_TEST(back->limits_reached[0].limit == 900'000u);
+  BOOST_TEST(back->limits_reached[0].time_ns == view.limits_reached[0].time_ns);
+
+  // A snapshot taken before these fields existed still loads, without a limit.
+  j.erase("running_since_ns");
+  j.erase("wall_clock_limit_ms");
+  j.erase("limits_reached");
+  auto old = ferry::actors::task_view_from_json(j);
+  BOOST_REQUIRE(old.ok());
+  BOOST_TEST(old->wall_clock_limit_ms == 0u);
+  BOOST_TEST(old->running_since_ns == 0);
+  BOOST_TEST(old->limits_reached.empty());
+  BOOST_TEST(old->status == "failed");
 }

@@ -61,6 +61,8 @@ BOOST_AUTO_TEST_CASE(every_event_type_round_trips_through_json) {
     {"abort_requested", sc::abort_requested(meta, "enough")},
     {"task_finished", sc::task_finished(meta, ev::TaskStatus::failed, 3, "exit 3")},
     {"token_created", sc::token_created(meta, "tok_1", "admin", "ab12", true)},
+    {"limit_reached", sc::limit_reached(meta, ev::LimitKind::task_wall_clock, 900'000, 0, true,
+                                        "ran 15m")},
   };
   for (auto& [type, bytes] : cases) {
     auto j = sc::to_json(verified(bytes));
@@ -79,6 +81,44 @@ BOOST_AUTO_TEST_CASE(every_event_type_round_trips_through_json) {
   auto sbx = sc::to_json(verified(cases[2].second));
   BOOST_TEST(sbx["data"]["from"] == "none");
   BOOST_TEST(sbx["data"]["to"] == "spawning");
+}
+
+BOOST_AUTO_TEST_CASE(a_limit_reached_names_its_limit_in_json_and_text) {
+  const std::pair<ev::LimitKind, const char*> kinds[] = {
+    {ev::LimitKind::memory, "memory"},
+    {ev::LimitKind::pids, "pids"},
+    {ev::LimitKind::disk_quota, "disk_quota"},
+    {ev::LimitKind::command_timeout, "command_timeout"},
+    {ev::LimitKind::task_wall_clock, "task_wall_clock"},
+    {ev::LimitKind::output, "output"},
+  };
+  for (auto [kind, name] : kinds) {
+    const auto bytes = sc::limit_reached(meta, kind, 512, 3, false, "d");
+    const auto& e = verified(bytes);
+    BOOST_REQUIRE((e.event_type() == ev::Event::LimitReached));
+    auto j = sc::to_json(e);
+    BOOST_TEST(j["type"] == "limit_reached");
+    BOOST_TEST(j["data"]["kind"] == name);
+  }
+  auto bytes = sc::limit_reached(meta, ev::LimitKind::memory, 256u << 20, 2, true,
+                                 "the sandbox used all its memory");
+  auto j = sc::to_json(verified(bytes));
+  BOOST_TEST(j["data"] == (nlohmann::json{{"kind", "memory"},
+                                          {"limit", 256u << 20},
+                                          {"command_id", 2},
+                                          {"whole_sandbox", true},
+                                          {"detail", "the sandbox used all its memory"}}),
+             j["data"].dump());
+  auto text = sc::to_text(verified(bytes));
+  BOOST_TEST(text.find("limit_reached") != std::string::npos, text);
+  BOOST_TEST(text.find("kind=\"memory\"") != std::string::npos, text);
+  BOOST_TEST(text.find("limit=268435456") != std::string::npos, text);
+  BOOST_TEST(text.find("whole_sandbox=true") != std::string::npos, text);
+  // The wall-clock limit in force is part of the submission.
+  auto sub = sc::to_json(verified(sc::task_submitted(meta, "abc", "ls", "", 60'000)));
+  BOOST_TEST(sub["data"]["wall_clock_limit_ms"] == 60'000);
+  BOOST_TEST(sc::to_json(verified(sc::task_submitted(meta, "abc", "ls", "")))["data"]
+               ["wall_clock_limit_ms"] == 0);
 }
 
 BOOST_AUTO_TEST_CASE(binary_output_is_rendered_as_base64) {

@@ -39,6 +39,7 @@ std::string reason_of(const ev::Envelope& e) {
     case ev::Event::SandboxStateChanged: return str_of(e.event_as_SandboxStateChanged()->reason());
     case ev::Event::TaskFinished: return str_of(e.event_as_TaskFinished()->reason());
     case ev::Event::AbortRequested: return str_of(e.event_as_AbortRequested()->reason());
+    case ev::Event::LimitReached: return str_of(e.event_as_LimitReached()->detail());
     default: return {};
   }
 }
@@ -96,6 +97,15 @@ void print_task_view(const std::string& stream, const actors::task_view& v, uint
   std::printf("sandbox:    id=%s backend=%s status=%s reason=%s\n", or_dash(v.sandbox_id).c_str(),
               or_dash(v.sandbox_backend).c_str(), or_none(v.sandbox_status).c_str(),
               or_dash(v.sandbox_reason).c_str());
+  std::printf("wall-clock: %s\n", v.wall_clock_limit_ms
+                                    ? (std::to_string(v.wall_clock_limit_ms) + " ms limit").c_str()
+                                    : "no limit");
+  if (v.limits_reached.empty())
+    std::printf("limits:     none reached\n");
+  for (const auto& l : v.limits_reached)
+    std::printf("limit:      %s=%llu command=%u whole_sandbox=%s  %s\n", l.kind.c_str(),
+                static_cast<unsigned long long>(l.limit), l.command_id,
+                l.whole_sandbox ? "yes" : "no", or_dash(l.detail).c_str());
 }
 
 int run_replay(const std::filesystem::path& data_dir, const replay_args& a) {

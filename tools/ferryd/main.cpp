@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <map>
 #include <optional>
 #include <string>
 
@@ -172,10 +173,41 @@ int run(int argc, char** argv) {
                  "Tasks one user may have waiting for a slot; more are refused")
     ->check(CLI::Range(0u, 100000u))
     ->capture_default_str();
+  // Durations are given with their unit (CLI11 converts them to milliseconds); a bare number or
+  // an unknown unit is refused at start-up with what is expected.
+  uint64_t task_wall_clock_ms = 4 * 3'600'000;  // task_deps::default_wall_clock
+  const CLI::AsNumberWithUnit duration_ms(
+    std::map<std::string, uint64_t>{{"ms", 1}, {"s", 1000}, {"m", 60'000}, {"h", 3'600'000}},
+    static_cast<CLI::AsNumberWithUnit::Options>(CLI::AsNumberWithUnit::CASE_SENSITIVE |
+                                                CLI::AsNumberWithUnit::UNIT_REQUIRED));
+  const CLI::Validator duration(
+    [duration_ms](std::string& in) -> std::string {
+      const std::string given = in;
+      try {
+        if (given.find('-') == std::string::npos && duration_ms(in).empty())
+          return {};
+      } catch (const CLI::ValidationError&) {
+      }
+      in = given;
+      return "'" + given +
+             "' is not a duration: give a whole number and a unit, e.g. 30s, 15m or 4h (units: "
+             "ms, s, m, h)";
+    },
+    "");
+  app.add_option("--task-wall-clock", task_wall_clock_ms,
+                 "Longest a task may run (from its start or resume) when its request names no "
+                 "limit, e.g. 30s, 15m, 4h; then it is killed with its sandbox and fails "
+                 "(limit_reached task_wall_clock). At least 1s")
+    ->transform(duration)
+    ->type_name("DURATION")
+    ->default_str("4h");
   app.add_flag("--no-fsync", no_fsync,
                "Acknowledge appends before fsync; fsync every 100 ms instead (a machine crash may "
                "lose the last 100 ms of events; a ferryd crash loses nothing)");
   CLI11_PARSE(app, argc, argv);
+  if (task_wall_clock_ms < 1000)
+    die("--task-wall-clock must be at least 1s, got " + std::to_string(task_wall_clock_ms) +
+        "ms");
 
   // NATS credentials: secrets come from files or the environment, never from argv. The
   // variable is removed so that no child (nats-server, runsc) inherits it.
@@ -305,6 +337,7 @@ int run(int argc, char** argv) {
   deps.store = store->get();
   deps.runtime = runtime->get();
   deps.limits = limits;
+  deps.default_wall_clock = std::chrono::milliseconds(task_wall_clock_ms);
   auto tasks = ferry::actors::start_task_manager(sys, deps);
   if (!tasks)
     die(tasks.error().message);

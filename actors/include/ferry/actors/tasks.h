@@ -65,6 +65,19 @@ struct task_request {
   std::string repo;            ///< optional repository; recorded, not yet cloned
   std::string user;            ///< acting token id
   std::string correlation_id;  ///< e.g. the HTTP request id
+  /// How long the task may be running (see TaskSubmitted.wall_clock_limit_ms); 0: the service
+  /// default (task_deps::default_wall_clock).
+  std::chrono::milliseconds wall_clock_limit{0};
+};
+
+/// A limit the task or its sandbox ran into (a LimitReached event of its stream).
+struct limit_hit {
+  std::string kind;  ///< "memory", "pids", "disk_quota", "command_timeout", "task_wall_clock", …
+  uint64_t limit = 0;  ///< the configured value, in the kind's unit (see events.fbs)
+  uint32_t command_id = 0;
+  bool whole_sandbox = false;
+  std::string detail;
+  int64_t time_ns = 0;  ///< when it was recorded
 };
 
 /// A task's current state, folded from its events (the journal is the source of truth).
@@ -85,6 +98,13 @@ struct task_view {
   bool abort_requested = false;
   int64_t created_ns = 0;
   int64_t finished_ns = 0;
+  /// When the task last changed to running (its start or its resume; 0: never ran). The
+  /// wall-clock limit counts from here, also across a ferryd restart.
+  int64_t running_since_ns = 0;
+  /// The wall-clock limit in force (from task_submitted); 0: none.
+  uint64_t wall_clock_limit_ms = 0;
+  /// Every limit the task hit, oldest first (limit_reached events).
+  std::vector<limit_hit> limits_reached;
   uint64_t last_sequence = 0;
   bool finished = false;
 };
@@ -154,6 +174,9 @@ struct task_deps {
   /// "output", "sandbox_state") with the task id; throwing from it crashes that actor, which the
   /// supervision then restarts from its events.
   std::function<void(std::string_view point, const std::string& task_id)> fault;
+  /// Wall-clock limit of a task whose request names none (ferryd --task-wall-clock). A task
+  /// running longer is killed with its sandbox and fails (limit_reached, task_wall_clock).
+  std::chrono::milliseconds default_wall_clock = std::chrono::hours(4);
 };
 
 /// Facade over the task manager actor for non-actor threads.
@@ -166,7 +189,8 @@ class task_service {
     /// 0: started at once; else its place in the queue (1 = next to start).
     uint32_t queue_position = 0;
   };
-  /// Persists task_submitted and starts the task, or queues it when a concurrency limit is
+  /// Persists task_submitted (with the wall-clock limit in force: the request's, else
+  /// task_deps::default_wall_clock) and starts the task, or queues it when a concurrency limit is
   /// reached (task_queued). Returns once the submission is durable. Fails with errc::busy when
   /// the user already has task_limits::max_queued_per_user tasks waiting, errc::closed while
   /// shutting down.

@@ -82,8 +82,10 @@ std::string build_envelope(const envelope_meta& meta, MakeEvent&& make_event) {
 
 // -- convenience builders for each event of ferry.events.v1 ---------------------------------------
 
+/// `wall_clock_limit_ms`: the limit in force for the task (0: none); see TaskSubmitted.
 std::string task_submitted(const envelope_meta& m, std::string_view task_id,
-                           std::string_view command, std::string_view repo);
+                           std::string_view command, std::string_view repo,
+                           uint64_t wall_clock_limit_ms = 0);
 std::string task_state_changed(const envelope_meta& m, ev::TaskStatus from, ev::TaskStatus to,
                                std::string_view reason);
 std::string sandbox_state_changed(const envelope_meta& m, std::string_view sandbox_id,
@@ -116,6 +118,10 @@ std::string turn_started(const envelope_meta& m, uint32_t turn, std::string_view
 std::string turn_ended(const envelope_meta& m, uint32_t turn, std::string_view outcome,
                        uint64_t input_tokens, uint64_t output_tokens);
 std::string session_closed(const envelope_meta& m, std::string_view reason);
+/// A limit was reached. `limit` in the kind's unit (see LimitReached in events.fbs);
+/// `command_id` 0 when not about a command.
+std::string limit_reached(const envelope_meta& m, ev::LimitKind kind, uint64_t limit,
+                          uint32_t command_id, bool whole_sandbox, std::string_view detail);
 std::string token_created(const envelope_meta& m, std::string_view token_id,
                           std::string_view name, std::string_view sha256_hex, bool admin);
 
@@ -142,6 +148,8 @@ std::string iso_time(int64_t ns);
 std::string_view event_type_name(ev::Event type);
 std::string_view to_string(ev::TaskStatus s);
 std::string_view to_string(ev::SandboxStatus s);
+/// "memory", "pids", "disk_quota", "command_timeout", "task_wall_clock", "output".
+std::string_view to_string(ev::LimitKind k);
 
 /// JSON rendering used by the WebSocket stream and `ferryctl --json`:
 /// {"stream","seq","position","time","type","correlation_id","causation_id","user","data":{...}}.
