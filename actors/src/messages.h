@@ -90,5 +90,8 @@ CAF_BEGIN_TYPE_ID_BLOCK(ferry, caf::first_custom_type_id)
   CAF_ADD_ATOM(ferry, ferry::actors, restart_atom, "restart")
   // task → itself: its wall-clock limit is up (delayed_send)
   CAF_ADD_ATOM(ferry, ferry::actors, wall_clock_atom, "wall_clock")
+  // sandbox → task: a limit the sandbox's cgroup counted (kind, limit, count, whole sandbox,
+  // detail).
+  CAF_ADD_ATOM(ferry, ferry::actors, limit_atom, "sbx_limit")
 
 CAF_END_TYPE_ID_BLOCK(ferry)

@@ -62,6 +62,10 @@ class observer_adapter final : public sandbox::sandbox_observer {
     send(cmd_exit_atom_v, id, int32_t{code}, int32_t{signal}, ms);
   }
   void on_processes_gone(std::chrono::steady_clock::time_point) override { send(gone_atom_v); }
+  void on_limit_reached(const sandbox::limit_hit& hit) override {
+    send(limit_atom_v, std::string(sandbox::to_string(hit.what)), hit.limit, hit.count, hit.whole_sandbox,
+         hit.command_id, hit.detail);
+  }
   void on_ended(std::optional<std::string> failure) override {
     send(ended_atom_v, failure.has_value(), failure.value_or(""));
   }
@@ -418,6 +422,15 @@ caf::behavior sandbox_actor(sandbox_actor_t* self, sandbox_args args) {
       // sandbox is terminated from here on, so an abort ends without waiting for the cleanup.
       if (self->state.kill_requested)
         after_pending_output(self, [=] { end_with(self, false, "killed on request", true); });
+    },
+    [=](limit_atom, std::string& kind, uint64_t limit, uint64_t count, bool whole, uint32_t cmd,
+        std::string& detail) {
+      // In the order the runtime reported it: before the command's exit or the sandbox's end
+      // that follows it, after the output before it.
+      after_pending_output(self, [=] {
+        if (self->state.task)
+          self->send(self->state.task, limit_atom_v, kind, limit, count, whole, cmd, detail);
+      });
     },
     [=](ended_atom, bool failed, std::string reason) {
       after_pending_output(self, [=] { sandbox_ended(self, failed, reason); });

@@ -297,13 +297,23 @@ std::vector<std::string> remove_orphan_cgroups(const std::string& parent, std::s
 
 std::vector<limit_hit> describe_hits(const limit_hits& h, const sandbox_limits& limits) {
   std::vector<limit_hit> hits;
-  if (h.oom_kills > 0)
-    hits.push_back({limit_hit::kind::memory, limits.memory_bytes, h.oom_kills, false,
-                    fmt::format("memory limit reached ({} MiB): the OOM killer ran", limits.memory_bytes >> 20)});
-  if (h.pids_refused > 0)
-    hits.push_back({limit_hit::kind::pids, limits.pids, h.pids_refused, false,
-                    fmt::format("process limit reached ({} processes and threads): {} fork{} refused", limits.pids,
-                                h.pids_refused, h.pids_refused == 1 ? " was" : "s were")});
+  if (h.oom_kills > 0) {
+    limit_hit hit;
+    hit.what = limit_hit::kind::memory;
+    hit.limit = limits.memory_bytes;
+    hit.count = h.oom_kills;
+    hit.detail = fmt::format("memory limit reached ({} MiB): the OOM killer ran", limits.memory_bytes >> 20);
+    hits.push_back(std::move(hit));
+  }
+  if (h.pids_refused > 0) {
+    limit_hit hit;
+    hit.what = limit_hit::kind::pids;
+    hit.limit = limits.pids;
+    hit.count = h.pids_refused;
+    hit.detail = fmt::format("process limit reached ({} processes and threads): {} fork{} refused", limits.pids,
+                             h.pids_refused, h.pids_refused == 1 ? " was" : "s were");
+    hits.push_back(std::move(hit));
+  }
   return hits;
 }
 

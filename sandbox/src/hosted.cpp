@@ -196,7 +196,8 @@ class hosted_sandbox final : public sandbox {
         driver_(backend_->driver(id_)),
         observer_(observer),
         has_command_line_(command_line_id.has_value()),
-        client_(observer, from, command_line_id) {
+        watch_(*this),
+        client_(watch_, from, command_line_id) {
     const common_settings& s = backend_->settings();
     if (!s.cgroup_parent.empty())
       cgroup_ = sandbox_cgroup::existing(s.cgroup_parent, s.cgroup_id(id_));
@@ -458,10 +459,11 @@ class hosted_sandbox final : public sandbox {
       cleanup_error = fmt::format("processes of sandbox {} survived SIGKILL", id_);
     if (auto r = driver_->cleanup(); !r && cleanup_error.empty())
       cleanup_error = r.error().message;
-    // What the cgroup counted, read once nothing of the sandbox runs any more, then the group.
-    std::vector<limit_hit> hits;
+    // What the cgroup counted and was not reported yet, read once nothing of the sandbox runs
+    // any more (the counters are read before the group goes).
+    std::optional<limit_hits> at_end;
     if (cgroup_) {
-      hits = describe_hits(cgroup_->hits(), backend_->settings().limits);
+      at_end = cgroup_->hits();
       if (auto r = cgroup_->remove(); !r && cleanup_error.empty())
         cleanup_error = r.error().message;
     }
@@ -472,9 +474,13 @@ class hosted_sandbox final : public sandbox {
     registry_->release(id_);
 
     auto failure = failure_reason(cleanup_error, log);
-    for (auto& hit : hits) {
-      hit.whole_sandbox = failure.has_value() && !killed_by_owner_;
-      observer_.on_limit_reached(hit);
+    std::vector<limit_hit> hits;
+    if (at_end) {
+      hits = new_hits(*at_end);
+      for (auto& hit : hits) {
+        hit.whole_sandbox = failure.has_value() && !killed_by_owner_;
+        observer_.on_limit_reached(hit);
+      }
     }
     // A sandbox that died at a limit says so first (runsc: the Sentry cannot go on and the whole
     // sandbox ends, with nothing in its log that names the limit).
@@ -496,12 +502,14 @@ class hosted_sandbox final : public sandbox {
     if (!client_.release_sent()) {
       if (killed_by_owner_)
         return std::string("killed");
+      // The backend's log, when it said anything.
+      auto with_log = [&](std::string what) { return log.empty() ? what : what + ": " + log; };
       if (launch_failure_ || phase_ == phase::launching || phase_ == phase::starting)
-        return fmt::format("sandbox failed to start ({}): {}", launch_failure_.value_or(std::string(backend_->name())),
-                           log);
+        return with_log(
+          fmt::format("sandbox failed to start ({})", launch_failure_.value_or(std::string(backend_->name()))));
       if (has_command_line_ && !client_.command_line_exited())
-        return fmt::format("sandbox ended before the command did: {}", log);
-      return fmt::format("sandbox ended before it was released: {}", log);
+        return with_log("sandbox ended before the command did");
+      return with_log("sandbox ended before it was released");
     }
     if (!cleanup_error.empty())
       return "cleanup failed: " + cleanup_error;
@@ -517,6 +525,65 @@ class hosted_sandbox final : public sandbox {
   std::optional<sandbox_cgroup> cgroup_;           // without cgroups: none. Reader thread (finish)
   sandbox_observer& observer_;
   const bool has_command_line_;
+
+  /// Between init_client and the owner's observer: when a command ends, reports what the
+  /// sandbox's cgroup counted since the last look (a limit the kernel enforced on a process
+  /// while the sandbox goes on, as under bwrap), before the command's end. Reader thread only.
+  class limit_watch final : public sandbox_observer {
+   public:
+    explicit limit_watch(hosted_sandbox& sb) : sb_(sb) {}
+    void on_running() override { sb_.observer_.on_running(); }
+    void on_command_started(uint32_t id, const std::vector<std::string>& argv) override {
+      sb_.observer_.on_command_started(id, argv);
+    }
+    void on_output(uint32_t id, int stream, std::string_view data) override {
+      sb_.observer_.on_output(id, stream, data);
+    }
+    void on_output_gap(uint32_t id, int stream, uint64_t lost) override {
+      sb_.observer_.on_output_gap(id, stream, lost);
+    }
+    void on_output_truncated(uint32_t id, std::string_view path) override {
+      sb_.observer_.on_output_truncated(id, path);
+    }
+    void on_command_ended(const command_exit& e) override {
+      sb_.report_new_hits(e.command_id);
+      sb_.observer_.on_command_ended(e);
+    }
+    void on_command_failed(uint32_t id, std::string_view reason) override {
+      sb_.observer_.on_command_failed(id, reason);
+    }
+    void on_processes_gone(steady::time_point at) override { sb_.observer_.on_processes_gone(at); }
+    void on_limit_reached(const limit_hit& hit) override { sb_.observer_.on_limit_reached(hit); }
+    void on_ended(std::optional<std::string> failure) override { sb_.observer_.on_ended(std::move(failure)); }
+
+   private:
+    hosted_sandbox& sb_;
+  };
+
+  /// The limits the cgroup counted beyond `reported_`, described; `reported_` becomes `now`.
+  std::vector<limit_hit> new_hits(const limit_hits& now) {
+    limit_hits fresh = now;
+    fresh.oom_kills -= std::min(fresh.oom_kills, reported_.oom_kills);
+    fresh.pids_refused -= std::min(fresh.pids_refused, reported_.pids_refused);
+    reported_ = now;
+    return describe_hits(fresh, backend_->settings().limits);
+  }
+
+  /// Reports what the cgroup counted since the last report, as hit during command `command_id`
+  /// (the sandbox goes on). Reader thread only.
+  void report_new_hits(uint32_t command_id) {
+    if (!cgroup_)
+      return;
+    for (auto& hit : new_hits(cgroup_->hits())) {
+      hit.command_id = command_id;
+      observer_.on_limit_reached(hit);
+    }
+  }
+
+  limit_watch watch_;
+  // What was reported so far (reader thread). Starts at zero after an attach too: a limit hit
+  // while no host was attached is reported then; one reported before is reported again.
+  limit_hits reported_;
   init_client client_;
 
   // Reader-thread state (and attach()'s, before the reader starts).

@@ -176,6 +176,8 @@ BOOST_FIXTURE_TEST_CASE(a_memory_hog_is_stopped_at_the_limit_and_the_limit_is_na
     BOOST_REQUIRE(exited);
     BOOST_TEST(exited->signal == SIGKILL);
     BOOST_TEST(!hit->hit.whole_sandbox);
+    BOOST_TEST(hit->hit.command_id == spec.command_id);
+    BOOST_TEST((hit->at <= exited->at), "the limit is reported before the command's end");
     BOOST_TEST(!ended->failure.has_value(), ended->failure.value_or(""));
   }
   BOOST_TEST(obs.output(spec.command_id, 0).find("1073741824") == std::string::npos);
@@ -183,6 +185,54 @@ BOOST_FIXTURE_TEST_CASE(a_memory_hog_is_stopped_at_the_limit_and_the_limit_is_na
   // The group is gone too (nothing of this runtime is left under the parent).
   auto left = (*rt)->cleanup_orphans();
   BOOST_TEST((left.ok() && *left == 0u));
+}
+
+// In an idle sandbox, a command over the memory limit: under bwrap the kernel kills that
+// command and the sandbox goes on, and the limit is reported with the command's id before its
+// end; under gVisor the whole sandbox ends, and says why.
+BOOST_FIXTURE_TEST_CASE(a_command_over_the_memory_limit_is_named_with_the_command, fixture) {
+  auto o = testing::test_config(tmp.path());
+  o.limits.memory_bytes = 256ull << 20;
+  auto rt = ferry::sandbox::make_runtime(o);
+  BOOST_REQUIRE_MESSAGE(rt.ok(), (rt.ok() ? "" : rt.error().message));
+  recording_observer obs;
+  auto sb = start_idle(unique_id("idlehog"), obs, rt->get());
+  auto first = run(*sb, obs, argv(2, {"true"}));
+  BOOST_TEST(first.what == "exited");
+  BOOST_TEST(!obs.find("limit"));
+  BOOST_REQUIRE(sb->run(argv(3, {"/usr/bin/python3", "-c", "b = b'x' * (1 << 30)"})).ok());
+  BOOST_REQUIRE(obs.wait_until(
+    [](const std::vector<recording_observer::record>& rs) {
+      return std::any_of(rs.begin(), rs.end(), [](const auto& r) {
+        return (r.what == "exited" && r.command_id == 3) || r.what == "ended";
+      });
+    },
+    60s));
+  BOOST_REQUIRE(obs.wait_for("limit", 10s));
+  auto hit = obs.find("limit");
+  BOOST_TEST((hit->hit.what == limit_hit::kind::memory));
+  if (testing::test_backend() == "bwrap") {
+    BOOST_TEST(hit->hit.command_id == 3u);
+    BOOST_TEST(!hit->hit.whole_sandbox);
+    auto exited = obs.find("exited", 3);
+    BOOST_REQUIRE(exited);
+    BOOST_TEST(exited->signal == SIGKILL);
+    BOOST_TEST((hit->at <= exited->at));
+    // The sandbox goes on, and a later command reports no new limit.
+    auto after = run(*sb, obs, argv(4, {"true"}));
+    BOOST_TEST(after.what == "exited");
+    BOOST_TEST(after.exit_code == 0);
+    release_and_check(*sb, obs);
+    size_t limits = 0;
+    for (const auto& r : obs.records())
+      limits += r.what == "limit";
+    BOOST_TEST(limits == 1u);
+  } else {
+    BOOST_REQUIRE(obs.wait_for("ended", 30s));
+    BOOST_TEST(hit->hit.whole_sandbox);
+    BOOST_TEST(obs.find("ended")->failure.value_or("").find("memory limit reached (256 MiB)") == 0u,
+               obs.find("ended")->failure.value_or(""));
+  }
 }
 
 BOOST_FIXTURE_TEST_CASE(a_fork_bomb_stops_at_the_pids_limit_and_the_limit_is_named, fixture) {

@@ -115,6 +115,7 @@ int run(int argc, char** argv) {
   bool ignore_cgroups = false;
   bool no_fsync = false;
   ferry::actors::task_limits limits;
+  ferry::sandbox::sandbox_limits sandbox_limits;
   app.add_option("--listen", listen, "HTTP/WebSocket address HOST:PORT (port 0: pick a free one)")
     ->capture_default_str();
   app.add_option("--data-dir", data_dir, "Where the journal, NATS store and sandboxes live")
@@ -162,6 +163,18 @@ int run(int argc, char** argv) {
                  "ferry-init binary mounted into sandboxes (default: next to ferryd)");
   app.add_flag("--runsc-ignore-cgroups", ignore_cgroups,
                "Pass --ignore-cgroups to runsc (needed inside `ip netns exec`)");
+  app.add_option("--sandbox-memory", sandbox_limits.memory_bytes,
+                 "Memory of each sandbox, all its processes together (e.g. 512MiB, 4GiB; 0: no "
+                 "limit); reaching it is recorded as limit_reached memory")
+    ->transform(CLI::AsSizeValue(false))
+    ->check(CLI::Range(0.0, static_cast<double>(uint64_t{1} << 50)).description(""))
+    ->type_name("SIZE")
+    ->default_str("4GiB");
+  app.add_option("--sandbox-pids", sandbox_limits.pids,
+                 "Processes and threads of each sandbox at once (0: no limit); reaching it is "
+                 "recorded as limit_reached pids")
+    ->check(CLI::Range(0u, 4194304u))
+    ->capture_default_str();
   app.add_option("--max-running", limits.max_running, "Tasks running at once, all users")
     ->check(CLI::Range(1u, 10000u))
     ->capture_default_str();
@@ -205,6 +218,9 @@ int run(int argc, char** argv) {
                "Acknowledge appends before fsync; fsync every 100 ms instead (a machine crash may "
                "lose the last 100 ms of events; a ferryd crash loses nothing)");
   CLI11_PARSE(app, argc, argv);
+  if (sandbox_limits.memory_bytes != 0 && sandbox_limits.memory_bytes < (uint64_t{64} << 20))
+    die("--sandbox-memory must be 0 (no limit) or at least 64MiB (a sandbox's own processes need "
+        "that much), got " + std::to_string(sandbox_limits.memory_bytes) + " bytes");
   if (task_wall_clock_ms < 1000)
     die("--task-wall-clock must be at least 1s, got " + std::to_string(task_wall_clock_ms) +
         "ms");
@@ -318,6 +334,7 @@ int run(int argc, char** argv) {
   rc.runsc.runsc = runsc;
   rc.runsc.state_dir = data / "runsc";
   rc.runsc.ignore_cgroups = ignore_cgroups;
+  rc.limits = sandbox_limits;
   rc.sandboxes_dir = data / "sandboxes";
   rc.rootfs = rootfs;
   rc.init_binary = init_binary.empty() ? self_dir() / "ferry-init" : fs::path(init_binary);

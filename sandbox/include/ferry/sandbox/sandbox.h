@@ -225,6 +225,9 @@ struct limit_hit {
   uint64_t count = 0;
   /// The sandbox ended abnormally with it (gVisor: a hit kills the whole sandbox).
   bool whole_sandbox = false;
+  /// The command during whose run the limit was counted (bubblewrap: the kernel stopped only a
+  /// process, the sandbox goes on); 0 when noticed at the sandbox's end.
+  uint32_t command_id = 0;
   /// A sentence for people ("memory limit reached (4096 MiB): the OOM killer ran").
   std::string detail;
 };
@@ -275,8 +278,10 @@ class sandbox_observer {
   /// reader thread, whichever saw it); the slower cleanup (runsc delete, files) follows, then
   /// on_ended. Not delivered if the runtime could not confirm it (on_ended then says why).
   virtual void on_processes_gone(std::chrono::steady_clock::time_point /*at*/) {}
-  /// The sandbox's cgroup counted a limit being hit (read once its processes are gone, before
-  /// on_ended; once per limit hit). Only with Ferry's own cgroups (runtime_options::cgroup_parent).
+  /// The sandbox's cgroup counted a limit being hit. Read when a command ends (then just before
+  /// its on_command_ended, with its id: the sandbox went on) and once its processes are gone
+  /// (before on_ended: what was not reported yet). Only with Ferry's own cgroups
+  /// (runtime_options::cgroup_parent).
   virtual void on_limit_reached(const limit_hit& /*hit*/) {}
   /// The sandbox is gone: no process of it remains and its files are deleted. `failure` is set
   /// when it ended abnormally (runtime error, protocol error, killed) with the reason.
