@@ -32,6 +32,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <optional>
 #include <thread>
 
@@ -127,6 +128,37 @@ std::optional<uint64_t> pss_kib(pid_t pid) {
   if (at == std::string::npos)
     return std::nullopt;
   return std::strtoull(text.c_str() + at + 5, nullptr, 10);
+}
+
+/// The memory cgroup `pid` is in ("/ferry/…"), from /proc/<pid>/cgroup: the v1 memory
+/// controller's line, else the v2 line; nothing if there is none or it is the root group (the
+/// whole machine).
+std::pair<fs::path, std::string> memory_cgroup_of(pid_t pid) {
+  const std::string text = sb::read_small_file(fs::path("/proc") / std::to_string(pid) / "cgroup");
+  std::string v2;
+  size_t at = 0;
+  while (at < text.size()) {
+    size_t nl = text.find('\n', at);
+    if (nl == std::string::npos)
+      nl = text.size();
+    const std::string line = text.substr(at, nl - at);
+    at = nl + 1;
+    const auto c1 = line.find(':'), c2 = c1 == std::string::npos ? c1 : line.find(':', c1 + 1);
+    if (c2 == std::string::npos)
+      continue;
+    const std::string controllers = "," + line.substr(c1 + 1, c2 - c1 - 1) + ",";
+    const std::string path = line.substr(c2 + 1);
+    if (controllers.find(",memory,") != std::string::npos) {
+      if (path.size() <= 1)
+        return {};
+      return {fs::path("/sys/fs/cgroup/memory") / path.substr(1), "memory.usage_in_bytes"};
+    }
+    if (line.rfind("0::", 0) == 0)
+      v2 = path;
+  }
+  if (v2.size() > 1)
+    return {fs::path("/sys/fs/cgroup") / v2.substr(1), "memory.current"};
+  return {};
 }
 
 /// The machine's MemAvailable in KiB.
@@ -609,6 +641,10 @@ struct backend_result {
   std::string memory_error;
   uint64_t pss_kib = 0;
   size_t pss_processes = 0, pss_unreadable = 0;
+  /// Memory charged to the sandboxes' cgroups (kernel memory and page cache they brought in
+  /// included), and sandboxes none of whose processes was in a cgroup of its own.
+  uint64_t cgroup_kib = 0;
+  size_t cgroup_missing = 0;
   std::optional<uint64_t> available_before_kib, available_after_kib;
   // after the backend's end
   size_t orphans = 0;
@@ -809,6 +845,7 @@ class backend_run {
     r_.memory_target = o_.count;
     progress(r_.name + ": memory: bringing up " + std::to_string(o_.count) + " idle sandboxes, " +
              std::to_string(o_.parallel) + " at a time");
+    std::this_thread::sleep_for(settle_time);  // what the rounds freed, freed
     r_.available_before_kib = mem_available_kib();
     std::vector<std::unique_ptr<live_sandbox>> boxes;  // killed and waited for on every way out
     int next = 0, reported = 0;
@@ -855,13 +892,20 @@ class backend_run {
       std::this_thread::sleep_for(settle_time);
       r_.available_after_kib = mem_available_kib();
       for (const auto& s : boxes) {
+        std::set<fs::path> groups;
         for (pid_t p : processes_of(s->needle)) {
           ++r_.pss_processes;
           if (auto k = pss_kib(p))
             r_.pss_kib += *k;
           else
             ++r_.pss_unreadable;
+          // The sandbox's own cgroup (never a root group: that would be the whole machine).
+          auto [dir, file] = memory_cgroup_of(p);
+          if (!file.empty() && groups.insert(dir).second)
+            r_.cgroup_kib += std::strtoull(sb::read_small_file(dir / file).c_str(), nullptr, 10) / 1024;
         }
+        if (groups.empty())
+          ++r_.cgroup_missing;
       }
       char buf[160];
       std::snprintf(buf, sizeof buf, "%s: memory: %zu host processes, PSS %.1f MiB in all", r_.name.c_str(),
@@ -933,16 +977,18 @@ std::vector<row> rows_of(const backend_result& b, const sandbox_bench_options& o
   const std::string count = std::to_string(b.memory_target ? b.memory_target : o.count);
   const bool memory_ok = b.error.empty() && b.memory_error.empty() && b.memory_running > 0 && b.available_after_kib;
   auto mib = [](uint64_t kib) { return static_cast<double>(kib) / 1024; };
-  std::optional<double> pss_each, pss_total, drop_each, drop_total, fit;
+  std::optional<double> pss_each, pss_total, cgroup_each, drop_each, drop_total, fit;
   if (memory_ok) {
     pss_total = mib(b.pss_kib);
     pss_each = *pss_total / b.memory_running;
+    if (b.cgroup_missing == 0)
+      cgroup_each = mib(b.cgroup_kib) / b.memory_running;
     if (b.available_before_kib && b.available_after_kib) {
       const double drop = mib(*b.available_before_kib) - mib(*b.available_after_kib);
       drop_total = drop;
       drop_each = drop / b.memory_running;
-      // What one more idle sandbox costs: the larger of the two views.
-      const double each = std::max(*pss_each, *drop_each);
+      // What one more idle sandbox costs: the largest of the views.
+      const double each = std::max({*pss_each, *drop_each, cgroup_each.value_or(0)});
       if (each > 0)
         fit = mib(*b.available_before_kib) / each;
     }
@@ -955,6 +1001,7 @@ std::vector<row> rows_of(const backend_result& b, const sandbox_bench_options& o
   };
   err(memory_row("idle sandbox PSS, each", "MiB", pss_each));
   err(memory_row("idle sandboxes PSS, " + count + " in all", "MiB", pss_total));
+  err(memory_row("idle sandbox cgroup-charged memory, each", "MiB", cgroup_each));
   err(memory_row("MemAvailable drop, each", "MiB", drop_each));
   err(memory_row("MemAvailable drop, " + count + " in all", "MiB", drop_total));
   {
@@ -1011,9 +1058,11 @@ void print_table(const std::vector<backend_result>& results, const std::vector<r
                 b.bare_failures, n_max(b.exec_ns).c_str(), b.exec_failures, n_max(b.kill_ns).c_str(),
                 b.kill_failures, b.kill_unconfirmed,
                 b.kill_attempts ? static_cast<double>(b.kill_processes) / b.kill_attempts : 0.0);
-    std::printf("%s: memory: %d/%d idle sandboxes ran at once, %zu host processes (%zu unreadable), MemAvailable "
-                "%s → %s MiB; left behind: %zu orphan(s), %zu process(es)\n",
+    std::printf("%s: memory: %d/%d idle sandboxes ran at once, %zu host processes (%zu unreadable), %zu sandboxes "
+                "without a cgroup of their own, MemAvailable %s → %s MiB; left behind: %zu orphan(s), %zu "
+                "process(es)\n",
                 b.name.c_str(), b.memory_running, b.memory_target, b.pss_processes, b.pss_unreadable,
+                b.cgroup_missing,
                 value_text(b.available_before_kib ? std::optional<double>(*b.available_before_kib / 1024.0) : std::nullopt, "MiB").c_str(),
                 value_text(b.available_after_kib ? std::optional<double>(*b.available_after_kib / 1024.0) : std::nullopt, "MiB").c_str(),
                 b.orphans, b.leftover_processes);
