@@ -649,6 +649,7 @@ struct backend_result {
   // after the backend's end
   size_t orphans = 0;
   size_t leftover_processes = 0;
+  std::vector<fs::path> leftover_cgroups;
 
   void fail(std::string e) {
     if (errors.size() < 8)
@@ -656,6 +657,42 @@ struct backend_result {
     progress(name + ": " + e);
   }
 };
+
+/// Removes (rmdir: only empty ones go) every cgroup named `<parent>/…<bench prefix>…` in every
+/// hierarchy — what the runtime or runsc left of this run's sandboxes — and returns them.
+std::vector<fs::path> remove_leftover_cgroups(const std::string& parent, const std::string& bench_prefix) {
+  std::vector<fs::path> found;
+  if (parent.empty())
+    return found;
+  std::error_code ec;
+  std::vector<fs::path> parents{fs::path("/sys/fs/cgroup") / parent};
+  for (fs::directory_iterator it("/sys/fs/cgroup", ec), end; !ec && it != end; it.increment(ec))
+    parents.push_back(it->path() / parent);
+  for (const auto& p : parents) {
+    std::error_code dir_ec;
+    for (fs::directory_iterator it(p, dir_ec), end; !dir_ec && it != end; it.increment(dir_ec)) {
+      std::error_code type_ec;
+      if (it->is_directory(type_ec) && it->path().filename().string().find(bench_prefix) != std::string::npos)
+        found.push_back(it->path());
+    }
+  }
+  for (const auto& d : found)
+    ::rmdir(d.c_str());
+  return found;
+}
+
+/// "blkio: …-m1, …" — the hierarchies and the first few names.
+std::string leftover_cgroups_text(const std::vector<fs::path>& groups) {
+  std::map<std::string, size_t> per_hierarchy;
+  for (const auto& g : groups)
+    ++per_hierarchy[g.parent_path().parent_path().filename().string()];
+  std::string out;
+  for (const auto& [h, n] : per_hierarchy)
+    out += (out.empty() ? "" : ", ") + h + " " + std::to_string(n);
+  for (size_t i = 0; i < groups.size() && i < 12; ++i)
+    out += (i == 0 ? "; e.g. " : " ") + groups[i].filename().string();
+  return out;
+}
 
 // --- one backend ------------------------------------------------------------------------------------
 
@@ -700,9 +737,12 @@ class backend_run {
       r_.orphans = *left;
     rt->reset();
     r_.leftover_processes = processes_of(root_.string() + "/").size();
-    if (r_.orphans || r_.leftover_processes)
+    r_.leftover_cgroups = remove_leftover_cgroups(cfg.cgroup_parent, prefix_);
+    if (r_.orphans || r_.leftover_processes || !r_.leftover_cgroups.empty())
       r_.fail("left behind: " + std::to_string(r_.orphans) + " sandbox(es) for cleanup_orphans, " +
-              std::to_string(r_.leftover_processes) + " process(es) naming " + root_.string());
+              std::to_string(r_.leftover_processes) + " process(es) naming " + root_.string() + ", " +
+              std::to_string(r_.leftover_cgroups.size()) + " cgroup(s) (removed now): " +
+              leftover_cgroups_text(r_.leftover_cgroups));
     return r_;
   }
 
@@ -917,7 +957,12 @@ class backend_run {
     progress(r_.name + ": memory: killing the " + std::to_string(boxes.size()) + " sandboxes");
     for (auto& s : boxes)
       s->box->kill();
-    boxes.clear();  // each waits for its on_ended
+    for (auto& s : boxes) {
+      s->box->wait();
+      if (auto why = s->observer.end_reason(); why != "killed")
+        r_.fail("memory: sandbox " + s->id + " ended with \"" + why + "\", not \"killed\"");
+    }
+    boxes.clear();
     progress(r_.name + ": memory: all ended");
   }
 
