@@ -11,8 +11,8 @@
 //           processes and the drop of MemAvailable while they all run.
 // Every sandbox (Ferry's and bare) is owned by an object whose destructor kills it and waits
 // until it is gone, so no path out of here leaves one running; at the end of each backend the
-// runtime's cleanup_orphans and a scan of /proc for anything naming the run's directory check
-// that nothing was left.
+// runtime's cleanup_orphans, a scan of /proc for anything naming the run's directory and one of
+// the cgroup hierarchies for groups naming the run's sandboxes check that nothing was left.
 
 #include "sandbox_bench.h"
 
