@@ -23,6 +23,7 @@
 #include "events_bench.h"
 #include "journal_bench.h"
 #include "rocks_baseline.h"
+#include "sandbox_bench.h"
 
 namespace fs = std::filesystem;
 using namespace ferry::bench;
@@ -547,7 +548,40 @@ int main(int argc, char** argv) {
     ->check(CLI::Range(1, 10000));
   abort_cmd->add_option("--init-binary", ao.init_binary, "ferry-init (default: next to ferry-bench)");
   abort_cmd->add_flag("--check", ao.check, "Exit non-zero when the p99 target is missed");
+  ferry::bench::sandbox_bench_options so;
+  auto* sandbox_cmd = app.add_subcommand(
+    "sandbox", "Sandbox runtime: spawn-to-ready vs bare runsc/bwrap, exec round trip, kill, memory "
+               "of idle sandboxes (real sandboxes; needs root)");
+  sandbox_cmd->add_option("--dir", dir, "Where to make the temporary directory");
+  sandbox_cmd->add_option("--backend", so.backend, "Which backends to measure")
+    ->capture_default_str()
+    ->check(CLI::IsMember({"runsc", "bwrap", "both"}));
+  sandbox_cmd->add_option("--rounds", so.rounds, "Rounds of spawn-to-ready (Ferry and bare), exec and kill")
+    ->capture_default_str()
+    ->check(CLI::Range(1, 10000));
+  sandbox_cmd->add_option("--execs", so.execs, "`true` round trips per round")
+    ->capture_default_str()
+    ->check(CLI::Range(0, 10000));
+  sandbox_cmd->add_option("--count", so.count, "Idle sandboxes running at once for the memory figures")
+    ->capture_default_str()
+    ->check(CLI::Range(1, 2000));
+  sandbox_cmd->add_option("--parallel", so.parallel, "Sandboxes starting at once while they are brought up")
+    ->capture_default_str()
+    ->check(CLI::Range(1, 256));
+  sandbox_cmd->add_option("--init-binary", so.init_binary, "ferry-init (default: next to ferry-bench)");
+  sandbox_cmd->add_flag("--check", so.check, "Exit non-zero when a figure misses its target");
   CLI11_PARSE(app, argc, argv);
+
+  if (*sandbox_cmd) {
+    std::error_code ec;
+    so.dir = dir.empty() ? fs::temp_directory_path(ec) : fs::path(dir);
+    if (so.dir.empty())
+      so.dir = "/tmp";
+    so.dir = fs::absolute(so.dir, ec);
+    if (so.init_binary.empty())
+      so.init_binary = (fs::read_symlink("/proc/self/exe", ec).parent_path() / "ferry-init").string();
+    return ferry::bench::run_sandbox_bench(so);
+  }
 
   if (*abort_cmd) {
     std::error_code ec;
