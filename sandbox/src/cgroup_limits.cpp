@@ -261,6 +261,18 @@ result<void> sandbox_cgroup::remove() const {
   for (const auto& d : dirs_)
     if (::rmdir(d.c_str()) != 0 && errno != ENOENT)
       return fail(fmt::format("cannot remove cgroup {}: {}", d.string(), errno_message(errno)));
+  if (mode_ == cgroup_mode::v1 && !dirs_.empty()) {
+    // runsc also makes the group in the hierarchies Ferry sets nothing in (blkio, cpuset,
+    // devices, freezer, …) and removes them at `runsc delete`; when that fails they would stay.
+    // Empty by now: removed too, quietly (one still busy or absent is not this group's).
+    const fs::path root = dirs_.front().parent_path().parent_path().parent_path();
+    std::error_code ec;
+    for (fs::directory_iterator it(root, ec), end; !ec && it != end; it.increment(ec)) {
+      const fs::path d = it->path() / parent_ / id_;
+      if (std::find(dirs_.begin(), dirs_.end(), d) == dirs_.end())
+        ::rmdir(d.c_str());
+    }
+  }
   return {};
 }
 

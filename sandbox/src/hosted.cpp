@@ -500,8 +500,8 @@ class hosted_sandbox final : public sandbox {
     if (client_.init_error())
       return "ferry-init: " + *client_.init_error();
     if (!client_.release_sent()) {
-      if (killed_by_owner_)
-        return std::string("killed");
+      if (killed_by_owner_)  // what was asked for, unless cleaning up after it failed
+        return cleanup_error.empty() ? std::string("killed") : "killed; cleanup failed: " + cleanup_error;
       // The backend's log, when it said anything.
       auto with_log = [&](std::string what) { return log.empty() ? what : what + ": " + log; };
       if (launch_failure_ || phase_ == phase::launching || phase_ == phase::starting)
