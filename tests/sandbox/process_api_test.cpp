@@ -53,6 +53,32 @@ struct fixture {
 
   fs::path sandbox_dir(const std::string& id) const { return tmp.path() / "sandboxes" / id; }
 
+  /// A runtime of the backend under test with `limits` (same directories as `runtime`).
+  std::unique_ptr<sandbox_runtime> limited_runtime(const sandbox_limits& limits) const {
+    auto o = testing::test_config(tmp.path());
+    o.limits = limits;
+    auto r = ferry::sandbox::make_runtime(o);
+    BOOST_REQUIRE_MESSAGE(r.ok(), (r.ok() ? "" : r.error().message));
+    return std::move(*r);
+  }
+
+  /// Runs `argv` as the command line of a sandbox of `rt` until the sandbox ended; the first
+  /// limit it reported (the test fails without one).
+  static recording_observer::record run_to_limit(sandbox_runtime& rt, recording_observer& obs, const std::string& id,
+                                                 std::vector<std::string> argv, std::chrono::milliseconds timeout) {
+    sandbox_spec spec;
+    spec.id = id;
+    spec.argv = std::move(argv);
+    auto sb = rt.start(spec, obs);
+    BOOST_REQUIRE_MESSAGE(sb.ok(), (sb.ok() ? "" : sb.error().message));
+    BOOST_REQUIRE(obs.wait_for("ended", timeout));
+    const std::string ended = obs.find("ended")->failure.value_or("(normally)");
+    auto hit = obs.find("limit");
+    BOOST_REQUIRE_MESSAGE(hit, "no limit reported; ended: " << ended);
+    BOOST_TEST_MESSAGE("limit: " << hit->data << "; ended: " << ended);
+    return *hit;
+  }
+
   /// An idle sandbox (no command line), up (on_running seen).
   std::unique_ptr<sandbox> start_idle(const std::string& id, sandbox_observer& obs, sandbox_runtime* rt = nullptr) {
     sandbox_spec spec;
@@ -146,44 +172,36 @@ BOOST_FIXTURE_TEST_CASE(an_idle_sandbox_runs_commands_at_once_and_ends_on_releas
 // bomb, and says which limit it was. gVisor ends the whole sandbox at either (the Sentry cannot
 // allocate or make a thread); bubblewrap's kernel kills or refuses only the process.
 BOOST_FIXTURE_TEST_CASE(a_memory_hog_is_stopped_at_the_limit_and_the_limit_is_named, fixture) {
-  auto o = testing::test_config(tmp.path());
-  o.limits.memory_bytes = 256ull << 20;
-  auto rt = ferry::sandbox::make_runtime(o);
-  BOOST_REQUIRE_MESSAGE(rt.ok(), (rt.ok() ? "" : rt.error().message));
+  sandbox_limits limits;
+  limits.memory_bytes = 256ull << 20;
+  auto rt = limited_runtime(limits);
   recording_observer obs;
-  sandbox_spec spec;
-  spec.id = unique_id("memhog");
+  const std::string id = unique_id("memhog");
   // 1 GiB written byte by byte (not calloc'd pages nobody touches).
-  spec.argv = {"/usr/bin/python3", "-c", "b = b'x' * (1 << 30); print(len(b))"};
-  auto sb = (*rt)->start(spec, obs);
-  BOOST_REQUIRE_MESSAGE(sb.ok(), (sb.ok() ? "" : sb.error().message));
-  BOOST_REQUIRE(obs.wait_for("ended", 60s));
-  auto hit = obs.find("limit");
-  BOOST_REQUIRE_MESSAGE(hit, "no limit reported; ended: " << obs.find("ended")->failure.value_or("(no failure)"));
-  BOOST_TEST_MESSAGE("limit: " << hit->data << "; ended: " << obs.find("ended")->failure.value_or("(normally)"));
-  BOOST_TEST((hit->hit.what == limit_hit::kind::memory));
-  BOOST_TEST(hit->hit.limit == 256ull << 20);
-  BOOST_TEST(hit->hit.count >= 1u);
-  BOOST_TEST(hit->data.find("memory limit reached (256 MiB)") != std::string::npos, hit->data);
+  const auto hit = run_to_limit(*rt, obs, id, {"/usr/bin/python3", "-c", "b = b'x' * (1 << 30); print(len(b))"}, 60s);
+  BOOST_TEST((hit.hit.what == limit_hit::kind::memory));
+  BOOST_TEST(hit.hit.limit == 256ull << 20);
+  BOOST_TEST(hit.hit.count >= 1u);
+  BOOST_TEST(hit.data.find("memory limit reached (256 MiB)") != std::string::npos, hit.data);
   auto ended = obs.find("ended");
   if (testing::test_backend() == "runsc") {
-    BOOST_TEST(hit->hit.whole_sandbox);
+    BOOST_TEST(hit.hit.whole_sandbox);
     BOOST_REQUIRE(ended->failure.has_value());
     BOOST_TEST(ended->failure->find("memory limit reached (256 MiB)") == 0u, *ended->failure);
   } else {
     // Only python3 was killed: the command line ended by SIGKILL, the sandbox then normally.
-    auto exited = obs.find("exited", spec.command_id);
+    auto exited = obs.find("exited", 1);
     BOOST_REQUIRE(exited);
     BOOST_TEST(exited->signal == SIGKILL);
-    BOOST_TEST(!hit->hit.whole_sandbox);
-    BOOST_TEST(hit->hit.command_id == spec.command_id);
-    BOOST_TEST((hit->at <= exited->at), "the limit is reported before the command's end");
+    BOOST_TEST(!hit.hit.whole_sandbox);
+    BOOST_TEST(hit.hit.command_id == 1u);
+    BOOST_TEST((hit.at <= exited->at), "the limit is reported before the command's end");
     BOOST_TEST(!ended->failure.has_value(), ended->failure.value_or(""));
   }
-  BOOST_TEST(obs.output(spec.command_id, 0).find("1073741824") == std::string::npos);
-  BOOST_TEST(!fs::exists(tmp.path() / "sandboxes" / spec.id));
+  BOOST_TEST(obs.output(1, 0).find("1073741824") == std::string::npos);
+  BOOST_TEST(!fs::exists(sandbox_dir(id)));
   // The group is gone too (nothing of this runtime is left under the parent).
-  auto left = (*rt)->cleanup_orphans();
+  auto left = rt->cleanup_orphans();
   BOOST_TEST((left.ok() && *left == 0u));
 }
 
@@ -191,12 +209,11 @@ BOOST_FIXTURE_TEST_CASE(a_memory_hog_is_stopped_at_the_limit_and_the_limit_is_na
 // command and the sandbox goes on, and the limit is reported with the command's id before its
 // end; under gVisor the whole sandbox ends, and says why.
 BOOST_FIXTURE_TEST_CASE(a_command_over_the_memory_limit_is_named_with_the_command, fixture) {
-  auto o = testing::test_config(tmp.path());
-  o.limits.memory_bytes = 256ull << 20;
-  auto rt = ferry::sandbox::make_runtime(o);
-  BOOST_REQUIRE_MESSAGE(rt.ok(), (rt.ok() ? "" : rt.error().message));
+  sandbox_limits limits;
+  limits.memory_bytes = 256ull << 20;
+  auto rt = limited_runtime(limits);
   recording_observer obs;
-  auto sb = start_idle(unique_id("idlehog"), obs, rt->get());
+  auto sb = start_idle(unique_id("idlehog"), obs, rt.get());
   auto first = run(*sb, obs, argv(2, {"true"}));
   BOOST_TEST(first.what == "exited");
   BOOST_TEST(!obs.find("limit"));
@@ -236,30 +253,23 @@ BOOST_FIXTURE_TEST_CASE(a_command_over_the_memory_limit_is_named_with_the_comman
 }
 
 BOOST_FIXTURE_TEST_CASE(a_fork_bomb_stops_at_the_pids_limit_and_the_limit_is_named, fixture) {
-  auto o = testing::test_config(tmp.path());
+  sandbox_limits limits;
   // Under runsc the Sentry's and gofer's threads count too: room for them, not for 300 more.
-  o.limits.pids = testing::test_backend() == "runsc" ? 160 : 64;
-  auto rt = ferry::sandbox::make_runtime(o);
-  BOOST_REQUIRE_MESSAGE(rt.ok(), (rt.ok() ? "" : rt.error().message));
+  limits.pids = testing::test_backend() == "runsc" ? 160 : 64;
+  auto rt = limited_runtime(limits);
   recording_observer obs;
-  sandbox_spec spec;
-  spec.id = unique_id("forkbomb");
+  const std::string id = unique_id("forkbomb");
   // Bounded: 300 sleepers of 3 s at most.
-  spec.argv = {"/bin/sh", "-c", "i=0; while [ $i -lt 300 ]; do sleep 3 & i=$((i+1)); done; wait; echo done"};
-  auto sb = (*rt)->start(spec, obs);
-  BOOST_REQUIRE_MESSAGE(sb.ok(), (sb.ok() ? "" : sb.error().message));
-  BOOST_REQUIRE(obs.wait_for("ended", 90s));
-  auto hit = obs.find("limit");
-  BOOST_REQUIRE_MESSAGE(hit, "no limit reported; ended: " << obs.find("ended")->failure.value_or("(no failure)"));
-  BOOST_TEST_MESSAGE("limit: " << hit->data << "; ended: " << obs.find("ended")->failure.value_or("(normally)"));
-  BOOST_TEST((hit->hit.what == limit_hit::kind::pids));
-  BOOST_TEST(hit->hit.limit == o.limits.pids);
-  BOOST_TEST(hit->data.find("process limit reached") != std::string::npos, hit->data);
+  const auto hit = run_to_limit(
+    *rt, obs, id, {"/bin/sh", "-c", "i=0; while [ $i -lt 300 ]; do sleep 3 & i=$((i+1)); done; wait; echo done"}, 90s);
+  BOOST_TEST((hit.hit.what == limit_hit::kind::pids));
+  BOOST_TEST(hit.hit.limit == limits.pids);
+  BOOST_TEST(hit.data.find("process limit reached") != std::string::npos, hit.data);
   auto ended = obs.find("ended");
   if (ended->failure)
     BOOST_TEST(ended->failure->find("process limit reached") == 0u, *ended->failure);
-  BOOST_TEST(!fs::exists(tmp.path() / "sandboxes" / spec.id));
-  auto left = (*rt)->cleanup_orphans();
+  BOOST_TEST(!fs::exists(sandbox_dir(id)));
+  auto left = rt->cleanup_orphans();
   BOOST_TEST((left.ok() && *left == 0u));
 }
 
