@@ -20,7 +20,7 @@
 #include "ferry/sandbox/sandbox.h"
 #include "ferry/schemas/events.h"
 #include "ferry/storage/journal.h"
-#include "ferry/test_support/temp_dir.h"
+#include "real_tasks.h"
 
 namespace fa = ferry::actors;
 namespace ev = ferry::events::v1;
@@ -29,72 +29,27 @@ using namespace std::chrono_literals;
 
 namespace {
 
-bool can_run_sandboxes() {
-  return ::geteuid() == 0 && std::system("runsc --version >/dev/null 2>&1") == 0;
-}
+using ferry::test::can_run_sandboxes;
 
-struct fixture {
-  ferry::test::temp_dir dir{"ferry-supervision"};
-  std::unique_ptr<ferry::storage::event_store> store;
-  std::unique_ptr<ferry::sandbox::sandbox_runtime> runtime;
-  caf::actor_system_config cfg;
-  std::unique_ptr<caf::actor_system> sys;
-  std::unique_ptr<fa::task_service> tasks;
+struct fixture : ferry::test::real_tasks {
   std::mutex mu;
   std::map<std::string, int> crashes_left;  // task id → throws left at "output"
 
-  explicit fixture(int crashes_per_task) {
-    ferry::storage::journal_options o;
-    o.dir = dir.path() / "journal";
-    auto s = ferry::storage::open_journal(o);
-    BOOST_REQUIRE_MESSAGE(s.ok(), (s.ok() ? "" : s.error().message));
-    store = std::move(*s);
-    ferry::sandbox::runsc_options ro;
-    ro.state_dir = dir.path() / "runsc";
-    ro.sandboxes_dir = dir.path() / "sandboxes";
-    ro.init_binary = FERRY_INIT_BINARY;
-    auto rt = ferry::sandbox::make_runsc_runtime(ro);
-    BOOST_REQUIRE_MESSAGE(rt.ok(), (rt.ok() ? "" : rt.error().message));
-    runtime = std::move(*rt);
-    fa::add_message_types(cfg);
-    cfg.set("logger.verbosity", caf::atom("quiet"));
-    sys = std::make_unique<caf::actor_system>(cfg);
-    fa::task_deps deps;
-    deps.store = store.get();
-    deps.runtime = runtime.get();
-    deps.fault = [this, crashes_per_task](std::string_view point, const std::string& id) {
-      if (point != "output")
-        return;
-      std::lock_guard<std::mutex> guard(mu);
-      auto [it, fresh] = crashes_left.try_emplace(id, crashes_per_task);
-      if (it->second > 0) {
-        --it->second;
-        throw std::runtime_error("injected crash at output");
-      }
-    };
-    auto t = fa::start_task_manager(*sys, deps);
-    BOOST_REQUIRE(t.ok());
-    tasks = std::move(*t);
-  }
-  ~fixture() {
-    (void)tasks->shutdown(20s);
-    tasks.reset();
-    sys.reset();
-  }
-
-  fa::task_view wait_finished(const std::string& id, std::chrono::seconds limit) {
-    const auto deadline = std::chrono::steady_clock::now() + limit;
-    for (;;) {
-      auto v = fa::load_task_view(*store, id);
-      BOOST_REQUIRE(v.ok());
-      if (*v && (*v)->finished)
-        return **v;
-      BOOST_REQUIRE_MESSAGE(std::chrono::steady_clock::now() < deadline,
-                            "task " << id << " did not finish; status "
-                                    << (*v ? (*v)->status : "none"));
-      std::this_thread::sleep_for(20ms);
-    }
-  }
+  explicit fixture(int crashes_per_task)
+      : real_tasks("ferry-supervision", [this, crashes_per_task](fa::task_deps& deps) {
+          deps.fault = [this, crashes_per_task](std::string_view point, const std::string& id) {
+            if (point != "output")
+              return;
+            std::lock_guard<std::mutex> guard(mu);
+            auto [it, fresh] = crashes_left.try_emplace(id, crashes_per_task);
+            if (it->second > 0) {
+              --it->second;
+              throw std::runtime_error("injected crash at output");
+            }
+          };
+        }) {}
+  // The fault seam uses mu and crashes_left: the actors stop before they go.
+  ~fixture() { stop(); }
 
   std::vector<std::pair<ev::Event, std::string>> events(const std::string& stream) {
     std::vector<std::pair<ev::Event, std::string>> out;

@@ -20,7 +20,7 @@
 #include "ferry/sandbox/sandbox.h"
 #include "ferry/schemas/events.h"
 #include "ferry/storage/journal.h"
-#include "ferry/test_support/temp_dir.h"
+#include "real_tasks.h"
 
 namespace fa = ferry::actors;
 namespace ev = ferry::events::v1;
@@ -29,46 +29,10 @@ using namespace std::chrono_literals;
 
 namespace {
 
-bool can_run_sandboxes() {
-  return ::geteuid() == 0 && std::system("runsc --version >/dev/null 2>&1") == 0;
-}
+using ferry::test::can_run_sandboxes;
 
-struct fixture {
-  ferry::test::temp_dir dir{"ferry-wall-clock"};
-  std::unique_ptr<ferry::storage::event_store> store;
-  std::unique_ptr<ferry::sandbox::sandbox_runtime> runtime;
-  caf::actor_system_config cfg;
-  std::unique_ptr<caf::actor_system> sys;
-  std::unique_ptr<fa::task_service> tasks;
-
-  fixture() {
-    ferry::storage::journal_options o;
-    o.dir = dir.path() / "journal";
-    auto s = ferry::storage::open_journal(o);
-    BOOST_REQUIRE_MESSAGE(s.ok(), (s.ok() ? "" : s.error().message));
-    store = std::move(*s);
-    ferry::sandbox::runsc_options ro;
-    ro.state_dir = dir.path() / "runsc";
-    ro.sandboxes_dir = dir.path() / "sandboxes";
-    ro.init_binary = FERRY_INIT_BINARY;
-    auto rt = ferry::sandbox::make_runsc_runtime(ro);
-    BOOST_REQUIRE_MESSAGE(rt.ok(), (rt.ok() ? "" : rt.error().message));
-    runtime = std::move(*rt);
-    fa::add_message_types(cfg);
-    cfg.set("logger.verbosity", caf::atom("quiet"));
-    sys = std::make_unique<caf::actor_system>(cfg);
-    fa::task_deps deps;
-    deps.store = store.get();
-    deps.runtime = runtime.get();
-    auto t = fa::start_task_manager(*sys, deps);
-    BOOST_REQUIRE(t.ok());
-    tasks = std::move(*t);
-  }
-  ~fixture() {
-    (void)tasks->shutdown(20s);
-    tasks.reset();
-    sys.reset();
-  }
+struct fixture : ferry::test::real_tasks {
+  fixture() : real_tasks("ferry-wall-clock") {}
 
   std::string submit(const std::string& command, std::chrono::milliseconds limit) {
     fa::task_request req{command, "", "alice", "c1"};
@@ -76,20 +40,6 @@ struct fixture {
     auto sub = tasks->submit(req);
     BOOST_REQUIRE_MESSAGE(sub.ok(), (sub.ok() ? "" : sub.error().message));
     return sub->id;
-  }
-
-  fa::task_view wait_finished(const std::string& id, std::chrono::seconds limit) {
-    const auto deadline = std::chrono::steady_clock::now() + limit;
-    for (;;) {
-      auto v = fa::load_task_view(*store, id);
-      BOOST_REQUIRE(v.ok());
-      if (*v && (*v)->finished)
-        return **v;
-      BOOST_REQUIRE_MESSAGE(std::chrono::steady_clock::now() < deadline,
-                            "task " << id << " did not finish; status "
-                                    << (*v ? (*v)->status : "none"));
-      std::this_thread::sleep_for(20ms);
-    }
   }
 
   fa::task_view load(const std::string& id) {
