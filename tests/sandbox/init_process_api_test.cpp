@@ -20,6 +20,7 @@
 
 #include <fmt/format.h>
 
+#include "fake_egress_proxy.h"
 #include "init_test_support.h"
 
 using namespace ferry::sandbox;
@@ -641,88 +642,7 @@ BOOST_AUTO_TEST_CASE(orphans_are_reaped) {
   BOOST_TEST(read_proc_file("/proc/" + orphan + "/stat").empty(), "pid " << orphan << " is still there (a zombie?)");
 }
 
-// --- the HTTP forwarder --------------------------------------------------------------------------------
-
-namespace {
-
-/// A unix socket server answering every request with a fixed HTTP response; counts connections.
-class fake_egress_proxy {
- public:
-  explicit fake_egress_proxy(fs::path path, std::chrono::milliseconds hold = 0ms) : path_(std::move(path)), hold_(hold) {
-    fd_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    sockaddr_un addr{};
-    addr.sun_family = AF_UNIX;
-    std::memcpy(addr.sun_path, path_.c_str(), path_.string().size());
-    BOOST_REQUIRE(::bind(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
-    BOOST_REQUIRE(::listen(fd_, 256) == 0);
-    thread_ = std::thread([this] { serve(); });
-  }
-  ~fake_egress_proxy() {
-    stop_ = true;
-    ::shutdown(fd_, SHUT_RDWR);
-    thread_.join();
-    for (auto& t : workers_)
-      t.join();
-    ::close(fd_);
-  }
-  int accepted() const { return accepted_; }
-  int max_concurrent() const { return max_concurrent_; }
-  std::string last_request() const {
-    std::lock_guard lock(mu_);
-    return last_request_;
-  }
-
- private:
-  void serve() {
-    while (!stop_) {
-      pollfd p{fd_, POLLIN, 0};
-      if (::poll(&p, 1, 50) <= 0)
-        continue;
-      int c = ::accept4(fd_, nullptr, nullptr, SOCK_CLOEXEC);
-      if (c < 0)
-        continue;
-      ++accepted_;
-      int now = ++concurrent_;
-      for (int m = max_concurrent_; now > m && !max_concurrent_.compare_exchange_weak(m, now);) {
-      }
-      workers_.emplace_back([this, c] {
-        std::string req;
-        char buf[4096];
-        while (req.find("\r\n\r\n") == std::string::npos) {
-          pollfd p{c, POLLIN, 0};
-          if (::poll(&p, 1, 5000) <= 0)
-            break;
-          ssize_t n = ::recv(c, buf, sizeof buf, 0);
-          if (n <= 0)
-            break;
-          req.append(buf, static_cast<size_t>(n));
-        }
-        {
-          std::lock_guard lock(mu_);
-          last_request_ = req;
-        }
-        std::this_thread::sleep_for(hold_);
-        const std::string body = "hello from the egress proxy\n";
-        const std::string resp = fmt::format("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}", body.size(), body);
-        [[maybe_unused]] ssize_t w = ::send(c, resp.data(), resp.size(), MSG_NOSIGNAL);
-        --concurrent_;
-        ::close(c);
-      });
-    }
-  }
-
-  fs::path path_;
-  std::chrono::milliseconds hold_;
-  int fd_ = -1;
-  std::atomic<bool> stop_{false};
-  std::atomic<int> accepted_{0}, concurrent_{0}, max_concurrent_{0};
-  mutable std::mutex mu_;
-  std::string last_request_;
-  std::thread thread_;
-  std::vector<std::thread> workers_;
-};
-
-}  // namespace
+// --- the HTTP forwarder (fake_egress_proxy.h stands for the egress proxy) ----------------------------
 
 BOOST_AUTO_TEST_CASE(the_http_forwarder_relays_to_the_egress_socket_and_commands_find_it) {
   testing::temp_dir sock_dir;

@@ -21,6 +21,7 @@
 
 #include "ferry/sandbox/sandbox.h"
 #include "backend_test_support.h"
+#include "fake_egress_proxy.h"
 #include "ferry/schemas/handshake.h"
 
 using namespace ferry::sandbox;
@@ -413,68 +414,7 @@ BOOST_FIXTURE_TEST_CASE(a_new_host_re_attaches_to_several_commands, fixture) {
   release_and_check(**again, obs);
 }
 
-namespace {
-
-/// A unix socket server on the host answering every request with a fixed HTTP response.
-class fake_egress_proxy {
- public:
-  explicit fake_egress_proxy(const fs::path& path) {
-    fd_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    sockaddr_un addr{};
-    addr.sun_family = AF_UNIX;
-    std::memcpy(addr.sun_path, path.c_str(), path.string().size());
-    BOOST_REQUIRE(::bind(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
-    // bwrap sandboxes run as a uid of their own: connecting needs write permission.
-    fs::permissions(path, fs::perms(0666));
-    BOOST_REQUIRE(::listen(fd_, 16) == 0);
-    thread_ = std::thread([this] {
-      while (!stop_) {
-        pollfd p{fd_, POLLIN, 0};
-        if (::poll(&p, 1, 50) <= 0)
-          continue;
-        int c = ::accept4(fd_, nullptr, nullptr, SOCK_CLOEXEC);
-        if (c < 0)
-          continue;
-        std::string req;
-        char buf[4096];
-        while (req.find("\r\n\r\n") == std::string::npos) {
-          pollfd q{c, POLLIN, 0};
-          if (::poll(&q, 1, 5000) <= 0)
-            break;
-          ssize_t n = ::recv(c, buf, sizeof buf, 0);
-          if (n <= 0)
-            break;
-          req.append(buf, static_cast<size_t>(n));
-        }
-        {
-          std::lock_guard lock(mu_);
-          requests_.push_back(req);
-        }
-        const std::string resp = "HTTP/1.1 200 OK\r\nContent-Length: 19\r\nConnection: close\r\n\r\nfrom the host side\n";
-        [[maybe_unused]] ssize_t w = ::send(c, resp.data(), resp.size(), MSG_NOSIGNAL);
-        ::close(c);
-      }
-    });
-  }
-  ~fake_egress_proxy() {
-    stop_ = true;
-    thread_.join();
-    ::close(fd_);
-  }
-  std::vector<std::string> requests() const {
-    std::lock_guard lock(mu_);
-    return requests_;
-  }
-
- private:
-  int fd_ = -1;
-  std::atomic<bool> stop_{false};
-  mutable std::mutex mu_;
-  std::vector<std::string> requests_;
-  std::thread thread_;
-};
-
-}  // namespace
+using testing::fake_egress_proxy;
 
 BOOST_FIXTURE_TEST_CASE(the_http_forwarder_is_the_way_out_through_the_egress_socket, fixture) {
   const fs::path egress = tmp.path() / "egress.sock";
@@ -487,7 +427,7 @@ BOOST_FIXTURE_TEST_CASE(the_http_forwarder_is_the_way_out_through_the_egress_soc
   run(*sb, obs, shell(1, "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '; echo \"$HTTP_PROXY $HTTPS_PROXY $NO_PROXY\""));
   BOOST_TEST(obs.output(1u, 0) == "lo\nhttp://127.0.0.1:3128 http://127.0.0.1:3128 localhost,127.0.0.1\n");
   auto curl = run(*sb, obs, argv(2, {"curl", "-sS", "--max-time", "20", "http://example.invalid/x"}));
-  BOOST_TEST(obs.output(2u, 0) == "from the host side\n", obs.output(2u, 1));
+  BOOST_TEST(obs.output(2u, 0) == fake_egress_proxy::body, obs.output(2u, 1));
   BOOST_TEST(curl.exit.exit_code == 0);
   auto requests = proxy.requests();
   BOOST_REQUIRE(requests.size() == 1u);
