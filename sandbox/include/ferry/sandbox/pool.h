@@ -56,7 +56,8 @@ namespace ferry::sandbox {
 /// How a pool runs; fixed when it is made.
 struct pool_options {
   /// Starts every pooled sandbox's id: 1 to 16 letters and digits (no '-', which keeps the ids
-  /// of pools with different prefixes from being prefixes of one another).
+  /// of pools with different prefixes from being prefixes of one another). Choose one that no
+  /// other id of the runtime starts with followed by '-' (ferryd's are `ferry-…`).
   std::string id_prefix = "pool";
   /// Sandboxes starting (started, not yet on_running) at once, all keys together (≥ 1).
   size_t max_starting = 2;
