@@ -497,7 +497,10 @@ BOOST_FIXTURE_TEST_CASE(acquisition_latency, fixture) {
   BOOST_TEST_MESSAGE(fmt::format("{}: acquire() of a ready sandbox over {}: p50 {:.3f} ms, p99 {:.3f} ms (load {})",
                                  testing::test_backend(), rounds, p50, p99,
                                  testing::file_content("/proc/loadavg").substr(0, 14)));
-  BOOST_TEST(p50 <= 10.0, "target: p50 <= 10 ms");
+  // acquire() never waits for a start: far below a cold start even in this sanitizer build
+  // (1.5–3 ms p50 seen under bwrap in full runs, with the refill's starts running alongside). The
+  // figure against the 10 ms target is ferry-bench sandbox's, from a release build.
+  BOOST_TEST(p50 <= 10.0, "p50 " << p50 << " ms");
   for (auto& t : taken)
     t.box->kill();
 }

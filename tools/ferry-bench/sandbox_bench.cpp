@@ -1007,7 +1007,11 @@ class backend_run {
       while (static_cast<int>(starting.size()) < o_.parallel && next < o_.count) {
         std::string error;
         time_point t0;
-        auto s = start_idle(rt, sandboxes_dir_, prefix_ + "m" + std::to_string(next++), t0, error);
+        // Fixed width: `…-m1` would be a prefix of `…-m10`, and runsc refuses to delete an id
+        // that is the start of another live one ("ambiguous").
+        char name[16];
+        std::snprintf(name, sizeof name, "m%04d", next++);
+        auto s = start_idle(rt, sandboxes_dir_, prefix_ + name, t0, error);
         if (!s) {
           r_.memory_error = error;
           break;
