@@ -14,6 +14,7 @@
 #include <map>
 #include <mutex>
 #include <random>
+#include <set>
 #include <thread>
 #include <vector>
 
@@ -574,8 +575,11 @@ class sandbox_pool::impl {
       p.reap.clear();
       for (sandbox* s : p.kill)
         s->kill();
+      std::set<std::string> refused;  // keys whose start was refused in this pass
       for (auto& item : p.start) {
-        auto r = runtime_.start(item.spec, *item.forwarder);
+        std::optional<result<std::unique_ptr<sandbox>>> r;
+        if (!refused.count(item.key))
+          r = runtime_.start(item.spec, *item.forwarder);
         std::lock_guard relock(mu_);
         auto k = keys_.find(item.key);
         if (k == keys_.end())
@@ -583,11 +587,18 @@ class sandbox_pool::impl {
         auto e = k->second.entries.find(item.id);
         if (e == k->second.entries.end())
           continue;  // cannot happen: only this thread erases entries not handed over
-        if (r) {
-          e->second->box = std::move(*r);
+        if (!r) {
+          // The key's start before was refused: the rest of its batch waits for the back-off.
+          --k->second.starts;
+          k->second.entries.erase(e);
+          continue;
+        }
+        if (*r) {
+          e->second->box = std::move(**r);
           e->second->start_returned = true;
         } else {
-          start_failed(k->second, fmt::format("sandbox {}: start refused: {}", item.id, r.error().message));
+          refused.insert(item.key);
+          start_failed(k->second, fmt::format("sandbox {}: start refused: {}", item.id, r->error().message));
           k->second.entries.erase(e);  // no sandbox object: nothing will call its forwarder
         }
       }
