@@ -2,15 +2,18 @@
 //
 // State: per key a `key_pool` (config, generation, entries by id, counters); each `entry` is one
 // sandbox the pool holds, with its `forwarding_observer`. The refill thread plans under the
-// pool's lock (what to reap, kill and start) and acts outside it. The lock order is forwarder →
-// pool: a forwarder delivering to the pool holds its own mutex and takes the pool's, so the pool
-// never takes a forwarder's mutex (hand_over, sandbox calls) while it holds its own.
+// pool's lock (what to reap, kill and start) and acts outside it. A forwarder's mutex and the
+// pool's are never held together: a forwarder calls the pool after releasing its own, and the
+// pool never calls a forwarder (hand_over) or a sandbox while it holds its own.
 
 #include "ferry/sandbox/pool.h"
+
+#include <unistd.h>
 
 #include <algorithm>
 #include <cctype>
 #include <condition_variable>
+#include <exception>
 #include <map>
 #include <mutex>
 #include <random>
@@ -224,12 +227,21 @@ class sandbox_pool::impl {
       return true;
     }
 
+    // The pool's bookkeeping runs outside mu_: an acquire that picked this sandbox the moment
+    // it came up must not wait in hand_over for the reader thread to finish it (measured: up to
+    // 3.6 ms when the reader thread lost its CPU meanwhile). Safe: the pool hands over only a
+    // sandbox whose on_running it has noted, and one whose end is marked here under mu_.
     void on_running() override {
-      std::lock_guard lock(mu_);
-      if (target_)
-        target_->on_running();
-      else
-        pool_->note_running(key_, id_);
+      impl* pool = nullptr;
+      {
+        std::lock_guard lock(mu_);
+        if (target_) {
+          target_->on_running();
+          return;
+        }
+        pool = pool_;
+      }
+      pool->note_running(key_, id_);
     }
     void on_command_started(uint32_t id, const std::vector<std::string>& argv) override {
       std::lock_guard lock(mu_);
@@ -277,14 +289,18 @@ class sandbox_pool::impl {
         target_->on_limit_reached(hit);
     }
     void on_ended(std::optional<std::string> failure) override {
-      std::lock_guard lock(mu_);
-      if (target_) {
-        target_->on_ended(std::move(failure));
-        return;
+      impl* pool = nullptr;
+      {
+        std::lock_guard lock(mu_);
+        if (target_) {
+          target_->on_ended(std::move(failure));
+          return;
+        }
+        ended_ = true;
+        failure_ = failure;
+        pool = pool_;
       }
-      ended_ = true;
-      failure_ = failure;
-      pool_->note_ended(key_, id_, std::move(failure));
+      pool->note_ended(key_, id_, std::move(failure));
     }
 
    private:
@@ -396,44 +412,42 @@ class sandbox_pool::impl {
     k.next_start_at = steady::now() + std::min(delay, options_.backoff_max);
   }
 
-  // From a forwarder (the sandbox's reader thread, holding the forwarder's mutex).
+  // From a forwarder (the sandbox's reader thread, not holding the forwarder's mutex).
+  // Both notify under the lock: once it is released, an acquire may hand the sandbox over and
+  // the pool may be destroyed while this reader thread is still on its way out.
   void note_running(const std::string& key, const std::string& id) {
-    {
-      std::lock_guard lock(mu_);
-      entry* e = find(key, id);
-      if (!e || e->ended)
-        return;
-      e->up = true;
-      e->running_at = steady::now();
-      dirty_ = true;  // one fewer starting: another may start
-    }
+    std::lock_guard lock(mu_);
+    entry* e = find(key, id);
+    if (!e || e->ended)
+      return;
+    e->up = true;
+    e->running_at = steady::now();
+    dirty_ = true;  // one fewer starting: another may start
     cv_.notify_all();
   }
 
   void note_ended(const std::string& key, const std::string& id, std::optional<std::string> failure) {
-    {
-      std::lock_guard lock(mu_);
-      entry* e = find(key, id);
-      if (!e)
-        return;  // taken by acquire a moment ago (it sees the end in hand_over), or the pool is ending
-      e->ended = true;
-      dirty_ = true;
-      key_pool& k = keys_[key];
-      const std::string why = failure.value_or("released");
-      if (e->retiring) {
-        // Killed by the pool: expected (a start timeout was counted when it was decided).
-      } else if (!e->up) {
-        start_failed(k, fmt::format("sandbox {} failed to start: {}", id, why));
+    std::lock_guard lock(mu_);
+    entry* e = find(key, id);
+    if (!e)
+      return;  // taken by acquire a moment ago (it sees the end in hand_over), or the pool is ending
+    e->ended = true;
+    dirty_ = true;
+    key_pool& k = keys_[key];
+    const std::string why = failure.value_or("released");
+    if (e->retiring) {
+      // Killed by the pool: expected (a start timeout was counted when it was decided).
+    } else if (!e->up) {
+      start_failed(k, fmt::format("sandbox {} failed to start: {}", id, why));
+    } else {
+      ++k.died_idle;
+      const auto lived = steady::now() - e->running_at;
+      if (lived < options_.healthy_after) {
+        start_failed(k, fmt::format("sandbox {} ended {} ms after it came up: {}", id, ms(lived), why));
       } else {
-        ++k.died_idle;
-        const auto lived = steady::now() - e->running_at;
-        if (lived < options_.healthy_after) {
-          start_failed(k, fmt::format("sandbox {} ended {} ms after it came up: {}", id, ms(lived), why));
-        } else {
-          k.failures_in_a_row = 0;
-          k.next_start_at.reset();
-          k.last_error = fmt::format("sandbox {} ended while idle in the pool: {}", id, why);
-        }
+        k.failures_in_a_row = 0;
+        k.next_start_at.reset();
+        k.last_error = fmt::format("sandbox {} ended while idle in the pool: {}", id, why);
       }
     }
     cv_.notify_all();
@@ -450,8 +464,16 @@ class sandbox_pool::impl {
 
   // REQUIRES: mu_. A new random part for the ids; the counter starts again.
   void new_nonce() {
-    std::random_device rd;
-    const uint64_t r = (uint64_t{rd()} << 32) ^ rd();
+    uint64_t r = 0;
+    try {
+      std::random_device rd;
+      r = (uint64_t{rd()} << 32) ^ rd();
+    } catch (const std::exception&) {
+      // No entropy source: the time and this process still make a clash with a leftover unlikely
+      // (and a clash is only a refused start: the directory claims the id).
+      r = static_cast<uint64_t>(steady::now().time_since_epoch().count()) * 0x9e3779b97f4a7c15ull ^
+          static_cast<uint64_t>(::getpid());
+    }
     nonce_ = fmt::format("{:012x}", r & 0xffffffffffffull);
     counter_ = 0;
   }
