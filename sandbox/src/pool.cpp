@@ -30,14 +30,9 @@ namespace {
 using steady = std::chrono::steady_clock;
 using namespace std::chrono_literals;
 
-// The pool's idea of a sandbox's make-up. A new field in sandbox_spec must be compared in
-// same_template (a sandbox of another make-up must not be handed out as this key's), hence the
-// size check: it fails to compile until same_template has been looked at.
-static_assert(sizeof(sandbox_spec) == sizeof(std::string) + 2 * sizeof(std::vector<std::string>) + 8,
-              "sandbox_spec changed: compare its new fields in pool.cpp's same_template");
-bool same_template(const sandbox_spec& a, const sandbox_spec& b) {
-  return a.env == b.env && a.argv == b.argv && a.command_id == b.command_id;
-}
+// Two templates make the same sandboxes: every field of sandbox_spec is compared (its defaulted
+// operator== picks up fields added later).
+bool same_template(const sandbox_spec& a, const sandbox_spec& b) { return a == b; }
 
 int64_t ms(steady::duration d) { return std::chrono::duration_cast<std::chrono::milliseconds>(d).count(); }
 
