@@ -48,6 +48,9 @@ struct sandbox_spec {
   std::vector<std::string> env;
   /// Id ferry-init reports the command line under (on_command_started/on_output/...).
   uint32_t command_id = 1;
+
+  /// Field by field, every field (the warm pool tells a key's changed template by it).
+  bool operator==(const sandbox_spec&) const = default;
 };
 
 /// Where a host resumes one command's output: the bytes of each stream it already has.
