@@ -315,7 +315,7 @@ class bwrap_driver final : public sandbox_driver {
     if (!root || !workspace || !ctl || !init || (!s.egress_socket.empty() && !egress))
       return fail(fmt::format("cannot open the sandbox's paths: {}", std::strerror(errno)));
     unique_fd log = high(unique_fd(
-        ::open((dir_ / std::string(log_name())).c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600)));
+        ::open(log_path(dir_, log_name()).c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600)));
     unique_fd seccomp = high(unique_fd(::memfd_create("ferry-seccomp", MFD_CLOEXEC)));
     if (!log || !seccomp)
       return fail(fmt::format("cannot open {} or a memfd: {}", log_name(), std::strerror(errno)));

@@ -462,7 +462,7 @@ class hosted_sandbox final : public sandbox {
       observer_.on_processes_gone(*gone_at);
 
     std::string cleanup_error;
-    const std::string log = file_tail(dir_ / std::string(driver_->log_name()), log_tail_bytes);
+    const std::string log = file_tail(log_path(dir_, driver_->log_name()), log_tail_bytes);
     if (!gone_at)
       cleanup_error = fmt::format("processes of sandbox {} survived SIGKILL", id_);
     if (auto r = driver_->cleanup(); !r && cleanup_error.empty())

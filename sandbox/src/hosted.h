@@ -68,6 +68,13 @@ struct common_settings {
   std::shared_ptr<sandbox_storage> storage;
 };
 
+/// The file with a sandbox's own stdout and stderr (the backend's and ferry-init's): on its disk
+/// (storage.h), so that a command writing to it through ferry-init's descriptors
+/// (/proc/1/fd/1) fills its own quota, not the host.
+inline std::filesystem::path log_path(const std::filesystem::path& dir, std::string_view name) {
+  return dir / "disk" / std::string(name);
+}
+
 /// FNV-1a, for stable names derived from paths.
 uint64_t fnv1a(std::string_view s);
 
@@ -121,8 +128,8 @@ class sandbox_driver {
   /// After the processes are gone: the backend's own leftovers (runsc's container state, stray
   /// runsc processes). The sandbox's cgroup and directory are removed afterwards by the caller.
   virtual result<void> cleanup() = 0;
-  /// The file in the sandbox directory with the sandbox's own stdout and stderr (failure
-  /// reasons quote its tail).
+  /// The name of the file with the sandbox's own stdout and stderr (log_path; failure reasons
+  /// quote its tail).
   virtual std::string_view log_name() const = 0;
 };
 

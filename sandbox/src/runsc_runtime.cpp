@@ -243,7 +243,7 @@ class runsc_driver final : public sandbox_driver {
     o.in_bytes = wire::key_to_hex(key);
     o.out = stdio::file;
     o.err = stdio::file;
-    o.file = dir_ / std::string(log_name());
+    o.file = log_path(dir_, log_name());
     o.new_session = true;
     auto runsc = child_process::spawn(o);
     if (!runsc) {

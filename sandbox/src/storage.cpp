@@ -168,16 +168,26 @@ result<void> sandbox_storage::prepare(const fs::path& dir) {
   if (auto r = make_dir(disk, fs::perms(0755)); !r)
     return r;
   // The root layer's upper directory becomes the root directory's mode: 0755 like any root.
-  for (const char* d : {"workspace", "upper", "work"})
+  for (const char* d : {"upper", "work"})
     if (auto r = make_dir(disk / d, fs::perms(0755)); !r)
       return r;
-  const fs::path workspace = dir / "workspace";
-  if (auto r = make_dir(workspace, fs::perms(0755)); !r)
-    return r;
-  if (quota_bytes_ > 0 &&
-      ::mount((disk / "workspace").c_str(), workspace.c_str(), nullptr, MS_BIND, nullptr) != 0)
-    return fail(fmt::format("cannot bind {} to {}: {}", (disk / "workspace").string(), workspace.string(),
-                            errno_message(errno)));
+  if (quota_bytes_ == 0) {
+    if (auto r = make_dir(disk / "workspace", fs::perms(0755)); !r)
+      return r;
+  }
+  // The workspace and the control directory (writable from inside: ferry-init's socket) are
+  // the disk's, bound into place: what a command writes there counts against the quota.
+  for (const auto& [name, mode] : {std::pair{"workspace", fs::perms(0755)}, std::pair{"ctl", fs::perms(0700)}}) {
+    const fs::path place = dir / name;
+    if (auto r = make_dir(place, mode); !r)
+      return r;
+    if (quota_bytes_ == 0)
+      continue;
+    if (auto r = make_dir(disk / name, mode); !r)
+      return r;
+    if (::mount((disk / name).c_str(), place.c_str(), nullptr, MS_BIND, nullptr) != 0)
+      return fail(fmt::format("cannot bind {} to {}: {}", (disk / name).string(), place.string(), errno_message(errno)));
+  }
   return {};
 }
 

@@ -5,11 +5,14 @@
 // In the sandbox directory `<sandboxes_dir>/<id>/`:
 //   disk.img    the sandbox's disk (quota_disk.h), with a quota (sandbox_limits::disk_bytes):
 //   disk/       its mount point (without a quota: a plain directory of the host's filesystem)
-//     workspace/  the workspace
+//     workspace/ ctl/  the workspace and the control directory (ferry-init's socket)
 //     upper/ work/  the writable root's layer and overlayfs's work directory
-//   workspace/  a bind mount of disk/workspace (without a quota: the workspace itself)
+//     <backend>.log  the sandbox's own stdout and stderr (hosted.h, log_path)
+//   workspace/, ctl/  bind mounts of disk/workspace and disk/ctl (without a quota: the
+//               directories themselves)
 //   root/       the writable root: overlayfs of disk/upper over the read-only root (root_layer.h)
-// So everything a sandbox writes — in /workspace and anywhere in its root — is on its own disk,
+// So everything a sandbox writes — in /workspace, /.ferry/ctl, anywhere in its root, and
+// through ferry-init's stdout and stderr — is on its own disk,
 // counted against its quota, and deleted with it; `/tmp` and `/dev/shm` are memory (counted
 // against its memory limit). Deleting the sandbox unmounts all of it first (`release`).
 //

@@ -504,7 +504,7 @@ BOOST_FIXTURE_TEST_CASE(a_finished_sandbox_nobody_attaches_to_ends_itself_after_
   auto gone = runtime->attach(id, resume_point{}, obs);
   BOOST_REQUIRE(!gone.ok());
   BOOST_TEST((gone.error().code == ferry::errc::not_found), gone.error().message);
-  BOOST_TEST(file_content(sandbox_dir(id) / testing::log_name()).find("giving up") != std::string::npos);
+  BOOST_TEST(file_content(sandbox_dir(id) / "disk" / testing::log_name()).find("giving up") != std::string::npos);
   auto cleaned = runtime->cleanup_orphans();
   BOOST_REQUIRE(cleaned.ok());
   BOOST_TEST(*cleaned == 1u);
