@@ -4,7 +4,8 @@
 // without sanitizers so it runs in any sandbox root.
 //
 //   security_probe connect PROTO/ADDR/PORT...  TCP connect (2 s at most) or one UDP datagram
-//                                               to each target (IPv4 or IPv6 ADDR)
+//                                               to each target (IPv4 or IPv6 ADDR); `unix/PATH/0`
+//                                               connects to a unix socket (`@name`: abstract)
 //   security_probe raw-socket                   raw IPv4/IPv6 sockets, packet sockets
 //   security_probe mount DIR                    a tmpfs on DIR, DIR bound onto itself, / remounted
 //                                               read-write
@@ -34,10 +35,12 @@
 #include <sys/ptrace.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
+#include <cstddef>
 #include <string>
 
 namespace {
@@ -96,6 +99,23 @@ void connect_one(const std::string& target) {
   }
   const std::string proto = target.substr(0, a), addr = target.substr(a + 1, b - a - 1);
   const int port = atoi(target.c_str() + b + 1);
+  if (proto == "unix") {
+    sockaddr_un un{};
+    un.sun_family = AF_UNIX;
+    if (addr.empty() || addr.size() >= sizeof un.sun_path) {
+      printf("%s=bad-address\n", target.c_str());
+      return;
+    }
+    memcpy(un.sun_path, addr.data(), addr.size());
+    if (addr[0] == '@')
+      un.sun_path[0] = '\0';  // abstract: bound to the network namespace, not to a file
+    const auto len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + addr.size());
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    report(target, fd < 0 ? -1 : connect(fd, reinterpret_cast<sockaddr*>(&un), len));
+    if (fd >= 0)
+      close(fd);
+    return;
+  }
   sockaddr_storage ss{};
   socklen_t len = 0;
   auto* v4 = reinterpret_cast<sockaddr_in*>(&ss);

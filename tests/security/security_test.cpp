@@ -25,9 +25,12 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <cstddef>
+#include <cstring>
 #include <fstream>
 #include <map>
 #include <random>
@@ -113,15 +116,19 @@ boost::test_tools::assertion_result battery_available(boost::unit_test::test_uni
 
 // --- listeners that count what arrives --------------------------------------------------------------
 
-/// A TCP and a UDP listener (port 0) on each address, counting accepted connections and received
-/// datagrams on one thread until destroyed. A sandbox's probe that reaches one shows up here.
-/// Threading: counts() from any thread.
+/// A TCP and a UDP listener (port 0) on each address, and a unix socket listener on each of
+/// `unix_addresses` (a path, or `@name` for the abstract namespace, which belongs to the network
+/// namespace), counting accepted connections and received datagrams on one thread until
+/// destroyed. A sandbox's probe that reaches one shows up here. Threading: counts() from any
+/// thread.
 class trap_listeners {
  public:
-  explicit trap_listeners(const std::vector<std::string>& addresses) {
+  trap_listeners(const std::vector<std::string>& addresses, const std::vector<std::string>& unix_addresses) {
     for (const auto& address : addresses)
       for (const char* proto : {"tcp", "udp"})
         traps_.push_back(std::make_unique<trap>(proto, address));
+    for (const auto& address : unix_addresses)
+      traps_.push_back(std::make_unique<trap>("unix", address));
     BOOST_REQUIRE(::pipe2(stop_, O_CLOEXEC) == 0);
     thread_ = std::thread([this] { serve(); });
   }
@@ -150,6 +157,22 @@ class trap_listeners {
  private:
   struct trap {
     trap(const std::string& proto, const std::string& address) {
+      if (proto == "unix") {
+        sockaddr_un un{};
+        un.sun_family = AF_UNIX;
+        BOOST_REQUIRE(!address.empty() && address.size() < sizeof un.sun_path);
+        std::memcpy(un.sun_path, address.data(), address.size());
+        if (address[0] == '@')
+          un.sun_path[0] = '\0';
+        fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+        BOOST_REQUIRE(fd >= 0);
+        BOOST_REQUIRE_MESSAGE(::bind(fd, reinterpret_cast<sockaddr*>(&un),
+                                     static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + address.size())) == 0,
+                              "bind " << address << ": " << std::strerror(errno));
+        BOOST_REQUIRE(::listen(fd, 64) == 0);
+        target = "unix/" + address + "/0";
+        return;
+      }
       const bool udp = proto == "udp";
       sockaddr_storage ss{};
       socklen_t len = 0;
@@ -428,7 +451,10 @@ BOOST_FIXTURE_TEST_CASE(no_connection_from_inside_reaches_host_loopback_private_
 
   std::vector<std::string> addresses = {"127.0.0.1", "::1"};
   addresses.insert(addresses.end(), trap_addresses.begin(), trap_addresses.end());
-  trap_listeners traps(addresses);
+  // Unix sockets of the host: one in the abstract namespace (bound to the network namespace, as
+  // containerd-shim's once were) and one in a host directory (as Ferry's control sockets are).
+  const fs::path host_socket = data_dir / "host.sock";
+  trap_listeners traps(addresses, {"@" + random_token("abstract"), host_socket.string()});
   ferry::test::nats_server nats("debug: true\n");
   auto targets = traps.targets();
   targets.push_back(fmt::format("tcp/127.0.0.1/{}", nats.port()));
@@ -461,12 +487,13 @@ BOOST_FIXTURE_TEST_CASE(no_connection_from_inside_reaches_host_loopback_private_
   auto inside = probe(*sb, obs, args);
   for (const auto& t : targets) {
     BOOST_TEST(inside.count(t) == 1u, t);
-    if (t.rfind("tcp/", 0) == 0)
+    if (t.rfind("udp/", 0) != 0)  // a datagram to the sandbox's own loopback is sent, to no one
       BOOST_TEST(inside[t] != "ok", t << " connected from inside");
   }
   // The same through a tool an agent would use: curl's exit code per attempt, 7 = could not connect
   // (a trap accepting would give 52, an empty reply).
   std::string curl_line;
+  size_t tcp_traps = 0;
   for (const auto& t : traps.targets()) {
     if (t.rfind("tcp/", 0) != 0)
       continue;
@@ -474,6 +501,7 @@ BOOST_FIXTURE_TEST_CASE(no_connection_from_inside_reaches_host_loopback_private_
     std::string addr = t.substr(a + 1, b - a - 1);
     if (addr.find(':') != std::string::npos)
       addr = "[" + addr + "]";
+    ++tcp_traps;
     curl_line += fmt::format("timeout 5 curl -s -m 3 -o /dev/null http://{}:{}/ ; echo \"$?\"; ", addr, t.substr(b + 1));
   }
   curl_line += "timeout 5 curl -s -m 3 -o /dev/null http://169.254.169.254/latest/meta-data/ ; echo \"$?\"";
@@ -481,7 +509,7 @@ BOOST_FIXTURE_TEST_CASE(no_connection_from_inside_reaches_host_loopback_private_
   size_t attempts = 0;
   for (std::string code; std::getline(curls, code); ++attempts)
     BOOST_TEST(code == "7", "curl attempt " << attempts);
-  BOOST_TEST(attempts == addresses.size() + 1);
+  BOOST_TEST(attempts == tcp_traps + 1);
 
   std::this_thread::sleep_for(300ms);  // what was sent has arrived by now on a loopback
   BOOST_TEST((traps.counts() == before), "a listener saw a connection or datagram from inside the sandbox");
@@ -695,6 +723,13 @@ BOOST_FIXTURE_TEST_CASE(nothing_written_inside_survives_the_sandbox, battery) {
     const std::string p = fmt::format("{}/{}", path, token);
     BOOST_TEST(failed(written, p), p << "=" << written[p]);
   }
+  // Symlinks out of the sandbox's directories to the host's data directory: its removal at the end
+  // must not follow them.
+  shell(*sb, obs, fmt::format("ln -s {0} /workspace/{1}-dir; ln -s {0}/secret /workspace/{1}-file; "
+                              "ln -s / /workspace/{1}-root; mkdir -p /workspace/deep/er; ln -s {0} /workspace/deep/er/{1}; "
+                              "ln -s {0} /.ferry/ctl/{1}-dir",
+                              data_dir.string(), token));
+  BOOST_REQUIRE(fs::is_symlink(workspace(id) / (token + "-dir")));
   // A background process keeps writing as the sandbox ends.
   shell(*sb, obs, fmt::format("(while :; do date > /workspace/{0}-late; date > /tmp/{0}-late; sleep 0.05; done) "
                               ">/dev/null 2>&1 & sleep 0.2",
@@ -706,6 +741,8 @@ BOOST_FIXTURE_TEST_CASE(nothing_written_inside_survives_the_sandbox, battery) {
   release_and_check(*sb, obs);
   const auto after = host_files_named(token, tmp.path());
   BOOST_TEST(after.empty(), fmt::format("{}", fmt::join(after, ", ")));
+  BOOST_TEST(testing::file_content(data_dir / "secret") == data_secret + "\n");
+  BOOST_TEST(testing::file_content(data_dir / "admin_token") == admin_token + "\n");
 }
 
 // A fork bomb (every process forking as fast as it can for 4 s) stops at the pids limit, which
