@@ -16,6 +16,11 @@
 //   security_probe read PATH...                 open + read each file
 //   security_probe write PATH...                create each file (O_EXCL) with the file's name as
 //                                               its content
+//   security_probe open-write PATH...           opens each existing file for writing (no create,
+//                                               no truncation, nothing written)
+//   security_probe mknod DIR MAJOR MINOR        a character device node in DIR, opened if made
+//                                               (never read), then removed
+//   security_probe privileges                   capability sets and no_new_privs
 //   security_probe fork-bomb SECONDS            every process forks as fast as it can for SECONDS,
 //                                               then all exit 2 s later (bounded)
 //   security_probe mem-bomb MIB                 allocates and touches MIB MiB, 16 MiB at a time
@@ -31,10 +36,14 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <linux/capability.h>
 #include <sys/mount.h>
+#include <sys/prctl.h>
 #include <sys/ptrace.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/sysmacros.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -252,6 +261,51 @@ void write_files(int argc, char** argv) {
   }
 }
 
+void open_for_writing(int argc, char** argv) {
+  for (int i = 0; i < argc; ++i) {
+    int fd = open(argv[i], O_WRONLY | O_CLOEXEC | O_NOCTTY);
+    report(argv[i], fd);
+    if (fd >= 0)
+      close(fd);
+  }
+}
+
+/// A character device node: made, and opened (never read).
+void device_node(const std::string& dir, unsigned major_number, unsigned minor_number) {
+  const std::string path = dir + "/probe-device";
+  long r = mknod(path.c_str(), S_IFCHR | 0600, makedev(major_number, minor_number));
+  report("mknod_char", r);
+  if (r != 0)
+    return;
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  report("open_char", fd);
+  if (fd >= 0)
+    close(fd);
+  unlink(path.c_str());
+}
+
+/// The calling process's capability sets (effective, permitted, inheritable as hex; how many
+/// capabilities are in the bounding and ambient sets) and no_new_privs.
+void privileges() {
+  __user_cap_header_struct header{_LINUX_CAPABILITY_VERSION_3, 0};
+  __user_cap_data_struct data[2]{};
+  if (syscall(SYS_capget, &header, data) != 0) {
+    report("capget", -1);
+    return;
+  }
+  auto both = [&](uint32_t __user_cap_data_struct::*set) {
+    return (static_cast<unsigned long long>(data[1].*set) << 32) | data[0].*set;
+  };
+  printf("cap_effective=%llx\ncap_permitted=%llx\ncap_inheritable=%llx\n", both(&__user_cap_data_struct::effective),
+         both(&__user_cap_data_struct::permitted), both(&__user_cap_data_struct::inheritable));
+  int bounding = 0, ambient = 0;
+  for (int cap = 0; cap < 64; ++cap) {
+    bounding += prctl(PR_CAPBSET_READ, cap, 0, 0, 0) == 1;
+    ambient += prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_IS_SET, cap, 0, 0) == 1;
+  }
+  printf("cap_bounding=%d\ncap_ambient=%d\nno_new_privs=%d\n", bounding, ambient, prctl(PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0));
+}
+
 void fork_bomb(double seconds) {
   const double stop_forking = now() + seconds, stop = stop_forking + 2;
   long forks = 0, refused = 0;
@@ -328,7 +382,7 @@ void fill_disk(const char* path, long mib) {
 int main(int argc, char** argv) {
   setvbuf(stdout, nullptr, _IOLBF, 0);
   if (argc < 2) {
-    fprintf(stderr, "usage: security_probe connect|raw-socket|mount|ptrace|kill|modules|read|write|fork-bomb|mem-bomb|fill-disk ...\n");
+    fprintf(stderr, "usage: security_probe connect|raw-socket|mount|ptrace|kill|modules|read|write|open-write|mknod|privileges|fork-bomb|mem-bomb|fill-disk ...\n");
     return 2;
   }
   const std::string what = argv[1];
@@ -349,6 +403,12 @@ int main(int argc, char** argv) {
     read_files(argc - 2, argv + 2);
   } else if (what == "write") {
     write_files(argc - 2, argv + 2);
+  } else if (what == "open-write") {
+    open_for_writing(argc - 2, argv + 2);
+  } else if (what == "mknod" && argc == 5) {
+    device_node(argv[2], static_cast<unsigned>(atoi(argv[3])), static_cast<unsigned>(atoi(argv[4])));
+  } else if (what == "privileges") {
+    privileges();
   } else if (what == "fork-bomb" && argc == 3) {
     fork_bomb(atof(argv[2]));
   } else if (what == "mem-bomb" && argc == 3) {

@@ -519,10 +519,11 @@ BOOST_FIXTURE_TEST_CASE(no_connection_from_inside_reaches_host_loopback_private_
   release_and_check(*sb, obs);
 }
 
-// Raw and packet sockets, mounts (a tmpfs, a bind, remounting the root read-write, proc) and
-// kernel modules: refused inside; the same probes work on the host (mounts in a private mount
-// namespace), so a broken probe cannot pass.
-BOOST_FIXTURE_TEST_CASE(raw_sockets_mounts_and_kernel_modules_are_refused, battery) {
+// Raw and packet sockets, mounts (a tmpfs, a bind, remounting the root read-write, proc), device
+// nodes, the kernel's knobs that have let containers out before (core_pattern, ferry-init's
+// binary through /proc/1/exe, its memory) and kernel modules: refused inside; the same probes
+// work on the host (mounts in a private mount namespace), so a broken probe cannot pass.
+BOOST_FIXTURE_TEST_CASE(raw_sockets_mounts_devices_kernel_knobs_and_modules_are_refused, battery) {
   auto host_raw = host_probe({"raw-socket"});
   BOOST_TEST(host_raw["raw_inet_icmp"] == "ok");
   BOOST_TEST(host_raw["packet_raw"] == "ok");
@@ -530,6 +531,20 @@ BOOST_FIXTURE_TEST_CASE(raw_sockets_mounts_and_kernel_modules_are_refused, batte
   auto host_mount = host_probe({"mount", mnt.path().string()}, {"unshare", "--mount", "--propagation", "private"});
   BOOST_TEST(host_mount["mount_tmpfs"] == "ok");
   BOOST_TEST(host_mount["mount_bind"] == "ok");
+  // A node for /dev/kmsg (1:11, the host kernel's log): made and opened on the host.
+  auto host_nodes = host_probe({"mknod", mnt.path().string(), "1", "11"});
+  BOOST_TEST(host_nodes["mknod_char"] == "ok");
+  BOOST_TEST(host_nodes["open_char"] == "ok");
+  // Opened for writing, never written.
+  const std::vector<std::string> knobs = {"/proc/sys/kernel/core_pattern", "/proc/sys/vm/drop_caches",
+                                          "/proc/sys/kernel/hostname"};
+  auto host_knobs = host_probe([&] {
+    std::vector<std::string> a = {"open-write"};
+    a.insert(a.end(), knobs.begin(), knobs.end());
+    return a;
+  }());
+  for (const auto& k : knobs)
+    BOOST_TEST(host_knobs[k] == "ok", k);
   auto host_modules = host_probe({"modules"});
   // Where the kernel has module support, root on the host gets past the permission check (and
   // the image is refused as not ELF); a kernel without it answers ENOSYS to everyone.
@@ -553,9 +568,38 @@ BOOST_FIXTURE_TEST_CASE(raw_sockets_mounts_and_kernel_modules_are_refused, batte
   // The root is still read-only after the attempts.
   BOOST_TEST(shell(*sb, obs, "touch /probe-root 2>/dev/null && echo writable || echo read-only") == "read-only\n");
 
+  // bwrap: no node at all; gVisor lets a node be made in its own tmpfs, which leads to no device.
+  auto nodes = probe(*sb, obs, {"mknod", "/tmp", "1", "11"});
+  BOOST_REQUIRE(nodes.count("mknod_char"));
+  BOOST_TEST((nodes["mknod_char"] != "ok" || failed(nodes, "open_char")),
+             "mknod=" << nodes["mknod_char"] << " open=" << nodes["open_char"]);
+  std::vector<std::string> refused = {"/proc/1/exe", "/.ferry/init", "/proc/1/mem"};
+  refused.insert(refused.end(), knobs.begin(), knobs.end());
+  shell(*sb, obs, "touch /tmp/own-file");
+  std::vector<std::string> open_args = {"open-write", "/tmp/own-file"};
+  open_args.insert(open_args.end(), refused.begin(), refused.end());
+  auto opened = probe(*sb, obs, open_args);
+  BOOST_TEST(opened["/tmp/own-file"] == "ok", "the probe cannot open even a file of its own");
+  for (const auto& path : refused)
+    BOOST_TEST(failed(opened, path), path << "=" << opened[path]);
+
   auto mods = probe(*sb, obs, {"modules"});
   for (const char* name : {"init_module", "finit_module", "delete_module"})
     BOOST_TEST((mods[name] == "EPERM" || mods[name] == "ENOSYS"), name << "=" << mods[name]);
+  release_and_check(*sb, obs);
+}
+
+// No capabilities in any set and no_new_privs, where root on the host has them (the control).
+BOOST_FIXTURE_TEST_CASE(commands_run_without_capabilities_or_new_privileges, battery) {
+  auto host = host_probe({"privileges"});
+  BOOST_TEST(host["cap_effective"] != "0");
+  BOOST_TEST(host["cap_bounding"] != "0");
+  recording_observer obs;
+  auto sb = start(unique_id("caps"), obs);
+  auto inside = probe(*sb, obs, {"privileges"});
+  for (const char* set : {"cap_effective", "cap_permitted", "cap_inheritable", "cap_bounding", "cap_ambient"})
+    BOOST_TEST(inside[set] == "0", set << "=" << inside[set]);
+  BOOST_TEST(inside["no_new_privs"] == "1");
   release_and_check(*sb, obs);
 }
 
