@@ -715,6 +715,68 @@ BOOST_FIXTURE_TEST_CASE(host_files_and_another_sandbox_s_workspace_are_out_of_re
   release_and_check(*a, obs_a);
 }
 
+// Another sandbox's services and processes: A listens on TCP 127.0.0.1 and on an abstract unix
+// socket inside; B's connects to the same port and name are refused, and B's SIGKILLs to A's host
+// processes reach nothing. A's own probe reaches its listener (the control), and A goes on.
+BOOST_FIXTURE_TEST_CASE(another_sandbox_s_services_and_processes_are_out_of_reach, battery) {
+  recording_observer obs_a, obs_b;
+  const auto id_a = unique_id("svc-a");
+  auto a = start(id_a, obs_a);
+  auto b = start(unique_id("svc-b"), obs_b);
+  const std::string abstract_name = random_token("a-abstract");
+  const uint32_t listener = next_command++;
+  auto serve = testing::argv(listener, {"/usr/bin/python3", "-c",
+                                        "import select, socket, sys\n"
+                                        "t = socket.socket(); t.bind(('127.0.0.1', 0)); t.listen()\n"
+                                        "u = socket.socket(socket.AF_UNIX); u.bind('\\0' + sys.argv[1]); u.listen()\n"
+                                        "print(t.getsockname()[1], flush=True)\n"
+                                        "while True:\n"
+                                        "  ready, _, _ = select.select([t, u], [], [], 60)\n"
+                                        "  if not ready: break\n"
+                                        "  for s in ready:\n"
+                                        "    s.accept()[0].close(); print('accepted', flush=True)\n",
+                                        abstract_name});
+  serve.timeout = 90s;
+  BOOST_REQUIRE(a->run(serve).ok());
+  BOOST_REQUIRE_MESSAGE(obs_a.wait_for_output("\n", 30s), "A's listener did not start: " << obs_a.output(listener, 1));
+  const std::string port = obs_a.output(listener, 0).substr(0, obs_a.output(listener, 0).find('\n'));
+  const std::vector<std::string> targets = {"tcp/127.0.0.1/" + port, "unix/@" + abstract_name + "/0"};
+
+  std::vector<std::string> args = {"connect"};
+  args.insert(args.end(), targets.begin(), targets.end());
+  auto from_b = probe(*b, obs_b, args);
+  for (const auto& t : targets)
+    BOOST_TEST(failed(from_b, t), t << "=" << from_b[t]);
+  std::vector<std::string> killed;
+  for (pid_t pid : testing::sandbox_processes(sandbox_dir(id_a)).alive()) {
+    auto k = probe(*b, obs_b, {"kill", std::to_string(pid)});
+    BOOST_TEST(failed(k, "kill"), "kill " << pid << "=" << k["kill"]);
+    killed.push_back(std::to_string(pid));
+  }
+  BOOST_TEST(!killed.empty(), "A has no host processes to aim at");
+  BOOST_TEST(obs_a.output(listener, 0).find("accepted") == std::string::npos, "A's listener saw B");
+
+  // Control: A reaches its own listener, once per target, and is alive and well.
+  auto from_a = probe(*a, obs_a, args);
+  for (const auto& t : targets)
+    BOOST_TEST(from_a[t] == "ok", t);
+  BOOST_TEST(obs_a.wait_until(
+      [&](const std::vector<recording_observer::record>& rs) {
+        const std::string out = recording_observer::output_in(rs, listener, 0);
+        size_t n = 0;
+        for (size_t at = 0; (at = out.find("accepted", at)) != std::string::npos; ++at)
+          ++n;
+        return n == targets.size();
+      },
+      10s));
+  BOOST_TEST(!obs_a.find("ended"));
+  BOOST_TEST(shell(*a, obs_a, "echo alive") == "alive\n");
+  BOOST_REQUIRE(a->signal(listener, SIGKILL).ok());
+  BOOST_REQUIRE(obs_a.wait_for_end(listener, 10s));
+  release_and_check(*b, obs_b);
+  release_and_check(*a, obs_a);
+}
+
 // Credentials: the secret in the test process's environment (so in runsc's and bwrap's), the
 // host's admin token, the sandbox's own handshake key: not in `env`, not in any process's
 // environ or cmdline, not in any file a command can read. The environment the sandbox was given
