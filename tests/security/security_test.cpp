@@ -110,10 +110,6 @@ test_network& network() {
   return n;
 }
 
-boost::test_tools::assertion_result battery_available(boost::unit_test::test_unit_id id) {
-  return testing::backend_available(id);
-}
-
 // --- listeners that count what arrives --------------------------------------------------------------
 
 /// A TCP and a UDP listener (port 0) on each address, and a unix socket listener on each of
@@ -361,7 +357,7 @@ struct battery {
     const uint32_t id = next_command++;
     auto e = testing::run_to_end(sb, obs, testing::argv(id, args), 60s);
     const std::string out = obs.output(id, 0);
-    BOOST_TEST_MESSAGE(test_backend_name() << ": " << fmt::format("{}", fmt::join(args, " ")) << " → " << out
+    BOOST_TEST_MESSAGE(testing::test_backend() << ": " << fmt::format("{}", fmt::join(args, " ")) << " → " << out
                                            << obs.output(id, 1));
     if (end)
       *end = e;
@@ -378,8 +374,6 @@ struct battery {
     BOOST_TEST(e.what == "exited", e.data);
     return obs.output(c.command_id, 0);
   }
-
-  static std::string test_backend_name() { return testing::test_backend(); }
 
   /// Releases the sandbox; checks it ended normally and left no directory and no process.
   void release_and_check(sandbox& sb, recording_observer& obs) {
@@ -439,7 +433,7 @@ size_t nats_connections(const ferry::test::nats_server& nats) {
 
 }  // namespace
 
-BOOST_AUTO_TEST_SUITE(security_battery, *boost::unit_test::precondition(&battery_available))
+BOOST_AUTO_TEST_SUITE(security_battery, *boost::unit_test::precondition(&testing::backend_available))
 
 // Loopback services of the host (TCP and UDP on 127.0.0.1 and [::1], standing in for ferryd's
 // ports, and a real nats-server), private networks and the metadata address: the probe reaches
