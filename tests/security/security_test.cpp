@@ -277,22 +277,28 @@ bool host_can_fork() {
 }
 
 /// Files and directories whose name contains `needle` in the places a sandbox's writes could
-/// land on the host (its own directories under `base`, the host's temporary directories).
+/// land on the host: its own directories under `base` (across the sandboxes' own mounts: disks,
+/// workspaces), the host's temporary directories (not crossing into other filesystems there).
 std::vector<std::string> host_files_named(const std::string& needle, const fs::path& base) {
-  std::vector<std::string> argv = {"find", base.string()};
+  std::vector<std::string> temporary = {"find"};
   for (const char* d : {"/tmp", "/var/tmp", "/dev/shm", "/run"})
     if (fs::exists(d))
-      argv.push_back(d);
-  for (const char* a : {"-xdev", "-name"})
-    argv.push_back(a);
-  argv.push_back("*" + needle + "*");
-  auto r = run_command(argv, 30s);
-  BOOST_REQUIRE_MESSAGE(r.ok(), (r.ok() ? "" : r.error().message));
+      temporary.push_back(d);
   std::set<std::string> found;  // `base` is under /tmp: found twice
-  std::istringstream in(r->output);
-  for (std::string line; std::getline(in, line);)
-    if (line.find(needle) != std::string::npos && line.rfind("find:", 0) != 0)
-      found.insert(line);
+  for (auto argv : {std::vector<std::string>{"find", base.string()}, temporary}) {
+    if (argv.size() < 2)
+      continue;
+    if (argv[1] != base.string())
+      argv.push_back("-xdev");
+    argv.push_back("-name");
+    argv.push_back("*" + needle + "*");
+    auto r = run_command(argv, 30s);
+    BOOST_REQUIRE_MESSAGE(r.ok(), (r.ok() ? "" : r.error().message));
+    std::istringstream in(r->output);
+    for (std::string line; std::getline(in, line);)
+      if (line.find(needle) != std::string::npos && line.rfind("find:", 0) != 0)
+        found.insert(line);
+  }
   return {found.begin(), found.end()};
 }
 
@@ -556,11 +562,17 @@ BOOST_FIXTURE_TEST_CASE(raw_sockets_mounts_devices_kernel_knobs_and_modules_are_
     BOOST_TEST(failed(raw, name), name << "=" << raw[name]);
 
   shell(*sb, obs, "mkdir -p /tmp/m");
+  const std::string root_options_line =  // (no awk: Debian's is an alternatives link into the host's /etc)
+      "while read -r id parent dev root point options rest; do [ \"$point\" = / ] && echo \"$options\"; done "
+      "< /proc/self/mountinfo";
+  const std::string root_options = shell(*sb, obs, root_options_line);
+  BOOST_TEST(!root_options.empty());
   auto mounted = probe(*sb, obs, {"mount", "/tmp/m"});
   for (const char* name : {"mount_tmpfs", "mount_bind", "remount_root_rw", "mount_proc"})
     BOOST_TEST(failed(mounted, name), name << "=" << mounted[name]);
   // The root is still read-only after the attempts.
-  BOOST_TEST(shell(*sb, obs, "touch /probe-root 2>/dev/null && echo writable || echo read-only") == "read-only\n");
+  // The root's mount keeps its options (read-only, or a writable root's), whatever was tried.
+  BOOST_TEST(shell(*sb, obs, root_options_line) == root_options);
 
   // bwrap: no node at all; gVisor lets a node be made in its own tmpfs, which leads to no device.
   auto nodes = probe(*sb, obs, {"mknod", "/tmp", "1", "11"});
@@ -863,10 +875,12 @@ BOOST_FIXTURE_TEST_CASE(no_credential_is_found_in_the_environment_or_the_filesys
   release_and_check(*sb, obs);
 }
 
-// Writes everywhere a command might: /workspace, /tmp and /dev/shm take them, the root and the
-// rest refuse; once the sandbox has ended, no file of them is left on the host (its directory,
-// the runtime's directories, the host's temporary directories). Before the end the host search
-// does find the workspace's copy (the control).
+// Writes everywhere a command might: /workspace, /tmp and /dev/shm take them; the root refuses
+// them, or with a writable root takes them into the sandbox's own layer — never into the host's
+// /usr or the shared root underneath (a file of the root changed inside stays as it was on the
+// host). Once the sandbox has ended, no file of them is left on the host (its directory, the
+// runtime's directories, the host's temporary directories). Before the end the host search does
+// find the workspace's copy (the control).
 BOOST_FIXTURE_TEST_CASE(nothing_written_inside_survives_the_sandbox, battery) {
   recording_observer obs;
   const auto id = unique_id("survive");
@@ -879,10 +893,27 @@ BOOST_FIXTURE_TEST_CASE(nothing_written_inside_survives_the_sandbox, battery) {
   auto written = probe(*sb, obs, args);
   BOOST_TEST(written["/workspace/" + token] == "ok");
   BOOST_TEST(written["/tmp/" + token] == "ok");
-  for (const char* path : {"", "/etc", "/usr", "/.ferry"}) {
-    const std::string p = fmt::format("{}/{}", path, token);
-    BOOST_TEST(failed(written, p), p << "=" << written[p]);
-  }
+  // The root's files, changed inside: Ferry's /etc of the host-tree root (under the test's
+  // directory) and the host's own /usr (only an mtime: nothing that could harm if it got through).
+  const fs::path shared_root = tmp.path() / "rootfs-host";
+  const std::string passwd_before = testing::file_content(shared_root / "etc" / "passwd");
+  BOOST_REQUIRE(!passwd_before.empty());
+  std::error_code ec;
+  const auto env_mtime = fs::last_write_time("/usr/bin/env", ec);
+  BOOST_REQUIRE(!ec);
+  const std::string tampered = shell(*sb, obs,
+                                     "echo 'intruder::0:0::/:/bin/sh' >> /etc/passwd && echo passwd-changed; "
+                                     "touch -m -d @0 /usr/bin/env 2>/dev/null && echo env-touched; "
+                                     "rm -f /etc/hosts 2>/dev/null && echo hosts-removed; true");
+  BOOST_TEST_MESSAGE(testing::test_backend() << ": root changes inside: " << tampered);
+  auto root_untouched = [&] {
+    for (const char* dir : {"", "/etc", "/usr", "/.ferry"})
+      BOOST_TEST(!fs::exists(fmt::format("{}/{}", dir, token)), dir << "/" << token << " on the host");
+    BOOST_TEST(testing::file_content(shared_root / "etc" / "passwd") == passwd_before);
+    BOOST_TEST(fs::exists(shared_root / "etc" / "hosts"));
+    BOOST_TEST((fs::last_write_time("/usr/bin/env", ec) == env_mtime));
+  };
+  root_untouched();
   // Symlinks out of the sandbox's directories to the host's data directory: its removal at the end
   // must not follow them.
   shell(*sb, obs, fmt::format("ln -s {0} /workspace/{1}-dir; ln -s {0}/secret /workspace/{1}-file; "
@@ -901,6 +932,7 @@ BOOST_FIXTURE_TEST_CASE(nothing_written_inside_survives_the_sandbox, battery) {
   release_and_check(*sb, obs);
   const auto after = host_files_named(token, tmp.path());
   BOOST_TEST(after.empty(), fmt::format("{}", fmt::join(after, ", ")));
+  root_untouched();
   BOOST_TEST(testing::file_content(data_dir / "secret") == data_secret + "\n");
   BOOST_TEST(testing::file_content(data_dir / "admin_token") == admin_token + "\n");
 }
