@@ -638,6 +638,55 @@ BOOST_FIXTURE_TEST_CASE(no_host_directory_or_file_descriptor_reaches_the_sandbox
   release_and_check(*sb, obs);
 }
 
+// The control socket is the sandbox's to replace (same uid as ferry-init; under runsc with an
+// egress socket, --host-uds=all, as here): a symlink put in its place must not send the host
+// anywhere else. After the owner lets go, a new host lists and attaches: the host's unix socket
+// the symlink names sees no connection.
+BOOST_FIXTURE_TEST_CASE(a_symlinked_control_socket_does_not_redirect_the_host, battery) {
+  const fs::path victim = data_dir / "victim.sock", egress = data_dir / "egress.sock";
+  trap_listeners traps({}, {victim.string(), egress.string()});
+  fs::permissions(data_dir, fs::perms::others_exec, fs::perm_options::add);  // bwrap binds the egress socket
+  fs::permissions(egress, fs::perms::all, fs::perm_options::add);
+  auto config = testing::test_config(tmp.path());
+  config.egress_socket = egress;
+  auto made = ferry::sandbox::make_runtime(config);
+  BOOST_REQUIRE_MESSAGE(made.ok(), (made.ok() ? "" : made.error().message));
+  auto& rt = **made;
+
+  recording_observer obs;
+  const auto id = unique_id("ctl-link");
+  auto sb = start(id, obs, &rt);
+  const std::string moved = shell(*sb, obs, fmt::format("cd /.ferry/ctl && ln -s {} link 2>&1 && "
+                                                        "{{ mv -T -f link init.sock 2>&1 || "
+                                                        "{{ rm -f init.sock 2>&1 && mv -T link init.sock 2>&1; }}; }} "
+                                                        "&& echo replaced",
+                                                        victim.string()));
+  BOOST_TEST_MESSAGE(testing::test_backend() << ": " << moved);
+  BOOST_REQUIRE_MESSAGE(moved == "replaced\n", moved);
+  BOOST_REQUIRE(fs::is_symlink(sandbox_dir(id) / "ctl" / "init.sock"));
+  sb->detach();
+  sb.reset();
+
+  auto host = ferry::sandbox::make_runtime(config);
+  BOOST_REQUIRE(host.ok());
+  auto live = (*host)->list_live();
+  BOOST_TEST_MESSAGE("list_live: " << (live.ok() ? fmt::format("{}", fmt::join(*live, ", ")) : live.error().message));
+  recording_observer obs2;
+  auto attached = (*host)->attach(id, resume_point{}, obs2);
+  BOOST_TEST(!attached.ok(), "attached through a symlink");
+  if (!attached.ok())
+    BOOST_TEST_MESSAGE("attach: " << attached.error().message);
+  else
+    (*attached)->detach();
+  std::this_thread::sleep_for(200ms);
+  for (const auto& [t, n] : traps.counts())
+    BOOST_TEST(n == 0u, "the host connected to " << t << " through the sandbox's symlink");
+  auto cleaned = (*host)->cleanup_orphans();
+  BOOST_TEST((cleaned.ok() && *cleaned == 1u));
+  BOOST_TEST(!fs::exists(sandbox_dir(id)));
+  BOOST_TEST(testing::processes_mentioning(id).empty());
+}
+
 // KNOWN HOLE found by this battery, disabled until fixed (run it by hand:
 // `--run_test=security_battery/host_files_outside_the_workspace_are_not_writable_without_bound`).
 // Besides /workspace, a command can write host files without any bound: /.ferry/ctl is a
