@@ -646,11 +646,13 @@ caf::behavior task_actor(task_actor_t* self, task_args args) {
     },
     [=](limit_atom, const std::string& kind, uint64_t limit, uint64_t count, bool whole, uint32_t cmd,
         const std::string& detail) {
-      // The sandbox's cgroup counted a limit: recorded on the task's stream, before the
+      // The sandbox's cgroup counted a limit, or its disk filled up: recorded on the task's stream, before the
       // command's exit or the sandbox's end that it may have caused.
       auto m = self->state.meta();
       m.user = "system";
-      const auto k = kind == "pids" ? ev::LimitKind::pids : ev::LimitKind::memory;
+      const auto k = kind == "pids"   ? ev::LimitKind::pids
+                     : kind == "disk" ? ev::LimitKind::disk_quota
+                                      : ev::LimitKind::memory;
       const std::string text = count > 1 && k == ev::LimitKind::memory ? detail + " (" + std::to_string(count) + " times)" : detail;
       persist(self, schemas::limit_reached(m, k, limit, cmd, whole, text),
               [](const storage::append_result&) {});

@@ -266,7 +266,8 @@ class bwrap_driver final : public sandbox_driver {
                                // No --die-with-parent: the sandbox outlives ferryd.
                                "--new-session", "--as-pid-1", "--cap-drop", "ALL",
                                "--clearenv"};
-    a.insert(a.end(), {"--ro-bind-fd", std::to_string(fd_root), "/"});
+    // The image read-only, or the sandbox's writable layer over it (storage.h).
+    a.insert(a.end(), {s.storage->writable_root() ? "--bind-fd" : "--ro-bind-fd", std::to_string(fd_root), "/"});
     for (const auto& host : s.host_binds)
       a.insert(a.end(), {"--ro-bind", host.string(), host.string()});
     a.insert(a.end(), {"--proc", "/proc", "--dev", "/dev",
@@ -304,7 +305,7 @@ class bwrap_driver final : public sandbox_driver {
 
     // Everything the launcher needs, opened before the fork (it only makes system calls).
     auto open_path = [](const fs::path& p, int flags) { return high(unique_fd(::open(p.c_str(), flags | O_PATH | O_CLOEXEC))); };
-    unique_fd root = open_path(s.rootfs, O_DIRECTORY);
+    unique_fd root = open_path(s.storage->writable_root() ? dir_ / "root" : s.rootfs, O_DIRECTORY);
     unique_fd workspace = open_path(dir_ / "workspace", O_DIRECTORY);
     unique_fd ctl = open_path(dir_ / "ctl", O_DIRECTORY);
     unique_fd init = open_path(s.init_binary, 0);
@@ -457,6 +458,9 @@ class bwrap_backend final : public backend {
       if (::chown((dir / d).c_str(), *uid, *uid) != 0)
         return fail(fmt::format("cannot give {} to uid {}: {}", (dir / d).string(), *uid, std::strerror(errno)));
     }
+    // The image's root-owned files are the sandbox's root's (its uid on the host) in its layer.
+    if (auto root = ctx_->common.storage->mount_root(dir, ctx_->common.rootfs, *uid); !root)
+      return root.error();
     if (cgroup) {
       // The launcher joins them (cgroup.procs) before it execs bwrap.
       std::string text;
@@ -548,7 +552,8 @@ result<std::unique_ptr<sandbox_runtime>> make_bwrap_runtime(bwrap_options opts) 
   ctx->uid_count = opts.uid_count;
   ctx->tmp_bytes = opts.tmp_bytes;
   auto common = check_options(opts, "bwrap", true,
-                              "RLIMIT_NPROC (per sandbox: its uid is its own) and RLIMIT_AS (per process)");
+                              "RLIMIT_NPROC (per sandbox: its uid is its own) and RLIMIT_AS (per process)",
+                              opts.uid_base);
   if (!common)
     return common.error();
   ctx->common = std::move(*common);

@@ -25,6 +25,8 @@ std::string_view to_string(limit_hit::kind k) {
       return "memory";
     case limit_hit::kind::pids:
       return "pids";
+    case limit_hit::kind::disk:
+      return "disk";
   }
   return "unknown";
 }

@@ -35,6 +35,7 @@
 
 #include "host_paths.h"
 #include "init_client.h"
+#include "storage.h"
 #include "ferry/schemas/frame.h"
 
 namespace ferry::sandbox::detail {
@@ -472,16 +473,26 @@ class hosted_sandbox final : public sandbox {
       if (auto r = cgroup_->remove(); !r && cleanup_error.empty())
         cleanup_error = r.error().message;
     }
-    std::error_code ec;
-    fs::remove_all(dir_, ec);
-    if (ec && cleanup_error.empty())
-      cleanup_error = fmt::format("cannot remove {}: {}", dir_.string(), ec.message());
+    std::optional<limit_hit> disk_at_end = new_disk_hit();
+    if (auto r = sandbox_storage::release(dir_); !r) {
+      // Never delete through a mount that stays (the root's overlay reaches the image).
+      if (cleanup_error.empty())
+        cleanup_error = r.error().message;
+    } else {
+      std::error_code ec;
+      fs::remove_all(dir_, ec);
+      if (ec && cleanup_error.empty())
+        cleanup_error = fmt::format("cannot remove {}: {}", dir_.string(), ec.message());
+    }
     registry_->release(id_);
 
     auto failure = failure_reason(cleanup_error, log);
     std::vector<limit_hit> hits;
-    if (at_end) {
+    if (at_end)
       hits = new_hits(*at_end);
+    if (disk_at_end)
+      hits.push_back(std::move(*disk_at_end));
+    {
       for (auto& hit : hits) {
         hit.whole_sandbox = failure.has_value() && !killed_by_owner_;
         observer_.on_limit_reached(hit);
@@ -577,15 +588,45 @@ class hosted_sandbox final : public sandbox {
   /// Reports what the cgroup counted since the last report, as hit during command `command_id`
   /// (the sandbox goes on). Reader thread only.
   void report_new_hits(uint32_t command_id) {
-    if (!cgroup_)
-      return;
-    for (auto& hit : new_hits(cgroup_->hits())) {
+    std::vector<limit_hit> hits;
+    if (cgroup_)
+      hits = new_hits(cgroup_->hits());
+    if (auto disk = new_disk_hit())
+      hits.push_back(std::move(*disk));
+    for (auto& hit : hits) {
       hit.command_id = command_id;
       observer_.on_limit_reached(hit);
     }
   }
 
+  /// The sandbox's disk, if it has one of its own and it became full since the last look (then
+  /// once, until it has room again). Reader thread only.
+  std::optional<limit_hit> new_disk_hit() {
+    if (!has_disk_)
+      return std::nullopt;
+    auto usage = sandbox_storage::usage(dir_);
+    if (!usage || !usage->full()) {
+      disk_full_reported_ = false;
+      return std::nullopt;
+    }
+    if (std::exchange(disk_full_reported_, true))
+      return std::nullopt;
+    limit_hit hit;
+    hit.what = limit_hit::kind::disk;
+    hit.limit = usage->total_bytes;
+    hit.count = 1;
+    hit.detail = fmt::format("disk quota reached ({} MiB): the sandbox's disk is full ({} MiB used, {} MiB left; "
+                             "writes fail with ENOSPC)",
+                             backend_->settings().limits.disk_bytes >> 20, usage->used_bytes >> 20,
+                             usage->free_bytes >> 20);
+    return hit;
+  }
+
   limit_watch watch_;
+  /// Whether the sandbox has a disk of its own (a quota), and whether its being full was
+  /// reported (reader thread).
+  const bool has_disk_ = sandbox_storage::usage(dir_).has_value();
+  bool disk_full_reported_ = false;
   // What was reported so far (reader thread). Starts at zero after an attach too: a limit hit
   // while no host was attached is reported then; one reported before is reported again.
   limit_hits reported_;
@@ -803,6 +844,8 @@ class hosted_runtime final : public sandbox_runtime {
       return fail(fmt::format("cleaning up orphan sandbox {}: {}", id, r.error().message));
     if (auto r = remove_cgroup(id); !r)
       return fail(fmt::format("cleaning up orphan sandbox {}: {}", id, r.error().message));
+    if (auto r = sandbox_storage::release(dir); !r)
+      return fail(fmt::format("cleaning up orphan sandbox {}: {}", id, r.error().message));
     std::error_code ec;
     fs::remove_all(dir, ec);
     if (ec)
@@ -819,18 +862,15 @@ class hosted_runtime final : public sandbox_runtime {
     return *key;
   }
 
-  /// Workspace, control directory, key and command line of a new sandbox, then the backend's
-  /// files.
+  /// Disk, workspace, control directory, key and command line of a new sandbox, then the
+  /// backend's files.
   result<void> prepare(const sandbox_spec& spec, const fs::path& dir) const {
+    const common_settings& settings = backend_->settings();
+    if (auto r = settings.storage->prepare(dir); !r)
+      return fail(fmt::format("sandbox {}: {}", spec.id, r.error().message));
     std::error_code ec;
-    const fs::path workspace = dir / "workspace";
     const fs::path ctl = dir / "ctl";
-    for (const auto& d : {workspace, ctl}) {
-      if (!ec)
-        fs::create_directory(d, ec);
-    }
-    if (!ec)
-      fs::permissions(workspace, fs::perms(0755), ec);
+    fs::create_directory(ctl, ec);
     if (!ec)
       fs::permissions(ctl, fs::perms(0700), ec);
     if (ec)
@@ -848,7 +888,6 @@ class hosted_runtime final : public sandbox_runtime {
           !r)
         return fail(fmt::format("sandbox {}: {}", spec.id, r.error().message));
     }
-    const common_settings& settings = backend_->settings();
     std::optional<sandbox_cgroup> cgroup;
     if (!settings.cgroup_parent.empty()) {
       auto made = sandbox_cgroup::create(settings.cgroup_parent, settings.cgroup_id(spec.id), settings.limits);
@@ -872,8 +911,11 @@ class hosted_runtime final : public sandbox_runtime {
   /// Undoes a start that failed before the sandbox object took over.
   void discard(const std::string& id, const fs::path& dir) {
     (void)remove_cgroup(id);
-    std::error_code ec;
-    fs::remove_all(dir, ec);
+    // Never delete through a mount that stays (the root's overlay reaches the image).
+    if (sandbox_storage::release(dir)) {
+      std::error_code ec;
+      fs::remove_all(dir, ec);
+    }
     registry_->release(id);
   }
 
@@ -893,7 +935,7 @@ uint64_t fnv1a(std::string_view s) {
 }
 
 result<common_settings> check_options(const runtime_options& opts, std::string_view backend, bool use_cgroups,
-                                      std::string_view fallback) {
+                                      std::string_view fallback, std::optional<uid_t> map_root_to) {
   common_settings s;
   if (opts.sandboxes_dir.empty())
     return fail(fmt::format("{} runtime: sandboxes_dir must be set", backend));
@@ -932,6 +974,12 @@ result<common_settings> check_options(const runtime_options& opts, std::string_v
       return fail(fmt::format("{} runtime: proxy_port must not be 0", backend));
   }
   s.limits = opts.limits;
+  if (opts.limits.disk_bytes != 0 && opts.limits.disk_bytes < min_disk_bytes)
+    return fail(fmt::format("{} runtime: a disk quota of {} bytes is below the minimum of {} MiB", backend,
+                            opts.limits.disk_bytes, min_disk_bytes >> 20));
+  s.storage = sandbox_storage::make(s.sandboxes_dir, opts.limits.disk_bytes, opts.spare_disks, opts.writable_root,
+                                    s.rootfs, map_root_to, backend);
+  s.limits.disk_bytes = s.storage->quota_bytes();
 
   // Every sandbox's cgroup is `<parent>/<prefix><id>`; the prefix keeps runtimes with other
   // sandbox directories (tests, a second ferryd) out of each other's groups.

@@ -7,8 +7,9 @@
 // and live in hosted.cpp. Both talk to ferry-init through init_client.
 //
 // On disk, for every backend: `<sandboxes_dir>/<id>/` (creating it claims the id; removing it is
-// the last step before on_ended) with `workspace/`, `ctl/init.sock`, `key` (the sandbox's
-// handshake key, 0600, hex) and `command_line`; the backend adds its own files. With cgroups, each
+// the last step before on_ended) with `workspace/`, `disk/` and `root/` (storage.h),
+// `ctl/init.sock`, `key` (the sandbox's handshake key, 0600, hex) and `command_line`; the
+// backend adds its own files. With cgroups, each
 // sandbox has `<cgroup_parent>/<cgroup_prefix><id>` in every hierarchy, made before its launch and
 // removed after its processes (hits read first: on_limit_reached).
 //
@@ -20,6 +21,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -28,6 +30,7 @@
 #include "cgroup_limits.h"
 #include "ferry/schemas/handshake.h"
 #include "held_process.h"
+#include "storage.h"
 #include "unique_fd.h"
 
 namespace ferry::sandbox::detail {
@@ -61,6 +64,8 @@ struct common_settings {
   std::string cgroup_prefix;
   /// The name of sandbox `id`'s cgroup below cgroup_parent.
   std::string cgroup_id(const std::string& id) const { return cgroup_prefix + id; }
+  /// Each sandbox's disk, workspace and writable root (never null).
+  std::shared_ptr<sandbox_storage> storage;
 };
 
 /// FNV-1a, for stable names derived from paths.
@@ -69,9 +74,10 @@ uint64_t fnv1a(std::string_view s);
 /// Checks `opts` (errors start with "<backend> runtime: "), creates sandboxes_dir and, without
 /// a rootfs, prepares the host-tree root next to it. With `use_cgroups`, probes that a cgroup
 /// can be made under opts.cgroup_parent, and says loudly on stderr when not (the sandboxes' limits
-/// are then `fallback`).
+/// are then `fallback`). Probes the sandboxes' storage likewise (`map_root_to`: the backend
+/// idmaps the root to a uid like this one; see storage.h).
 result<common_settings> check_options(const runtime_options& opts, std::string_view backend, bool use_cgroups,
-                                      std::string_view fallback);
+                                      std::string_view fallback, std::optional<uid_t> map_root_to = std::nullopt);
 
 /// ferry-init's command line in a sandbox of `spec` (its socket, linger, buffer, forwarder).
 std::vector<std::string> init_command(const common_settings& s, const sandbox_spec& spec);

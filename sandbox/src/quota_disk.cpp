@@ -11,6 +11,7 @@
 #include <sys/sysmacros.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
@@ -48,24 +49,6 @@ std::string unescape_mount_path(std::string_view s) {
   return out;
 }
 
-/// Every mount point at or below `root` (absolute, clean), deepest last as listed.
-std::vector<fs::path> mounts_at_or_below(const fs::path& root) {
-  std::vector<fs::path> found;
-  std::istringstream in(read_small_file("/proc/self/mountinfo"));
-  const std::string prefix = root.string();
-  for (std::string line; std::getline(in, line);) {
-    // id parent major:minor root mount-point options ...
-    std::istringstream fields(line);
-    std::string id, parent, dev, mroot, point;
-    if (!(fields >> id >> parent >> dev >> mroot >> point))
-      continue;
-    std::string p = unescape_mount_path(point);
-    if (p == prefix || (p.size() > prefix.size() && p.compare(0, prefix.size(), prefix) == 0 &&
-                        p[prefix.size()] == '/'))
-      found.emplace_back(std::move(p));
-  }
-  return found;
-}
 
 /// Attaches `image` to a free loop device that goes away with its last user (autoclear).
 result<unique_fd> attach_loop(const fs::path& image) {
@@ -127,8 +110,30 @@ std::string loop_path(int fd) {
 
 }  // namespace
 
+/// Every mount point at or below `root` (absolute, clean), deepest last as listed.
+std::vector<fs::path> mounts_at_or_below(const fs::path& root) {
+  std::vector<fs::path> found;
+  std::istringstream in(read_small_file("/proc/self/mountinfo"));
+  const std::string prefix = root.string();
+  for (std::string line; std::getline(in, line);) {
+    // id parent major:minor root mount-point options ...
+    std::istringstream fields(line);
+    std::string id, parent, dev, mroot, point;
+    if (!(fields >> id >> parent >> dev >> mroot >> point))
+      continue;
+    std::string p = unescape_mount_path(point);
+    if (p == prefix || (p.size() > prefix.size() && p.compare(0, prefix.size(), prefix) == 0 &&
+                        p[prefix.size()] == '/'))
+      found.emplace_back(std::move(p));
+  }
+  return found;
+}
+
 bool disk_usage::full() const {
-  const uint64_t margin = std::min<uint64_t>(total_bytes / 100, 1ull << 20);
+  // A large write fails whole when less than it is left (gVisor's gofer writes megabytes at
+  // once: `dd bs=1M` got ENOSPC with ~1 MiB free), so "full" has a margin: 1%, at least 4 MiB
+  // and at most 64 MiB.
+  const uint64_t margin = std::clamp<uint64_t>(total_bytes / 100, 4ull << 20, 64ull << 20);
   return free_bytes <= margin;
 }
 

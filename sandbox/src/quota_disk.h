@@ -25,6 +25,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "ferry/schemas/result.h"
 
@@ -42,7 +43,8 @@ struct disk_usage {
   uint64_t total_bytes = 0;
   uint64_t used_bytes = 0;
   uint64_t free_bytes = 0;  ///< what an unprivileged writer can still use
-  /// Whether it is practically full: less than 1% or 1 MiB left, whichever is smaller.
+  /// Whether it is practically full: a big write fails. Left at most 1% of it, but at least
+  /// 4 MiB and at most 64 MiB (writes of a megabyte fail whole when less is left).
   bool full() const;
 };
 
@@ -59,6 +61,10 @@ result<void> mount_disk(const std::filesystem::path& image, const std::filesyste
 
 /// Usage of the filesystem mounted on `mountpoint`.
 result<disk_usage> usage_of(const std::filesystem::path& mountpoint);
+
+/// Every mount point at or below `root` (absolute, clean), as /proc/self/mountinfo lists them
+/// (a mount comes after the one it sits on).
+std::vector<std::filesystem::path> mounts_at_or_below(const std::filesystem::path& root);
 
 /// Whether something is mounted on `path` (it is a mount point, per /proc/self/mountinfo).
 bool is_mount_point(const std::filesystem::path& path);

@@ -103,7 +103,7 @@ struct runsc_context {
   }
 };
 
-nlohmann::json make_config(const runsc_context& ctx, const sandbox_spec& spec,
+nlohmann::json make_config(const runsc_context& ctx, const sandbox_spec& spec, const fs::path& root,
                            const fs::path& workspace, const fs::path& ctl, const sandbox_cgroup* cgroup) {
   using nlohmann::json;
   const common_settings& s = ctx.common;
@@ -174,7 +174,8 @@ nlohmann::json make_config(const runsc_context& ctx, const sandbox_spec& spec,
         {"env", sandbox_environment(spec)},
         {"cwd", "/workspace"},
         {"noNewPrivileges", true}}},
-      {"root", {{"path", s.rootfs.string()}, {"readonly", true}}},
+      // The image itself, read-only, or the sandbox's writable layer over it (storage.h).
+      {"root", {{"path", root.string()}, {"readonly", root == s.rootfs}}},
       {"hostname", "sandbox"},
       {"mounts", mounts},
       {"linux", linux_section},
@@ -319,9 +320,12 @@ class runsc_backend final : public backend {
     fs::create_directory(bundle, ec);
     if (ec)
       return fail(fmt::format("cannot create {}: {}", bundle.string(), ec.message()));
+    auto root = ctx_->common.storage->mount_root(dir, ctx_->common.rootfs, std::nullopt);
+    if (!root)
+      return root.error();
     std::string config;
     try {
-      config = make_config(*ctx_, spec, dir / "workspace", dir / "ctl", cgroup).dump(2);
+      config = make_config(*ctx_, spec, *root, dir / "workspace", dir / "ctl", cgroup).dump(2);
     } catch (const nlohmann::json::exception&) {
       return fail("argv and env must be valid UTF-8 (they go into the OCI config.json)");
     }

@@ -160,7 +160,7 @@ BOOST_FIXTURE_TEST_CASE(root_inside_is_a_uid_of_its_own_without_capabilities_on_
                "touch /etc/ferry-x 2>/dev/null && echo WROTE || echo refused; "
                "echo mine > own-file && stat -c %u own-file"));
   BOOST_TEST(obs.output(1u, 0) == "0\nCapEff:0000000000000000\nCapBnd:0000000000000000\n"
-                                  "NoNewPrivs:1\nSeccomp:2\n65534\nrefused\nrefused\nrefused\n0\n",
+                                  "NoNewPrivs:1\nSeccomp:2\n65534\nrefused\nrefused\nWROTE\n0\n",
              obs.output(1u, 1));
   // Seen from the host, its uid 0 is the sandbox's uid (inside, a nested user namespace of
   // --disable-userns maps 0 to 0).
@@ -172,6 +172,9 @@ BOOST_FIXTURE_TEST_CASE(root_inside_is_a_uid_of_its_own_without_capabilities_on_
   BOOST_TEST(outside == uid);
   BOOST_TEST(count == 1u);
   BOOST_TEST(file_content(host_file) == "host\n");
+  // /etc is the sandbox's own layer over the root (its root's, idmapped); the host's /usr is a
+  // read-only bind; the root on the host is untouched.
+  BOOST_TEST(!fs::exists(tmp.path() / "rootfs-host" / "etc" / "ferry-x"));
   // What the sandbox writes belongs to its uid on the host, never to root.
   struct stat st {};
   BOOST_REQUIRE(::stat((sandbox_dir(id) / "workspace" / "own-file").c_str(), &st) == 0);
@@ -186,15 +189,15 @@ BOOST_FIXTURE_TEST_CASE(root_inside_is_a_uid_of_its_own_without_capabilities_on_
   release_and_check(*sb, obs, uid);
 }
 
-BOOST_FIXTURE_TEST_CASE(mounts_are_nosuid_and_the_root_is_read_only, fixture) {
+BOOST_FIXTURE_TEST_CASE(mounts_are_nosuid_and_the_root_is_the_sandboxs_own_layer, fixture) {
   recording_observer obs;
   uid_t uid = 0;
   auto sb = start_idle(unique_id("mounts"), obs, uid);
   run(*sb, obs,
-      shell(1, "for m in / /workspace /tmp /.ferry/ctl /dev; do "
+      shell(1, "for m in / /usr /workspace /tmp /.ferry/ctl /dev; do "
                "while read -r dev mnt type opts rest; do [ \"$mnt\" = $m ] && last=$opts; done < /proc/self/mounts; "
                "echo \"$m: $(echo $last | tr , '\\n' | grep -xE 'ro|rw|nosuid' | tr '\\n' ' ')\"; done"));
-  BOOST_TEST(obs.output(1u, 0) == "/: ro nosuid \n/workspace: rw nosuid \n/tmp: rw nosuid \n"
+  BOOST_TEST(obs.output(1u, 0) == "/: rw nosuid \n/usr: ro nosuid \n/workspace: rw nosuid \n/tmp: rw nosuid \n"
                                   "/.ferry/ctl: rw nosuid \n/dev: rw nosuid \n",
              obs.output(1u, 1));
   release_and_check(*sb, obs, uid);

@@ -15,6 +15,7 @@
 
 #include <atomic>
 #include <fstream>
+#include <sstream>
 #include <thread>
 
 #include <fmt/format.h>
@@ -272,6 +273,105 @@ BOOST_FIXTURE_TEST_CASE(a_fork_bomb_stops_at_the_pids_limit_and_the_limit_is_nam
   BOOST_TEST(!fs::exists(sandbox_dir(id)));
   auto left = rt->cleanup_orphans();
   BOOST_TEST((left.ok() && *left == 0u));
+}
+
+/// Mount points at or below `dir` in this process's view (a sandbox must leave none).
+std::vector<std::string> mounts_below(const fs::path& dir) {
+  std::vector<std::string> found;
+  std::istringstream in(testing::read_proc_file("/proc/self/mountinfo"));
+  for (std::string line; std::getline(in, line);) {
+    std::istringstream fields(line);
+    std::string id, parent, dev, root, point;
+    if ((fields >> id >> parent >> dev >> root >> point) && point.rfind(dir.string(), 0) == 0)
+      found.push_back(point);
+  }
+  return found;
+}
+
+uint64_t host_free_bytes(const fs::path& path) {
+  std::error_code ec;
+  return fs::space(path, ec).available;
+}
+
+// The disk quota: a sandbox's workspace and its writable root are on a filesystem of its own.
+// Filling it fails inside with ENOSPC, is reported once (with the command) until there is room
+// again, costs the host no more than the quota, and is gone with the sandbox.
+BOOST_FIXTURE_TEST_CASE(filling_the_disk_stops_at_the_quota_and_the_limit_is_named, fixture) {
+  sandbox_limits limits;
+  limits.disk_bytes = 64ull << 20;
+  auto rt = limited_runtime(limits);
+  recording_observer obs;
+  const std::string id = unique_id("diskfill");
+  auto sb = start_idle(id, obs, rt.get());
+  const uint64_t free_before = host_free_bytes(tmp.path());
+  // 200 MiB into the workspace: the write fails at the quota.
+  auto fill = run(*sb, obs, shell(2, "dd if=/dev/zero of=/workspace/big bs=1M count=200 2>&1; echo rc=$?"), 60s);
+  BOOST_TEST(fill.what == "exited");
+  const std::string out = obs.output(2, 0);
+  BOOST_TEST(out.find("No space left on device") != std::string::npos, out);
+  BOOST_TEST(out.find("rc=0") == std::string::npos, out);
+  auto hit = obs.find("limit");
+  BOOST_REQUIRE_MESSAGE(hit, "no limit reported");
+  BOOST_TEST((hit->hit.what == limit_hit::kind::disk));
+  BOOST_TEST(hit->hit.command_id == 2u);
+  BOOST_TEST(!hit->hit.whole_sandbox);
+  BOOST_TEST(hit->hit.limit <= 64ull << 20);
+  BOOST_TEST(hit->hit.limit >= 48ull << 20);
+  BOOST_TEST(hit->data.find("disk quota reached (64 MiB)") != std::string::npos, hit->data);
+  BOOST_TEST((hit->at <= obs.find("exited", 2)->at), "the limit is reported before the command's end");
+  // The host paid at most the quota (plus slack for other writers on this machine).
+  const uint64_t free_full = host_free_bytes(tmp.path());
+  BOOST_TEST(free_before - std::min(free_before, free_full) < (64ull + 32) << 20,
+             "host free space fell by " << ((free_before - std::min(free_before, free_full)) >> 20) << " MiB");
+  // Still full: not reported again. After removing the file there is room; filling the root
+  // (its writable layer is on the same disk) fails at the quota too, and is reported anew.
+  run(*sb, obs, shell(3, "dd if=/dev/zero of=/workspace/more bs=1M count=8 2>&1; rm -f /workspace/more"));
+  run(*sb, obs, shell(4, "rm /workspace/big && echo small > /workspace/small && cat /workspace/small"));
+  BOOST_TEST(obs.output(4, 0) == "small\n");
+  run(*sb, obs, shell(5, "dd if=/dev/zero of=/etc/big bs=1M count=200 2>&1; echo rc=$?"), 60s);
+  BOOST_TEST(obs.output(5, 0).find("No space left on device") != std::string::npos, obs.output(5, 0));
+  std::vector<uint32_t> reported;
+  for (const auto& r : obs.records())
+    if (r.what == "limit")
+      reported.push_back(r.hit.command_id);
+  BOOST_TEST((reported == std::vector<uint32_t>{2, 5}));
+  release_and_check(*sb, obs);
+  BOOST_TEST(mounts_below(sandbox_dir(id)).empty());
+  BOOST_TEST(host_free_bytes(tmp.path()) + (32ull << 20) >= free_before);
+}
+
+// Each sandbox has a writable layer over the read-only root: it may write anywhere (as its
+// root), other sandboxes do not see it, the image is never written, and it is gone at the end.
+BOOST_FIXTURE_TEST_CASE(the_root_is_writable_per_sandbox_and_the_image_stays_untouched, fixture) {
+  recording_observer a_obs, b_obs;
+  const std::string a_id = unique_id("roota"), b_id = unique_id("rootb");
+  auto a = start_idle(a_id, a_obs);
+  auto b = start_idle(b_id, b_obs);
+  auto wrote = run(*a, a_obs,
+                   shell(2, "echo mine > /etc/ferry-root-test && mkdir -p /opt/tool/bin && touch /opt/tool/bin/t && "
+                            "cat /etc/ferry-root-test && python3 -c 'import os\nfor p in (\"/etc/ferry-root-test\", \"/opt\"): "
+                            "s = os.stat(p); print(s.st_uid, oct(s.st_mode & 0o777)[2:])'"));
+  BOOST_TEST(wrote.exit_code == 0, a_obs.output(2, 1));
+  // Owned by root inside (bubblewrap: the sandbox's uid on the host, idmapped).
+  BOOST_TEST(a_obs.output(2, 0) == "mine\n0 644\n0 755\n");
+  run(*b, b_obs, shell(2, "cat /etc/ferry-root-test 2>&1; ls /opt 2>&1; echo end"));
+  BOOST_TEST(b_obs.output(2, 0).find("mine") == std::string::npos, b_obs.output(2, 0));
+  BOOST_TEST(b_obs.output(2, 0).find("tool") == std::string::npos, b_obs.output(2, 0));
+  // The image (here the host-tree root next to the sandboxes) has none of it.
+  const fs::path image = tmp.path() / "rootfs-host";
+  BOOST_REQUIRE(fs::is_directory(image / "etc"));
+  BOOST_TEST(!fs::exists(image / "etc" / "ferry-root-test"));
+  BOOST_TEST(!fs::exists(image / "opt"));
+  release_and_check(*a, a_obs);
+  release_and_check(*b, b_obs);
+  BOOST_TEST(mounts_below(sandbox_dir(a_id)).empty());
+  BOOST_TEST(mounts_below(sandbox_dir(b_id)).empty());
+  // A new sandbox starts from the image again.
+  recording_observer c_obs;
+  auto c = start_idle(unique_id("rootc"), c_obs);
+  run(*c, c_obs, shell(2, "test -e /etc/ferry-root-test && echo left || echo clean"));
+  BOOST_TEST(c_obs.output(2, 0) == "clean\n");
+  release_and_check(*c, c_obs);
 }
 
 BOOST_FIXTURE_TEST_CASE(a_pty_is_a_terminal_of_the_given_size, fixture) {

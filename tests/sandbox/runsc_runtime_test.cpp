@@ -138,15 +138,17 @@ BOOST_FIXTURE_TEST_CASE(environment_has_defaults_and_spec_overrides, fixture) {
              "/workspace\n0\n");
 }
 
-BOOST_FIXTURE_TEST_CASE(workspace_is_writable_and_the_root_is_not, fixture) {
+// The root is the sandbox's own writable layer (storage.h): writes there never reach the image
+// (here the host-tree root), the host's /usr is a read-only bind.
+BOOST_FIXTURE_TEST_CASE(workspace_and_root_layer_are_writable_and_the_image_is_not, fixture) {
   recording_observer obs;
   const auto id = unique_id("ws");
   auto sb = start(id,
                   {"/bin/sh", "-c",
                    "echo data > /workspace/f && echo wrote; "
-                   "if echo x > /rootfile; then echo ROOT-WRITABLE; else echo root-ro; fi; "
+                   "if echo x > /rootfile; then echo root-rw; else echo ROOT-RO; fi; "
                    "if touch /usr/ferry-x; then echo USR-WRITABLE; else echo usr-ro; fi; "
-                   "if echo x > /etc/passwd; then echo ETC-WRITABLE; else echo etc-ro; fi; "
+                   "if echo x >> /etc/passwd; then echo etc-rw; else echo ETC-RO; fi; "
                    "echo t > /tmp/t && echo tmp-rw; echo done; sleep 600"},
                   obs);
   BOOST_REQUIRE(obs.wait_for_output("done\n", 20s));
@@ -157,7 +159,9 @@ BOOST_FIXTURE_TEST_CASE(workspace_is_writable_and_the_root_is_not, fixture) {
   BOOST_TEST(!fs::exists("/usr/ferry-x"));
   sb->kill();
   sb->wait();
-  BOOST_TEST(obs.output(0) == "wrote\nroot-ro\nusr-ro\netc-ro\ntmp-rw\ndone\n");
+  BOOST_TEST(obs.output(0) == "wrote\nroot-rw\nusr-ro\netc-rw\ntmp-rw\ndone\n");
+  BOOST_TEST(!fs::exists(tmp.path() / "rootfs-host" / "rootfile"));
+  BOOST_TEST(testing::file_content(tmp.path() / "rootfs-host" / "etc" / "passwd").find("\nx\n") == std::string::npos);
   BOOST_TEST(obs.output(1).find("Read-only file system") != std::string::npos);
   BOOST_TEST(!fs::exists(sandbox_dir(id)));
 }

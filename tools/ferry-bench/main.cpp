@@ -551,7 +551,7 @@ int main(int argc, char** argv) {
   ferry::bench::sandbox_bench_options so;
   auto* sandbox_cmd = app.add_subcommand(
     "sandbox", "Sandbox runtime: spawn-to-ready vs bare runsc/bwrap, exec round trip, kill, memory "
-               "of idle sandboxes (real sandboxes; needs root)");
+               "of idle sandboxes, warm-pool acquisition (real sandboxes; needs root)");
   sandbox_cmd->add_option("--dir", dir, "Where to make the temporary directory");
   sandbox_cmd->add_option("--backend", so.backend, "Which backends to measure")
     ->capture_default_str()
@@ -568,6 +568,12 @@ int main(int argc, char** argv) {
   sandbox_cmd->add_option("--parallel", so.parallel, "Sandboxes starting at once while they are brought up")
     ->capture_default_str()
     ->check(CLI::Range(1, 256));
+  sandbox_cmd->add_option("--pool-target", so.pool_target, "Warm pool: ready sandboxes kept")
+    ->capture_default_str()
+    ->check(CLI::Range(1, 64));
+  sandbox_cmd->add_option("--acquires", so.acquires, "Warm pool: sandboxes acquired from it")
+    ->capture_default_str()
+    ->check(CLI::Range(1, 10000));
   sandbox_cmd->add_option("--init-binary", so.init_binary, "ferry-init (default: next to ferry-bench)");
   sandbox_cmd->add_flag("--check", so.check, "Exit non-zero when a figure misses its target");
   CLI11_PARSE(app, argc, argv);

@@ -7,6 +7,8 @@
 //           kills the sandbox (kill() → every host process gone); and, interleaved with it (the
 //           order alternates from round to round), a bare runsc container / bare bwrap whose
 //           `sh` prints "ready" on a pipe: the spawn-to-ready baseline.
+//   pool    a warm pool (sandbox_pool) of `pool_target` idle sandboxes; `acquires` times: wait
+//           until one is ready, time acquire() (a ready sandbox in hand), run `true` in it, kill it.
 //   memory  `count` idle sandboxes brought up `parallel` at a time; the PSS of their host
 //           processes and the drop of MemAvailable while they all run.
 // Every sandbox (Ferry's and bare) is owned by an object whose destructor kills it and waits
@@ -39,6 +41,7 @@
 #include <nlohmann/json.hpp>
 
 #include "bench_support.h"
+#include "ferry/sandbox/pool.h"
 #include "ferry/sandbox/process.h"
 #include "ferry/sandbox/sandbox.h"
 
@@ -635,6 +638,12 @@ struct backend_result {
   int kill_unconfirmed = 0;
   size_t kill_processes = 0;  // host processes held, summed over the kill_attempts
   int kill_attempts = 0;
+  // warm pool
+  std::vector<int64_t> acquire_ns;        // acquire() → a ready sandbox in hand
+  std::vector<int64_t> acquire_exec_ns;   // acquire() + `true` in it → on_command_ended
+  int acquire_failures = 0;
+  std::string pool_error;
+  std::optional<ferry::sandbox::pool_stats> pool_stats;
   std::vector<std::string> errors;
   // memory
   int memory_target = 0, memory_running = 0;
@@ -730,6 +739,8 @@ class backend_run {
     fs::create_directories(bare_.state_dir, ec);
 
     rounds(**rt);
+    if (!interrupted)
+      warm_pool(**rt);
     if (!interrupted)
       memory(**rt);
 
@@ -881,6 +892,87 @@ class backend_run {
       r_.fail("sandbox " + s->id + " ended with \"" + why + "\", not \"killed\"");
   }  // s: on_ended has come; destruction only joins
 
+  /// A bench observer that can be handed to acquire (a live_sandbox without the start).
+  struct acquired_box {
+    std::string id;
+    bench_observer observer;  // outlives box (declared first)
+    std::unique_ptr<sb::sandbox> box;
+    ~acquired_box() {
+      if (box) {
+        box->kill();
+        box->wait();
+      }
+    }
+  };
+
+  void warm_pool(sb::sandbox_runtime& rt) {
+    progress(r_.name + ": warm pool of " + std::to_string(o_.pool_target) + ", " + std::to_string(o_.acquires) +
+             " acquisitions");
+    sb::pool_options po;
+    po.id_prefix = prefix_.substr(0, prefix_.size() - 1);  // "fb<pid>": the ids carry the run's prefix
+    auto made = sb::make_sandbox_pool(rt, po);
+    if (!made) {
+      r_.pool_error = made.error().message;
+      r_.fail("warm pool: " + r_.pool_error);
+      return;
+    }
+    auto& pool = **made;
+    const std::string key = "bench";
+    sb::pool_config pc;
+    pc.target = static_cast<size_t>(o_.pool_target);
+    if (auto c = pool.configure(key, pc); !c) {
+      r_.pool_error = c.error().message;
+      r_.fail("warm pool: " + r_.pool_error);
+      return;
+    }
+    // Handed-over sandboxes are killed at once (so they cost nothing while the pool refills) and
+    // destroyed at the end: their cleanup (runsc delete) runs meanwhile on their reader threads.
+    std::vector<std::unique_ptr<acquired_box>> taken;
+    for (int i = 0; i < o_.acquires && !interrupted; ++i) {
+      if (!pool.wait_ready(key, 1, ready_timeout)) {
+        ++r_.acquire_failures;
+        r_.fail("warm pool: no sandbox ready within " + std::to_string(ready_timeout.count()) +
+                " s: " + pool.stats(key).value_or(sb::pool_stats{}).last_error);
+        break;
+      }
+      auto a = std::make_unique<acquired_box>();
+      const auto t0 = bench_clock::now();
+      auto got = pool.acquire(key, a->observer);
+      const auto t1 = bench_clock::now();
+      if (!got) {
+        ++r_.acquire_failures;
+        r_.fail("warm pool: acquire: " + got.error().message);
+        continue;
+      }
+      r_.acquire_ns.push_back(ns(t1 - t0));
+      a->id = got->id;
+      a->box = std::move(got->box);
+      sb::command_spec c;
+      c.command_id = first_exec_id;
+      c.argv = {"true"};
+      if (auto r = a->box->run(c); !r) {
+        r_.fail("warm pool: run true in " + a->id + ": " + r.error().message);
+      } else if (auto end = a->observer.wait_command(c.command_id, command_timeout); !end.at) {
+        r_.fail("warm pool: true in " + a->id + ": " + end.error);
+      } else {
+        r_.acquire_exec_ns.push_back(ns(*end.at - t0));
+      }
+      a->box->kill();
+      taken.push_back(std::move(a));
+    }
+    r_.pool_stats = pool.stats(key);
+    if (!r_.acquire_ns.empty()) {
+      std::vector<int64_t> sorted = r_.acquire_ns;
+      auto sum = summarize(sorted);
+      char buf[160];
+      std::snprintf(buf, sizeof buf, "%s: warm pool: acquire p50 %.3f ms, p99 %.3f ms over %zu", r_.name.c_str(),
+                    sum.p50_us / 1000, sum.p99_us / 1000, r_.acquire_ns.size());
+      progress(buf);
+    }
+    made->reset();  // the pool's idle sandboxes: killed and waited for
+    taken.clear();
+  }
+
   void memory(sb::sandbox_runtime& rt) {
     r_.memory_target = o_.count;
     progress(r_.name + ": memory: bringing up " + std::to_string(o_.count) + " idle sandboxes, " +
@@ -915,7 +1007,11 @@ class backend_run {
       while (static_cast<int>(starting.size()) < o_.parallel && next < o_.count) {
         std::string error;
         time_point t0;
-        auto s = start_idle(rt, sandboxes_dir_, prefix_ + "m" + std::to_string(next++), t0, error);
+        // Fixed width: `…-m1` would be a prefix of `…-m10`, and runsc refuses to delete an id
+        // that is the start of another live one ("ambiguous").
+        char name[16];
+        std::snprintf(name, sizeof name, "m%04d", next++);
+        auto s = start_idle(rt, sandboxes_dir_, prefix_ + name, t0, error);
         if (!s) {
           r_.memory_error = error;
           break;
@@ -1055,9 +1151,23 @@ std::vector<row> rows_of(const backend_result& b, const sandbox_bench_options& o
     r.target_value = o.count;
     err(std::move(r));
   }
-  row pool = make_row(n + " warm-pool acquisition", "ms", std::nullopt);
-  pool.note = "not built yet";
-  rows.push_back(std::move(pool));
+  // The warm pool: acquire() against the cold start it saves (row 1's p50).
+  auto pool_row = [&](std::string name, const std::vector<int64_t>& v, bool p99) {
+    row r = make_row(n + " " + std::move(name) + (p99 ? " p99" : " p50"), "ms", ms(v, p99), ms(b.spawn_ns, p99),
+                     "cold start() → on_running (row 1)");
+    if (v.empty() && b.error.empty())
+      r.error = b.pool_error.empty() ? "no sandbox acquired" : b.pool_error;
+    return r;
+  };
+  for (bool p99 : {false, true}) {
+    row r = pool_row("warm-pool acquisition", b.acquire_ns, p99);
+    if (!p99) {
+      r.target = row::goal::at_most;
+      r.target_value = 10;
+    }
+    err(std::move(r));
+  }
+  err(pool_row("warm-pool acquire + first `true`", b.acquire_exec_ns, false));
   return rows;
 }
 
@@ -1068,9 +1178,10 @@ void print_table(const std::vector<backend_result>& results, const std::vector<r
     const auto at = text.find("MemTotal:");
     return at == std::string::npos ? 0.0 : std::strtod(text.c_str() + at + 9, nullptr) / (1024 * 1024);
   }();
-  std::printf("ferry-bench sandbox: %d rounds (%d × `true` each), %d idle sandboxes (%d starting at once); "
-              "host-tree root; %u CPUs, MemTotal %.1f GiB\n\n",
-              o.rounds, o.execs, o.count, o.parallel, std::thread::hardware_concurrency(), total);
+  std::printf("ferry-bench sandbox: %d rounds (%d × `true` each), %d idle sandboxes (%d starting at once), "
+              "warm pool of %d with %d acquisitions; host-tree root; %u CPUs, MemTotal %.1f GiB; load %s\n\n",
+              o.rounds, o.execs, o.count, o.parallel, o.pool_target, o.acquires, std::thread::hardware_concurrency(),
+              total, sb::read_small_file("/proc/loadavg").substr(0, 14).c_str());
   std::printf("%-52s %10s %10s %6s  %-14s %-6s  %s\n", "figure", "ferry", "baseline", "ratio", "target", "result",
               "baseline is");
   for (const auto& r : rows) {
@@ -1111,6 +1222,16 @@ void print_table(const std::vector<backend_result>& results, const std::vector<r
                 value_text(b.available_before_kib ? std::optional<double>(*b.available_before_kib / 1024.0) : std::nullopt, "MiB").c_str(),
                 value_text(b.available_after_kib ? std::optional<double>(*b.available_after_kib / 1024.0) : std::nullopt, "MiB").c_str(),
                 b.orphans, b.leftover_processes);
+    if (b.pool_stats) {
+      const auto& ps = *b.pool_stats;
+      std::printf("%s: warm pool: target %zu, acquire %s (%d failed), acquire + `true` %s; %llu starts, %llu start "
+                  "failures, %llu died idle, %llu misses%s%s\n",
+                  b.name.c_str(), ps.target, n_max(b.acquire_ns).c_str(), b.acquire_failures,
+                  n_max(b.acquire_exec_ns).c_str(), static_cast<unsigned long long>(ps.starts),
+                  static_cast<unsigned long long>(ps.start_failures), static_cast<unsigned long long>(ps.died_idle),
+                  static_cast<unsigned long long>(ps.misses), ps.last_error.empty() ? "" : "; last error: ",
+                  ps.last_error.c_str());
+    }
     for (const auto& e : b.errors)
       std::printf("%s: error: %s\n", b.name.c_str(), e.c_str());
   }

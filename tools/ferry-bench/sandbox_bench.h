@@ -2,7 +2,7 @@
 // ferry-bench sandbox: what the sandbox runtime costs, per backend (gVisor and bubblewrap), with
 // real sandboxes through the public sandbox API — start-up against a bare runsc/bwrap launched
 // side by side in the same run, the exec round trip, killing a busy sandbox, the memory of many
-// idle sandboxes — printed as one table (see README.md).
+// idle sandboxes, acquiring from a warm pool — printed as one table (see README.md).
 
 #include <filesystem>
 #include <string>
@@ -21,6 +21,9 @@ struct sandbox_bench_options {
   int count = 100;
   /// Sandboxes starting at once while the memory figure's sandboxes are brought up.
   int parallel = 4;
+  /// The warm pool's target (ready sandboxes kept), and how many are acquired from it.
+  int pool_target = 4;
+  int acquires = 30;
   std::string init_binary;  ///< ferry-init; default: next to ferry-bench
   bool check = false;
 };

@@ -170,6 +170,14 @@ int run(int argc, char** argv) {
     ->check(CLI::Range(0.0, static_cast<double>(uint64_t{1} << 50)).description(""))
     ->type_name("SIZE")
     ->default_str("4GiB");
+  app.add_option("--sandbox-disk", sandbox_limits.disk_bytes,
+                 "Disk quota of each sandbox: its workspace and its writable root on a filesystem "
+                 "of their own (e.g. 2GiB, 10GiB; 0: no quota); filling it is recorded as "
+                 "limit_reached disk_quota")
+    ->transform(CLI::AsSizeValue(false))
+    ->check(CLI::Range(0.0, static_cast<double>(uint64_t{1} << 50)).description(""))
+    ->type_name("SIZE")
+    ->default_str("10GiB");
   app.add_option("--sandbox-pids", sandbox_limits.pids,
                  "Processes and threads of each sandbox at once (0: no limit); reaching it is "
                  "recorded as limit_reached pids")
@@ -221,6 +229,9 @@ int run(int argc, char** argv) {
   if (sandbox_limits.memory_bytes != 0 && sandbox_limits.memory_bytes < (uint64_t{64} << 20))
     die("--sandbox-memory must be 0 (no limit) or at least 64MiB (a sandbox's own processes need "
         "that much), got " + std::to_string(sandbox_limits.memory_bytes) + " bytes");
+  if (sandbox_limits.disk_bytes != 0 && sandbox_limits.disk_bytes < ferry::sandbox::min_disk_bytes)
+    die("--sandbox-disk must be 0 (no quota) or at least " + std::to_string(ferry::sandbox::min_disk_bytes >> 20) +
+        "MiB, got " + std::to_string(sandbox_limits.disk_bytes) + " bytes");
   if (task_wall_clock_ms < 1000)
     die("--task-wall-clock must be at least 1s, got " + std::to_string(task_wall_clock_ms) +
         "ms");

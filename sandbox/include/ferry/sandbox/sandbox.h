@@ -48,6 +48,9 @@ struct sandbox_spec {
   std::vector<std::string> env;
   /// Id ferry-init reports the command line under (on_command_started/on_output/...).
   uint32_t command_id = 1;
+
+  /// Field by field, every field (the warm pool tells a key's changed template by it).
+  bool operator==(const sandbox_spec&) const = default;
 };
 
 /// Where a host resumes one command's output: the bytes of each stream it already has.
@@ -217,11 +220,11 @@ struct grep_matches {
 
 /// A resource limit a sandbox hit, as its cgroup counted it.
 struct limit_hit {
-  enum class kind { memory, pids };
+  enum class kind { memory, pids, disk };
   kind what = kind::memory;
-  /// The limit in force: bytes (memory) or processes and threads (pids).
+  /// The limit in force: bytes (memory, disk) or processes and threads (pids).
   uint64_t limit = 0;
-  /// How often: OOM kills, or forks refused.
+  /// How often: OOM kills, forks refused; 1 for a disk that became full.
   uint64_t count = 0;
   /// The sandbox ended abnormally with it (gVisor: a hit kills the whole sandbox).
   bool whole_sandbox = false;
@@ -231,7 +234,7 @@ struct limit_hit {
   /// A sentence for people ("memory limit reached (4096 MiB): the OOM killer ran").
   std::string detail;
 };
-/// "memory" or "pids".
+/// "memory", "pids" or "disk".
 std::string_view to_string(limit_hit::kind k);
 
 /// Receives what happens in one sandbox. Called on the sandbox's reader thread, in order:
@@ -278,10 +281,11 @@ class sandbox_observer {
   /// reader thread, whichever saw it); the slower cleanup (runsc delete, files) follows, then
   /// on_ended. Not delivered if the runtime could not confirm it (on_ended then says why).
   virtual void on_processes_gone(std::chrono::steady_clock::time_point /*at*/) {}
-  /// The sandbox's cgroup counted a limit being hit. Read when a command ends (then just before
-  /// its on_command_ended, with its id: the sandbox went on) and once its processes are gone
-  /// (before on_ended: what was not reported yet). Only with Ferry's own cgroups
-  /// (runtime_options::cgroup_parent).
+  /// The sandbox hit a limit: its cgroup counted an OOM kill or a refused fork, or its disk is
+  /// full. Read when a command ends (then just before its on_command_ended, with its id: the
+  /// sandbox went on) and once its processes are gone (before on_ended: what was not reported
+  /// yet). Memory and pids only with Ferry's own cgroups (runtime_options::cgroup_parent); the
+  /// disk only with a quota (sandbox_limits::disk_bytes), once each time it fills up.
   virtual void on_limit_reached(const limit_hit& /*hit*/) {}
   /// The sandbox is gone: no process of it remains and its files are deleted. `failure` is set
   /// when it ended abnormally (runtime error, protocol error, killed) with the reason.
@@ -386,7 +390,16 @@ struct sandbox_limits {
   /// CPU share against other sandboxes when the CPUs are busy: 100 = an even share (cgroup v2
   /// cpu.weight scale, 1..10000; v1 cpu.shares = weight × 1024 / 100).
   uint32_t cpu_weight = 100;
+  /// The disk quota: everything the sandbox writes outside memory (its workspace and its
+  /// writable root) is on an ext4 filesystem of its own of this size (a sparse, loop-mounted
+  /// image: the host pays only what is used); filling it fails with ENOSPC inside and is an
+  /// on_limit_reached. 0: no quota (the sandbox writes to the host's filesystem); else at least
+  /// min_disk_bytes.
+  uint64_t disk_bytes = 10ull << 30;
 };
+
+/// The smallest disk quota (ext4 needs room for its own metadata).
+inline constexpr uint64_t min_disk_bytes = 16ull << 20;
 
 /// Settings every backend shares.
 struct runtime_options {
@@ -411,6 +424,14 @@ struct runtime_options {
   std::filesystem::path egress_socket;
   uint16_t proxy_port = 3128;
   sandbox_limits limits;
+  /// A writable layer over the read-only root per sandbox (overlayfs, on its disk): a command
+  /// may write anywhere in its root (e.g. install packages) and it is gone with the sandbox; the
+  /// image itself is never written. False (or a host without overlayfs, said loudly): the root
+  /// is read-only and only /workspace, /tmp and /dev/shm are writable.
+  bool writable_root = true;
+  /// Sandbox disks kept formatted and mounted ahead (a start takes one in ~0.3 ms instead of
+  /// making one in 25-50 ms); refilled in the background. 0: made at each start.
+  size_t spare_disks = 2;
   /// Where each sandbox's cgroup goes, below the root of each cgroup hierarchy (v2: the unified
   /// one; v1: memory, pids, cpu): `<cgroup_parent>/<runtime>-<sandbox id>`. Ferry makes it before
   /// the sandbox starts, writes the limits, reads after the sandbox's end which limit it hit,
