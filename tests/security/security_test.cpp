@@ -638,6 +638,46 @@ BOOST_FIXTURE_TEST_CASE(no_host_directory_or_file_descriptor_reaches_the_sandbox
   release_and_check(*sb, obs);
 }
 
+// Filling the disk: with a quota of 64 MiB, the probe writes up to 256 MiB into /workspace and
+// then into the root (a writable root's layer is on the same disk; a read-only root refuses).
+// Each stops at ENOSPC (or EROFS) before the quota, the host's free space falls by no more than
+// the quota (plus slack for the other builds on this machine) and comes back after the end, and
+// the limit is reported as the disk's.
+BOOST_FIXTURE_TEST_CASE(filling_the_disk_stops_at_the_quota, battery) {
+  sandbox_limits limits;
+  limits.disk_bytes = 64ull << 20;
+  auto rt = make_runtime(limits);
+  recording_observer obs;
+  const auto id = unique_id("diskfill");
+  auto sb = start(id, obs, rt.get());
+  auto free_bytes = [&] {
+    std::error_code ec;
+    return fs::space(tmp.path(), ec).available;
+  };
+  const uint64_t free_before = free_bytes();
+  auto in_workspace = probe(*sb, obs, {"fill-disk", "/workspace/fill", "256"});
+  BOOST_TEST(in_workspace["fill"] == "ENOSPC");
+  const uint64_t written = std::strtoull(in_workspace["written"].c_str(), nullptr, 10);
+  BOOST_TEST(written >= (32ull << 20), "the probe wrote only " << written << " bytes");  // it did fill
+  BOOST_TEST(written <= limits.disk_bytes);
+  auto in_root = probe(*sb, obs, {"fill-disk", "/fill", "256"});
+  BOOST_TEST((in_root["fill"] == "ENOSPC" || in_root["open"] == "EROFS"), "fill=" << in_root["fill"] << " open="
+                                                                                  << in_root["open"]);
+  const uint64_t free_full = free_bytes();
+  const uint64_t cost = free_before - std::min(free_before, free_full);
+  BOOST_TEST(cost < limits.disk_bytes + (32ull << 20), "the host's free space fell by " << (cost >> 20) << " MiB");
+  BOOST_TEST_MESSAGE("wrote " << (written >> 20) << " MiB in /workspace; host free space fell by " << (cost >> 20)
+                              << " MiB");
+  BOOST_REQUIRE(obs.wait_for("limit", 10s));
+  auto hit = obs.find("limit");
+  BOOST_TEST((hit->hit.what == limit_hit::kind::disk));
+  BOOST_TEST(hit->hit.limit <= limits.disk_bytes);
+  BOOST_TEST(hit->data.find("disk quota reached (64 MiB)") != std::string::npos, hit->data);
+  BOOST_TEST(host_can_fork());
+  release_and_check(*sb, obs);
+  BOOST_TEST(free_bytes() + (32ull << 20) >= free_before);
+}
+
 // The control socket is the sandbox's to replace (same uid as ferry-init; under runsc with an
 // egress socket, --host-uds=all, as here): a symlink put in its place must not send the host
 // anywhere else. After the owner lets go, a new host lists and attaches: the host's unix socket
