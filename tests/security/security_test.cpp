@@ -357,17 +357,15 @@ struct battery {
     return std::move(*s);
   }
 
-  /// Runs security_probe `args` inside; its results (and the whole record in `end`).
-  probe_results probe(sandbox& sb, recording_observer& obs, std::vector<std::string> args,
-                      recording_observer::record* end = nullptr) {
+  /// Runs security_probe `args` inside; its results.
+  probe_results probe(sandbox& sb, recording_observer& obs, std::vector<std::string> args) {
     args.insert(args.begin(), "/workspace/security_probe");
     const uint32_t id = next_command++;
     auto e = testing::run_to_end(sb, obs, testing::argv(id, args), 60s);
+    BOOST_TEST(e.what == "exited", e.data);
     const std::string out = obs.output(id, 0);
     BOOST_TEST_MESSAGE(testing::test_backend() << ": " << fmt::format("{}", fmt::join(args, " ")) << " → " << out
-                                           << obs.output(id, 1));
-    if (end)
-      *end = e;
+                                               << obs.output(id, 1));
     return parse_results(out);
   }
 
@@ -397,7 +395,7 @@ struct battery {
   /// Every file a command inside can read — all of it but /usr (the host's, read-only, shared by
   /// design), /sys and /proc, of which every process's environ and cmdline — that contains any of
   /// `needles`. The needles come on stdin, so they are in no file, argument or environment a
-  /// search could find (bounded: 40 s).
+  /// search could find (each grep under `timeout`, the whole within 60 s).
   std::vector<std::string> files_containing(sandbox& sb, recording_observer& obs,
                                             const std::vector<std::string>& needles) {
     std::string in;
