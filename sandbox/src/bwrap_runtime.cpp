@@ -459,7 +459,7 @@ class bwrap_backend final : public backend {
         return fail(fmt::format("cannot give {} to uid {}: {}", (dir / d).string(), *uid, std::strerror(errno)));
     }
     // The image's root-owned files are the sandbox's root's (its uid on the host) in its layer.
-    if (auto root = ctx_->common.storage->mount_root(dir, ctx_->common.rootfs, *uid); !root)
+    if (auto root = ctx_->common.storage->mount_root(dir, ctx_->common.rootfs, spec.layers, *uid); !root)
       return root.error();
     if (cgroup) {
       // The launcher joins them (cgroup.procs) before it execs bwrap.

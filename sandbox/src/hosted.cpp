@@ -276,6 +276,13 @@ class hosted_sandbox final : public sandbox {
     return client_.grep(pattern, o);
   }
 
+  result<void> save_root_layer(const fs::path& dest) override {
+    std::lock_guard storage(storage_mu_);  // the teardown waits: the disk stays mounted
+    if (storage_gone_ || detached_)
+      return fail(errc::closed, fmt::format("sandbox {} is ending", id_));
+    return sandbox_storage::save_layer(dir_, dest);
+  }
+
   void kill() override {
     {
       std::lock_guard lock(kill_mu_);
@@ -474,6 +481,8 @@ class hosted_sandbox final : public sandbox {
         cleanup_error = r.error().message;
     }
     std::optional<limit_hit> disk_at_end = new_disk_hit();
+    std::unique_lock storage(storage_mu_);  // after a save_root_layer in progress
+    storage_gone_ = true;
     if (auto r = sandbox_storage::release(dir_); !r) {
       // Never delete through a mount that stays (the root's overlay reaches the image).
       if (cleanup_error.empty())
@@ -484,6 +493,7 @@ class hosted_sandbox final : public sandbox {
       if (ec && cleanup_error.empty())
         cleanup_error = fmt::format("cannot remove {}: {}", dir_.string(), ec.message());
     }
+    storage.unlock();
     registry_->release(id_);
 
     auto failure = failure_reason(cleanup_error, log);
@@ -637,6 +647,8 @@ class hosted_sandbox final : public sandbox {
   std::optional<std::string> launch_failure_;
   std::optional<std::string> handshake_error_;
 
+  std::mutex storage_mu_;     // the sandbox's disk and root: save_root_layer against teardown
+  bool storage_gone_ = false;  // REQUIRES: storage_mu_
   std::atomic<bool> killed_by_owner_{false};
   std::atomic<bool> detached_{false};
   std::mutex kill_mu_;
@@ -668,6 +680,12 @@ class hosted_runtime final : public sandbox_runtime {
     for (const auto& e : spec.env) {
       if (e.find('=') == std::string::npos || e.front() == '=')
         return fail(fmt::format("sandbox {}: environment entry `{}` is not K=V", spec.id, e));
+    }
+    for (const auto& layer : spec.layers) {
+      std::error_code ec;
+      if (!layer.is_absolute() || !fs::is_directory(layer, ec))
+        return fail(errc::invalid_argument,
+                    fmt::format("sandbox {}: layer `{}` is not an absolute path of a directory", spec.id, layer.string()));
     }
 
     const fs::path dir = sandboxes_dir() / spec.id;

@@ -342,6 +342,7 @@ class sandbox_pool::impl {
     result<grep_matches> grep(const std::string& pattern, const grep_options& options) override {
       return box_->grep(pattern, options);
     }
+    result<void> save_root_layer(const std::filesystem::path& dest) override { return box_->save_root_layer(dest); }
     void kill() override { box_->kill(); }
     void detach() override { box_->detach(); }
     void wait() override { box_->wait(); }

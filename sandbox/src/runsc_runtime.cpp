@@ -320,7 +320,7 @@ class runsc_backend final : public backend {
     fs::create_directory(bundle, ec);
     if (ec)
       return fail(fmt::format("cannot create {}: {}", bundle.string(), ec.message()));
-    auto root = ctx_->common.storage->mount_root(dir, ctx_->common.rootfs, std::nullopt);
+    auto root = ctx_->common.storage->mount_root(dir, ctx_->common.rootfs, spec.layers, std::nullopt);
     if (!root)
       return root.error();
     std::string config;

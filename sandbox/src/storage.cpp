@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <sys/file.h>
 #include <sys/mount.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -15,6 +16,7 @@
 
 #include <fmt/format.h>
 
+#include "ferry/sandbox/process.h"
 #include "root_layer.h"
 
 namespace ferry::sandbox::detail {
@@ -180,13 +182,64 @@ result<void> sandbox_storage::prepare(const fs::path& dir) {
 }
 
 result<fs::path> sandbox_storage::mount_root(const fs::path& dir, const fs::path& rootfs,
+                                             const std::vector<fs::path>& layers,
                                              std::optional<uid_t> map_root_to) const {
-  if (!writable_root_)
+  if (!writable_root_) {
+    if (!layers.empty())
+      return fail(errc::invalid_argument, "layers need a writable root, which this runtime does not have");
     return rootfs;
+  }
   const fs::path disk = dir / "disk";
-  if (auto r = mount_root_layer({{rootfs}, disk / "upper", disk / "work", dir / "root", map_root_to}); !r)
+  std::vector<fs::path> lowers = layers;
+  lowers.push_back(rootfs);
+  if (auto r = mount_root_layer({lowers, disk / "upper", disk / "work", dir / "root", map_root_to}); !r)
     return fail(fmt::format("its writable root: {}", r.error().message));
   return dir / "root";
+}
+
+result<void> sandbox_storage::save_layer(const fs::path& dir, const fs::path& dest) {
+  const fs::path upper = dir / "disk" / "upper";
+  std::error_code ec;
+  struct stat st {};
+  if (!is_mount_point(dir / "root") || ::lstat(upper.c_str(), &st) != 0 || !S_ISDIR(st.st_mode))
+    return fail(errc::invalid_argument, "the sandbox has no writable root to save");
+  if (fs::exists(dest, ec) || ec)
+    return fail(errc::invalid_argument, fmt::format("cannot save the root layer to {}: it exists", dest.string()));
+  const fs::path partial = dest.parent_path() / fmt::format(".{}.partial-{}", dest.filename().string(), ::getpid());
+  fs::remove_all(partial, ec);
+  // cp -a: the tree as it is, with modes, owners, times, symlinks, device nodes (overlayfs's
+  // whiteouts are 0/0 character devices) and extended attributes (trusted.overlay.opaque).
+  auto copied = run_command({"cp", "-a", "--", upper.string(), partial.string()}, std::chrono::minutes(30));
+  if (!copied || !copied->status.ok()) {
+    fs::remove_all(partial, ec);
+    return fail(fmt::format("cannot copy the root layer to {}: {}", partial.string(),
+                            copied ? copied->output : copied.error().message));
+  }
+  // What the sandbox's uid owns is its root's: 0 in a layer (idmapped again when used).
+  const uid_t owner = st.st_uid;
+  if (owner != 0) {
+    auto normalise = [&](const fs::path& p) -> bool {
+      struct stat f {};
+      if (::lstat(p.c_str(), &f) != 0)
+        return false;
+      const uid_t u = f.st_uid == owner ? 0 : f.st_uid;
+      const gid_t g = f.st_gid == owner ? 0 : f.st_gid;
+      return (u == f.st_uid && g == f.st_gid) || ::lchown(p.c_str(), u, g) == 0;
+    };
+    bool ok = normalise(partial);
+    for (fs::recursive_directory_iterator it(partial, ec), end; ok && !ec && it != end; it.increment(ec))
+      ok = normalise(it->path());
+    if (!ok || ec) {
+      fs::remove_all(partial, ec);
+      return fail(fmt::format("cannot give the root layer in {} to root", partial.string()));
+    }
+  }
+  if (::rename(partial.c_str(), dest.c_str()) != 0) {
+    const int e = errno;
+    fs::remove_all(partial, ec);
+    return fail(fmt::format("cannot move the root layer to {}: {}", dest.string(), errno_message(e)));
+  }
+  return {};
 }
 
 std::optional<disk_usage> sandbox_storage::usage(const fs::path& dir) {

@@ -25,6 +25,7 @@
 #include <memory>
 #include <optional>
 #include <string_view>
+#include <vector>
 
 #include "ferry/schemas/result.h"
 #include "quota_disk.h"
@@ -52,9 +53,16 @@ class sandbox_storage {
   result<void> prepare(const std::filesystem::path& dir);
 
   /// The root a backend gives sandbox `dir`: `rootfs` itself (read-only), or with a writable root
-  /// `dir`/root, an overlay over it, mounted here (`map_root_to`: see root_layer_spec).
+  /// `dir`/root, an overlay over `layers` (topmost first, sandbox_spec::layers) and `rootfs`,
+  /// mounted here (`map_root_to`: see root_layer_spec).
   result<std::filesystem::path> mount_root(const std::filesystem::path& dir, const std::filesystem::path& rootfs,
+                                           const std::vector<std::filesystem::path>& layers,
                                            std::optional<uid_t> map_root_to) const;
+
+  /// Copies sandbox `dir`'s writable layer to the new directory `dest` (see
+  /// sandbox::save_root_layer); the upper directory's owner (bubblewrap: the sandbox's uid)
+  /// becomes 0 in the copy. REQUIRES: nothing writes to the root meanwhile.
+  static result<void> save_layer(const std::filesystem::path& dir, const std::filesystem::path& dest);
 
   /// Whether sandbox `dir` has a disk of its own, and how full it is.
   static std::optional<disk_usage> usage(const std::filesystem::path& dir);

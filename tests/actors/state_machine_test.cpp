@@ -132,6 +132,7 @@ struct scripted_runtime final : ferry::sandbox::sandbox_runtime {
     ferry::result<ferry::sandbox::grep_matches> grep(const std::string&, const ferry::sandbox::grep_options&) override {
       return no_files();
     }
+    ferry::result<void> save_root_layer(const std::filesystem::path&) override { return no_files(); }
     void kill() override {}
     void detach() override {}
     void wait() override {}

@@ -48,6 +48,10 @@ struct sandbox_spec {
   std::vector<std::string> env;
   /// Id ferry-init reports the command line under (on_command_started/on_output/...).
   uint32_t command_id = 1;
+  /// Read-only layers over the runtime's root, topmost first: absolute host directories, e.g. an
+  /// environment's setup (environment.h, saved by `sandbox::save_root_layer`). Needs a writable
+  /// root (runtime_options::writable_root). Empty: the root alone.
+  std::vector<std::filesystem::path> layers;
 
   /// Field by field, every field (the warm pool tells a key's changed template by it).
   bool operator==(const sandbox_spec&) const = default;
@@ -328,6 +332,14 @@ class sandbox {
   virtual result<glob_matches> glob(const std::string& pattern, const glob_options& options = {}) = 0;
   /// Lines matching a regular expression (ripgrep's syntax if the image has it, else POSIX ERE).
   virtual result<grep_matches> grep(const std::string& pattern, const grep_options& options = {}) = 0;
+  /// Copies what the sandbox wrote to its root — its writable layer: new and changed files,
+  /// deletions as overlayfs whiteouts; not /workspace, /tmp or /dev/shm — to the new directory
+  /// `dest` (its parent must exist), owned as they are inside (bubblewrap: the sandbox's uid
+  /// becomes 0), for use as a layer (sandbox_spec::layers). A consistent copy needs the sandbox
+  /// quiet: REQUIRES no command running. errc::invalid_argument without a writable root or if
+  /// `dest` exists; errc::closed once the sandbox is ending. Blocks for the copy (any thread but
+  /// the reader, like the file operations).
+  virtual result<void> save_root_layer(const std::filesystem::path& dest) = 0;
   /// Kills every process of the sandbox at once: SIGKILL to its host processes through pidfds
   /// (runsc: Sentry, gofer and the Sentry's stub processes; bwrap: ferry-init, which takes its
   /// PID namespace along, and bwrap), then waits until they have all exited.
