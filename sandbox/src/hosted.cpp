@@ -120,24 +120,29 @@ result<std::vector<fs::path>> prepare_host_tree(const fs::path& root) {
   return binds;
 }
 
-/// Connects to ferry-init's control socket. errc::not_found when nothing listens there.
+/// Connects to ferry-init's control socket. errc::not_found when nothing listens there. A command
+/// can replace the socket file (it runs as ferry-init's uid), so the file is opened without
+/// following a symlink and must be a socket, and the connect goes through /proc/self/fd/N, which
+/// names exactly that inode: a symlink there must not send the host (root) to another unix
+/// socket of the host, such as another sandbox's. (This also keeps long paths within sun_path.)
 result<unique_fd> connect_control(const fs::path& socket_path) {
   unique_fd sock(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
   if (!sock)
     return fail(fmt::format("socket: {}", std::generic_category().message(errno)));
+  unique_fd file(::open(socket_path.c_str(), O_PATH | O_NOFOLLOW | O_CLOEXEC));
+  if (!file) {
+    const int err = errno;
+    return error_info{fmt::format("cannot connect to {}: {}", socket_path.string(), std::generic_category().message(err)),
+                      err == ENOENT ? errc::not_found : errc::failed};
+  }
+  struct stat st {};
+  if (::fstat(file.get(), &st) != 0 || !S_ISSOCK(st.st_mode))
+    return error_info{fmt::format("cannot connect to {}: it is {}, not a socket (replaced inside the sandbox?)",
+                                  socket_path.string(), S_ISLNK(st.st_mode) ? "a symbolic link" : "another kind of file"),
+                      errc::failed};
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
-  std::string path = socket_path.string();
-  unique_fd dir;
-  if (path.size() >= sizeof addr.sun_path) {
-    // Too long for sun_path: go through the directory's fd.
-    dir.reset(::open(socket_path.parent_path().c_str(), O_PATH | O_CLOEXEC));
-    if (!dir)
-      return error_info{fmt::format("cannot open {}: {}", socket_path.parent_path().string(),
-                                    std::generic_category().message(errno)),
-                        errc::not_found};
-    path = fmt::format("/proc/self/fd/{}/{}", dir.get(), socket_path.filename().string());
-  }
+  const std::string path = fmt::format("/proc/self/fd/{}", file.get());
   std::memcpy(addr.sun_path, path.data(), path.size());
   int r;
   do {
@@ -747,7 +752,9 @@ class hosted_runtime final : public sandbox_runtime {
     for (const auto& dir : *dirs) {
       const std::string id = dir.filename().string();
       std::error_code ec;
-      if (!backend_->driver(id)->find().empty() && fs::exists(dir / "ctl" / std::string(socket_name), ec))
+      // A socket, not whatever a command may have put in its place (a symlink is not followed).
+      if (!backend_->driver(id)->find().empty() &&
+          fs::is_socket(fs::symlink_status(dir / "ctl" / std::string(socket_name), ec)))
         live.push_back(id);
     }
     std::sort(live.begin(), live.end());
