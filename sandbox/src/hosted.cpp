@@ -529,7 +529,9 @@ class hosted_sandbox final : public sandbox {
       if (killed_by_owner_)  // what was asked for, unless cleaning up after it failed
         return cleanup_error.empty() ? std::string("killed") : "killed; cleanup failed: " + cleanup_error;
       // The backend's log, when it said anything.
-      auto with_log = [&](std::string what) { return log.empty() ? what : what + ": " + log; };
+      // The log is the sandbox's own output: its commands can write to it too (ferry-init's
+      // descriptors through /proc/1/fd), so it is quoted as such, never as Ferry's words.
+      auto with_log = [&](std::string what) { return log.empty() ? what : what + "; sandbox log (untrusted): " + log; };
       if (launch_failure_ || phase_ == phase::launching || phase_ == phase::starting)
         return with_log(
           fmt::format("sandbox failed to start ({})", launch_failure_.value_or(std::string(backend_->name()))));

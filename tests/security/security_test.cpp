@@ -726,38 +726,41 @@ BOOST_FIXTURE_TEST_CASE(a_symlinked_control_socket_does_not_redirect_the_host, b
   BOOST_TEST(testing::processes_mentioning(id).empty());
 }
 
-// KNOWN HOLE found by this battery, disabled until fixed (run it by hand:
-// `--run_test=security_battery/host_files_outside_the_workspace_are_not_writable_without_bound`).
-// Besides the sandbox's disk (its workspace and writable root, under the quota), a command can
-// write host files without any bound: /.ferry/ctl is a writable bind mount of the host's
-// <sandbox>/ctl/ (both backends), and under runsc ferry-init's stdout and stderr are host
-// descriptors of <sandbox>/runsc.log that a command opens through /proc/1/fd/1 and /proc/1/fd/2
-// (gVisor does not refuse them although ferry-init is not dumpable). So the host's disk fills
-// past every limit, and what a command writes to the log becomes the tail that a failed
-// sandbox's reason quotes ("sandbox ended before the command did: <log tail>").
-BOOST_FIXTURE_TEST_CASE(host_files_outside_the_workspace_are_not_writable_without_bound, battery,
-                        *boost::unit_test::disabled()) {
+// Found by this battery (fixed): besides its disk, a command could write host files without any
+// bound — /.ferry/ctl was a writable bind of the host's <sandbox>/ctl/ (both backends), and
+// under runsc ferry-init's stdout and stderr, host descriptors of the sandbox's log, open to a
+// command through /proc/1/fd/1 and /proc/1/fd/2 (gVisor does not refuse them although ferry-init
+// is not dumpable). Both now live on the sandbox's disk (storage.h): the host's filesystem pays
+// nothing, the quota bounds them, and a failure reason quotes the log as the sandbox's own,
+// untrusted output.
+BOOST_FIXTURE_TEST_CASE(host_files_outside_the_workspace_are_not_writable_without_bound, battery) {
   recording_observer obs;
   const auto id = unique_id("hostfill");
   auto sb = start(id, obs);
   shell(*sb, obs, "head -c 67108864 /dev/zero > /.ferry/ctl/fill; "
                   "for f in 1 2; do [ -e /proc/1/fd/$f ] && { head -c 33554432 /dev/zero; "
                   "echo 'memory limit reached (forged by a command)'; } >> /proc/1/fd/$f; done; true");
-  // Allocated bytes of host files in the sandbox's directory on the host's own filesystem: its
-  // files (the log, the key, …) and ctl/; not its disk (disk.img, sparse, and what is mounted
-  // from it: bounded by the quota).
-  auto allocated = [](const fs::path& p) {
+  // Allocated bytes of files on the host's own filesystem (the sandbox directory's device) in
+  // the sandbox's directory and ctl/: its key, pids, … — not its disk (disk.img, sparse, and
+  // what is mounted from it, another device: bounded by the quota).
+  struct stat dir_st {};
+  BOOST_REQUIRE(::stat(sandbox_dir(id).c_str(), &dir_st) == 0);
+  auto allocated = [&](const fs::path& p) {
     struct stat st {};
-    return ::lstat(p.c_str(), &st) == 0 && S_ISREG(st.st_mode) ? static_cast<uint64_t>(st.st_blocks) * 512 : 0;
+    return ::lstat(p.c_str(), &st) == 0 && S_ISREG(st.st_mode) && st.st_dev == dir_st.st_dev &&
+               p.filename() != "disk.img"
+             ? static_cast<uint64_t>(st.st_blocks) * 512
+             : 0;
   };
   uint64_t outside = 0;
-  for (const auto& e : fs::directory_iterator(sandbox_dir(id)))
-    if (e.path().filename() != "disk.img")
+  for (const char* sub : {"", "ctl", "disk"})
+    for (const auto& e : fs::directory_iterator(sandbox_dir(id) / sub))
       outside += allocated(e.path());
-  for (const auto& e : fs::recursive_directory_iterator(sandbox_dir(id) / "ctl"))
-    outside += allocated(e.path());
-  BOOST_TEST(outside < (16ull << 20), "a command wrote " << (outside >> 20) << " MiB of host files outside /workspace");
-  BOOST_TEST(testing::file_content(sandbox_dir(id) / testing::log_name()).find("forged by a command") == std::string::npos);
+  BOOST_TEST(outside < (1ull << 20), "a command wrote " << (outside >> 20) << " MiB of host files outside /workspace");
+  // The disk took it: ctl/ and (runsc) the log are on it.
+  struct stat ctl_st {};
+  BOOST_REQUIRE(::stat((sandbox_dir(id) / "ctl").c_str(), &ctl_st) == 0);
+  BOOST_TEST(ctl_st.st_dev != dir_st.st_dev);
   release_and_check(*sb, obs);
 }
 
