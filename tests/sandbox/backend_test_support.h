@@ -6,6 +6,7 @@
 // processes in /proc.
 
 #include <poll.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -101,6 +102,30 @@ inline command_spec argv(uint32_t id, std::vector<std::string> args) {
 inline double percentile(std::vector<double> v, double q) {
   std::sort(v.begin(), v.end());
   return v[std::min(v.size() - 1, static_cast<size_t>(q * static_cast<double>(v.size())))];
+}
+
+/// Bytes the host's filesystem holds for sandbox directory `dir`: allocated blocks of its files
+/// on `dir`'s own device (its disk image among them), not what is mounted from the disk (that
+/// is inside the image). Per sandbox, so other tests writing meanwhile do not count.
+inline uint64_t host_bytes_of(const fs::path& dir) {
+  struct stat top {};
+  if (::stat(dir.c_str(), &top) != 0)
+    return 0;
+  uint64_t bytes = 0;
+  std::error_code ec;
+  for (fs::recursive_directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+    struct stat st {};
+    if (::lstat(it->path().c_str(), &st) != 0)
+      continue;
+    if (st.st_dev != top.st_dev) {
+      if (S_ISDIR(st.st_mode))
+        it.disable_recursion_pending();
+      continue;
+    }
+    if (S_ISREG(st.st_mode))
+      bytes += static_cast<uint64_t>(st.st_blocks) * 512;
+  }
+  return bytes;
 }
 
 inline std::string file_content(const fs::path& p) {
