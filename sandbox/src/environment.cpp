@@ -13,14 +13,15 @@
 #include <system_error>
 
 #include <fmt/format.h>
-#include <openssl/evp.h>
 
+#include "sha256.h"
 #include "unique_fd.h"
 
 namespace ferry::sandbox {
 
 namespace fs = std::filesystem;
 using steady = std::chrono::steady_clock;
+using detail::sha256_hex;
 using detail::unique_fd;
 
 namespace {
@@ -28,15 +29,6 @@ namespace {
 constexpr uint32_t setup_command = 1;
 constexpr size_t tail_bytes = 2048;
 
-std::string sha256_hex(std::string_view data) {
-  unsigned char md[EVP_MAX_MD_SIZE];
-  unsigned int len = 0;
-  EVP_Digest(data.data(), data.size(), md, &len, EVP_sha256(), nullptr);
-  std::string hex;
-  for (unsigned i = 0; i < len; ++i)
-    hex += fmt::format("{:02x}", md[i]);
-  return hex;
-}
 
 /// Follows the setup sandbox: passes its output on, keeps the tail, says when it is over.
 class setup_observer final : public sandbox_observer {

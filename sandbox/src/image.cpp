@@ -21,7 +21,6 @@
 #include <sys/statvfs.h>
 #include <unistd.h>
 
-#include <openssl/evp.h>
 
 #include <algorithm>
 #include <cctype>
@@ -41,6 +40,7 @@
 
 #include "ferry/sandbox/process.h"
 #include "host_paths.h"
+#include "sha256.h"
 #include "statx_shim_source.h"  // generated: the bytes of sandbox/image/statx_shim.c
 #include "unique_fd.h"
 
@@ -53,6 +53,7 @@ namespace fs = std::filesystem;
 using json = nlohmann::json;
 using detail::clean_path;
 using detail::find_program;
+using detail::sha256_hex;
 using detail::unique_fd;
 using namespace std::chrono_literals;
 using steady = std::chrono::steady_clock;
@@ -70,15 +71,6 @@ constexpr size_t log_tail_lines = 12;
 
 std::string errno_text(int err) { return std::generic_category().message(err); }
 
-std::string sha256_hex(std::string_view data) {
-  unsigned char md[EVP_MAX_MD_SIZE];
-  unsigned int len = 0;
-  EVP_Digest(data.data(), data.size(), md, &len, EVP_sha256(), nullptr);
-  std::string hex;
-  for (unsigned i = 0; i < len; ++i)
-    hex += fmt::format("{:02x}", md[i]);
-  return hex;
-}
 
 std::string short_hash(std::string_view hash) { return std::string(hash.substr(0, 12)); }
 
