@@ -15,7 +15,6 @@
 
 #include <atomic>
 #include <fstream>
-#include <sstream>
 #include <thread>
 
 #include <fmt/format.h>
@@ -23,6 +22,7 @@
 #include "ferry/sandbox/sandbox.h"
 #include "backend_test_support.h"
 #include "fake_egress_proxy.h"
+#include "ferry/test_support/temp_dir.h"
 #include "ferry/schemas/handshake.h"
 
 using namespace ferry::sandbox;
@@ -275,18 +275,6 @@ BOOST_FIXTURE_TEST_CASE(a_fork_bomb_stops_at_the_pids_limit_and_the_limit_is_nam
   BOOST_TEST((left.ok() && *left == 0u));
 }
 
-/// Mount points at or below `dir` in this process's view (a sandbox must leave none).
-std::vector<std::string> mounts_below(const fs::path& dir) {
-  std::vector<std::string> found;
-  std::istringstream in(testing::read_proc_file("/proc/self/mountinfo"));
-  for (std::string line; std::getline(in, line);) {
-    std::istringstream fields(line);
-    std::string id, parent, dev, root, point;
-    if ((fields >> id >> parent >> dev >> root >> point) && point.rfind(dir.string(), 0) == 0)
-      found.push_back(point);
-  }
-  return found;
-}
 
 
 // The disk quota: a sandbox's workspace and its writable root are on a filesystem of its own.
@@ -331,7 +319,7 @@ BOOST_FIXTURE_TEST_CASE(filling_the_disk_stops_at_the_quota_and_the_limit_is_nam
       reported.push_back(r.hit.command_id);
   BOOST_TEST((reported == std::vector<uint32_t>{2, 5}));
   release_and_check(*sb, obs);
-  BOOST_TEST(mounts_below(sandbox_dir(id)).empty());
+  BOOST_TEST(ferry::test::mounts_under(sandbox_dir(id)).empty());
 }
 
 // Each sandbox has a writable layer over the read-only root: it may write anywhere (as its
@@ -358,8 +346,8 @@ BOOST_FIXTURE_TEST_CASE(the_root_is_writable_per_sandbox_and_the_image_stays_unt
   BOOST_TEST(!fs::exists(image / "opt"));
   release_and_check(*a, a_obs);
   release_and_check(*b, b_obs);
-  BOOST_TEST(mounts_below(sandbox_dir(a_id)).empty());
-  BOOST_TEST(mounts_below(sandbox_dir(b_id)).empty());
+  BOOST_TEST(ferry::test::mounts_under(sandbox_dir(a_id)).empty());
+  BOOST_TEST(ferry::test::mounts_under(sandbox_dir(b_id)).empty());
   // A new sandbox starts from the image again.
   recording_observer c_obs;
   auto c = start_idle(unique_id("rootc"), c_obs);
