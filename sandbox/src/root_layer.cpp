@@ -28,65 +28,62 @@ namespace {
 
 std::string errno_message(int e) { return std::error_code(e, std::system_category()).message(); }
 
-/// A user namespace mapping uid and gid 0 to `host_id`, held by a child that waits in it until
-/// this object goes (the namespace lives on as long as a descriptor of it is open).
-class mapping_namespace {
- public:
-  static result<unique_fd> make(uid_t host_id) {
-    int ready[2], done[2];
-    if (::pipe2(ready, O_CLOEXEC) != 0)
-      return fail(fmt::format("pipe: {}", errno_message(errno)));
-    unique_fd ready_r(ready[0]), ready_w(ready[1]);
-    if (::pipe2(done, O_CLOEXEC) != 0)
-      return fail(fmt::format("pipe: {}", errno_message(errno)));
-    unique_fd done_r(done[0]), done_w(done[1]);
-    const pid_t child = ::fork();
-    if (child < 0)
-      return fail(fmt::format("fork: {}", errno_message(errno)));
-    if (child == 0) {
-      // Only async-signal-safe calls: the host is multi-threaded.
-      ::close(done[1]);  // else its own copy keeps the pipe open and read() never ends
-      ::close(ready[0]);
-      char ok = ::unshare(CLONE_NEWUSER) == 0 ? 'y' : 'n';
-      (void)!::write(ready[1], &ok, 1);
-      char b;
-      (void)!::read(done[0], &b, 1);  // until the parent closes its end
-      ::_exit(0);
-    }
-    ready_w.reset();
-    done_r.reset();
-    auto reap = [&] {
-      done_w.reset();
-      int status = 0;
-      while (::waitpid(child, &status, 0) < 0 && errno == EINTR) {
-      }
-    };
-    char ok = 'n';
-    ssize_t n;
-    while ((n = ::read(ready_r.get(), &ok, 1)) < 0 && errno == EINTR) {
-    }
-    if (n != 1 || ok != 'y') {
-      reap();
-      return fail("cannot make a user namespace for the idmapped root (unshare(CLONE_NEWUSER) failed)");
-    }
-    const std::string map = fmt::format("0 {} 1", host_id);
-    for (const char* file : {"uid_map", "gid_map"}) {
-      const std::string path = fmt::format("/proc/{}/{}", child, file);
-      unique_fd f(::open(path.c_str(), O_WRONLY | O_CLOEXEC));
-      if (!f || ::write(f.get(), map.data(), map.size()) != static_cast<ssize_t>(map.size())) {
-        const int e = errno;
-        reap();
-        return fail(fmt::format("cannot write {}: {}", path, errno_message(e)));
-      }
-    }
-    unique_fd ns(::open(fmt::format("/proc/{}/ns/user", child).c_str(), O_RDONLY | O_CLOEXEC));
-    const int e = errno;
-    reap();
-    if (!ns)
-      return fail(fmt::format("cannot open the idmap's user namespace: {}", errno_message(e)));
-    return ns;
+/// A descriptor of a new user namespace mapping uid and gid 0 to `host_id`, made by a child that
+/// waits in it until the descriptor is open (the namespace lives on as long as that is).
+result<unique_fd> mapping_namespace(uid_t host_id) {
+  int ready[2], done[2];
+  if (::pipe2(ready, O_CLOEXEC) != 0)
+    return fail(fmt::format("pipe: {}", errno_message(errno)));
+  unique_fd ready_r(ready[0]), ready_w(ready[1]);
+  if (::pipe2(done, O_CLOEXEC) != 0)
+    return fail(fmt::format("pipe: {}", errno_message(errno)));
+  unique_fd done_r(done[0]), done_w(done[1]);
+  const pid_t child = ::fork();
+  if (child < 0)
+    return fail(fmt::format("fork: {}", errno_message(errno)));
+  if (child == 0) {
+    // Only async-signal-safe calls: the host is multi-threaded.
+    ::close(done[1]);  // else its own copy keeps the pipe open and read() never ends
+    ::close(ready[0]);
+    char ok = ::unshare(CLONE_NEWUSER) == 0 ? 'y' : 'n';
+    (void)!::write(ready[1], &ok, 1);
+    char b;
+    (void)!::read(done[0], &b, 1);  // until the parent closes its end
+    ::_exit(0);
   }
-};
+  ready_w.reset();
+  done_r.reset();
+  auto reap = [&] {
+    done_w.reset();
+    int status = 0;
+    while (::waitpid(child, &status, 0) < 0 && errno == EINTR) {
+    }
+  };
+  char ok = 'n';
+  ssize_t n;
+  while ((n = ::read(ready_r.get(), &ok, 1)) < 0 && errno == EINTR) {
+  }
+  if (n != 1 || ok != 'y') {
+    reap();
+    return fail("cannot make a user namespace for the idmapped root (unshare(CLONE_NEWUSER) failed)");
+  }
+  const std::string map = fmt::format("0 {} 1", host_id);
+  for (const char* file : {"uid_map", "gid_map"}) {
+    const std::string path = fmt::format("/proc/{}/{}", child, file);
+    unique_fd f(::open(path.c_str(), O_WRONLY | O_CLOEXEC));
+    if (!f || ::write(f.get(), map.data(), map.size()) != static_cast<ssize_t>(map.size())) {
+      const int e = errno;
+      reap();
+      return fail(fmt::format("cannot write {}: {}", path, errno_message(e)));
+    }
+  }
+  unique_fd ns(::open(fmt::format("/proc/{}/ns/user", child).c_str(), O_RDONLY | O_CLOEXEC));
+  const int e = errno;
+  reap();
+  if (!ns)
+    return fail(fmt::format("cannot open the idmap's user namespace: {}", errno_message(e)));
+  return ns;
+}
 
 /// A detached clone of the mount at `path` (idmapped through `userns` unless it is -1).
 result<unique_fd> clone_layer(const fs::path& path, int userns) {
@@ -116,7 +113,7 @@ result<void> mount_root_layer(const root_layer_spec& spec) {
     return fail(fmt::format("cannot create {}: {}", spec.target.string(), ec.message()));
   unique_fd userns;
   if (spec.map_root_to) {
-    auto ns = mapping_namespace::make(*spec.map_root_to);
+    auto ns = mapping_namespace(*spec.map_root_to);
     if (!ns)
       return ns.error();
     userns = std::move(*ns);
