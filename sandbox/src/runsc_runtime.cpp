@@ -223,12 +223,26 @@ std::optional<runsc_pids> read_runsc_state(const fs::path& state_dir, const std:
   return p;
 }
 
+/// The runsc container id of sandbox `id`: the id and ".f". Debian's runsc (2022) resolves an id
+/// by prefix and refuses one that is the start of another live container's ("ambiguous": a
+/// `delete` of `x1` while `x10` runs fails and leaves its cgroups behind); sandbox ids cannot
+/// contain '.', so no container id is the start of another. A sandbox started by an older
+/// ferryd under its bare id (its state file says so) keeps it.
+std::string container_id(const fs::path& state_dir, const std::string& id) {
+  std::error_code ec;
+  const std::string suffixed = id + ".f";
+  if (!fs::exists(state_dir / fmt::format("{}_sandbox:{}.state", suffixed, suffixed), ec) &&
+      fs::exists(state_dir / fmt::format("{}_sandbox:{}.state", id, id), ec))
+    return id;
+  return suffixed;
+}
+
 /// One runsc container: its processes are the Sentry (procs[0]), the gofer and the Sentry's
 /// ptrace stubs.
 class runsc_driver final : public sandbox_driver {
  public:
   runsc_driver(std::shared_ptr<const runsc_context> ctx, std::string id)
-      : ctx_(std::move(ctx)), id_(std::move(id)), dir_(ctx_->common.sandboxes_dir / id_) {}
+      : ctx_(std::move(ctx)), cid_(container_id(ctx_->state_dir, id)), dir_(ctx_->common.sandboxes_dir / id) {}
 
   /// `runsc run --detach` in a session of its own, its stdout and stderr (and so ferry-init's) to
   /// runsc.log. Its stdin is a pipe holding the key, then end of file: runsc gives its stdin to
@@ -238,7 +252,7 @@ class runsc_driver final : public sandbox_driver {
   launched launch(const wire::handshake_key& key) override {
     launched l;
     spawn_options o;
-    o.argv = ctx_->command({"run", "--detach", "--bundle", (dir_ / "bundle").string(), id_});
+    o.argv = ctx_->command({"run", "--detach", "--bundle", (dir_ / "bundle").string(), cid_});
     o.in = stdio::bytes;
     o.in_bytes = wire::key_to_hex(key);
     o.out = stdio::file;
@@ -266,7 +280,7 @@ class runsc_driver final : public sandbox_driver {
   /// The Sentry (first) and the gofer, held; empty if the Sentry is not alive.
   std::vector<held_process> find() override {
     std::vector<held_process> procs;
-    auto pids = read_runsc_state(ctx_->state_dir, id_);
+    auto pids = read_runsc_state(ctx_->state_dir, cid_);
     if (!pids)
       return procs;
     const std::string bundle = (dir_ / "bundle").string();
@@ -287,12 +301,12 @@ class runsc_driver final : public sandbox_driver {
       return kill_and_wait(procs, straggler_timeout);
     }
     // No pidfds (no state file, no pidfd_open): whatever runsc still has of it, the slow way.
-    (void)run_command(ctx_->command({"kill", "--all", id_, "KILL"}), helper_timeout);
+    (void)run_command(ctx_->command({"kill", "--all", cid_, "KILL"}), helper_timeout);
     return kill_stragglers(dir_);
   }
 
   result<void> cleanup() override {
-    auto deleted = ctx_->delete_container(id_);
+    auto deleted = ctx_->delete_container(cid_);
     if (!kill_stragglers(dir_))
       return fail(fmt::format("runsc processes of {} survived SIGKILL", dir_.string()));
     return deleted;
@@ -302,7 +316,7 @@ class runsc_driver final : public sandbox_driver {
 
  private:
   const std::shared_ptr<const runsc_context> ctx_;
-  const std::string id_;
+  const std::string cid_;
   const fs::path dir_;
 };
 

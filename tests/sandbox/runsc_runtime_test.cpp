@@ -201,6 +201,35 @@ BOOST_FIXTURE_TEST_CASE(kill_ends_a_running_sandbox_fast_and_leaves_no_process, 
   sb->kill();  // idempotent after the end
 }
 
+BOOST_FIXTURE_TEST_CASE(an_id_that_starts_another_live_id_is_killed_and_cleaned_up, fixture) {
+  // Debian's runsc resolves container ids by prefix: `runsc delete x1` while `x10` runs was
+  // refused as "ambiguous", and x1's runsc state and cgroups stayed behind.
+  const auto id = unique_id("pre");
+  recording_observer short_obs, long_obs;
+  auto short_sb = start(id + "1", {"sleep", "600"}, short_obs);
+  auto long_sb = start(id + "10", {"sleep", "600"}, long_obs);
+  BOOST_REQUIRE(short_obs.wait_for("started", 20s));
+  BOOST_REQUIRE(long_obs.wait_for("started", 20s));
+  short_sb->kill();
+  short_sb->wait();
+  auto ended = short_obs.find("ended");
+  BOOST_REQUIRE(ended);
+  BOOST_TEST(ended->failure.value_or("") == "killed");
+  // runsc's own record of the container is gone, and the other one still runs.
+  for (const auto& e : fs::directory_iterator(tmp.path() / "state"))
+    BOOST_TEST(e.path().filename().string().find(id + "1.") == std::string::npos, e.path());
+  BOOST_TEST(!long_obs.find("ended").has_value());
+  command_spec c;
+  c.command_id = 2;
+  c.argv = {"true"};
+  BOOST_TEST(long_sb->run(c).ok());
+  BOOST_REQUIRE(long_obs.wait_for_end(2, 20s));
+  long_sb->kill();
+  long_sb->wait();
+  BOOST_TEST(long_obs.find("ended")->failure.value_or("") == "killed");
+  BOOST_TEST(processes_mentioning(id).empty());
+}
+
 BOOST_FIXTURE_TEST_CASE(kill_latency_over_20_sandboxes, fixture) {
   // From kill() to the last host process of the sandbox gone, measured by the test's own
   // pidfds on every process it found (Sentry, gofer, stubs). Against `runsc kill --all` on a
