@@ -59,7 +59,7 @@ constexpr std::string_view pids_file = "pids";
 constexpr std::string_view args_file = "args";
 
 // Where the launcher puts bwrap's descriptors (before it closes every other one).
-constexpr int fd_seccomp = 3, fd_info = 4, fd_root = 5, fd_workspace = 6, fd_ctl = 7, fd_init = 8, fd_egress = 9;
+constexpr int fd_seccomp = 3, fd_info = 4, fd_root = 5, fd_workspace = 6, fd_ctl = 7, fd_init = 8;
 constexpr int fd_report = 10;  // the launcher's errno if exec fails (close-on-exec)
 // The parent's descriptors are moved this high first, so that placing them never clobbers one.
 constexpr int fd_high = 32;
@@ -275,8 +275,6 @@ class bwrap_driver final : public sandbox_driver {
                        "--bind-fd", std::to_string(fd_workspace), "/workspace",
                        "--bind-fd", std::to_string(fd_ctl), std::string(ctl_mount),
                        "--ro-bind-fd", std::to_string(fd_init), std::string(init_path)});
-    if (!s.egress_socket.empty())
-      a.insert(a.end(), {"--bind-fd", std::to_string(fd_egress), std::string(egress_mount)});
     a.insert(a.end(), {"--chdir", "/workspace", "--seccomp", std::to_string(fd_seccomp), "--info-fd",
                        std::to_string(fd_info)});
     return a;  // `args` follows: the environment, "--" and ferry-init's command line
@@ -309,10 +307,7 @@ class bwrap_driver final : public sandbox_driver {
     unique_fd workspace = open_path(dir_ / "workspace", O_DIRECTORY);
     unique_fd ctl = open_path(dir_ / "ctl", O_DIRECTORY);
     unique_fd init = open_path(s.init_binary, 0);
-    unique_fd egress;
-    if (!s.egress_socket.empty())
-      egress = open_path(s.egress_socket, 0);
-    if (!root || !workspace || !ctl || !init || (!s.egress_socket.empty() && !egress))
+    if (!root || !workspace || !ctl || !init)
       return fail(fmt::format("cannot open the sandbox's paths: {}", std::strerror(errno)));
     unique_fd log = high(unique_fd(
         ::open(log_path(dir_, log_name()).c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600)));
@@ -351,8 +346,7 @@ class bwrap_driver final : public sandbox_driver {
       cgroup_fds.push_back(fd.get());
     const std::pair<int, int> placed[] = {{stdin_read, 0},         {log.get(), 1},        {log.get(), 2},
                                           {seccomp.get(), fd_seccomp}, {info_write, fd_info}, {root.get(), fd_root},
-                                          {workspace.get(), fd_workspace}, {ctl.get(), fd_ctl}, {init.get(), fd_init},
-                                          {egress.get(), fd_egress}};
+                                          {workspace.get(), fd_workspace}, {ctl.get(), fd_ctl}, {init.get(), fd_init}};
 
     const pid_t launcher = ::fork();
     if (launcher < 0)
@@ -559,8 +553,7 @@ result<std::unique_ptr<sandbox_runtime>> make_bwrap_runtime(bwrap_options opts) 
   ctx->common = std::move(*common);
   for (const auto& [path, what] : {std::pair{ctx->common.sandboxes_dir / "x", "the sandboxes directory"},
                                    std::pair{ctx->common.rootfs / "x", "the root filesystem"},
-                                   std::pair{ctx->common.init_binary, "ferry-init"},
-                                   std::pair{ctx->common.egress_socket, "the egress socket"}}) {
+                                   std::pair{ctx->common.init_binary, "ferry-init"}}) {
     if (path.empty())
       continue;
     if (auto r = check_reachable(path, what); !r)

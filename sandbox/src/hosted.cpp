@@ -74,13 +74,10 @@ result<std::vector<fs::path>> prepare_host_tree(const fs::path& root) {
       return fail(fmt::format("cannot create {}: {}", (root / d).string(), ec.message()));
   }
   fs::permissions(root / "tmp", fs::perms::all | fs::perms::sticky_bit, ec);
-  // Regular files to bind-mount ferry-init and the egress socket onto (the root is read-only
-  // inside the sandbox).
-  for (const char* f : {".ferry/init", ".ferry/egress.sock"}) {
-    if (!fs::exists(root / f, ec)) {
-      if (auto r = write_file_atomically(root / f, "", fs::perms(0755)); !r)
-        return r.error();
-    }
+  // A regular file to bind-mount ferry-init onto (the root is read-only inside the sandbox).
+  if (!fs::exists(root / ".ferry/init", ec)) {
+    if (auto r = write_file_atomically(root / ".ferry/init", "", fs::perms(0755)); !r)
+      return r.error();
   }
   // Never the host's /etc: only what a shell and common tools need.
   const std::pair<const char*, std::string_view> etc_files[] = {
@@ -463,6 +460,8 @@ class hosted_sandbox final : public sandbox {
       gone_at = gone_at_;
     }
     close_socket();
+    if (const auto& egress = backend_->settings().egress)
+      egress->close(id_);  // nothing of the sandbox runs any more
     if (gone_at)
       observer_.on_processes_gone(*gone_at);
 
@@ -816,6 +815,12 @@ class hosted_runtime final : public sandbox_runtime {
     auto sock = connect_control(dir / "ctl" / std::string(socket_name));
     if (!sock)
       return error_info{fmt::format("sandbox {}: {}", id, sock.error().message), sock.error().code};
+    // Its way out again: the proxy that served it may have gone with an earlier host (a crash),
+    // and the sandbox reaches whichever socket is at that path now.
+    if (const auto& egress = backend_->settings().egress) {
+      if (auto r = egress->open(id, dir / "ctl" / std::string(egress_socket_name)); !r)
+        return error_info{fmt::format("sandbox {}: its egress socket: {}", id, r.error().message), errc::failed};
+    }
     // The command line's id, recorded at start (the sandbox ends once it has exited).
     std::optional<uint32_t> command_line;
     const std::string recorded = read_small_file(dir / std::string(command_line_file));
@@ -856,6 +861,8 @@ class hosted_runtime final : public sandbox_runtime {
   }
 
   result<void> remove_orphan(const std::string& id, const fs::path& dir) const {
+    if (const auto& egress = backend_->settings().egress)
+      egress->close(id);
     auto driver = backend_->driver(id);
     auto procs = driver->find();
     if (!driver->kill(procs))
@@ -895,6 +902,10 @@ class hosted_runtime final : public sandbox_runtime {
       fs::permissions(ctl, fs::perms(0700), ec);
     if (ec)
       return fail(fmt::format("sandbox {}: cannot create its directories under {}: {}", spec.id, dir.string(), ec.message()));
+    if (settings.egress) {
+      if (auto r = settings.egress->open(spec.id, ctl / std::string(egress_socket_name)); !r)
+        return fail(fmt::format("sandbox {}: its egress socket: {}", spec.id, r.error().message));
+    }
     wire::handshake_key key{};
     if (!wire::random_bytes(key))
       return fail(fmt::format("sandbox {}: cannot draw its key (RAND_bytes failed)", spec.id));
@@ -930,6 +941,8 @@ class hosted_runtime final : public sandbox_runtime {
 
   /// Undoes a start that failed before the sandbox object took over.
   void discard(const std::string& id, const fs::path& dir) {
+    if (const auto& egress = backend_->settings().egress)
+      egress->close(id);
     (void)remove_cgroup(id);
     // Never delete through a mount that stays (the root's overlay reaches the image).
     if (sandbox_storage::release(dir)) {
@@ -987,8 +1000,8 @@ result<common_settings> check_options(const runtime_options& opts, std::string_v
     return fail(fmt::format("{} runtime: linger must be positive", backend));
   s.output_buffer_bytes = opts.output_buffer_bytes;
   s.linger = opts.linger;
-  if (!opts.egress_socket.empty()) {
-    s.egress_socket = clean_path(opts.egress_socket);
+  if (opts.egress) {
+    s.egress = opts.egress;
     s.proxy_port = opts.proxy_port;
     if (opts.proxy_port == 0)
       return fail(fmt::format("{} runtime: proxy_port must not be 0", backend));
@@ -1032,8 +1045,9 @@ std::vector<std::string> init_command(const common_settings& s, const sandbox_sp
                                 std::to_string(s.linger.count()),
                                 "--buffer-bytes",
                                 std::to_string(s.output_buffer_bytes)};
-  if (!s.egress_socket.empty())
-    args.insert(args.end(), {"--proxy-socket", std::string(egress_mount), "--proxy-port", std::to_string(s.proxy_port)});
+  if (s.egress)
+    args.insert(args.end(), {"--proxy-socket", fmt::format("{}/{}", ctl_mount, egress_socket_name), "--proxy-port",
+                             std::to_string(s.proxy_port)});
   args.push_back("--");
   args.insert(args.end(), spec.argv.begin(), spec.argv.end());
   return args;

@@ -39,7 +39,8 @@ namespace ferry::sandbox::detail {
 inline constexpr std::string_view init_path = "/.ferry/init";
 inline constexpr std::string_view ctl_mount = "/.ferry/ctl";
 inline constexpr std::string_view socket_name = "init.sock";
-inline constexpr std::string_view egress_mount = "/.ferry/egress.sock";
+/// The egress proxy's socket of a sandbox, in its control directory (egress_binder).
+inline constexpr std::string_view egress_socket_name = "egress.sock";
 inline constexpr std::string_view default_path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 // In the sandbox directory: the command line's id (absent for an idle sandbox), and the key.
 inline constexpr std::string_view command_line_file = "command_line";
@@ -54,7 +55,7 @@ struct common_settings {
   std::filesystem::path init_binary;
   uint64_t output_buffer_bytes = 0;
   std::chrono::milliseconds linger{0};
-  std::filesystem::path egress_socket;  // empty: no HTTP forwarder
+  std::shared_ptr<egress_binder> egress;  // null: no HTTP forwarder
   uint16_t proxy_port = 0;
   sandbox_limits limits;
   /// Where the sandboxes' cgroups go (runtime_options::cgroup_parent), empty when this host has

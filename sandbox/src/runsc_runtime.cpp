@@ -131,13 +131,6 @@ nlohmann::json make_config(const runsc_context& ctx, const sandbox_spec& spec, c
                     {"type", "bind"},
                     {"source", ctl.string()},
                     {"options", {"rbind", "rw"}}});
-  if (!s.egress_socket.empty()) {
-    // The egress proxy's socket: the forwarder in ferry-init connects to it (--host-uds=all).
-    mounts.push_back({{"destination", std::string(egress_mount)},
-                      {"type", "bind"},
-                      {"source", s.egress_socket.string()},
-                      {"options", {"bind", "rw"}}});
-  }
   mounts.push_back({{"destination", "/workspace"},
                     {"type", "bind"},
                     {"source", workspace.string()},
@@ -381,7 +374,7 @@ result<std::unique_ptr<sandbox_runtime>> make_runsc_runtime(runsc_options opts) 
   // commands to the control socket, where without the key they get nothing (README: why
   // --host-uds=all is safe with the handshake).
   ctx->global = {"--root", ctx->state_dir.string(), "--network=none",
-                 ctx->common.egress_socket.empty() ? "--host-uds=create" : "--host-uds=all"};
+                 !ctx->common.egress ? "--host-uds=create" : "--host-uds=all"};
   if (opts.ignore_cgroups)
     ctx->global.emplace_back("--ignore-cgroups");
   ctx->global.insert(ctx->global.end(), opts.extra_flags.begin(), opts.extra_flags.end());

@@ -12,6 +12,8 @@
 #include <chrono>
 #include <cstring>
 #include <filesystem>
+#include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -19,6 +21,8 @@
 
 #include <boost/test/unit_test.hpp>
 #include <fmt/format.h>
+
+#include "ferry/sandbox/sandbox.h"
 
 namespace ferry::sandbox::testing {
 
@@ -109,6 +113,54 @@ class fake_egress_proxy {
   std::vector<std::string> requests_;
   std::thread thread_;
   std::vector<std::thread> workers_;
+};
+
+/// An egress_binder whose sockets are fake_egress_proxy servers, one per sandbox; it remembers
+/// what it was asked to open and close.
+class fake_egress_binder final : public ferry::sandbox::egress_binder {
+ public:
+  explicit fake_egress_binder(std::chrono::milliseconds hold = std::chrono::milliseconds(0)) : hold_(hold) {}
+
+  ferry::result<void> open(const std::string& sandbox_id, const std::filesystem::path& socket) override {
+    std::lock_guard lock(mu_);
+    std::error_code ec;
+    std::filesystem::remove(socket, ec);
+    proxies_[sandbox_id] = std::make_unique<fake_egress_proxy>(socket, hold_);
+    opened_.push_back(sandbox_id);
+    return {};
+  }
+  void close(const std::string& sandbox_id) override {
+    std::unique_ptr<fake_egress_proxy> gone;
+    {
+      std::lock_guard lock(mu_);
+      if (auto it = proxies_.find(sandbox_id); it != proxies_.end()) {
+        gone = std::move(it->second);
+        proxies_.erase(it);
+      }
+      closed_.push_back(sandbox_id);
+    }
+  }
+
+  /// Sandbox `id`'s proxy while it is open (else null).
+  fake_egress_proxy* proxy(const std::string& id) {
+    std::lock_guard lock(mu_);
+    auto it = proxies_.find(id);
+    return it == proxies_.end() ? nullptr : it->second.get();
+  }
+  std::vector<std::string> opened() const {
+    std::lock_guard lock(mu_);
+    return opened_;
+  }
+  std::vector<std::string> closed() const {
+    std::lock_guard lock(mu_);
+    return closed_;
+  }
+
+ private:
+  const std::chrono::milliseconds hold_;
+  mutable std::mutex mu_;
+  std::map<std::string, std::unique_ptr<fake_egress_proxy>> proxies_;  // GUARDED_BY(mu_)
+  std::vector<std::string> opened_, closed_;                           // GUARDED_BY(mu_)
 };
 
 }  // namespace ferry::sandbox::testing

@@ -45,9 +45,9 @@ struct fixture {
 
   fixture() { runtime = make_runtime(); }
 
-  std::unique_ptr<sandbox_runtime> make_runtime(fs::path egress = {}) const {
+  std::unique_ptr<sandbox_runtime> make_runtime(std::shared_ptr<egress_binder> egress = {}) const {
     auto o = testing::test_config(tmp.path());
-    o.egress_socket = std::move(egress);
+    o.egress = std::move(egress);
     auto r = ferry::sandbox::make_runtime(o);
     BOOST_REQUIRE_MESSAGE(r.ok(), (r.ok() ? "" : r.error().message));
     return std::move(*r);
@@ -496,11 +496,11 @@ BOOST_FIXTURE_TEST_CASE(a_new_host_re_attaches_to_several_commands, fixture) {
   release_and_check(**again, obs);
 }
 
+using testing::fake_egress_binder;
 using testing::fake_egress_proxy;
 
 BOOST_FIXTURE_TEST_CASE(the_http_forwarder_is_the_way_out_through_the_egress_socket, fixture) {
-  const fs::path egress = tmp.path() / "egress.sock";
-  fake_egress_proxy proxy(egress);
+  auto egress = std::make_shared<fake_egress_binder>();
   auto rt = make_runtime(egress);
   recording_observer obs;
   const auto id = unique_id("egress");
@@ -511,7 +511,8 @@ BOOST_FIXTURE_TEST_CASE(the_http_forwarder_is_the_way_out_through_the_egress_soc
   auto curl = run(*sb, obs, argv(2, {"curl", "-sS", "--max-time", "20", "http://example.invalid/x"}));
   BOOST_TEST(obs.output(2u, 0) == fake_egress_proxy::body, obs.output(2u, 1));
   BOOST_TEST(curl.exit.exit_code == 0);
-  auto requests = proxy.requests();
+  BOOST_REQUIRE(egress->proxy(id));
+  auto requests = egress->proxy(id)->requests();
   BOOST_REQUIRE(requests.size() == 1u);
   BOOST_TEST(requests[0].rfind("GET http://example.invalid/x HTTP/1.1\r\n", 0) == 0u, requests[0]);
   // Nothing else gets out: a direct connection to a listener on the host's loopback reaches
@@ -532,6 +533,45 @@ BOOST_FIXTURE_TEST_CASE(the_http_forwarder_is_the_way_out_through_the_egress_soc
   BOOST_TEST(::accept(host_listener, nullptr, nullptr) < 0, "the host's listener was reached");
   ::close(host_listener);
   release_and_check(*sb, obs);
+  // Its socket went with it.
+  BOOST_TEST(egress->closed() == std::vector<std::string>{id});
+  BOOST_TEST(!egress->proxy(id));
+}
+
+BOOST_FIXTURE_TEST_CASE(each_sandbox_has_its_own_egress_socket_and_gets_it_back_after_a_reattach, fixture) {
+  // The proxy tells sandboxes apart by the socket a connection arrives on.
+  auto egress = std::make_shared<fake_egress_binder>();
+  recording_observer a_obs, b_obs;
+  const auto a_id = unique_id("ega"), b_id = unique_id("egb");
+  auto rt = make_runtime(egress);
+  auto a = start_idle(a_id, a_obs, rt.get());
+  auto b = start_idle(b_id, b_obs, rt.get());
+  run(*a, a_obs, argv(1, {"curl", "-sS", "--max-time", "20", "http://a.invalid/"}));
+  run(*b, b_obs, argv(1, {"curl", "-sS", "--max-time", "20", "http://b.invalid/"}));
+  BOOST_REQUIRE(egress->proxy(a_id) && egress->proxy(b_id));
+  BOOST_TEST(egress->proxy(a_id)->requests().size() == 1u);
+  BOOST_TEST(egress->proxy(a_id)->last_request().find("a.invalid") != std::string::npos);
+  BOOST_TEST(egress->proxy(b_id)->requests().size() == 1u);
+  BOOST_TEST(egress->proxy(b_id)->last_request().find("b.invalid") != std::string::npos);
+  release_and_check(*b, b_obs);
+
+  // The host goes (its proxy with it); a new host with a proxy of its own re-attaches `a`,
+  // which reaches the new proxy at the same path.
+  a->detach();
+  a.reset();
+  rt.reset();
+  egress.reset();
+  auto egress2 = std::make_shared<fake_egress_binder>();
+  auto rt2 = make_runtime(egress2);
+  recording_observer again;
+  auto attached = rt2->attach(a_id, std::vector<resume_point>{{1, a_obs.output(1u, 0).size(), 0, true}}, again);
+  BOOST_REQUIRE_MESSAGE(attached.ok(), (attached.ok() ? "" : attached.error().message));
+  run(**attached, again, argv(2, {"curl", "-sS", "--max-time", "20", "http://again.invalid/"}));
+  BOOST_TEST(again.output(2u, 0) == fake_egress_proxy::body, again.output(2u, 1));
+  BOOST_REQUIRE(egress2->proxy(a_id));
+  BOOST_TEST(egress2->proxy(a_id)->last_request().find("again.invalid") != std::string::npos);
+  release_and_check(**attached, again);
+  BOOST_TEST(egress2->closed() == std::vector<std::string>{a_id});
 }
 
 // --- file operations ------------------------------------------------------------------------------
@@ -609,8 +649,7 @@ bool wait_for_file(const fs::path& path, std::chrono::milliseconds timeout) {
 }  // namespace
 
 BOOST_FIXTURE_TEST_CASE(a_command_that_reaches_the_control_socket_cannot_attach_without_the_key, fixture) {
-  const fs::path egress = tmp.path() / "egress.sock";
-  fake_egress_proxy proxy(egress);
+  auto egress = std::make_shared<fake_egress_binder>();
   recording_observer obs;
   const auto id = unique_id("probe");
   {
@@ -651,8 +690,7 @@ BOOST_FIXTURE_TEST_CASE(a_command_that_reaches_the_control_socket_cannot_attach_
 }
 
 BOOST_FIXTURE_TEST_CASE(a_command_that_replaces_the_control_socket_gets_the_sandbox_killed, fixture) {
-  const fs::path egress = tmp.path() / "egress.sock";
-  fake_egress_proxy proxy(egress);
+  auto egress = std::make_shared<fake_egress_binder>();
   recording_observer obs;
   const auto id = unique_id("impostor");
   auto rt = make_runtime(egress);
@@ -685,8 +723,7 @@ BOOST_FIXTURE_TEST_CASE(the_key_is_not_readable_from_inside_the_sandbox, fixture
   // With an egress socket (--host-uds=all: the most a command can reach). The key is on the host
   // in <sandbox dir>/key; inside, look where it could leak: ferry-init's environment, command
   // line, stdin and memory, and every file a command can see outside /usr.
-  const fs::path egress = tmp.path() / "egress.sock";
-  fake_egress_proxy proxy(egress);
+  auto egress = std::make_shared<fake_egress_binder>();
   recording_observer obs;
   const auto id = unique_id("key");
   auto rt = make_runtime(egress);

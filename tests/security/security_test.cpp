@@ -41,6 +41,7 @@
 #include <fmt/format.h>
 
 #include "../sandbox/backend_test_support.h"
+#include "../sandbox/fake_egress_proxy.h"
 #include "ferry/sandbox/sandbox.h"
 #include "ferry/test_support/nats_server.h"
 #include "ferry/test_support/processes.h"
@@ -677,12 +678,11 @@ BOOST_FIXTURE_TEST_CASE(filling_the_disk_stops_at_the_quota, battery) {
 // anywhere else. After the owner lets go, a new host lists and attaches: the host's unix socket
 // the symlink names sees no connection.
 BOOST_FIXTURE_TEST_CASE(a_symlinked_control_socket_does_not_redirect_the_host, battery) {
-  const fs::path victim = data_dir / "victim.sock", egress = data_dir / "egress.sock";
-  trap_listeners traps({}, {victim.string(), egress.string()});
-  fs::permissions(data_dir, fs::perms::others_exec, fs::perm_options::add);  // bwrap binds the egress socket
-  fs::permissions(egress, fs::perms::all, fs::perm_options::add);
+  const fs::path victim = data_dir / "victim.sock";
+  trap_listeners traps({}, {victim.string()});
+  auto egress = std::make_shared<testing::fake_egress_binder>();
   auto config = testing::test_config(tmp.path());
-  config.egress_socket = egress;
+  config.egress = egress;
   auto made = ferry::sandbox::make_runtime(config);
   BOOST_REQUIRE_MESSAGE(made.ok(), (made.ok() ? "" : made.error().message));
   auto& rt = **made;
@@ -715,6 +715,8 @@ BOOST_FIXTURE_TEST_CASE(a_symlinked_control_socket_does_not_redirect_the_host, b
   std::this_thread::sleep_for(200ms);
   for (const auto& [t, n] : traps.counts())
     BOOST_TEST(n == 0u, "the host connected to " << t << " through the sandbox's symlink");
+  if (auto* proxy = egress->proxy(id))
+    BOOST_TEST(proxy->accepted() == 0, "the host connected to the sandbox's egress socket");
   auto cleaned = (*host)->cleanup_orphans();
   BOOST_TEST((cleaned.ok() && *cleaned == 1u));
   BOOST_TEST(!fs::exists(sandbox_dir(id)));

@@ -354,6 +354,26 @@ class sandbox {
   virtual void wait() = 0;
 };
 
+/// The egress proxy as the runtime sees it: a listening unix socket per sandbox, so that the
+/// proxy knows which sandbox a connection comes from by the socket it arrived on. The socket is
+/// in the sandbox's control directory (`/.ferry/ctl/egress.sock` inside; a directory mount, so a
+/// socket made again at that path — by a restarted host that re-attaches — is the one the
+/// sandbox reaches).
+///
+/// Threading: called from any thread (a start's, a sandbox's reader thread at its end), also
+/// concurrently; must not block for long.
+class egress_binder {
+ public:
+  virtual ~egress_binder() = default;
+  /// Listens for sandbox `sandbox_id` at host path `socket`, replacing whatever is there, mode
+  /// 0666 (bwrap sandboxes run as a uid of their own). Called before the sandbox starts, and
+  /// again when a host re-attaches it. An error fails the start (or the attach).
+  [[nodiscard]] virtual result<void> open(const std::string& sandbox_id, const std::filesystem::path& socket) = 0;
+  /// The sandbox has ended (or never started): no more connections from it, and those still
+  /// open are closed. Idempotent; also for an id never opened.
+  virtual void close(const std::string& sandbox_id) = 0;
+};
+
 /// A way to create sandboxes.
 class sandbox_runtime {
  public:
@@ -428,12 +448,13 @@ struct runtime_options {
   /// How long a sandbox whose command has ended (or not started) waits for a host to attach
   /// before it ends itself, its exit status unreported.
   std::chrono::milliseconds linger = std::chrono::minutes(10);
-  /// Host path of the egress proxy's unix socket. Set: it is bind-mounted into every sandbox
-  /// and ferry-init relays 127.0.0.1:`proxy_port` inside to it (HTTP_PROXY/HTTPS_PROXY point
-  /// there). runsc then needs `--host-uds=all` (the control socket is then reachable from
-  /// inside too, as it always is under bwrap; the key's handshake makes that safe, see README).
-  /// Empty: sandboxes have no way out.
-  std::filesystem::path egress_socket;
+  /// The egress proxy. Set: every sandbox gets a unix socket of its own from it (in its
+  /// control directory, `/.ferry/ctl/egress.sock` inside) and ferry-init relays
+  /// 127.0.0.1:`proxy_port` inside to it (HTTP_PROXY/HTTPS_PROXY point there). runsc then needs
+  /// `--host-uds=all` (the control socket is then reachable from inside too, as it always is
+  /// under bwrap; the key's handshake makes that safe, see README). Null: sandboxes have no way
+  /// out.
+  std::shared_ptr<egress_binder> egress;
   uint16_t proxy_port = 3128;
   sandbox_limits limits;
   /// A writable layer over the read-only root per sandbox (overlayfs, on its disk): a command
