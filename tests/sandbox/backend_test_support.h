@@ -128,6 +128,18 @@ inline uint64_t host_bytes_of(const fs::path& dir) {
   return bytes;
 }
 
+/// Copies an executable (a probe) into a sandbox's workspace through a `cp` child. Copied by this
+/// process, the destination would be open for writing here for a moment, and a fork of another
+/// thread at that moment (the runtime's disk stock runs mkfs, the pool starts sandboxes) would
+/// inherit it — for as long as that child lives, when the descriptor is not close-on-exec, as
+/// std::filesystem::copy_file's is not — and executing the copy then fails with ETXTBSY.
+inline void copy_executable(const fs::path& from, const fs::path& to) {
+  auto r = run_command({"cp", "--", from.string(), to.string()}, std::chrono::seconds(30));
+  BOOST_REQUIRE_MESSAGE(r.ok() && r->status.ok(),
+                        "cp " << from << " " << to << ": " << (r.ok() ? r->output : r.error().message));
+  fs::permissions(to, fs::perms(0755));
+}
+
 inline std::string file_content(const fs::path& p) {
   std::ifstream f(p, std::ios::binary);
   return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};

@@ -219,8 +219,7 @@ BOOST_FIXTURE_TEST_CASE(the_seccomp_filter_denies_each_call_and_kills_other_abis
   const auto id = unique_id("seccomp");
   auto sb = start_idle(id, obs, uid);
   const fs::path probe = sandbox_dir(id) / "workspace" / "probe";
-  fs::copy_file(FERRY_SECCOMP_PROBE, probe);
-  fs::permissions(probe, fs::perms(0755));
+  testing::copy_executable(FERRY_SECCOMP_PROBE, probe);
   auto denied = run(*sb, obs, shell(1, "./probe denied"));
   BOOST_TEST(denied.exit.exit_code == 0, obs.output(1u, 1));
   std::istringstream out(obs.output(1u, 0));

@@ -329,7 +329,7 @@ BOOST_FIXTURE_TEST_CASE(sandbox_killed_while_idle_is_replaced, fixture) {
 BOOST_FIXTURE_TEST_CASE(failing_starts_back_off_and_recover, fixture) {
   // A runtime whose ferry-init is garbage once the runtime exists: every sandbox fails to start.
   const fs::path init = tmp.path() / "ferry-init-copy";
-  fs::copy_file(FERRY_INIT_BINARY, init);
+  testing::copy_executable(FERRY_INIT_BINARY, init);
   auto cfg = testing::test_config(tmp.path());
   cfg.sandboxes_dir = tmp.path() / "bad-sandboxes";
   cfg.runsc.state_dir = tmp.path() / "bad-state";
@@ -371,7 +371,7 @@ BOOST_FIXTURE_TEST_CASE(failing_starts_back_off_and_recover, fixture) {
   BOOST_TEST(pool->stats("k")->misses == 1u);
 
   // Fixed: the next probe succeeds and the pool fills (within the 1 s back-off and the starts).
-  fs::copy_file(FERRY_INIT_BINARY, init, fs::copy_options::overwrite_existing);
+  testing::copy_executable(FERRY_INIT_BINARY, init);
   BOOST_REQUIRE_MESSAGE(pool->wait_ready("k", 2, ready_timeout), pool->stats("k")->last_error);
   // Once one has stayed up for healthy_after, the failures in a row are forgotten.
   wait_stats(*pool, "k", [](const pool_stats& s) { return s.failures_in_a_row == 0 && !s.next_start_at; }, 5s,

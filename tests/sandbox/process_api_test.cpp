@@ -632,8 +632,7 @@ namespace {
 /// Copies the hostile probe (init_socket_probe.cpp) into the sandbox's workspace: /workspace/probe.
 void copy_probe(const fs::path& sandbox_dir) {
   const fs::path to = sandbox_dir / "workspace" / "probe";
-  fs::copy_file(FERRY_INIT_SOCKET_PROBE, to, fs::copy_options::overwrite_existing);
-  fs::permissions(to, fs::perms(0755));
+  testing::copy_executable(FERRY_INIT_SOCKET_PROBE, to);
 }
 
 /// Waits until `path` (on the host) exists.

@@ -352,8 +352,7 @@ struct battery {
     auto s = (rt ? rt : runtime.get())->start(spec, obs);
     BOOST_REQUIRE_MESSAGE(s.ok(), (s.ok() ? "" : s.error().message));
     const fs::path probe = workspace(id) / "security_probe";
-    fs::copy_file(FERRY_SECURITY_PROBE, probe);
-    fs::permissions(probe, fs::perms(0755));
+    testing::copy_executable(FERRY_SECURITY_PROBE, probe);
     BOOST_REQUIRE_MESSAGE(obs.wait_for("running", 30s), "sandbox " << id << " did not come up");
     return std::move(*s);
   }
