@@ -11,6 +11,8 @@
 #include <condition_variable>
 #include <mutex>
 #include <system_error>
+#include <utility>
+#include <thread>
 
 #include <fmt/format.h>
 
@@ -111,6 +113,26 @@ std::string environment_key(const environment_spec& env) {
   return sha256_hex(text);
 }
 
+void setup_cancel::cancel() {
+  // Under the lock: `ensure` takes the sandbox back (watch(nullptr)) before it destroys it.
+  std::lock_guard lock(mu_);
+  if (std::exchange(cancelled_, true))
+    return;
+  if (box_)
+    box_->kill();
+}
+
+bool setup_cancel::cancelled() const {
+  std::lock_guard lock(mu_);
+  return cancelled_;
+}
+
+bool setup_cancel::watch(sandbox* box) {
+  std::lock_guard lock(mu_);
+  box_ = cancelled_ ? nullptr : box;
+  return !cancelled_;
+}
+
 layer_cache::layer_cache(fs::path dir) : dir_(std::move(dir)) {
   std::error_code ec;
   fs::create_directories(dir_, ec);
@@ -125,7 +147,7 @@ std::optional<fs::path> layer_cache::find(const std::string& key) const {
 }
 
 result<environment_layer> layer_cache::ensure(sandbox_runtime& runtime, const environment_spec& env,
-                                              const setup_output& output) {
+                                              const setup_output& output, setup_cancel* cancel) {
   if (env.base.empty())
     return fail(errc::invalid_argument, "an environment needs a base (its root's identity)");
   if (env.setup_script.empty())
@@ -147,9 +169,16 @@ result<environment_layer> layer_cache::ensure(sandbox_runtime& runtime, const en
   unique_fd lock(::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644));
   if (!lock)
     return fail(fmt::format("cannot open {}: {}", lock_path.string(), std::generic_category().message(errno)));
-  while (::flock(lock.get(), LOCK_EX) != 0) {
-    if (errno != EINTR)
+  auto cancelled = [&] {
+    return fail(errc::closed, fmt::format("environment {}: setup cancelled", layer.key.substr(0, 12)));
+  };
+  // Polled, so that a cancel is noticed while another build of the key holds the lock.
+  while (::flock(lock.get(), LOCK_EX | LOCK_NB) != 0) {
+    if (errno != EINTR && errno != EWOULDBLOCK)
       return fail(fmt::format("cannot lock {}: {}", lock_path.string(), std::generic_category().message(errno)));
+    if (cancel && cancel->cancelled())
+      return cancelled();
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   if (find(layer.key)) {
     layer.cached = true;
@@ -170,10 +199,25 @@ result<environment_layer> layer_cache::ensure(sandbox_runtime& runtime, const en
   spec.env = env.env;
   setup_observer obs(output);
   const auto t0 = steady::now();
+  if (cancel && cancel->cancelled())
+    return cancelled();
   auto box = runtime.start(spec, obs);
   if (!box)
     return fail(fmt::format("environment {}: cannot start its setup sandbox: {}", layer.key.substr(0, 12),
                             box.error().message));
+  // From here a cancel kills the sandbox (the command then ends killed, or never starts).
+  if (cancel && !cancel->watch(box->get())) {
+    (*box)->kill();
+    (*box)->wait();
+    return cancelled();
+  }
+  struct unwatch {
+    setup_cancel* c;
+    ~unwatch() {
+      if (c)
+        c->watch(nullptr);
+    }
+  } unwatch_at_end{cancel};
   command_spec setup;
   setup.command_id = setup_command;
   setup.shell = env.setup_script;
@@ -195,9 +239,11 @@ result<environment_layer> layer_cache::ensure(sandbox_runtime& runtime, const en
   } else if (exit->exit_code != 0) {
     why = fmt::format("exited {}", exit->exit_code);
   }
-  if (why) {
+  if (why || (cancel && cancel->cancelled())) {
     (*box)->kill();
     (*box)->wait();
+    if (cancel && cancel->cancelled())
+      return cancelled();
     return fail(fmt::format("environment {}: the setup script {}{}", layer.key.substr(0, 12), *why,
                             with_tail(obs.tail())));
   }

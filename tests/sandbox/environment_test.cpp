@@ -13,6 +13,7 @@
 #include <atomic>
 #include <mutex>
 #include <set>
+#include <optional>
 #include <thread>
 
 #include <fmt/format.h>
@@ -169,6 +170,63 @@ BOOST_FIXTURE_TEST_CASE(a_failing_or_slow_setup_leaves_no_layer_and_says_why, fi
   auto left = runtime->cleanup_orphans();
   BOOST_TEST((left.ok() && *left == 0u));
   BOOST_TEST(fs::is_empty(tmp.path() / "sandboxes"));
+}
+
+BOOST_FIXTURE_TEST_CASE(a_cancelled_setup_stops_at_once_and_leaves_nothing, fixture) {
+  // A task aborted while its environment sets up: the setup sandbox is killed, no layer stays.
+  auto slow = tools_env("echo started; touch /etc/half-done; sleep 60");
+  setup_cancel cancel;
+  std::atomic<bool> started{false};
+  std::optional<ferry::result<environment_layer>> r;
+  std::thread t([&] {
+    r = cache.ensure(*runtime, slow, [&](int, std::string_view d) {
+      if (d.find("started") != std::string_view::npos)
+        started = true;
+    }, &cancel);
+  });
+  for (auto deadline = steady::now() + 30s; !started && steady::now() < deadline;)
+    std::this_thread::sleep_for(10ms);
+  BOOST_REQUIRE(started.load());
+  const auto t0 = steady::now();
+  cancel.cancel();
+  t.join();
+  const auto took = steady::now() - t0;
+  BOOST_TEST_MESSAGE("ensure returned " << std::chrono::duration_cast<std::chrono::milliseconds>(took).count()
+                                        << " ms after the cancel");
+  BOOST_TEST((took < 5s));
+  BOOST_REQUIRE(r.has_value());
+  BOOST_REQUIRE(!r->ok());
+  BOOST_TEST((r->error().code == ferry::errc::closed));
+  BOOST_TEST(r->error().message.find("setup cancelled") != std::string::npos, r->error().message);
+  BOOST_TEST(!cache.find(environment_key(slow)));
+  BOOST_TEST(fs::is_empty(tmp.path() / "sandboxes"));
+  BOOST_TEST(testing::processes_mentioning("setup-" + environment_key(slow).substr(0, 12)).empty());
+
+  // Cancelled before it starts: it fails at once, nothing runs.
+  setup_cancel early;
+  early.cancel();
+  auto e = cache.ensure(*runtime, slow, {}, &early);
+  BOOST_REQUIRE(!e.ok());
+  BOOST_TEST((e.error().code == ferry::errc::closed));
+  // A cancel while another build of the key holds the lock: noticed without waiting for it.
+  auto held = tools_env("echo held; sleep 3");
+  std::thread builder([&] { (void)cache.ensure(*runtime, held); });
+  for (auto deadline = steady::now() + 10s; !fs::exists(cache.dir() / (environment_key(held) + ".lock")) &&
+                                            steady::now() < deadline;)
+    std::this_thread::sleep_for(10ms);
+  std::this_thread::sleep_for(300ms);
+  setup_cancel waiting;
+  std::thread canceller([&] {
+    std::this_thread::sleep_for(200ms);
+    waiting.cancel();
+  });
+  const auto w0 = steady::now();
+  auto w = cache.ensure(*runtime, held, {}, &waiting);
+  const auto waited = steady::now() - w0;
+  canceller.join();
+  builder.join();
+  BOOST_TEST(!w.ok());
+  BOOST_TEST((waited < 2s));
 }
 
 BOOST_FIXTURE_TEST_CASE(concurrent_first_uses_build_the_layer_once, fixture) {

@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <functional>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -62,6 +63,25 @@ struct environment_layer {
   std::chrono::milliseconds setup_time{0};
 };
 
+/// Stops an `ensure` in progress from another thread (a task's abort): its setup sandbox is
+/// killed and ensure fails ("cancelled"), also while it waits for another build of the key.
+/// Thread-safe; one per ensure call.
+class setup_cancel {
+ public:
+  /// Idempotent; before the ensure starts, it fails at once.
+  void cancel();
+  bool cancelled() const;
+
+ private:
+  friend class layer_cache;
+  /// Tells the canceller which sandbox to kill (null: none any more); false if already cancelled.
+  bool watch(sandbox* box);
+
+  mutable std::mutex mu_;
+  bool cancelled_ = false;   // GUARDED_BY(mu_)
+  sandbox* box_ = nullptr;   // GUARDED_BY(mu_)
+};
+
 class layer_cache {
  public:
   /// `dir` is created if missing; it must be on a filesystem the runtime's sandboxes can read.
@@ -74,9 +94,10 @@ class layer_cache {
   /// `runtime` (id `setup-<key prefix>-<pid>-<n>`), its output passed to `output`. Errors: the
   /// script exited non-zero or was killed (errc::failed, the message names the exit and ends
   /// with its output's tail), the time limit passed (errc::failed, "timed out"), an empty
-  /// script or base (errc::invalid_argument), the sandbox failed.
+  /// script or base (errc::invalid_argument), the sandbox failed, `cancel` was cancelled
+  /// (errc::closed, "… cancelled"; no layer is kept, the sandbox is gone when this returns).
   result<environment_layer> ensure(sandbox_runtime& runtime, const environment_spec& env,
-                                   const setup_output& output = {});
+                                   const setup_output& output = {}, setup_cancel* cancel = nullptr);
 
   const std::filesystem::path& dir() const { return dir_; }
 
