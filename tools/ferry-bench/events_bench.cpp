@@ -204,6 +204,8 @@ int run_events_bench(const events_options& o) {
   }
   actors::outbox_options oo;
   oo.nats_url = (*nats)->url();
+  if (o.duplicate_window_s > 0)
+    oo.duplicate_window = std::chrono::seconds(static_cast<int64_t>(o.duplicate_window_s));
   auto relay = actors::start_outbox_relay(**store, oo);
   auto bus = actors::connect_nats((*nats)->url());
   if (!relay || !bus) {

@@ -14,6 +14,9 @@ struct events_options {
   double seconds = 3;
   double warmup = 0.5;
   std::string nats_server = "nats-server";
+  /// The JetStream stream's duplicate window (outbox_options::duplicate_window); 0: the relay's
+  /// default.
+  double duplicate_window_s = 0;
   bool check = false;
 };
 

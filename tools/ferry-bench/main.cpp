@@ -538,6 +538,9 @@ int main(int argc, char** argv) {
     ->capture_default_str()
     ->check(CLI::Range(0.01, 3600.0));
   events->add_option("--nats-server", eo.nats_server, "nats-server binary")->capture_default_str();
+  events->add_option("--duplicate-window", eo.duplicate_window_s,
+                     "JetStream duplicate window of the relay's stream, seconds (default: the relay's, 120)")
+    ->check(CLI::Range(1.0, 86400.0));
   events->add_flag("--check", eo.check, "Exit non-zero when a figure misses its target");
   ferry::bench::abort_options ao;
   auto* abort_cmd = app.add_subcommand(
