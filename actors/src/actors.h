@@ -10,10 +10,12 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "ferry/actors/lifecycle.h"
 #include "ferry/actors/tasks.h"
+#include "ferry/sandbox/environment.h"
 #include "ferry/sandbox/sandbox.h"
 #include "persistent.h"
 
@@ -53,9 +55,27 @@ struct sandbox_state {
   /// when every other handle is dropped (else CAF would destroy it — and join the runtime's
   /// reader, which can take seconds — on the thread of whoever dropped the last handle).
   caf::actor keep_alive;
-  // Declared before `box`: the observer must outlive the sandbox that calls it.
+  // Declared before `box` and `setup`: the observer must outlive the sandbox and the setup
+  // thread that call it.
   std::unique_ptr<observer_adapter> observer;
   std::unique_ptr<sandbox::sandbox> box;
+  /// The sandbox's environment (none: the bare root), and where its setup layers are cached.
+  std::optional<sandbox::environment_spec> environment;
+  std::string environment_name;
+  sandbox::layer_cache* layers = nullptr;
+  /// The environment's setup while it runs (on a thread of its own: the actor goes on taking
+  /// its output and a kill). Destroying it cancels the setup and joins the thread.
+  struct setup_job {
+    sandbox::setup_cancel cancel;
+    std::thread thread;
+    ~setup_job() {
+      cancel.cancel();
+      if (thread.joinable())
+        thread.join();
+    }
+  };
+  std::unique_ptr<setup_job> setup;
+  bool setup_abandoned = false;  ///< killed during the setup: ended without waiting for it
 
   sandbox_state();
   ~sandbox_state();
@@ -75,6 +95,11 @@ struct sandbox_args {
   std::string id;
   std::string task_id;
   std::vector<std::string> argv;
+  /// The environment its sandbox is made from (none: the bare root), by name; `layers` caches
+  /// the setups' results (required with an environment that has a setup script).
+  std::optional<sandbox::environment_spec> environment;
+  std::string environment_name;
+  sandbox::layer_cache* layers = nullptr;
   /// Recover from the stream (ferryd restarted, task actor recovered): the sandbox is re-attached
   /// when still alive, else recorded failed with this reason.
   std::optional<std::string> recover_reason;
@@ -222,7 +247,9 @@ struct task_state {
                env.event_as_SandboxStateChanged()->to() == ev::SandboxStatus::spawning) {
       ++sandboxes;
       output_bytes[0] = output_bytes[1] = 0;
-    } else if (env.event_type() == ev::Event::OutputChunk) {
+    } else if (env.event_type() == ev::Event::OutputChunk &&
+               env.event_as_OutputChunk()->command_id() != setup_command_id) {
+      // The command's, not its environment's setup (which ran in a sandbox of its own).
       auto* x = env.event_as_OutputChunk();
       if (!x->gap())
         output_bytes[x->stream() == ev::OutputStream::stderr ? 1 : 0] +=

@@ -93,5 +93,7 @@ CAF_BEGIN_TYPE_ID_BLOCK(ferry, caf::first_custom_type_id)
   // sandbox → task: a limit the sandbox's cgroup counted (kind, limit, count, whole sandbox,
   // detail).
   CAF_ADD_ATOM(ferry, ferry::actors, limit_atom, "sbx_limit")
+  // sandbox actor ← its environment's setup thread: (ok, layer path or why, cached, ms)
+  CAF_ADD_ATOM(ferry, ferry::actors, setup_atom, "sbx_setup")
 
 CAF_END_TYPE_ID_BLOCK(ferry)

@@ -1,7 +1,11 @@
 // The sandbox actor: one sandbox's lifecycle (ferry/actors/lifecycle.h), recorded on its own
 // stream sandbox-<id> and mirrored to its task, which records the facts in the task's timeline.
 
+#include <chrono>
 #include <cstdio>
+#include <filesystem>
+
+#include <fmt/format.h>
 
 #include "actors.h"
 
@@ -83,6 +87,13 @@ class observer_adapter final : public sandbox::sandbox_observer {
     return out;
   }
 
+  /// Sends the actor a message (from a runtime thread), if it still lives.
+  template <class... Ts>
+  void send(Ts&&... xs) {
+    if (auto strong = target_.lock())
+      caf::anon_send(caf::actor_cast<caf::actor>(strong), std::forward<Ts>(xs)...);
+  }
+
   /// Unblocks the reader thread for good (the actor is going away); later output is dropped.
   void close() {
     {
@@ -93,12 +104,6 @@ class observer_adapter final : public sandbox::sandbox_observer {
   }
 
  private:
-  template <class... Ts>
-  void send(Ts&&... xs) {
-    if (auto strong = target_.lock())
-      caf::anon_send(caf::actor_cast<caf::actor>(strong), std::forward<Ts>(xs)...);
-  }
-
   caf::weak_actor_ptr target_;
   std::mutex mtx_;
   std::condition_variable room_;
@@ -235,6 +240,7 @@ void finish(sandbox_actor_t* self) {
   auto& s = self->state;
   if (s.observer)
     s.observer->close();
+  s.setup.reset();  // cancels a setup still running and joins its thread
   s.box.reset();  // joins the reader thread (it has delivered on_ended)
   self->quit();
   s.keep_alive = nullptr;
@@ -270,20 +276,65 @@ void sandbox_ended(sandbox_actor_t* self, bool failed, const std::string& reason
   end_with(self, false, "sandbox exited");
 }
 
-void do_start(sandbox_actor_t* self) {
+/// Starts the sandbox itself, over `layers` (its environment's setup), with the environment's
+/// variables; `note` (what the environment gave) goes into the recorded reason.
+void launch(sandbox_actor_t* self, std::vector<std::filesystem::path> layers, const std::string& note) {
   auto& s = self->state;
-  if (s.kill_requested)
-    return end_with(self, false, "killed before it started");
-  s.observer = std::make_unique<observer_adapter>(caf::actor_cast<caf::weak_actor_ptr>(self));
   sandbox::sandbox_spec spec;
   spec.id = s.id;
   spec.argv = s.argv;
+  spec.layers = std::move(layers);
+  if (s.environment)
+    spec.env = s.environment->env;
   // Blocking (~0.2 s for runsc): this actor is detached.
   auto box = s.runtime->start(spec, *s.observer);
   if (!box)
     return end_with(self, true, box.error().message);
   s.box = std::move(*box);
-  transition(self, S::initializing, "sandbox process started; waiting for ferry-init");
+  transition(self, S::initializing,
+             "sandbox process started; waiting for ferry-init" + (note.empty() ? "" : "; " + note));
+}
+
+/// Runs the environment's setup script on a thread of its own (the actor goes on taking its
+/// output, recorded as command setup_command_id, and a kill, which cancels it); `setup_atom`
+/// brings the outcome back.
+void run_setup(sandbox_actor_t* self) {
+  auto& s = self->state;
+  s.observer->on_command_started(setup_command_id, {"environment-setup", s.environment_name});
+  s.setup = std::make_unique<sandbox_state::setup_job>();
+  s.setup->thread = std::thread([job = s.setup.get(), adapter = s.observer.get(), runtime = s.runtime,
+                                 layers = s.layers, env = *s.environment] {
+    const auto t0 = std::chrono::steady_clock::now();
+    auto layer = layers->ensure(
+      *runtime, env, [adapter](int stream, std::string_view data) { adapter->on_output(setup_command_id, stream, data); },
+      &job->cancel);
+    const auto ms = static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0).count());
+    adapter->on_command_exited(setup_command_id, layer ? 0 : 1, 0, ms);
+    if (layer)
+      adapter->send(setup_atom_v, true, layer->path.string(), layer->cached, ms);
+    else
+      adapter->send(setup_atom_v, false, layer.error().message, false, ms);
+  });
+}
+
+void do_start(sandbox_actor_t* self) {
+  auto& s = self->state;
+  if (s.kill_requested)
+    return end_with(self, false, "killed before it started");
+  s.observer = std::make_unique<observer_adapter>(caf::actor_cast<caf::weak_actor_ptr>(self));
+  if (!s.environment_name.empty() && !s.environment)
+    return end_with(self, true, "environment \"" + s.environment_name + "\" is not configured (any more)");
+  if (!s.environment)
+    return launch(self, {}, "");
+  if (s.environment->setup_script.empty())
+    return launch(self, {}, "environment " + s.environment_name + " (no setup script)");
+  if (!s.layers)
+    return end_with(self, true, "environment " + s.environment_name + " has a setup script, but ferryd has no layer cache");
+  const std::string key = sandbox::environment_key(*s.environment);
+  if (auto path = s.layers->find(key))
+    return launch(self, {*path}, "environment " + s.environment_name + " (layer " + key.substr(0, 12) + ", cached)");
+  run_setup(self);
 }
 
 /// Kill, the urgent part: never waits for a journal flush.
@@ -294,6 +345,8 @@ void kill_now(sandbox_actor_t* self) {
   s.kill_requested = true;
   if (s.box)
     s.box->kill();
+  if (s.setup)
+    s.setup->cancel.cancel();  // kills the setup's sandbox; setup_atom follows
   // The record follows in order (stashed behind a persist in flight, if any).
   self->send(self, killed_atom_v);
 }
@@ -310,6 +363,9 @@ caf::behavior sandbox_actor(sandbox_actor_t* self, sandbox_args args) {
   s.id = std::move(args.id);
   s.task_id = std::move(args.task_id);
   s.argv = std::move(args.argv);
+  s.environment = std::move(args.environment);
+  s.environment_name = std::move(args.environment_name);
+  s.layers = args.layers;
   if (s.runtime)
     s.backend = std::string(s.runtime->name());
   s.journal.urgent = caf::message_handler{[=](kill_atom) { kill_now(self); }};
@@ -398,6 +454,23 @@ caf::behavior sandbox_actor(sandbox_actor_t* self, sandbox_args args) {
         go();
     },
     [=](output_atom) { forward_output(self); },
+    [=](setup_atom, bool ok, std::string& what, bool cached, uint64_t ms) {
+      // After the setup's output and its exit (sent before this) have reached the task.
+      after_pending_output(self, [=] {
+        auto& s = self->state;
+        if (s.setup_abandoned)
+          return;  // killed meanwhile: ended already (killed_atom)
+        s.setup.reset();  // the thread has returned (this was its last act)
+        if (s.kill_requested)
+          return end_with(self, false, "killed during its environment's setup");
+        if (!ok)
+          return end_with(self, true, what);
+        const std::string key = sandbox::environment_key(*s.environment);
+        launch(self, {std::filesystem::path(what)},
+               fmt::format("environment {} (layer {}, {})", s.environment_name, key.substr(0, 12),
+                           cached ? std::string("cached") : fmt::format("set up in {:.1f} s", ms / 1000.0)));
+      });
+    },
     [=](cmd_exit_atom, uint32_t cmd, int32_t code, int32_t sig, uint64_t ms) {
       // All of the command's output was announced before its exit. A batch already sent is
       // ahead of this in the task's mailbox; output not yet sent must go first.
@@ -411,6 +484,13 @@ caf::behavior sandbox_actor(sandbox_actor_t* self, sandbox_args args) {
     [=](kill_atom) { kill_now(self); },
     [=](killed_atom) {
       auto& s = self->state;
+      if (s.setup && !s.setup_abandoned) {
+        // Killed during its environment's setup: the cancel has killed the setup's sandbox (every
+        // process of it is gone), so it ends now, without waiting for the setup's cleanup (its
+        // thread is joined when the actor stops; its late answer is ignored).
+        s.setup_abandoned = true;
+        return after_pending_output(self, [=] { end_with(self, false, "killed during its environment's setup"); });
+      }
       if (!sandbox_status_terminal(s.status) && s.status != S::terminating &&
           s.status != S::none)
         transition(self, S::terminating, "kill requested");

@@ -282,6 +282,14 @@ void start_sandbox(task_actor_t* self) {
   a.id = "ferry-" + s.view.id + "-" + std::to_string(s.sandboxes + 1);
   a.task_id = s.view.id;
   a.argv = {"/bin/sh", "-c", s.view.command};
+  if (!s.view.environment.empty()) {
+    // As configured now (a queued or resumed task gets the current setup); gone from the
+    // configuration since the submission: the sandbox fails and says so.
+    a.environment_name = s.view.environment;
+    if (auto it = s.deps.environments.find(s.view.environment); it != s.deps.environments.end())
+      a.environment = it->second;
+    a.layers = s.deps.layers;
+  }
   s.sandbox = spawn_sandbox(self, std::move(a));
   self->send(s.sandbox, start_atom_v);
 }
@@ -420,6 +428,9 @@ caf::behavior task_actor(task_actor_t* self, task_args args) {
   if (!args.recover_reason) {
     s.view.command = args.req.command;
     s.view.repo = args.req.repo;
+    s.view.environment = args.req.environment;
+    if (auto it = args.deps.environments.find(args.req.environment); it != args.deps.environments.end())
+      s.view.environment_key = sandbox::environment_key(it->second);
     s.view.user = args.req.user;
     s.correlation = args.req.correlation_id;
     const auto limit = args.req.wall_clock_limit.count() > 0 ? args.req.wall_clock_limit
@@ -504,7 +515,8 @@ caf::behavior task_actor(task_actor_t* self, task_args args) {
       auto m = s.meta();
       std::vector<std::string> envs{
         schemas::task_submitted(m, s.view.id, s.view.command, s.view.repo,
-                                s.view.wall_clock_limit_ms)};
+                                s.view.wall_clock_limit_ms, s.view.environment,
+                                s.view.environment_key)};
       if (position == 0)
         envs.push_back(schemas::task_state_changed(m, TS::queued, TS::running, ""));
       else
@@ -639,7 +651,7 @@ caf::behavior task_actor(task_actor_t* self, task_args args) {
     },
     [=](cmd_exit_atom, uint32_t cmd, int32_t code, int32_t sig, uint64_t ms) {
       auto& s = self->state;
-      if (sig == 0)
+      if (sig == 0 && cmd != setup_command_id)  // the setup's failure is the sandbox's
         s.exit_code = code;
       persist(self, schemas::command_exited(s.meta(), cmd, code, sig, ms),
               [](const storage::append_result&) {});

@@ -408,12 +408,21 @@ caf::behavior task_manager(manager_actor_t* self, task_deps deps, recovery_plan 
       spawn_task(self, std::move(a));
     },
     [=](submit_atom, std::string& command, std::string& repo, std::string& user,
-        std::string& correlation,
-        int64_t wall_clock_ms) -> caf::result<int32_t, std::string, uint32_t> {
+        std::string& correlation, int64_t wall_clock_ms,
+        std::string& environment) -> caf::result<int32_t, std::string, uint32_t> {
       auto& s = self->state;
       if (s.shutting_down)
         return {static_cast<int32_t>(errc::closed),
                 std::string("ferryd is shutting down; not accepting tasks"), uint32_t{0}};
+      if (!environment.empty() && !s.deps.environments.count(environment)) {
+        std::string known;
+        for (const auto& [name, spec] : s.deps.environments)
+          known += (known.empty() ? "" : ", ") + name;
+        return {static_cast<int32_t>(errc::invalid_argument),
+                "no environment named \"" + environment.substr(0, 64) + "\" (" +
+                  (known.empty() ? std::string("none are configured") : "configured: " + known) + ")",
+                uint32_t{0}};
+      }
       auto& q = s.queue;
       const bool run_now = q.may_start(user) && q.waiting_of(user) == 0;
       if (!run_now && q.waiting_of(user) >= q.limits.max_queued_per_user)
@@ -425,7 +434,7 @@ caf::behavior task_manager(manager_actor_t* self, task_deps deps, recovery_plan 
       task_args a;
       a.id = random_hex(8);
       a.req = task_request{std::move(command), std::move(repo), user, std::move(correlation),
-                           std::chrono::milliseconds(wall_clock_ms)};
+                           std::chrono::milliseconds(wall_clock_ms), std::move(environment)};
       auto id = a.id;
       auto task = spawn_task(self, std::move(a));
       const uint32_t position = enqueue(self, id, user, task, false);
@@ -544,7 +553,8 @@ class caf_task_service final : public task_service {
 
   result<submission> submit(const task_request& req) override {
     return ask_submission("submit", submit_atom_v, req.command, req.repo, req.user,
-                          req.correlation_id, static_cast<int64_t>(req.wall_clock_limit.count()));
+                          req.correlation_id, static_cast<int64_t>(req.wall_clock_limit.count()),
+                          req.environment);
   }
 
   result<abort_outcome> abort(const std::string& task_id, const std::string& user,

@@ -28,6 +28,8 @@ void apply(task_view& v, const ev::Envelope& env) {
       auto* x = env.event_as_TaskSubmitted();
       v.command = x->command() ? x->command()->str() : "";
       v.repo = x->repo() ? x->repo()->str() : "";
+      v.environment = x->environment() ? x->environment()->str() : "";
+      v.environment_key = x->environment_key() ? x->environment_key()->str() : "";
       v.user = env.user() ? env.user()->str() : "";
       v.created_ns = env.timestamp_ns();
       v.wall_clock_limit_ms = x->wall_clock_limit_ms();
@@ -67,7 +69,7 @@ void apply(task_view& v, const ev::Envelope& env) {
     }
     case ev::Event::CommandExited: {
       auto* x = env.event_as_CommandExited();
-      if (x->signal() == 0)
+      if (x->signal() == 0 && x->command_id() != setup_command_id)  // the setup's is not the task's
         v.exit_code = x->exit_code();
       break;
     }
@@ -97,6 +99,8 @@ nlohmann::json to_json(const task_view& v) {
          {"status", v.status},
          {"command", v.command},
          {"repo", v.repo},
+         {"environment", v.environment},
+         {"environment_key", v.environment_key},
          {"user", v.user},
          {"exit_code", v.exit_code ? json(*v.exit_code) : json(nullptr)},
          {"reason", v.reason},
@@ -136,6 +140,9 @@ result<task_view> task_view_from_json(const nlohmann::json& j) {
     v.status = j.at("status").get<std::string>();
     v.command = j.at("command").get<std::string>();
     v.repo = j.at("repo").get<std::string>();
+    // Absent from snapshots taken before environments existed.
+    v.environment = j.value("environment", std::string());
+    v.environment_key = j.value("environment_key", std::string());
     v.user = j.at("user").get<std::string>();
     if (!j.at("exit_code").is_null())
       v.exit_code = j.at("exit_code").get<int>();

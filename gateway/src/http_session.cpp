@@ -260,6 +260,30 @@ void http_session::route(request_t& req) {
                               version, keep));
   }
 
+  // /api/v1/environments: what a task may name in "environment". Variables are listed by name
+  // only (their values may be secrets).
+  if (segs.size() == 3 && segs[1] == "v1" && segs[2] == "environments") {
+    if (req.method() != http::verb::get)
+      return send(method_not_allowed(req, http::verb::get, "to list the environments"));
+    json list = json::array();
+    if (const auto* envs = srv_.deps().environments) {
+      for (const auto& [name, spec] : *envs) {
+        json vars = json::array();
+        for (const auto& e : spec.env)
+          vars.push_back(e.substr(0, e.find('=')));
+        const std::string key = sandbox::environment_key(spec);
+        const auto* layers = srv_.deps().layers;
+        list.push_back({{"name", name},
+                        {"key", key},
+                        {"setup", !spec.setup_script.empty()},
+                        {"setup_timeout_s", spec.setup_timeout.count() / 1000.0},
+                        {"variables", vars},
+                        {"set_up", !spec.setup_script.empty() && layers && layers->find(key).has_value()}});
+      }
+    }
+    return send(json_response(http::status::ok, json{{"environments", list}}, version, keep));
+  }
+
   if (segs.size() < 3 || segs[1] != "v1" || segs[2] != "tasks")
     return send(error_response(http::status::not_found, "no such resource", version, keep));
 
@@ -288,14 +312,34 @@ void http_session::route(request_t& req) {
                                    version, keep));
       repo = r->get<std::string>();
     }
+    std::string environment;
+    if (auto e = body.find("environment"); e != body.end() && !e->is_null()) {
+      if (!e->is_string())
+        return send(error_response(http::status::bad_request, "\"environment\" must be a string",
+                                   version, keep));
+      environment = e->get<std::string>();
+    }
+    // The task's own wall-clock limit (else ferryd's --task-wall-clock): whole seconds, 1 s to
+    // 7 days.
+    std::chrono::milliseconds wall_clock{0};
+    if (auto w = body.find("wall_clock_limit_s"); w != body.end() && !w->is_null()) {
+      if (!w->is_number_integer() || w->get<int64_t>() < 1 || w->get<int64_t>() > 7 * 24 * 3600)
+        return send(error_response(http::status::bad_request,
+                                   "\"wall_clock_limit_s\" must be a whole number of seconds from 1 to 604800",
+                                   version, keep));
+      wall_clock = std::chrono::seconds(w->get<int64_t>());
+    }
     actors::task_request treq{cmd->get<std::string>(), std::move(repo), who->id,
                               "req-" + random_hex(8)};
+    treq.environment = std::move(environment);
+    treq.wall_clock_limit = wall_clock;
     net::post(srv_.blocking(), [self, treq = std::move(treq), &deps, version, keep] {
       auto sub = deps.tasks->submit(treq);
       response_t res;
       if (!sub) {
         res = error_response(sub.error().code == errc::busy ? http::status::too_many_requests
-                                                            : http::status::service_unavailable,
+                             : sub.error().code == errc::invalid_argument ? http::status::bad_request
+                                                                          : http::status::service_unavailable,
                              sub.error().message, version, keep);
       } else {
         const std::string& id = sub->id;

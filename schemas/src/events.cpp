@@ -62,11 +62,13 @@ std::string_view sv(const flatbuffers::String* s) {
 
 std::string task_submitted(const envelope_meta& m, std::string_view task_id,
                            std::string_view command, std::string_view repo,
-                           uint64_t wall_clock_limit_ms) {
+                           uint64_t wall_clock_limit_ms, std::string_view environment,
+                           std::string_view environment_key) {
   return build_envelope(m, [&](fbb_t& fbb) {
-    auto body = ev::CreateTaskSubmittedDirect(fbb, std::string(task_id).c_str(),
-                                              std::string(command).c_str(),
-                                              std::string(repo).c_str(), wall_clock_limit_ms);
+    auto body = ev::CreateTaskSubmittedDirect(
+      fbb, std::string(task_id).c_str(), std::string(command).c_str(), std::string(repo).c_str(),
+      wall_clock_limit_ms, environment.empty() ? nullptr : std::string(environment).c_str(),
+      environment_key.empty() ? nullptr : std::string(environment_key).c_str());
     return std::pair{ev::Event::TaskSubmitted, body.Union()};
   });
 }
@@ -440,7 +442,8 @@ nlohmann::json to_json(const ev::Envelope& e) {
     case ev::Event::TaskSubmitted: {
       auto* x = e.event_as_TaskSubmitted();
       data = {{"task_id", sv(x->task_id())}, {"command", sv(x->command())},
-              {"repo", sv(x->repo())}, {"wall_clock_limit_ms", x->wall_clock_limit_ms()}};
+              {"repo", sv(x->repo())}, {"wall_clock_limit_ms", x->wall_clock_limit_ms()},
+              {"environment", sv(x->environment())}, {"environment_key", sv(x->environment_key())}};
       break;
     }
     case ev::Event::TaskStateChanged: {

@@ -1,7 +1,8 @@
 // The task wall-clock limit through ferryd: the limit in force is recorded with the task, so a
 // ferryd SIGKILLed while the task runs, restarted with a different default, still ends the task
 // at its original deadline (not a fresh full limit from the restart); and a --task-wall-clock
-// that is not a duration stops ferryd at start-up with a message that says what is expected.
+// that is not a duration stops ferryd at start-up with a message that says what is expected; a
+// task's own limit (POST "wall_clock_limit_s") replaces the default and bad ones are refused.
 
 #define BOOST_TEST_MODULE wall_clock_test
 #include <boost/test/unit_test.hpp>
@@ -66,6 +67,33 @@ BOOST_AUTO_TEST_CASE(after_a_sigkill_the_recovered_task_still_ends_at_its_origin
     BOOST_TEST(at_s < static_cast<double>(limit_s) + 7.0);
   }
   BOOST_TEST(sandbox_status(*ended) == "terminated");
+  BOOST_TEST(eventually([&] { return sandbox_processes(id).empty(); }, 10s),
+             "sandbox processes left: " << describe(sandbox_processes(id)));
+}
+
+BOOST_AUTO_TEST_CASE(a_task_submitted_with_its_own_wall_clock_limit_ends_at_it) {
+  temp_dir dir("ferry-wall-clock-req");
+  ferryd_process ferryd(ferryd_options(FERRYD_BINARY, dir.path() / "data"));
+  api_client api(ferryd);
+  for (const char* bad : {R"({"command": "true", "wall_clock_limit_s": 0})",
+                          R"({"command": "true", "wall_clock_limit_s": 1.5})",
+                          R"({"command": "true", "wall_clock_limit_s": "60"})",
+                          R"({"command": "true", "wall_clock_limit_s": 604801})"}) {
+    const std::string message = expect_json_error(api.authorized("POST", "/api/v1/tasks", bad), 400, bad);
+    BOOST_TEST(message.find("wall_clock_limit_s") != std::string::npos, message);
+  }
+  http_response r = api.authorized("POST", "/api/v1/tasks", R"({"command": "sleep 600", "wall_clock_limit_s": 3})");
+  BOOST_TEST_REQUIRE(r.status == 201, r.summary());
+  const std::string id = str(*r.json(), "id");
+  sandbox_sweeper sweeper(id);
+  std::string last;
+  auto ended = api.wait_for_task(id, [](const json& t) { return field(t, "finished") == true; }, 60s, &last);
+  BOOST_TEST_REQUIRE(ended.has_value(), "the task did not end; last: " << last);
+  BOOST_TEST_CONTEXT("task: " << ended->dump()) {
+    BOOST_TEST(field(*ended, "wall_clock_limit_ms") == 3000);
+    BOOST_TEST(str(*ended, "status") == "failed");
+    BOOST_TEST(str(*ended, "reason") == "wall-clock limit of 3s reached");
+  }
   BOOST_TEST(eventually([&] { return sandbox_processes(id).empty(); }, 10s),
              "sandbox processes left: " << describe(sandbox_processes(id)));
 }

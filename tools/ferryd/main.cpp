@@ -6,6 +6,8 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -16,6 +18,7 @@
 #include <string>
 
 #include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
 #include <caf/all.hpp>
 
 #include "ferry/actors/bus.h"
@@ -23,6 +26,7 @@
 #include "ferry/actors/tasks.h"
 #include "ferry/gateway/gateway.h"
 #include "ferry/gateway/tokens.h"
+#include "ferry/sandbox/environment.h"
 #include "ferry/sandbox/image.h"
 #include "ferry/sandbox/sandbox.h"
 #include "ferry/storage/journal.h"
@@ -90,6 +94,74 @@ std::string read_secret_file(const std::string& flag, const std::string& path) {
   return secret;
 }
 
+/// The environments of `--environments FILE`, each one's base set to `base` (the sandbox root's
+/// identity). The file is JSON:
+///   {"environments": {"NAME": {"setup": "SCRIPT", "env": {"K": "V"}, "setup_timeout_s": 600}}}
+/// every field but the name optional. Refused with a message naming the place: anything else.
+std::map<std::string, ferry::sandbox::environment_spec> read_environments(const std::string& path,
+                                                                          const std::string& base) {
+  std::map<std::string, ferry::sandbox::environment_spec> out;
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  if (!f)
+    die("--environments " + path + ": cannot read it: " + std::strerror(errno));
+  std::string text;
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0 && text.size() <= (4u << 20))
+    text.append(buf, n);
+  std::fclose(f);
+  if (text.size() > (4u << 20))
+    die("--environments " + path + ": larger than 4 MiB");
+  auto j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  auto bad = [&](const std::string& what) { die("--environments " + path + ": " + what); };
+  if (j.is_discarded())
+    bad("not valid JSON");
+  if (!j.is_object() || !j.contains("environments") || !j["environments"].is_object())
+    bad("expected {\"environments\": {\"NAME\": {...}, ...}}");
+  for (const auto& [name, e] : j["environments"].items()) {
+    const bool name_ok = !name.empty() && name.size() <= 64 &&
+                         std::all_of(name.begin(), name.end(), [](char c) {
+                           return std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.';
+                         });
+    if (!name_ok)
+      bad("environment name \"" + name.substr(0, 64) + "\": use 1 to 64 letters, digits, '-', '_' or '.'");
+    const std::string where = "environment " + name + ": ";
+    if (!e.is_object())
+      bad(where + "expected an object");
+    ferry::sandbox::environment_spec spec;
+    spec.base = base;
+    for (const auto& [field, value] : e.items()) {
+      if (field == "setup") {
+        if (!value.is_string())
+          bad(where + "\"setup\" must be a string (a bash script)");
+        spec.setup_script = value.get<std::string>();
+      } else if (field == "env") {
+        if (!value.is_object())
+          bad(where + "\"env\" must be an object of strings");
+        for (const auto& [k, v] : value.items()) {
+          const bool key_ok = !k.empty() && !std::isdigit(static_cast<unsigned char>(k[0])) &&
+                              std::all_of(k.begin(), k.end(), [](char c) {
+                                return std::isalnum(static_cast<unsigned char>(c)) || c == '_';
+                              });
+          if (!key_ok)
+            bad(where + "variable name \"" + k.substr(0, 64) + "\" is not a shell identifier");
+          if (!v.is_string())
+            bad(where + "variable " + k + " must be a string");
+          spec.env.push_back(k + "=" + v.get<std::string>());
+        }
+      } else if (field == "setup_timeout_s") {
+        if (!value.is_number() || value.get<double>() < 1 || value.get<double>() > 24 * 3600)
+          bad(where + "\"setup_timeout_s\" must be a number of seconds from 1 to 86400");
+        spec.setup_timeout = std::chrono::milliseconds(static_cast<int64_t>(value.get<double>() * 1000));
+      } else {
+        bad(where + "unknown field \"" + field.substr(0, 64) + "\" (known: setup, env, setup_timeout_s)");
+      }
+    }
+    out.emplace(name, std::move(spec));
+  }
+  return out;
+}
+
 fs::path self_dir() {
   std::error_code ec;
   auto exe = fs::read_symlink("/proc/self/exe", ec);
@@ -114,6 +186,7 @@ int run(int argc, char** argv) {
   std::string init_binary;
   bool ignore_cgroups = false;
   bool no_fsync = false;
+  std::string environments_file;
   ferry::actors::task_limits limits;
   ferry::sandbox::sandbox_limits sandbox_limits;
   app.add_option("--listen", listen, "HTTP/WebSocket address HOST:PORT (port 0: pick a free one)")
@@ -222,6 +295,10 @@ int run(int argc, char** argv) {
     ->transform(duration)
     ->type_name("DURATION")
     ->default_str("4h");
+  app.add_option("--environments", environments_file,
+                 "JSON file of the environments tasks may name: {\"environments\": {\"NAME\": "
+                 "{\"setup\": SCRIPT, \"env\": {K: V}, \"setup_timeout_s\": N}}}; each setup "
+                 "runs once per change, its result cached under DATA/layers");
   app.add_flag("--no-fsync", no_fsync,
                "Acknowledge appends before fsync; fsync every 100 ms instead (a machine crash may "
                "lose the last 100 ms of events; a ferryd crash loses nothing)");
@@ -291,10 +368,13 @@ int run(int argc, char** argv) {
   // long as ferryd runs, so that `ferryctl image rm` refuses it), else the host tree.
   std::optional<ferry::sandbox::image_lease> image_lease;
   std::string root_description = "host tree (read-only host /usr)";
+  // The root's identity, part of every environment's key (a new root: new setups).
+  std::string root_identity = "host-tree";
   if (!rootfs.empty()) {
     if (image != "auto" && image != "none")
       die("--rootfs and --image " + image + " both choose the sandbox root: give one");
     root_description = "--rootfs " + rootfs;
+    root_identity = "rootfs:" + fs::absolute(rootfs, ec).lexically_normal().string();
   } else if (image != "none") {
     const fs::path images = data / "images";
     auto listing = ferry::sandbox::list_images(images);
@@ -310,8 +390,14 @@ int run(int argc, char** argv) {
                          std::to_string(i.recipe.packages.size()) + " extra packages, built " +
                          i.created + ")";
       rootfs = i.rootfs.string();
+      root_identity = "image:" + i.hash;
     }
   }
+  std::map<std::string, ferry::sandbox::environment_spec> environments;
+  if (!environments_file.empty())
+    environments = read_environments(environments_file, root_identity);
+  // Where the environments' setup results are kept (a layer per key, never changed once made).
+  ferry::sandbox::layer_cache layers(data / "layers");
 
   ferry::storage::journal_options jopts;
   jopts.dir = data / "journal";
@@ -366,6 +452,8 @@ int run(int argc, char** argv) {
   deps.runtime = runtime->get();
   deps.limits = limits;
   deps.default_wall_clock = std::chrono::milliseconds(task_wall_clock_ms);
+  deps.environments = environments;
+  deps.layers = &layers;
   auto tasks = ferry::actors::start_task_manager(sys, deps);
   if (!tasks)
     die(tasks.error().message);
@@ -382,7 +470,7 @@ int run(int argc, char** argv) {
   go.host = host;
   go.port = port;
   auto gw = ferry::gateway::start_gateway(
-    go, {store->get(), bus->get(), tasks->get(), tokens->get()});
+    go, {store->get(), bus->get(), tasks->get(), tokens->get(), &environments, &layers});
   if (!gw)
     die(gw.error().message);
   // The first admin token is minted only once the API is up, so a failed start mints none.
@@ -399,6 +487,10 @@ int run(int argc, char** argv) {
               ferry::actors::redact_nats_url(nats.url).c_str(), nats.uses_tls() ? " (TLS)" : "",
               std::string((*runtime)->name()).c_str());
   std::printf("ferryd: sandbox root: %s\n", root_description.c_str());
+  for (const auto& [name, spec] : environments)
+    std::printf("ferryd: environment %s: %s (key %s)\n", name.c_str(),
+                spec.setup_script.empty() ? "no setup script" : "setup script",
+                ferry::sandbox::environment_key(spec).substr(0, 12).c_str());
   std::printf("ferryd: listening on http://%s:%u\n", shown_host.c_str(), (*gw)->port());
   std::fflush(stdout);
 

@@ -18,6 +18,7 @@
 #include <chrono>
 #include <functional>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -28,6 +29,7 @@
 #include <nlohmann/json_fwd.hpp>
 
 #include "ferry/actors/bus.h"
+#include "ferry/sandbox/environment.h"
 #include "ferry/schemas/result.h"
 
 namespace caf {
@@ -68,6 +70,9 @@ struct task_request {
   /// How long the task may be running (see TaskSubmitted.wall_clock_limit_ms); 0: the service
   /// default (task_deps::default_wall_clock).
   std::chrono::milliseconds wall_clock_limit{0};
+  /// The environment its sandboxes are made from, by name (task_deps::environments); empty:
+  /// none. An unknown name is refused (errc::invalid_argument).
+  std::string environment;
 };
 
 /// A limit the task or its sandbox ran into (a LimitReached event of its stream).
@@ -87,6 +92,8 @@ struct task_view {
   std::string status;  ///< queued | running | succeeded | failed | aborted | interrupted
   std::string command;
   std::string repo;
+  std::string environment;      ///< its name; empty: none
+  std::string environment_key;  ///< the environment's key at submission
   std::optional<int> exit_code;
   std::string reason;
   std::string sandbox_id;
@@ -177,7 +184,18 @@ struct task_deps {
   /// Wall-clock limit of a task whose request names none (ferryd --task-wall-clock). A task
   /// running longer is killed with its sandbox and fails (limit_reached, task_wall_clock).
   std::chrono::milliseconds default_wall_clock = std::chrono::hours(4);
+  /// The environments a task may name (ferryd --environments), by name. Each one's `base` is
+  /// the runtime's root (an image's hash, "host-tree"). An environment with a setup script has
+  /// it run once per key (in a sandbox of its own, its output recorded as command 0 of the
+  /// first task that needs it) and its result cached in `layers` as a layer the task's sandbox
+  /// starts from; the next tasks find it there. Fixed for the service's life.
+  std::map<std::string, sandbox::environment_spec> environments;
+  sandbox::layer_cache* layers = nullptr;  ///< required when an environment has a setup script
 };
+
+/// The command id a task's timeline gives its environment's setup (command_started,
+/// output_chunk, command_exited), ahead of the task's own commands.
+inline constexpr uint32_t setup_command_id = 0;
 
 /// Facade over the task manager actor for non-actor threads.
 class task_service {

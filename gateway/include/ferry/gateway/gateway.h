@@ -23,10 +23,12 @@
 
 #include <chrono>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 
 #include "ferry/gateway/tokens.h"
+#include "ferry/sandbox/environment.h"
 #include "ferry/schemas/result.h"
 
 namespace ferry::storage {
@@ -52,6 +54,10 @@ struct gateway_deps {
   actors::bus* events = nullptr;
   actors::task_service* tasks = nullptr;
   token_registry* tokens = nullptr;
+  /// The environments tasks may name (GET /api/v1/environments lists them) and the cache of
+  /// their setup layers; both optional (none configured).
+  const std::map<std::string, sandbox::environment_spec>* environments = nullptr;
+  const sandbox::layer_cache* layers = nullptr;
 };
 
 class gateway {

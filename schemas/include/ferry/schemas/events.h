@@ -82,10 +82,12 @@ std::string build_envelope(const envelope_meta& meta, MakeEvent&& make_event) {
 
 // -- convenience builders for each event of ferry.events.v1 ---------------------------------------
 
-/// `wall_clock_limit_ms`: the limit in force for the task (0: none); see TaskSubmitted.
+/// `wall_clock_limit_ms`: the limit in force for the task (0: none); `environment` and its key
+/// (empty: none); see TaskSubmitted.
 std::string task_submitted(const envelope_meta& m, std::string_view task_id,
                            std::string_view command, std::string_view repo,
-                           uint64_t wall_clock_limit_ms = 0);
+                           uint64_t wall_clock_limit_ms = 0, std::string_view environment = {},
+                           std::string_view environment_key = {});
 std::string task_state_changed(const envelope_meta& m, ev::TaskStatus from, ev::TaskStatus to,
                                std::string_view reason);
 std::string sandbox_state_changed(const envelope_meta& m, std::string_view sandbox_id,
