@@ -452,6 +452,9 @@ class file_credential_store final : public credential_store {
                                         r.error().message);
       ++rewritten;
     }
+    if (rewritten == opts_.test_stop_rotation_after)
+      return fail("credential store: rotation stopped by the test hook after " +
+                  std::to_string(rewritten) + " secrets, before the key swap");
     if (::rename(pending_key_path().c_str(), opts_.key_file.c_str()) != 0)
       return fail("credential store: cannot swap in the new key " + pending_key_path().string() +
                   ": " + errno_text(errno));
