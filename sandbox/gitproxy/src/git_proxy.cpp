@@ -297,7 +297,7 @@ class git_proxy_impl final : public git_proxy {
     beast::flat_buffer buf;
     http::request_parser<http::buffer_body> parser;
     parser.header_limit(16 * 1024);
-    parser.body_limit(boost::none);
+    parser.body_limit(no_body_limit);
     beast::error_code ec;
     stream.expires_after(opts_.io_timeout);
     co_await http::async_read_header(stream, buf, parser, net::redirect_error(use_awaitable, ec));
@@ -364,7 +364,7 @@ class git_proxy_impl final : public git_proxy {
       if (!go)
         co_return;
     }
-    co_await relay(stream, buf, parser, target, op, std::move(held));
+    co_await relay(stream, buf, parser, op, std::move(held));
   }
 
   // Reads the push's command list and applies the policy. Returns true when the push may go
@@ -487,8 +487,8 @@ class git_proxy_impl final : public git_proxy {
   // Connects upstream (plain or TLS) and runs the exchange.
   template <class Stream>
   net::awaitable<void> relay(Stream& client, beast::flat_buffer& buf,
-                             http::request_parser<http::buffer_body>& parser,
-                             const git_target& target, git_operation& op, std::string held) {
+                             http::request_parser<http::buffer_body>& parser, git_operation& op,
+                             std::string held) {
     auto ex = co_await net::this_coro::executor;
     const std::string where = up_.host + ":" + up_.port;
     beast::error_code ec;
@@ -511,7 +511,7 @@ class git_proxy_impl final : public git_proxy {
       co_return;
     }
     if (!up_.tls) {
-      co_await exchange(client, buf, parser, tcp_up, target, op, std::move(held));
+      co_await exchange(client, buf, parser, tcp_up, op, std::move(held));
       co_return;
     }
     beast::ssl_stream<beast::tcp_stream> tls_up(std::move(tcp_up), tls_);
@@ -530,14 +530,14 @@ class git_proxy_impl final : public git_proxy {
                           op_result::upstream_error);
       co_return;
     }
-    co_await exchange(client, buf, parser, tls_up, target, op, std::move(held));
+    co_await exchange(client, buf, parser, tls_up, op, std::move(held));
   }
 
   // One request upstream and its answer back, both streamed.
   template <class Stream, class Up>
   net::awaitable<void> exchange(Stream& client, beast::flat_buffer& buf,
                                 http::request_parser<http::buffer_body>& parser, Up& up,
-                                const git_target& target, git_operation& op, std::string held) {
+                                git_operation& op, std::string held) {
     auto& req = parser.get();
     upstream_auth auth;
     auto got = opts_.token([&](std::string_view token) {
@@ -628,7 +628,7 @@ class git_proxy_impl final : public git_proxy {
 
     beast::flat_buffer ubuf;
     http::response_parser<http::buffer_body> uparser;
-    uparser.body_limit(boost::none);
+    uparser.body_limit(no_body_limit);
     uparser.header_limit(16 * 1024);
     lowest().expires_after(opts_.io_timeout);
     co_await http::async_read_header(up, ubuf, uparser, net::redirect_error(use_awaitable, ec));

@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <string>
@@ -30,6 +31,10 @@ using tcp = net::ip::tcp;
 
 /// Beast's string_view (boost's in 1.74) as std::string_view.
 inline std::string_view sv(beast::string_view s) { return {s.data(), s.size()}; }
+
+/// "No limit" for Beast parsers: Boost 1.74's `body_limit(boost::none)` refuses every body
+/// with a Content-Length (it compares the length against an empty optional), so use the maximum.
+inline constexpr std::uint64_t no_body_limit = std::numeric_limits<std::uint64_t>::max();
 
 enum class git_endpoint { info_refs, upload_pack, receive_pack };
 

@@ -176,7 +176,7 @@ class forge_impl final : public local_forge {
     beast::flat_buffer buf;
     http::request_parser<http::buffer_body> parser;
     parser.header_limit(16 * 1024);
-    parser.body_limit(boost::none);
+    parser.body_limit(no_body_limit);
     beast::error_code ec;
     stream.expires_after(io_timeout);
     co_await http::async_read_header(stream, buf, parser, net::redirect_error(use_awaitable, ec));
