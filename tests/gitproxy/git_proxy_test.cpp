@@ -250,6 +250,8 @@ BOOST_FIXTURE_TEST_CASE(clone_and_fetch_through_the_proxy_v2_and_v0, world) {
   // The observer saw both protocol versions, all for sb-1, all fine.
   bool v2 = false, v0 = false;
   for (const auto& op : ops_copy()) {
+    if (op.http_status == 401)
+      continue;  // curl's first try carries no credential; git then sends the one in the URL
     BOOST_TEST(op.sandbox_id == "sb-1");
     BOOST_TEST(op.repo == "acme/widgets");
     BOOST_TEST((op.result == op_result::ok), describe(op));
@@ -612,7 +614,7 @@ BOOST_FIXTURE_TEST_CASE(an_unreachable_forge_is_a_clear_error_without_hang, worl
   auto r = git({"clone", url(cred), (tmp.path() / "x").string()});
   BOOST_TEST(!r.status.ok());
   BOOST_TEST(contains(r.output, "is unreachable"), r.output);
-  BOOST_TEST(std::chrono::steady_clock::now() - started < std::chrono::seconds(30));
+  BOOST_TEST((std::chrono::steady_clock::now() - started < std::chrono::seconds(30)));
   auto ops_seen = ops_copy();
   BOOST_REQUIRE(!ops_seen.empty());
   BOOST_TEST((ops_seen.back().result == op_result::upstream_error));

@@ -660,11 +660,18 @@ class git_proxy_impl final : public git_proxy {
       while (!text.empty() && (text.back() == '\n' || text.back() == '\r'))
         text.pop_back();
       const bool auth_failed = status == 401 || status == 403;
-      co_await reply_text(
-          client, op, auth_failed || status < 400 ? http::status::bad_gateway : ures.result(),
-          (auth_failed ? "the forge refused the proxy's credentials (HTTP "
-                       : "the forge answered HTTP ") +
-              std::to_string(status) + (text.empty() ? std::string(")") : "): " + printable_text(text)),
+      // Built outside the co_await: g++ 12 double-destroys temporaries of a conditional
+      // expression inside a co_await's arguments.
+      const http::status answer =
+          auth_failed || status < 400 ? http::status::bad_gateway : ures.result();
+      std::string message = auth_failed ? "the forge refused the proxy's credentials (HTTP "
+                                        : "the forge answered HTTP ";
+      message += std::to_string(status);
+      if (text.empty())
+        message += ")";
+      else
+        message += "): " + printable_text(text);
+      co_await reply_text(client, op, answer, std::move(message),
           op_result::upstream_error);
       co_return;
     }
