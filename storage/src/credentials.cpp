@@ -77,7 +77,9 @@ bool valid_name(std::string_view name) {
   });
 }
 
-result<void> fsync_dir(const fs::path& dir) {
+result<void> fsync_dir(fs::path dir) {
+  if (dir.empty())
+    dir = ".";
   const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (fd < 0)
     return fail("credential store: cannot open directory " + dir.string() + ": " +

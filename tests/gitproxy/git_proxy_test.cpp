@@ -19,11 +19,13 @@
 #include <boost/asio.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
+#include <boost/asio/ssl.hpp>
 
 #include "ferry/gitproxy/git_proxy.h"
 #include "ferry/gitproxy/local_forge.h"
 #include "ferry/sandbox/process.h"
 #include "ferry/storage/credentials.h"
+#include "ferry/test_support/nats_server.h"  // test_pki
 #include "ferry/test_support/temp_dir.h"
 
 namespace fs = std::filesystem;
@@ -72,6 +74,7 @@ struct world {
   std::string transcript;          // everything the sandbox side saw; GUARDED_BY(mu)
   fs::path home, gitconfig;
   int counter = 0;
+  std::size_t mark = 0;  // ops.size() when the last sandbox command started; GUARDED_BY(mu)
 
   world() {
     home = tmp.path() / "home";
@@ -128,6 +131,10 @@ struct world {
 
   // Runs a command as the sandbox would; its output goes into the transcript.
   run_result sandbox_run(std::vector<std::string> argv) {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      mark = ops.size();
+    }
     auto full = env();
     full.insert(full.end(), argv.begin(), argv.end());
     auto r = run_command(full, cmd_timeout);
@@ -199,13 +206,27 @@ struct world {
     std::lock_guard<std::mutex> lock(mu);
     return ops;
   }
-  // The last receive-pack POST the observer saw.
-  std::optional<git_operation> last_push() {
-    std::lock_guard<std::mutex> lock(mu);
-    for (auto it = ops.rbegin(); it != ops.rend(); ++it)
-      if (it->service == git_service::receive_pack && !it->advertisement)
-        return *it;
+  // The first report since the last sandbox command started that matches `pred`. The proxy
+  // reports after it has answered, so the client may exit first: wait for it (up to 10 s).
+  template <class Pred>
+  std::optional<git_operation> await_op(Pred pred) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (std::chrono::steady_clock::now() < deadline) {
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        for (std::size_t i = mark; i < ops.size(); ++i)
+          if (pred(ops[i]))
+            return ops[i];
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
     return std::nullopt;
+  }
+  // The receive-pack POST of the last sandbox command.
+  std::optional<git_operation> last_push() {
+    return await_op([](const git_operation& op) {
+      return op.service == git_service::receive_pack && !op.advertisement;
+    });
   }
 };
 
@@ -247,6 +268,32 @@ BOOST_FIXTURE_TEST_CASE(clone_and_fetch_through_the_proxy_v2_and_v0, world) {
     BOOST_TEST(rev(dir, "origin/main") == next);
   }
   BOOST_TEST(rev(dir, "origin/main") != main_before);
+  // Many local commits: the v0 negotiation's request body grows past 1 KiB and git gzips it;
+  // the proxy and the forge pass it on as it is (HTTP_CONTENT_ENCODING for http-backend).
+  auto many = sandbox_run({"sh", "-c",
+                           "cd '" + dir.string() +
+                               "' && for i in $(seq 300); do git commit -q --allow-empty -m c$i "
+                               "|| exit 1; done"});
+  BOOST_REQUIRE_MESSAGE(many.status.ok(), many.output);
+  {
+    const auto tree = forge_git("acme/widgets", {"rev-parse", "main^{tree}"}).substr(0, 40);
+    const auto parent = forge_git("acme/widgets", {"rev-parse", "main"}).substr(0, 40);
+    const auto next =
+        forge_git("acme/widgets", {"commit-tree", tree, "-p", parent, "-m", "upstream gz"})
+            .substr(0, 40);
+    forge_git("acme/widgets", {"update-ref", "refs/heads/main", next});
+    auto r = sandbox_run({"env", "GIT_TRACE_CURL=1", "GIT_TRACE_CURL_NO_DATA=1", "git", "-C",
+                          dir.string(), "-c", "protocol.version=0", "fetch", "origin"});
+    BOOST_REQUIRE_MESSAGE(r.status.ok(), r.output);
+    BOOST_TEST(contains(r.output, "Content-Encoding: gzip"), "no gzip request was sent");
+    BOOST_TEST(rev(dir, "origin/main") == next);
+  }
+  // Git-Protocol reaches the forge: a v2 advertisement comes back.
+  auto adv = curl({"-u", "x-ferry:" + cred, "-H", "Git-Protocol: version=2",
+                   base() + "/acme/widgets.git/info/refs?service=git-upload-pack"});
+  BOOST_TEST(contains(adv.output, "version 2"), adv.output);
+  adv = curl({"-u", "x-ferry:" + cred, base() + "/acme/widgets.git/info/refs?service=git-upload-pack"});
+  BOOST_TEST(!contains(adv.output, "version 2"), adv.output);
   // The observer saw both protocol versions, all for sb-1, all fine.
   bool v2 = false, v0 = false;
   for (const auto& op : ops_copy()) {
@@ -281,9 +328,9 @@ BOOST_FIXTURE_TEST_CASE(push_to_the_task_branch_succeeds, world) {
   BOOST_REQUIRE(git({"-C", dir.string(), "commit", "-q", "--amend", "-m", "rewritten"}).status.ok());
   r = git({"-C", dir.string(), "push", "--force", "origin", "HEAD:ferry/task-1"});
   BOOST_REQUIRE_MESSAGE(r.status.ok(), r.output);
+  auto op = last_push();  // (before the next sandbox command)
   BOOST_TEST(forge_git("acme/widgets", {"rev-parse", "refs/heads/ferry/task-1"}).substr(0, 40) ==
              rev(dir));
-  auto op = last_push();
   BOOST_REQUIRE(op.has_value());
   BOOST_TEST((op->result == op_result::ok), describe(*op));
   BOOST_REQUIRE(op->updates.size() == 1u);
@@ -311,11 +358,14 @@ BOOST_FIXTURE_TEST_CASE(large_packs_stream_both_ways, world) {
   BOOST_REQUIRE(git({"-C", dir.string(), "commit", "-q", "-m", "big"}).status.ok());
   auto r = git({"-C", dir.string(), "push", "origin", "HEAD:ferry/task-1"});
   BOOST_REQUIRE_MESSAGE(r.status.ok(), r.output);
+  // git first POSTs a "0000" probe, then the pack (chunked): find the big one.
+  auto op = await_op([](const git_operation& o) {
+    return o.service == git_service::receive_pack && !o.advertisement && o.bytes_in > (5u << 20);
+  });
   BOOST_TEST(forge_git("acme/widgets", {"rev-parse", "refs/heads/ferry/task-1"}).substr(0, 40) ==
              rev(dir));
-  auto op = last_push();
   BOOST_REQUIRE(op.has_value());
-  BOOST_TEST(op->bytes_in > (5u << 20));
+  BOOST_TEST((op->result == op_result::ok));
   const auto back = tmp.path() / "back";
   r = git({"clone", "--branch", "ferry/task-1", url(cred), back.string()});
   BOOST_REQUIRE_MESSAGE(r.status.ok(), r.output);
@@ -618,11 +668,11 @@ BOOST_FIXTURE_TEST_CASE(serves_a_unix_socket_and_records_the_sandbox_header, wor
                  "http://git.ferry.internal/acme/widgets.git/info/refs?service=git-upload-pack"});
   BOOST_TEST(contains(c.output, "HTTP/1.1 200"), c.output);
   BOOST_TEST(contains(c.output, "refs/heads/main"), c.output);
-  bool seen = false;
-  for (const auto& op : ops_copy())
-    seen = seen || (op.sandbox_id == "sb-u" && op.ferry_sandbox == "sb-u" &&
-                    op.result == op_result::ok && op.advertisement);
-  BOOST_TEST(seen);
+  const auto op = await_op([](const git_operation& o) {
+    return o.sandbox_id == "sb-u" && o.ferry_sandbox == "sb-u" && o.result == op_result::ok &&
+           o.advertisement;
+  });
+  BOOST_TEST(op.has_value());
   unix_proxy.reset();
   BOOST_TEST(!fs::exists(o.unix_socket));
 }
@@ -644,55 +694,94 @@ BOOST_FIXTURE_TEST_CASE(an_unreachable_forge_is_a_clear_error_without_hang, worl
   BOOST_TEST(!r.status.ok());
   BOOST_TEST(contains(r.output, "is unreachable"), r.output);
   BOOST_TEST((std::chrono::steady_clock::now() - started < std::chrono::seconds(30)));
-  auto ops_seen = ops_copy();
-  BOOST_REQUIRE(!ops_seen.empty());
-  BOOST_TEST((ops_seen.back().result == op_result::upstream_error));
+  const auto op = await_op([](const git_operation& o) {
+    return o.result == op_result::upstream_error && contains(o.reason, "is unreachable");
+  });
+  BOOST_TEST(op.has_value());
 }
 
-// An upstream that echoes what it received (the Authorization header, the token) in an error
-// body: the proxy passes the text on only with the token scrubbed.
-BOOST_FIXTURE_TEST_CASE(upstream_error_bodies_are_scrubbed, world) {
-  namespace net = boost::asio;
-  namespace http = boost::beast::http;
-  net::io_context ioc;
-  net::ip::tcp::acceptor acc(ioc, {net::ip::make_address("127.0.0.1"), 0});
-  const auto port = acc.local_endpoint().port();
-  std::atomic<bool> done{false};
-  std::atomic<int> served{0};
-  std::thread echo([&] {
-    while (!done) {
-      net::ip::tcp::socket s(ioc);
-      boost::system::error_code ec;
-      acc.accept(s, ec);
-      if (ec || done)
-        return;
-      boost::beast::flat_buffer b;
-      http::request<http::string_body> req;
-      http::read(s, b, req, ec);
-      if (ec)
-        continue;
-      http::response<http::string_body> res{http::status::internal_server_error, 11};
-      res.set(http::field::content_type, "text/plain");
-      res.body() = "upstream failed; you sent " +
-                   std::string(req[http::field::authorization]) + " for token " + token + "\n";
-      res.prepare_payload();
-      http::write(s, res, ec);
-      ++served;
+// A fake forge that answers every request with HTTP 500 and echoes what it received (the
+// Authorization header and the token) in the body; over TLS when given a certificate.
+class echo_forge {
+ public:
+  echo_forge(std::string token, const ferry::test::test_pki* pki = nullptr,
+             const std::string& address = "127.0.0.1")
+    : token_(std::move(token)),
+      acc_(ioc_, {boost::asio::ip::make_address(address), 0}),
+      tls_(boost::asio::ssl::context::tls_server),
+      address_(address) {
+    if (pki) {
+      tls_.use_certificate_chain_file(pki->server_cert.string());
+      tls_.use_private_key_file(pki->server_key.string(), boost::asio::ssl::context::pem);
     }
-  });
-  proxy = start_proxy("http://127.0.0.1:" + std::to_string(port));
+    port_ = acc_.local_endpoint().port();
+    thread_ = std::thread([this, pki] {
+      while (!done_) {
+        boost::asio::ip::tcp::socket s(ioc_);
+        boost::system::error_code ec;
+        acc_.accept(s, ec);
+        if (ec || done_)
+          return;
+        if (pki) {
+          boost::asio::ssl::stream<boost::asio::ip::tcp::socket> t(std::move(s), tls_);
+          t.handshake(boost::asio::ssl::stream_base::server, ec);
+          if (!ec)
+            answer(t);
+        } else {
+          answer(s);
+        }
+      }
+    });
+  }
+  ~echo_forge() {
+    done_ = true;
+    boost::asio::io_context wake_ctx;
+    boost::asio::ip::tcp::socket wake(wake_ctx);
+    boost::system::error_code ec;
+    wake.connect({boost::asio::ip::make_address(address_), port_}, ec);
+    thread_.join();
+  }
+  std::uint16_t port() const { return port_; }
+  int served() const { return served_; }
+
+ private:
+  template <class Stream>
+  void answer(Stream& s) {
+    namespace http = boost::beast::http;
+    boost::system::error_code ec;
+    boost::beast::flat_buffer b;
+    http::request<http::string_body> req;
+    http::read(s, b, req, ec);
+    if (ec)
+      return;
+    http::response<http::string_body> res{http::status::internal_server_error, 11};
+    res.set(http::field::content_type, "text/plain");
+    res.body() = "upstream failed; you sent " + std::string(req[http::field::authorization]) +
+                 " for token " + token_ + "\n";
+    res.prepare_payload();
+    http::write(s, res, ec);
+    ++served_;
+  }
+
+  std::string token_;
+  boost::asio::io_context ioc_;
+  boost::asio::ip::tcp::acceptor acc_;
+  boost::asio::ssl::context tls_;
+  std::string address_;
+  std::uint16_t port_ = 0;
+  std::atomic<bool> done_{false};
+  std::atomic<int> served_{0};
+  std::thread thread_;
+};
+
+// Upstream error bodies are passed on only with the token scrubbed.
+BOOST_FIXTURE_TEST_CASE(upstream_error_bodies_are_scrubbed, world) {
+  echo_forge echo(token);
+  proxy = start_proxy("http://127.0.0.1:" + std::to_string(echo.port()));
   const auto cred = cred_for("sb-1", "acme/widgets", "ferry/task-1");
   auto r = git({"clone", url(cred), (tmp.path() / "x").string()});
   auto c = curl({"-u", "x-ferry:" + cred, base() + "/acme/widgets.git/info/refs?service=git-upload-pack"});
-  done = true;
-  {
-    net::io_context wake_ctx;
-    net::ip::tcp::socket wake(wake_ctx);
-    boost::system::error_code ec;
-    wake.connect({net::ip::make_address("127.0.0.1"), port}, ec);
-  }
-  echo.join();
-  BOOST_TEST(served.load() >= 2);
+  BOOST_TEST(echo.served() >= 2);
   BOOST_TEST(!r.status.ok());
   BOOST_TEST(contains(c.output, "HTTP/1.1 500"), c.output);
   BOOST_TEST(contains(c.output, "[redacted]"), c.output);
@@ -700,4 +789,45 @@ BOOST_FIXTURE_TEST_CASE(upstream_error_bodies_are_scrubbed, world) {
   BOOST_TEST(!contains(c.output, token));
   BOOST_TEST(!contains(r.output, token));
   // (The fixture's destructor checks the whole transcript and the observer's reports too.)
+}
+
+// https:// upstreams: the certificate is verified (CA and host name); the token goes only over
+// a verified connection.
+BOOST_FIXTURE_TEST_CASE(a_tls_forge_is_verified, world) {
+  ferry::test::test_pki pki(tmp.path() / "pki");
+  echo_forge echo(token, &pki);
+  const std::string target = "/acme/widgets.git/info/refs?service=git-upload-pack";
+  {
+    git_proxy_options o;
+    o.ca_file = pki.ca_cert;
+    proxy = start_proxy("https://localhost:" + std::to_string(echo.port()), o);
+    const auto cred = cred_for("sb-1", "acme/widgets", "ferry/task-1");
+    auto c = curl({"-u", "x-ferry:" + cred, base() + target});
+    BOOST_TEST(contains(c.output, "HTTP/1.1 500"), c.output);  // the forge's answer, over TLS
+    BOOST_TEST(contains(c.output, "[redacted]"), c.output);
+    BOOST_TEST(echo.served() == 1);
+  }
+  {
+    // A CA that did not issue the forge's certificate: no request is sent.
+    git_proxy_options o;
+    o.ca_file = pki.other_ca_cert;
+    proxy = start_proxy("https://localhost:" + std::to_string(echo.port()), o);
+    const auto cred = cred_for("sb-1", "acme/widgets", "ferry/task-1");
+    auto c = curl({"-u", "x-ferry:" + cred, base() + target});
+    BOOST_TEST(contains(c.output, "HTTP/1.1 502"), c.output);
+    BOOST_TEST(contains(c.output, "TLS with the forge"), c.output);
+    BOOST_TEST(echo.served() == 1);
+  }
+  {
+    // The right CA but another name than the certificate's (it names localhost, 127.0.0.1).
+    echo_forge elsewhere(token, &pki, "127.0.0.2");
+    git_proxy_options o;
+    o.ca_file = pki.ca_cert;
+    proxy = start_proxy("https://127.0.0.2:" + std::to_string(elsewhere.port()), o);
+    const auto cred = cred_for("sb-1", "acme/widgets", "ferry/task-1");
+    auto c = curl({"-u", "x-ferry:" + cred, base() + target});
+    BOOST_TEST(contains(c.output, "HTTP/1.1 502"), c.output);
+    BOOST_TEST(contains(c.output, "TLS with the forge"), c.output);
+    BOOST_TEST(elsewhere.served() == 0);
+  }
 }
