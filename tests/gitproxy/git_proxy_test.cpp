@@ -831,3 +831,37 @@ BOOST_FIXTURE_TEST_CASE(a_tls_forge_is_verified, world) {
     BOOST_TEST(elsewhere.served() == 0);
   }
 }
+
+// The local forge wants its token; the proxy does not turn the forge's refusal into a prompt for
+// the sandbox (401/403 upstream become 502) and never shows the token it tried.
+BOOST_FIXTURE_TEST_CASE(the_forge_requires_its_token, world) {
+  const std::string forge_url = forge->base_url() + "/acme/widgets.git/info/refs?service=git-upload-pack";
+  auto c = curl({forge_url});
+  BOOST_TEST(contains(c.output, "HTTP/1.1 401"), c.output);
+  BOOST_TEST(contains(c.output, "WWW-Authenticate: Basic"), c.output);
+  c = curl({"-u", "x:wrong-token-of-enough-length", forge_url});
+  BOOST_TEST(contains(c.output, "HTTP/1.1 403"), c.output);
+
+  const std::string wrong = "wrong-" + random_token();
+  git_proxy_options o;
+  o.upstream_url = forge->base_url();
+  o.token = [&](const std::function<void(std::string_view)>& fn) {
+    fn(wrong);
+    return ferry::result<void>{};
+  };
+  o.observer = [this](const git_operation& op) {
+    std::lock_guard<std::mutex> lock(mu);
+    ops.push_back(op);
+    transcript += describe(op);
+  };
+  auto p = git_proxy::start(std::move(o));
+  BOOST_REQUIRE(p.ok());
+  proxy = std::move(*p);
+  const auto cred = cred_for("sb-1", "acme/widgets", "ferry/task-1");
+  auto r = git({"clone", url(cred), (tmp.path() / "x").string()});
+  BOOST_TEST(!r.status.ok());
+  BOOST_TEST(contains(r.output, "the forge refused the proxy's credentials (HTTP 403)"), r.output);
+  BOOST_TEST(contains(r.output, "error: 502"), r.output);
+  std::lock_guard<std::mutex> lock(mu);
+  BOOST_TEST(!contains(transcript, wrong));
+}
