@@ -531,28 +531,16 @@ net::awaitable<void> connection::to_destination(http::request_parser<http::buffe
   }
 
   auto org = proxy_.org_policy();
-  auto org_verdict = org->decide(t.host, t.port);
-  if (!org_verdict.allowed) {
-    co_await refuse(http::status::forbidden, "org:deny:" + org_verdict.rule,
-                    fmt::format("{}:{} is not allowed by the organisation's policy", t.host, t.port));
-    co_return;
-  }
   std::string rule;
   {
     std::unique_lock lock(sandbox_->mu);
-    auto verdict = sandbox_->policy.decide(t.host, t.port);
-    rule = verdict.rule;
-    if (!verdict.allowed && verdict.not_listed)
-      for (const auto& a : sandbox_->approvals)
-        if (a.matches(t.host, t.port)) {
-          verdict.allowed = true;
-          rule = "approval:" + a.to_string();
-          break;
-        }
+    auto verdict = decide_destination(*org, sandbox_->policy, sandbox_->approvals, t.host, t.port);
     lock.unlock();
+    rule = verdict.rule;
     if (!verdict.allowed) {
       co_await refuse(http::status::forbidden, rule,
-                      fmt::format("{}:{} is not allowed by the sandbox's egress policy ({})", t.host, t.port, rule),
+                      fmt::format("{}:{} is not allowed by the {} egress policy ({})", t.host, t.port,
+                                  rule.starts_with("org:") ? "organisation's" : "sandbox's", rule),
                       verdict.not_listed);
       co_return;
     }

@@ -352,6 +352,19 @@ std::string egress_policy::hash() const {
   return hex;
 }
 
+policy_verdict decide_destination(const egress_policy& org, const egress_policy& sandbox,
+                                  const std::vector<domain_pattern>& approvals, std::string_view host, uint16_t port) {
+  auto org_verdict = org.decide(host, port);
+  if (!org_verdict.allowed)
+    return {false, "org:deny:" + org_verdict.rule, false};
+  auto verdict = sandbox.decide(host, port);
+  if (!verdict.allowed && verdict.not_listed)
+    for (const auto& a : approvals)
+      if (a.matches(host, port))
+        return {true, "approval:" + a.to_string(), false};
+  return verdict;
+}
+
 const std::vector<std::string>& trusted_domains() {
   // Maintained list: registries, git hosts, model APIs. Exact names; ports 80 and 443.
   static const std::vector<std::string> list = {

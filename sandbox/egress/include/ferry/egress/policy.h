@@ -94,6 +94,13 @@ struct egress_policy {
   bool operator==(const egress_policy&) const = default;
 };
 
+/// The whole domain decision for a sandbox: the org policy first (a refusal is `org:deny:<its
+/// rule>`, never approvable), then the sandbox's policy, whose not-listed refusals the runtime
+/// `approvals` can turn into `approval:<pattern>` (explicit custom denies stay denied).
+/// `not_listed` of the result = approvable.
+policy_verdict decide_destination(const egress_policy& org, const egress_policy& sandbox,
+                                  const std::vector<domain_pattern>& approvals, std::string_view host, uint16_t port);
+
 /// The `trusted` level's list (package registries, git hosts, model APIs), exact names.
 const std::vector<std::string>& trusted_domains();
 
