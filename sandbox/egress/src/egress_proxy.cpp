@@ -211,7 +211,8 @@ class connection : public std::enable_shared_from_this<connection> {
   ~connection();
 
   unix_socket::socket& client() { return client_; }
-  net::awaitable<void> run();
+  /// `self` keeps the connection alive for as long as the coroutine runs (its frame holds it).
+  net::awaitable<void> run(std::shared_ptr<connection> self);
   /// Closes every socket; pending operations end with an error. On the strand.
   void close_all();
   const strand_type& strand() const { return strand_; }
@@ -219,7 +220,7 @@ class connection : public std::enable_shared_from_this<connection> {
  private:
   enum class phase { head, connect, relay };
 
-  net::awaitable<void> watchdog();
+  net::awaitable<void> watchdog(std::shared_ptr<connection> self);
   void set_deadline(clock::duration from_now);
   /// Pushes the idle deadline forward (cheap: the watchdog re-checks when it wakes).
   void touch();
@@ -359,8 +360,7 @@ void connection::set_deadline(clock::duration from_now) {
 
 void connection::touch() { deadline_ = clock::now() + proxy_.options().idle_timeout; }
 
-net::awaitable<void> connection::watchdog() {
-  auto self = shared_from_this();
+net::awaitable<void> connection::watchdog(std::shared_ptr<connection> self) {
   while (!closed_) {
     timer_.expires_at(deadline_);
     error_code ec;
@@ -413,11 +413,10 @@ net::awaitable<void> connection::refuse(http::status status, std::string rule, s
   close_all();
 }
 
-net::awaitable<void> connection::run() {
-  auto self = shared_from_this();
+net::awaitable<void> connection::run(std::shared_ptr<connection> self) {
   const auto& options = proxy_.options();
   deadline_ = clock::now() + options.head_timeout;
-  net::co_spawn(strand_, watchdog(), log_exception);
+  net::co_spawn(strand_, watchdog(self), log_exception);
 
   http::request_parser<http::buffer_body> parser;
   parser.header_limit(header_limit);
@@ -763,7 +762,7 @@ net::awaitable<void> proxy_impl::accept_loop(std::shared_ptr<sandbox_entry> sand
         co_return;  // conn's destructor closes the socket
       sandbox->open.emplace(id, conn);
     }
-    net::co_spawn(strand, conn->run(), log_exception);
+    net::co_spawn(strand, conn->run(conn), log_exception);
   }
 }
 
