@@ -628,6 +628,10 @@ net::awaitable<void> connection::forward(Upstream& upstream, http::request_parse
   const bool head = req.method() == http::verb::head;
   strip_hop_by_hop(req);
   req.erase(http::field::expect);  // no 100-continue dance through a one-shot relay
+  // RFC 9112 6.3: with Transfer-Encoding, Content-Length is ignored and a proxy removes it, so
+  // the destination frames the body exactly as it was read here (no smuggled second request).
+  if (req.find(http::field::transfer_encoding) != req.end())
+    req.erase(http::field::content_length);
   req.target(t.path);
   req.set(http::field::host, t.port == 80 ? t.host : fmt::format("{}:{}", t.host, t.port));
   if (internal)
@@ -756,11 +760,25 @@ net::awaitable<void> proxy_impl::accept_loop(std::shared_ptr<sandbox_entry> sand
       co_await pause.async_wait(awaitable_ec(ec));
       continue;
     }
+    bool over_cap = false;
     {
       std::lock_guard lock(sandbox->mu);
       if (sandbox->closed)
         co_return;  // conn's destructor closes the socket
-      sandbox->open.emplace(id, conn);
+      // Beyond twice the limit a connection is not even read: idle ones would otherwise hold a
+      // descriptor each until head_timeout.
+      over_cap = sandbox->open.size() >= 2 * options_.limits.max_connections;
+      if (!over_cap)
+        sandbox->open.emplace(id, conn);
+    }
+    if (over_cap) {
+      egress_decision d;
+      d.sandbox_id = sandbox->id;
+      d.rule = "limit:connections";
+      observe(d);
+      error_code ignored;
+      conn->client().close(ignored);
+      continue;
     }
     net::co_spawn(strand, conn->run(conn), log_exception);
   }
