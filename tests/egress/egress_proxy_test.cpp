@@ -9,6 +9,7 @@
 #include <ferry/egress/egress_proxy.h>
 
 #include <condition_variable>
+#include <fstream>
 
 #include "ferry/test_support/temp_dir.h"
 #include "test_network.h"
@@ -171,6 +172,36 @@ BOOST_FIXTURE_TEST_CASE(plain_http_to_an_allowed_domain_reaches_it_without_hop_b
   BOOST_TEST(d.rule == "custom:allow:allowed.test");
   BOOST_TEST(d.bytes_down > 0u);
   BOOST_TEST(!d.approvable);
+}
+
+BOOST_FIXTURE_TEST_CASE(plain_http_streams_request_bodies_and_large_answers, proxy_fixture) {
+  // A 300 KB upload (Content-Length) and a 1 MiB download, both relayed 16 KiB at a time.
+  const fs::path upload = dir.path() / "upload";
+  std::string data(300 * 1024, '\0');
+  uint64_t sum = 0;
+  for (size_t i = 0; i < data.size(); ++i) {
+    data[i] = static_cast<char>(i * 7 % 251);
+    sum = sum * 31 + static_cast<unsigned char>(data[i]);
+  }
+  {
+    std::ofstream out(upload, std::ios::binary);
+    out << data;
+  }
+  size_t from = seen.size();
+  auto r = curl(relay_a->port(), token_a, url("allowed.test", "/upload"), false,
+                {"--data-binary", "@" + upload.string(), "-H", "Expect: 100-continue"});
+  BOOST_TEST(r.http_code == 200, r.errors);
+  BOOST_TEST(r.body.find(fmt::format("request body {} bytes, sum {}", data.size(), sum)) != std::string::npos, r.body);
+  auto d = seen.wait(from, "allowed.test");
+  BOOST_TEST(d.method == "POST");
+  BOOST_TEST(d.bytes_up == data.size());
+
+  from = seen.size();
+  r = curl(relay_a->port(), token_a, url("allowed.test", "/big"), false);
+  BOOST_TEST(r.http_code == 200, r.errors);
+  BOOST_TEST(r.body.size() == size_t(1) << 20);
+  BOOST_TEST(r.body.substr(0, 5) == "abcde");
+  BOOST_TEST(seen.wait(from, "allowed.test").bytes_down == size_t(1) << 20);
 }
 
 BOOST_FIXTURE_TEST_CASE(connect_to_an_allowed_domain_is_a_byte_for_byte_tunnel, proxy_fixture) {

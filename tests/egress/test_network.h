@@ -294,7 +294,39 @@ class origin_servers {
     }
     auto space = head.find(' ');
     bool hold = space != std::string::npos && head.compare(space + 1, 5, "/hold") == 0;
-    if (hold) {
+    bool big = space != std::string::npos && head.compare(space + 1, 4, "/big") == 0;
+    // A request body (Content-Length only): read it whole, answer its size and a checksum.
+    std::string body_note;
+    if (auto cl = head.find("Content-Length: "); cl != std::string::npos && cl < head.find("\r\n\r\n")) {
+      size_t want = std::stoul(head.substr(cl + 16));
+      std::string body = head.substr(head.find("\r\n\r\n") + 4);
+      while (body.size() < want) {
+        pollfd p{c, POLLIN, 0};
+        if (::poll(&p, 1, 10000) <= 0)
+          break;
+        ssize_t n = ::recv(c, buf, sizeof buf, 0);
+        if (n <= 0)
+          break;
+        body.append(buf, static_cast<size_t>(n));
+      }
+      uint64_t sum = 0;
+      for (unsigned char ch : body)
+        sum = sum * 31 + ch;
+      body_note = fmt::format("request body {} bytes, sum {}\n", body.size(), sum);
+    }
+    if (big) {
+      std::string payload(1 << 20, '\0');
+      for (size_t i = 0; i < payload.size(); ++i)
+        payload[i] = static_cast<char>('a' + i % 26);
+      std::string resp = fmt::format("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", payload.size()) + payload;
+      size_t sent = 0;
+      while (sent < resp.size()) {
+        ssize_t n = ::send(c, resp.data() + sent, resp.size() - sent, MSG_NOSIGNAL);
+        if (n <= 0)
+          break;
+        sent += static_cast<size_t>(n);
+      }
+    } else if (hold) {
       std::string start = "HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\nheld.";
       [[maybe_unused]] auto w = ::send(c, start.data(), start.size(), MSG_NOSIGNAL);
       for (;;) {
@@ -307,7 +339,7 @@ class origin_servers {
         }
       }
     } else {
-      std::string body = fmt::format("origin {} got:\n{}", name, head);
+      std::string body = fmt::format("origin {} got:\n{}{}", name, head.substr(0, head.find("\r\n\r\n") + 4), body_note);
       std::string resp = fmt::format(
         "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\nKeep-Alive: timeout=5\r\n"
         "Proxy-Authenticate: Basic realm=\"origin\"\r\nX-Origin: {}\r\n\r\n{}",
