@@ -1,0 +1,140 @@
+// The egress proxy as a real bubblewrap sandbox sees it: its socket bind-mounted at
+// /.ferry/egress.sock, ferry-init's forwarder on 127.0.0.1:3128 inside, and curl run by the
+// sandbox's own commands — allowed destinations reached, internal ones and a missing token
+// refused (the listeners see nothing), no way around the proxy. In the test's own network
+// namespace (test_network.h). Needs root and bwrap.
+#define BOOST_TEST_NO_MAIN
+#include <boost/test/unit_test.hpp>
+
+#define FERRY_TEST_BACKEND "bwrap"
+#include "backend_test_support.h"
+
+#include <ferry/egress/egress_proxy.h>
+
+#include "test_network.h"
+
+using namespace ferry::egress;
+using namespace ferry::egress::testing;
+namespace sbx = ferry::sandbox;
+namespace utf = boost::unit_test;
+
+namespace {
+
+boost::test_tools::assertion_result network_and_bwrap(utf::test_unit_id id) {
+  auto net = needs_network()(id);
+  if (!net)
+    return net;
+  return sbx::testing::bwrap_available(id);
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_SUITE(egress_bwrap, *utf::precondition(network_and_bwrap))
+
+BOOST_AUTO_TEST_CASE(commands_in_a_bwrap_sandbox_get_out_only_through_the_proxy_and_its_policy) {
+  sbx::testing::temp_dir tmp;
+  const fs::path sockets = tmp.path() / "egress";
+  fs::create_directories(sockets);
+  // The sandbox's uid must reach its socket: o+x on the directory, the socket itself is 0666.
+  fs::permissions(tmp.path(), fs::perms::others_exec, fs::perm_options::add);
+  fs::permissions(sockets, fs::perms::others_exec, fs::perm_options::add);
+
+  origin_servers origins;
+  int first = tcp_listen(public_address, 0);
+  const uint16_t port = local_port(first);
+  origins.add(first, public_address);
+  for (const auto& a : internal_addresses)
+    origins.add(tcp_listen(a, port), a);
+  origins.start();
+
+  std::mutex mu;
+  std::vector<egress_decision> decisions;
+  egress_proxy_options options;
+  options.socket_dir = sockets;
+  options.tokens = sandbox_tokens::open(tmp.path()).value();
+  options.observer = [&](const egress_decision& d) {
+    std::lock_guard lock(mu);
+    decisions.push_back(d);
+  };
+  auto proxy = make_egress_proxy(options).value();
+  const std::string id = sbx::testing::unique_id("eg", "curl");
+  // rebind.test and metadata.test are allowed by name: only the address check can stop them.
+  const auto policy =
+    egress_policy::custom({"allowed.test", "tunnel.test", "rebind.test", "metadata.test"}, {}).value();
+  const fs::path socket = proxy->open_sandbox(id, policy).value();
+  const std::string token = options.tokens->issue(id, policy).value();
+
+  // runtime_options::egress_socket is one path per runtime: a runtime for this sandbox's socket.
+  auto config = sbx::testing::test_config(tmp.path());
+  config.egress_socket = socket;
+  auto runtime = sbx::make_runtime(config);
+  BOOST_REQUIRE_MESSAGE(runtime.ok(), (runtime.ok() ? "" : runtime.error().message));
+  sbx::testing::recording_observer obs;
+  sbx::sandbox_spec spec;
+  spec.id = id;
+  auto sb = (*runtime)->start(spec, obs);
+  BOOST_REQUIRE_MESSAGE(sb.ok(), (sb.ok() ? "" : sb.error().message));
+
+  const std::string with_token = fmt::format("--proxy http://ferry:{}@127.0.0.1:3128", token);
+  auto run = [&](uint32_t n, const std::string& line) {
+    auto r = sbx::testing::run_to_end(**sb, obs, sbx::testing::shell(n, line), 60s);
+    return std::pair{obs.output(n, 0), obs.output(n, 1)};
+  };
+  // --noproxy '': ferry-init's NO_PROXY exempts 127.0.0.1, which would send the literal below
+  // straight at the sandbox's own loopback instead of the proxy.
+  const std::string curl = "curl -sS -m 10 --noproxy '' -o /tmp/body -w '%{http_code} %{http_connect}'";
+
+  auto [plain, plain_err] = run(1, fmt::format("{} {} http://allowed.test:{}/inside; echo; cat /tmp/body", curl,
+                                               with_token, port));
+  BOOST_TEST(plain.starts_with("200 000\n"), plain << plain_err);
+  BOOST_TEST(plain.find("origin 198.51.100.10 got:\nGET /inside HTTP/1.1") != std::string::npos, plain);
+  auto [tunnel, tunnel_err] = run(2, fmt::format("{} -p {} http://tunnel.test:{}/tunnelled", curl, with_token, port));
+  BOOST_TEST(tunnel == "200 200", tunnel << tunnel_err);
+  BOOST_TEST(origins.connections(public_address) == 2);
+
+  // Refused: internal names (plain and CONNECT), a literal, and the forwarder's default proxy
+  // URL without a token; and nothing gets out around the proxy.
+  auto [rebind, e3] = run(3, fmt::format("{} {} http://rebind.test:{}/", curl, with_token, port));
+  BOOST_TEST(rebind == "403 000", rebind << e3);
+  auto [metadata, e4] = run(4, fmt::format("{} -p {} http://metadata.test:{}/", curl, with_token, port));
+  BOOST_TEST(metadata == "000 403", metadata << e4);
+  auto [literal, e5] = run(5, fmt::format("{} {} http://0x7f.1:{}/", curl, with_token, port));
+  BOOST_TEST(literal == "403 000", literal << e5);
+  auto [no_token, e6] = run(6, fmt::format("{} http://allowed.test:{}/", curl, port));  // HTTP_PROXY from ferry-init
+  BOOST_TEST(no_token == "407 000", no_token << e6);
+  auto [direct, e7] = run(7, fmt::format("curl -sS -m 5 --noproxy '*' http://{}:{}/ >/dev/null 2>&1 && echo OUT || "
+                                         "echo blocked", public_address, port));
+  BOOST_TEST(direct == "blocked\n");
+  std::this_thread::sleep_for(std::chrono::milliseconds(150));
+  BOOST_TEST(origins.connections(public_address) == 2);
+  for (const auto& a : internal_addresses)
+    BOOST_TEST(origins.connections(a) == 0, a);
+
+  {
+    std::lock_guard lock(mu);
+    std::map<std::string, std::string> rules;
+    for (const auto& d : decisions) {
+      BOOST_TEST(d.sandbox_id == id);
+      rules[d.host + (d.method == "CONNECT" ? " CONNECT" : "")] = (d.allowed ? "allowed " : "denied ") + d.rule;
+    }
+    BOOST_TEST(rules["allowed.test"] == "denied token:missing");  // the last one for that host
+    BOOST_TEST(rules["tunnel.test CONNECT"] == "allowed custom:allow:tunnel.test");
+    BOOST_TEST(rules["rebind.test"] == "denied address:private 10.0.0.1");
+    BOOST_TEST(rules["metadata.test CONNECT"] == "denied address:link-local 169.254.169.254");
+    BOOST_TEST(rules["127.0.0.1"] == "denied address:loopback 127.0.0.1");
+  }
+
+  BOOST_REQUIRE((*sb)->release().ok());
+  (*sb)->wait();
+  BOOST_REQUIRE(proxy->close_sandbox(id).ok());
+  proxy->stop();
+}
+
+BOOST_AUTO_TEST_SUITE_END()
+
+int main(int argc, char* argv[]) {
+  network().enter();
+  int rc = boost::unit_test::unit_test_main([] { return true; }, argc, argv);
+  network().leave();
+  return rc;
+}
