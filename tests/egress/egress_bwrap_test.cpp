@@ -1,5 +1,6 @@
-// The egress proxy as a real bubblewrap sandbox sees it: its socket bind-mounted at
-// /.ferry/egress.sock, ferry-init's forwarder on 127.0.0.1:3128 inside, and curl run by the
+// The egress proxy as a real bubblewrap sandbox sees it: the runtime's egress binder
+// (make_egress_binder) gives the sandbox a socket of its own in its control directory
+// (/.ferry/ctl/egress.sock inside), ferry-init's forwarder on 127.0.0.1:3128 inside, and curl run by the
 // sandbox's own commands — allowed destinations reached, internal ones and a missing token
 // refused (the listeners see nothing), no way around the proxy. In the test's own network
 // namespace (test_network.h). Needs root and bwrap.
@@ -56,17 +57,21 @@ BOOST_AUTO_TEST_CASE(commands_in_a_bwrap_sandbox_get_out_only_through_the_proxy_
     std::lock_guard lock(mu);
     decisions.push_back(d);
   };
-  auto proxy = make_egress_proxy(options).value();
+  std::shared_ptr<egress_proxy> proxy = make_egress_proxy(options).value();
   const std::string id = sbx::testing::unique_id("eg", "curl");
   // rebind.test and metadata.test are allowed by name: only the address check can stop them.
   const auto policy =
     egress_policy::custom({"allowed.test", "tunnel.test", "rebind.test", "metadata.test"}, {}).value();
-  const fs::path socket = proxy->open_sandbox(id, policy).value();
   const std::string token = options.tokens->issue(id, policy).value();
 
-  // runtime_options::egress_socket is one path per runtime: a runtime for this sandbox's socket.
+  // The runtime opens the sandbox's socket (in its ctl/) before the start, with its policy.
+  std::vector<std::string> asked;
   auto config = sbx::testing::test_config(tmp.path());
-  config.egress_socket = socket;
+  config.egress = make_egress_binder(proxy, [&](const std::string& sandbox_id) {
+    std::lock_guard lock(mu);
+    asked.push_back(sandbox_id);
+    return sandbox_id == id ? policy : egress_policy::none();
+  });
   auto runtime = sbx::make_runtime(config);
   BOOST_REQUIRE_MESSAGE(runtime.ok(), (runtime.ok() ? "" : runtime.error().message));
   sbx::testing::recording_observer obs;
@@ -124,9 +129,12 @@ BOOST_AUTO_TEST_CASE(commands_in_a_bwrap_sandbox_get_out_only_through_the_proxy_
     BOOST_TEST(rules["127.0.0.1"] == "denied address:loopback 127.0.0.1");
   }
 
+  BOOST_TEST(asked == std::vector<std::string>{id});
+  BOOST_TEST(fs::is_socket(tmp.path() / "sandboxes" / id / "ctl" / "egress.sock"));
   BOOST_REQUIRE((*sb)->release().ok());
   (*sb)->wait();
-  BOOST_REQUIRE(proxy->close_sandbox(id).ok());
+  // The sandbox's end closed its socket in the proxy.
+  BOOST_TEST((proxy->close_sandbox(id).error().code == ferry::errc::not_found));
   proxy->stop();
 }
 

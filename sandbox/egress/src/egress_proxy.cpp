@@ -287,6 +287,7 @@ class proxy_impl final : public egress_proxy {
   ~proxy_impl() override { stop(); }
 
   result<fs::path> open_sandbox(const std::string& sandbox_id, egress_policy policy) override;
+  result<void> open_sandbox_at(const std::string& sandbox_id, egress_policy policy, const fs::path& socket) override;
   result<void> close_sandbox(const std::string& sandbox_id) override;
   result<void> allow_for_sandbox(const std::string& sandbox_id, const std::string& destination) override;
   void set_org_policy(egress_policy policy) override {
@@ -307,6 +308,7 @@ class proxy_impl final : public egress_proxy {
 
  private:
   net::awaitable<void> accept_loop(std::shared_ptr<sandbox_entry> sandbox);
+  result<void> open_at(const std::string& sandbox_id, egress_policy policy, const fs::path& path, bool replace_any);
   static void shut(const std::shared_ptr<sandbox_entry>& sandbox);
 
   const egress_proxy_options options_;
@@ -360,7 +362,8 @@ void connection::set_deadline(clock::duration from_now) {
 
 void connection::touch() { deadline_ = clock::now() + proxy_.options().idle_timeout; }
 
-net::awaitable<void> connection::watchdog(std::shared_ptr<connection> self) {
+// `self` keeps the connection alive while the coroutine runs.
+net::awaitable<void> connection::watchdog([[maybe_unused]] std::shared_ptr<connection> self) {
   while (!closed_) {
     timer_.expires_at(deadline_);
     error_code ec;
@@ -785,9 +788,25 @@ net::awaitable<void> proxy_impl::accept_loop(std::shared_ptr<sandbox_entry> sand
 }
 
 result<fs::path> proxy_impl::open_sandbox(const std::string& sandbox_id, egress_policy policy) {
+  fs::path path = options_.socket_dir / (sandbox_id + ".sock");
+  if (auto r = open_at(sandbox_id, std::move(policy), path, false); !r)
+    return r.error();
+  return path;
+}
+
+result<void> proxy_impl::open_sandbox_at(const std::string& sandbox_id, egress_policy policy, const fs::path& socket) {
+  if (socket.empty() || !socket.is_absolute())
+    return fail(errc::invalid_argument, fmt::format("egress proxy: socket path '{}' is not absolute", socket.string()));
   if (auto why = sandbox_id_problem(sandbox_id); !why.empty())
     return fail(errc::invalid_argument, fmt::format("egress proxy: {}: '{}'", why, sandbox_id));
-  fs::path path = options_.socket_dir / (sandbox_id + ".sock");
+  (void)close_sandbox(sandbox_id);  // a re-attach: the sandbox reaches the new socket
+  return open_at(sandbox_id, std::move(policy), socket, true);
+}
+
+result<void> proxy_impl::open_at(const std::string& sandbox_id, egress_policy policy, const fs::path& path,
+                                 bool replace_any) {
+  if (auto why = sandbox_id_problem(sandbox_id); !why.empty())
+    return fail(errc::invalid_argument, fmt::format("egress proxy: {}: '{}'", why, sandbox_id));
   if (path.string().size() >= sizeof(sockaddr_un{}.sun_path))
     return fail(errc::invalid_argument, fmt::format("egress proxy: socket path {} is too long", path.string()));
   std::lock_guard lock(mu_);
@@ -798,9 +817,12 @@ result<fs::path> proxy_impl::open_sandbox(const std::string& sandbox_id, egress_
   std::error_code fec;
   auto st = fs::symlink_status(path, fec);
   if (fs::exists(st)) {
-    if (!fs::is_socket(st))
+    // In socket_dir only a stale socket of an earlier run is replaced. At a path the caller
+    // chose (the sandbox's own control directory, which the sandbox can write) whatever the
+    // sandbox put there goes — unlinked, never followed — except a directory.
+    if (fs::is_directory(st) || (!replace_any && !fs::is_socket(st)))
       return fail(fmt::format("egress proxy: {} exists and is not a socket", path.string()));
-    fs::remove(path, fec);  // a stale socket of an earlier run
+    fs::remove(path, fec);
   }
   auto sandbox = std::make_shared<sandbox_entry>(sandbox_id, path, std::move(policy), net::make_strand(io_),
                                                  options_.limits.burst);
@@ -819,7 +841,7 @@ result<fs::path> proxy_impl::open_sandbox(const std::string& sandbox_id, egress_
   }
   sandboxes_.emplace(sandbox_id, sandbox);
   net::co_spawn(sandbox->strand, accept_loop(sandbox), log_exception);
-  return path;
+  return {};
 }
 
 void proxy_impl::shut(const std::shared_ptr<sandbox_entry>& sandbox) {
@@ -910,6 +932,35 @@ result<std::unique_ptr<egress_proxy>> make_egress_proxy(egress_proxy_options opt
   if (options.limits.max_connections == 0 || options.limits.requests_per_second <= 0 || options.limits.burst < 1)
     return fail(errc::invalid_argument, "egress proxy: limits must be positive (burst >= 1)");
   return std::unique_ptr<egress_proxy>(std::make_unique<proxy_impl>(std::move(options)));
+}
+
+}  // namespace ferry::egress
+
+namespace ferry::egress {
+
+namespace {
+
+/// The runtime's side: sockets where the runtime puts them, policies from the caller.
+class proxy_binder final : public sandbox::egress_binder {
+ public:
+  proxy_binder(std::shared_ptr<egress_proxy> proxy, std::function<egress_policy(const std::string&)> policy_for)
+      : proxy_(std::move(proxy)), policy_for_(std::move(policy_for)) {}
+
+  result<void> open(const std::string& sandbox_id, const fs::path& socket) override {
+    return proxy_->open_sandbox_at(sandbox_id, policy_for_ ? policy_for_(sandbox_id) : egress_policy::none(), socket);
+  }
+  void close(const std::string& sandbox_id) override { (void)proxy_->close_sandbox(sandbox_id); }
+
+ private:
+  const std::shared_ptr<egress_proxy> proxy_;
+  const std::function<egress_policy(const std::string&)> policy_for_;
+};
+
+}  // namespace
+
+std::shared_ptr<sandbox::egress_binder> make_egress_binder(
+  std::shared_ptr<egress_proxy> proxy, std::function<egress_policy(const std::string& sandbox_id)> policy_for) {
+  return std::make_shared<proxy_binder>(std::move(proxy), std::move(policy_for));
 }
 
 }  // namespace ferry::egress

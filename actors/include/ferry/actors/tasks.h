@@ -72,7 +72,7 @@ struct task_request {
   std::chrono::milliseconds wall_clock_limit{0};
   /// The environment its sandboxes are made from, by name (task_deps::environments); empty:
   /// none. An unknown name is refused (errc::invalid_argument).
-  std::string environment;
+  std::string environment = {};
 };
 
 /// A limit the task or its sandbox ran into (a LimitReached event of its stream).

@@ -23,6 +23,7 @@
 
 #include <ferry/egress/policy.h>
 #include <ferry/egress/sandbox_token.h>
+#include <ferry/sandbox/sandbox.h>
 #include <ferry/schemas/result.h>
 
 namespace ferry::egress {
@@ -84,6 +85,11 @@ class egress_proxy {
   /// socket's path. errc::conflict if it is already open.
   [[nodiscard]] virtual result<std::filesystem::path> open_sandbox(const std::string& sandbox_id,
                                                                    egress_policy policy) = 0;
+  /// As open_sandbox, but listening at `socket`, a path the caller chooses (the sandbox
+  /// runtime's: in the sandbox's control directory), replacing whatever file is there; a
+  /// sandbox already open is closed first (a host re-attaching it makes its socket again).
+  [[nodiscard]] virtual result<void> open_sandbox_at(const std::string& sandbox_id, egress_policy policy,
+                                                     const std::filesystem::path& socket) = 0;
   /// Closes the sandbox's listener and every connection of it (tunnels included), removes the
   /// socket. errc::not_found if it is not open.
   [[nodiscard]] virtual result<void> close_sandbox(const std::string& sandbox_id) = 0;
@@ -99,5 +105,12 @@ class egress_proxy {
 /// Checks the options (socket_dir exists, tokens set, routes' names valid) and starts the I/O
 /// threads.
 [[nodiscard]] result<std::unique_ptr<egress_proxy>> make_egress_proxy(egress_proxy_options options);
+
+/// The proxy as the sandbox runtime sees it (runtime_options::egress): each sandbox's socket is
+/// made where the runtime asks (open_sandbox_at), with the policy `policy_for(sandbox_id)`
+/// returns at that moment, and closed when the runtime says the sandbox has ended. `proxy` must
+/// outlive the runtime's sandboxes (it is held).
+[[nodiscard]] std::shared_ptr<sandbox::egress_binder> make_egress_binder(
+  std::shared_ptr<egress_proxy> proxy, std::function<egress_policy(const std::string& sandbox_id)> policy_for);
 
 }  // namespace ferry::egress
