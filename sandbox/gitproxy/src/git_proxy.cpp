@@ -27,6 +27,22 @@ namespace {
 
 using namespace detail;
 using net::use_awaitable;
+
+/// Reads the next piece of a buffer_body message into `chunk` within `timeout` (on the stream's
+/// lowest layer): the bytes it got, 0 once the body is complete. A full chunk (need_buffer) is
+/// not an error; any other failure is left in `ec`.
+template <class Stream, class Buffer, bool isRequest>
+net::awaitable<std::size_t> read_piece(Stream& stream, Buffer& buf, http::parser<isRequest, http::buffer_body>& parser,
+                                       std::vector<char>& chunk, std::chrono::milliseconds timeout,
+                                       beast::error_code& ec) {
+  parser.get().body().data = chunk.data();
+  parser.get().body().size = chunk.size();
+  beast::get_lowest_layer(stream).expires_after(timeout);
+  co_await http::async_read(stream, buf, parser, net::redirect_error(use_awaitable, ec));
+  if (ec == http::error::need_buffer)
+    ec = {};
+  co_return chunk.size() - parser.get().body().size;
+}
 namespace ssl = net::ssl;
 using unix_stream =
     beast::basic_stream<net::local::stream_protocol, net::any_io_executor, beast::unlimited_rate_policy>;
@@ -387,15 +403,9 @@ class git_proxy_impl final : public git_proxy {
       up = pkt::parse_update_request(held);
       if (up.st != pkt::status::need_more || parser.is_done() || held.size() > max_command_list)
         break;
-      parser.get().body().data = body.data();
-      parser.get().body().size = body.size();
-      stream.expires_after(opts_.io_timeout);
-      co_await http::async_read(stream, buf, parser, net::redirect_error(use_awaitable, ec));
-      if (ec == http::error::need_buffer)
-        ec = {};
+      const std::size_t n = co_await read_piece(stream, buf, parser, body, opts_.io_timeout, ec);
       if (ec)
         co_return false;  // the client went away
-      const std::size_t n = body.size() - parser.get().body().size;
       held.append(body.data(), n);
       op.bytes_in += n;
     }
@@ -429,15 +439,9 @@ class git_proxy_impl final : public git_proxy {
     // answer rather than a reset, then answer like receive-pack would.
     std::size_t drained = 0;
     while (!parser.is_done() && drained < max_drain) {
-      parser.get().body().data = body.data();
-      parser.get().body().size = body.size();
-      stream.expires_after(opts_.io_timeout);
-      co_await http::async_read(stream, buf, parser, net::redirect_error(use_awaitable, ec));
-      if (ec == http::error::need_buffer)
-        ec = {};
+      const std::size_t n = co_await read_piece(stream, buf, parser, body, opts_.io_timeout, ec);
       if (ec)
         break;
-      const std::size_t n = body.size() - parser.get().body().size;
       drained += n;
       op.bytes_in += n;
     }
@@ -594,18 +598,12 @@ class git_proxy_impl final : public git_proxy {
       if (!ec && !held.empty())
         co_await send(held.data(), held.size(), true);
       while (!ec && !parser.is_done()) {
-        parser.get().body().data = body.data();
-        parser.get().body().size = body.size();
-        client.expires_after(opts_.io_timeout);
         beast::error_code rec;
-        co_await http::async_read(client, buf, parser, net::redirect_error(use_awaitable, rec));
-        if (rec == http::error::need_buffer)
-          rec = {};
+        const std::size_t n = co_await read_piece(client, buf, parser, body, opts_.io_timeout, rec);
         if (rec) {
           client_failed = true;
           break;
         }
-        const std::size_t n = body.size() - parser.get().body().size;
         op.bytes_in += n;
         if (n)
           co_await send(body.data(), n, true);
@@ -645,15 +643,10 @@ class git_proxy_impl final : public git_proxy {
       // bounded copy of the text.
       std::string text;
       while (!uparser.is_done() && text.size() < max_error_body) {
-        uparser.get().body().data = body.data();
-        uparser.get().body().size = body.size();
-        lowest().expires_after(opts_.io_timeout);
-        co_await http::async_read(up, ubuf, uparser, net::redirect_error(use_awaitable, ec));
-        if (ec == http::error::need_buffer)
-          ec = {};
+        const std::size_t n = co_await read_piece(up, ubuf, uparser, body, opts_.io_timeout, ec);
         if (ec)
           break;
-        text.append(body.data(), body.size() - uparser.get().body().size);
+        text.append(body.data(), n);
       }
       text.resize(std::min(text.size(), max_error_body));
       scrub(text, auth.needles);
@@ -696,18 +689,12 @@ class git_proxy_impl final : public git_proxy {
       if (uparser.is_done()) {
         more = false;
       } else {
-        uparser.get().body().data = body.data();
-        uparser.get().body().size = body.size();
-        lowest().expires_after(opts_.io_timeout);
-        co_await http::async_read(up, ubuf, uparser, net::redirect_error(use_awaitable, ec));
-        if (ec == http::error::need_buffer)
-          ec = {};
+        n = co_await read_piece(up, ubuf, uparser, body, opts_.io_timeout, ec);
         if (ec) {
           op.result = op_result::upstream_error;
           op.reason = "the forge's answer broke off: " + ec.message();
           co_return;  // the client sees a truncated chunked body and fails
         }
-        n = body.size() - uparser.get().body().size;
         if (n == 0 && !uparser.is_done())
           continue;
       }
