@@ -63,9 +63,10 @@ std::pair<std::string, uint16_t> parse_listen(const std::string& s) {
   return {host, static_cast<uint16_t>(port)};
 }
 
-/// The secret in `path` (a password or token file), without its trailing line break. `flag`
-/// names the option in errors; the secret itself never appears in one.
-std::string read_secret_file(const std::string& flag, const std::string& path) {
+/// The content of the file `path` named by option `flag`, at most `max` bytes (else `too_big`
+/// says why); every failure stops ferryd naming the flag and the file, never the content.
+std::string read_option_file(const std::string& flag, const std::string& path, size_t max,
+                             const std::string& too_big) {
   std::error_code ec;
   if (!fs::exists(path, ec))
     die(flag + " " + path + ": no such file");
@@ -74,17 +75,24 @@ std::string read_secret_file(const std::string& flag, const std::string& path) {
   std::FILE* f = std::fopen(path.c_str(), "rb");
   if (!f)
     die(flag + " " + path + ": cannot read it: " + std::strerror(errno));
-  std::string secret;
+  std::string text;
   char buf[4096];
   size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0 && secret.size() <= 64 * 1024)
-    secret.append(buf, n);
+  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0 && text.size() <= max)
+    text.append(buf, n);
   const bool failed = std::ferror(f);
   std::fclose(f);
   if (failed)
     die(flag + " " + path + ": cannot read it");
-  if (secret.size() > 64 * 1024)
-    die(flag + " " + path + ": larger than 64 KiB, not a secret file");
+  if (text.size() > max)
+    die(flag + " " + path + ": " + too_big);
+  return text;
+}
+
+/// The secret in `path` (a password or token file), without its trailing line break. `flag`
+/// names the option in errors; the secret itself never appears in one.
+std::string read_secret_file(const std::string& flag, const std::string& path) {
+  std::string secret = read_option_file(flag, path, 64 * 1024, "larger than 64 KiB, not a secret file");
   while (!secret.empty() && (secret.back() == '\n' || secret.back() == '\r'))
     secret.pop_back();
   if (secret.empty())
@@ -101,17 +109,7 @@ std::string read_secret_file(const std::string& flag, const std::string& path) {
 std::map<std::string, ferry::sandbox::environment_spec> read_environments(const std::string& path,
                                                                           const std::string& base) {
   std::map<std::string, ferry::sandbox::environment_spec> out;
-  std::FILE* f = std::fopen(path.c_str(), "rb");
-  if (!f)
-    die("--environments " + path + ": cannot read it: " + std::strerror(errno));
-  std::string text;
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0 && text.size() <= (4u << 20))
-    text.append(buf, n);
-  std::fclose(f);
-  if (text.size() > (4u << 20))
-    die("--environments " + path + ": larger than 4 MiB");
+  const std::string text = read_option_file("--environments", path, 4u << 20, "larger than 4 MiB");
   auto j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
   auto bad = [&](const std::string& what) { die("--environments " + path + ": " + what); };
   if (j.is_discarded())
