@@ -687,8 +687,6 @@ result<fs::path> proxy_impl::open_sandbox(const std::string& sandbox_id, egress_
 result<void> proxy_impl::open_sandbox_at(const std::string& sandbox_id, egress_policy policy, const fs::path& socket) {
   if (socket.empty() || !socket.is_absolute())
     return fail(errc::invalid_argument, fmt::format("egress proxy: socket path '{}' is not absolute", socket.string()));
-  if (auto why = sandbox_id_problem(sandbox_id); !why.empty())
-    return fail(errc::invalid_argument, fmt::format("egress proxy: {}: '{}'", why, sandbox_id));
   (void)close_sandbox(sandbox_id);  // a re-attach: the sandbox reaches the new socket
   return open_at(sandbox_id, std::move(policy), socket, true);
 }
