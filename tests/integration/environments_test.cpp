@@ -33,7 +33,7 @@ const json environments = {
       {"setup_timeout_s", 60}}},
     {"plain", {{"env", {{"PLAIN_VAR", "p"}}}}},
     {"broken", {{"setup", "echo about-to-fail; exit 7"}}},
-    {"slow", {{"setup", "echo slow-setup-started; sleep 120"}}}}}};
+    {"slow", {{"setup", "echo slow-setup-started; touch /workspace/started; sleep 120"}}}}}};
 
 struct fixture {
   temp_dir dir{"ferry-env"};
@@ -196,7 +196,17 @@ BOOST_FIXTURE_TEST_CASE(an_abort_during_the_setup_ends_the_task_aborted_with_no_
   const std::string needle = (dir.path() / "data" / "sandboxes" / ("setup-" + str(*slow, "key").substr(0, 12))).string();
   BOOST_TEST_REQUIRE(eventually([&] { return !processes_with_cmdline_containing(needle).empty(); }, 30s),
                      "the setup sandbox did not start");
-  std::this_thread::sleep_for(500ms);
+  // The script has printed its line (it touches the file after the echo): wait for that, not
+  // for a fixed time, which a loaded machine can outlast.
+  auto script_ran = [&] {
+    std::error_code ec;
+    for (const auto& e : fs::directory_iterator(dir.path() / "data" / "sandboxes", ec))
+      if (e.path().filename().string().rfind("setup-", 0) == 0 && fs::exists(e.path() / "workspace" / "started", ec))
+        return true;
+    return false;
+  };
+  BOOST_TEST_REQUIRE(eventually(script_ran, 30s), "the setup script did not run");
+  std::this_thread::sleep_for(200ms);
   const auto t0 = std::chrono::steady_clock::now();
   http_response r = api->abort(id);
   BOOST_TEST_REQUIRE((r.status == 200 || r.status == 202), r.summary());
