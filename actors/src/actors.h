@@ -40,7 +40,12 @@ struct sandbox_state {
   std::string id;
   std::string task_id;
   std::string backend;
+  /// The runtime's id when it is not `id`: taken from the warm pool. Such a sandbox runs the
+  /// task's command as command 1 (it was started idle) and is released once that has exited.
+  std::string runtime_id;
   // Runtime glue (not event-sourced).
+  /// A warm-pool sandbox's command 1 could not run: why (the sandbox is being released).
+  std::string command_failure;
   sandbox::sandbox_runtime* runtime = nullptr;
   caf::actor task;
   std::vector<std::string> argv;
@@ -63,6 +68,7 @@ struct sandbox_state {
   std::optional<sandbox::environment_spec> environment;
   std::string environment_name;
   sandbox::layer_cache* layers = nullptr;
+  actors::warm_sandboxes* warm = nullptr;
   /// The environment's setup while it runs (on a thread of its own: the actor goes on taking
   /// its output and a kill). Destroying it cancels the setup and joins the thread.
   struct setup_job {
@@ -100,6 +106,8 @@ struct sandbox_args {
   std::optional<sandbox::environment_spec> environment;
   std::string environment_name;
   sandbox::layer_cache* layers = nullptr;
+  /// Warm sandboxes to start from when one is ready (null: none).
+  warm_sandboxes* warm = nullptr;
   /// Recover from the stream (ferryd restarted, task actor recovered): the sandbox is re-attached
   /// when still alive, else recorded failed with this reason.
   std::optional<std::string> recover_reason;
@@ -218,6 +226,8 @@ struct task_state {
   std::string correlation;
   caf::actor sandbox;
   caf::actor session;
+  /// (sandbox id, runtime id) of a sandbox taken from the warm pool, until the timeline has it.
+  std::pair<std::string, std::string> pooled;
   bool turn_pending = false;  // waiting for the session to open a turn
   bool aborting = false;
   bool finishing = false;

@@ -7,6 +7,8 @@
 
 #include <caf/all.hpp>
 
+#include "ferry/schemas/events.h"
+
 namespace ferry::actors {
 
 /// Output of one command on one stream, merged from consecutive chunks.
@@ -41,12 +43,24 @@ typename Inspector::result_type inspect(Inspector& f, persist_outcome& x) {
 
 }  // namespace ferry::actors
 
+namespace ferry::schemas {
+
+/// An egress proxy decision on its way from a sandbox's observer to its task's stream.
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, egress_decision_fields& x) {
+  return f(caf::meta::type_name("egress_decision"), x.sandbox_id, x.host, x.port, x.method, x.allowed, x.rule,
+           x.approvable, x.bytes_up, x.bytes_down, x.duration_ms);
+}
+
+}  // namespace ferry::schemas
+
 CAF_BEGIN_TYPE_ID_BLOCK(ferry, caf::first_custom_type_id)
 
   CAF_ADD_TYPE_ID(ferry, (std::vector<std::string>))
   CAF_ADD_TYPE_ID(ferry, (ferry::actors::output_piece))
   CAF_ADD_TYPE_ID(ferry, (std::vector<ferry::actors::output_piece>))
   CAF_ADD_TYPE_ID(ferry, (ferry::actors::persist_outcome))
+  CAF_ADD_TYPE_ID(ferry, (ferry::schemas::egress_decision_fields))
 
   // task manager
   CAF_ADD_ATOM(ferry, ferry::actors, submit_atom, "submit")
@@ -95,5 +109,13 @@ CAF_BEGIN_TYPE_ID_BLOCK(ferry, caf::first_custom_type_id)
   CAF_ADD_ATOM(ferry, ferry::actors, limit_atom, "sbx_limit")
   // sandbox actor ← its environment's setup thread: (ok, layer path or why, cached, ms)
   CAF_ADD_ATOM(ferry, ferry::actors, setup_atom, "sbx_setup")
+  // sandbox → task: an egress proxy decision (schemas::egress_decision_fields)
+  CAF_ADD_ATOM(ferry, ferry::actors, egress_atom, "egress")
+  // manager → task: a user allows a destination for the task (user, destination)
+  CAF_ADD_ATOM(ferry, ferry::actors, approve_atom, "approve")
+  // sandbox → task: it was taken from the warm pool (sandbox id, runtime id)
+  CAF_ADD_ATOM(ferry, ferry::actors, pooled_atom, "sbx_pooled")
+  // observer → sandbox: a command could not run (id, reason)
+  CAF_ADD_ATOM(ferry, ferry::actors, cmd_failed_atom, "cmd_failed")
 
 CAF_END_TYPE_ID_BLOCK(ferry)

@@ -62,6 +62,9 @@ class observer_adapter final : public sandbox::sandbox_observer {
     }
     send(output_atom_v);
   }
+  void on_command_failed(uint32_t id, std::string_view reason) override {
+    send(cmd_failed_atom_v, id, std::string(reason));
+  }
   void on_command_exited(uint32_t id, int code, int signal, uint64_t ms) override {
     send(cmd_exit_atom_v, id, int32_t{code}, int32_t{signal}, ms);
   }
@@ -69,6 +72,13 @@ class observer_adapter final : public sandbox::sandbox_observer {
   void on_limit_reached(const sandbox::limit_hit& hit) override {
     send(limit_atom_v, std::string(sandbox::to_string(hit.what)), hit.limit, hit.count, hit.whole_sandbox,
          hit.command_id, hit.detail);
+  }
+  void on_egress(const sandbox::egress_event& e) override {
+    // From the proxy's threads; the sandbox's end comes after its last decision (the runtime
+    // closes its egress before on_ended).
+    send(egress_atom_v, schemas::egress_decision_fields{e.sandbox_id, e.host, e.port, e.method, e.allowed, e.rule,
+                                                        e.approvable, e.bytes_up, e.bytes_down,
+                                                        static_cast<uint64_t>(e.duration.count())});
   }
   void on_ended(std::optional<std::string> failure) override {
     send(ended_atom_v, failure.has_value(), failure.value_or(""));
@@ -130,15 +140,18 @@ void sandbox_state::apply(const ev::Envelope& env) {
   status = x->to();
   if (x->backend())
     backend = x->backend()->str();
+  if (x->runtime_id())
+    runtime_id = x->runtime_id()->str();
 }
 
 nlohmann::json sandbox_state::snapshot() const {
-  return {{"status", static_cast<int>(status)}, {"backend", backend}};
+  return {{"status", static_cast<int>(status)}, {"backend", backend}, {"runtime_id", runtime_id}};
 }
 
 result<void> sandbox_state::restore(const nlohmann::json& j) {
   status = static_cast<S>(j.at("status").get<int>());
   backend = j.at("backend").get<std::string>();
+  runtime_id = j.value("runtime_id", std::string());  // absent from older snapshots
   return {};
 }
 
@@ -165,7 +178,7 @@ void transition(sandbox_actor_t* self, S to, std::string reason,
     return;
   }
   persist(self,
-          schemas::sandbox_state_changed(s.meta(), s.id, s.backend, from, to, reason),
+          schemas::sandbox_state_changed(s.meta(), s.id, s.backend, from, to, reason, s.runtime_id),
           [self, from, to, reason, then = std::move(then)](const storage::append_result&) {
             auto& s = self->state;
             if (s.task)
@@ -271,9 +284,43 @@ void sandbox_ended(sandbox_actor_t* self, bool failed, const std::string& reason
   s.ended = true;
   if (s.kill_requested)
     return end_with(self, false, "killed on request");
+  if (!s.command_failure.empty())
+    return end_with(self, true, "the task's command could not run: " + s.command_failure);
   if (failed)
     return end_with(self, true, reason.empty() ? "sandbox ended abnormally" : reason);
   end_with(self, false, "sandbox exited");
+}
+
+/// A warm-pool sandbox (started idle) runs the task's command as command 1.
+void run_command_line(sandbox_actor_t* self) {
+  auto& s = self->state;
+  if (s.kill_requested || !s.box)
+    return;  // kill_now has killed it
+  sandbox::command_spec c;
+  c.command_id = 1;
+  c.argv = s.argv;
+  if (auto r = s.box->run(c); !r) {
+    s.command_failure = r.error().message;
+    (void)s.box->release();
+  }
+}
+
+/// Takes a ready sandbox of the environment from the warm pool, if one is: true when it did
+/// (then it runs the command once the timeline says it is ready).
+bool take_warm(sandbox_actor_t* self, const std::string& note) {
+  auto& s = self->state;
+  if (!s.warm || s.argv.empty())
+    return false;
+  auto got = s.warm->acquire(s.environment_name, s.task_id, *s.observer);
+  if (!got)
+    return false;  // none ready: started the normal way
+  s.box = std::move(got->box);
+  s.runtime_id = got->id;
+  if (s.task)
+    self->send(s.task, pooled_atom_v, s.id, s.runtime_id);
+  transition(self, S::initializing, "taken from the warm pool (" + s.runtime_id + ")" + (note.empty() ? "" : "; " + note),
+             [self] { transition(self, S::ready, "ferry-init is up", [self] { run_command_line(self); }); });
+  return true;
 }
 
 /// Starts the sandbox itself, over `layers` (its environment's setup), with the environment's
@@ -303,11 +350,11 @@ void run_setup(sandbox_actor_t* self) {
   s.observer->on_command_started(setup_command_id, {"environment-setup", s.environment_name});
   s.setup = std::make_unique<sandbox_state::setup_job>();
   s.setup->thread = std::thread([job = s.setup.get(), adapter = s.observer.get(), runtime = s.runtime,
-                                 layers = s.layers, env = *s.environment] {
+                                 layers = s.layers, env = *s.environment, id = s.id + "-setup"] {
     const auto t0 = std::chrono::steady_clock::now();
     auto layer = layers->ensure(
       *runtime, env, [adapter](int stream, std::string_view data) { adapter->on_output(setup_command_id, stream, data); },
-      &job->cancel);
+      &job->cancel, [adapter](const sandbox::egress_event& e) { adapter->on_egress(e); }, id);
     const auto ms = static_cast<uint64_t>(
       std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0).count());
     adapter->on_command_exited(setup_command_id, layer ? 0 : 1, 0, ms);
@@ -326,14 +373,20 @@ void do_start(sandbox_actor_t* self) {
   if (!s.environment_name.empty() && !s.environment)
     return end_with(self, true, "environment \"" + s.environment_name + "\" is not configured (any more)");
   if (!s.environment)
-    return launch(self, {}, "");
-  if (s.environment->setup_script.empty())
-    return launch(self, {}, "environment " + s.environment_name + " (no setup script)");
+    return take_warm(self, "") ? void() : launch(self, {}, "");
+  if (s.environment->setup_script.empty()) {
+    const std::string note = "environment " + s.environment_name + " (no setup script)";
+    return take_warm(self, note) ? void() : launch(self, {}, note);
+  }
   if (!s.layers)
     return end_with(self, true, "environment " + s.environment_name + " has a setup script, but ferryd has no layer cache");
   const std::string key = sandbox::environment_key(*s.environment);
-  if (auto path = s.layers->find(key))
-    return launch(self, {*path}, "environment " + s.environment_name + " (layer " + key.substr(0, 12) + ", cached)");
+  if (auto path = s.layers->find(key)) {
+    if (s.warm)
+      s.warm->layer_ready(s.environment_name, *path);
+    const std::string note = "environment " + s.environment_name + " (layer " + key.substr(0, 12) + ", cached)";
+    return take_warm(self, note) ? void() : launch(self, {*path}, note);
+  }
   run_setup(self);
 }
 
@@ -366,6 +419,7 @@ caf::behavior sandbox_actor(sandbox_actor_t* self, sandbox_args args) {
   s.environment = std::move(args.environment);
   s.environment_name = std::move(args.environment_name);
   s.layers = args.layers;
+  s.warm = args.warm;
   if (s.runtime)
     s.backend = std::string(s.runtime->name());
   s.journal.urgent = caf::message_handler{[=](kill_atom) { kill_now(self); }};
@@ -411,7 +465,8 @@ caf::behavior sandbox_actor(sandbox_actor_t* self, sandbox_args args) {
         if (s.runtime && attachable) {
           s.observer =
             std::make_unique<observer_adapter>(caf::actor_cast<caf::weak_actor_ptr>(self));
-          auto box = s.runtime->attach(s.id, resume, *s.observer);
+          // A warm-pool sandbox is known to the runtime by the id it was started with.
+          auto box = s.runtime->attach(s.runtime_id.empty() ? s.id : s.runtime_id, resume, *s.observer);
           if (box) {
             s.box = std::move(*box);
             s.reattached = true;
@@ -465,6 +520,8 @@ caf::behavior sandbox_actor(sandbox_actor_t* self, sandbox_args args) {
           return end_with(self, false, "killed during its environment's setup");
         if (!ok)
           return end_with(self, true, what);
+        if (s.warm)
+          s.warm->layer_ready(s.environment_name, what);
         const std::string key = sandbox::environment_key(*s.environment);
         launch(self, {std::filesystem::path(what)},
                fmt::format("environment {} (layer {}, {})", s.environment_name, key.substr(0, 12),
@@ -477,9 +534,21 @@ caf::behavior sandbox_actor(sandbox_actor_t* self, sandbox_args args) {
       after_pending_output(self, [=] {
         if (self->state.task)
           self->send(self->state.task, cmd_exit_atom_v, cmd, code, sig, ms);
-        if (self->state.status == S::executing)
+        auto& s = self->state;
+        if (s.status == S::executing)
           transition(self, S::ready, "command exited");
+        // A warm-pool sandbox was started idle: it ends once the task's command has, as one
+        // started with the command does.
+        if (!s.runtime_id.empty() && cmd == 1 && s.box)
+          (void)s.box->release();
       });
+    },
+    [=](cmd_failed_atom, uint32_t cmd, std::string& reason) {
+      auto& s = self->state;
+      if (s.runtime_id.empty() || cmd != 1 || !s.box)
+        return;
+      s.command_failure = reason;
+      (void)s.box->release();
     },
     [=](kill_atom) { kill_now(self); },
     [=](killed_atom) {
@@ -511,6 +580,10 @@ caf::behavior sandbox_actor(sandbox_actor_t* self, sandbox_args args) {
         if (self->state.task)
           self->send(self->state.task, limit_atom_v, kind, limit, count, whole, cmd, detail);
       });
+    },
+    [=](egress_atom, schemas::egress_decision_fields& note) {
+      if (self->state.task)
+        self->send(self->state.task, egress_atom_v, std::move(note));
     },
     [=](ended_atom, bool failed, std::string reason) {
       after_pending_output(self, [=] { sandbox_ended(self, failed, reason); });

@@ -282,6 +282,7 @@ void start_sandbox(task_actor_t* self) {
   a.id = "ferry-" + s.view.id + "-" + std::to_string(s.sandboxes + 1);
   a.task_id = s.view.id;
   a.argv = {"/bin/sh", "-c", s.view.command};
+  a.warm = s.deps.warm;
   if (!s.view.environment.empty()) {
     // As configured now (a queued or resumed task gets the current setup); gone from the
     // configuration since the submission: the sandbox fails and says so.
@@ -625,10 +626,17 @@ caf::behavior task_actor(task_actor_t* self, task_args args) {
       };
       if (from_status == to_status && s.view.sandbox_id == sandbox_id)
         return after();  // nothing new for the timeline
+      const std::string runtime_id = s.pooled.first == sandbox_id ? s.pooled.second
+                                     : s.view.sandbox_id == sandbox_id ? s.view.sandbox_runtime_id
+                                                                       : std::string();
       persist(self,
               schemas::sandbox_state_changed(s.meta(), sandbox_id, backend, from_status,
-                                             to_status, reason),
+                                             to_status, reason, runtime_id),
               [after](const storage::append_result&) { after(); });
+    },
+    [=](pooled_atom, std::string& sandbox_id, std::string& runtime_id) {
+      // Ahead of its state changes (same sender): they record the runtime's id with them.
+      self->state.pooled = {std::move(sandbox_id), std::move(runtime_id)};
     },
     [=](cmd_start_atom, uint32_t cmd, std::vector<std::string>& argv) {
       persist(self, schemas::command_started(self->state.meta(), cmd, argv),
@@ -668,6 +676,38 @@ caf::behavior task_actor(task_actor_t* self, task_args args) {
       const std::string text = count > 1 && k == ev::LimitKind::memory ? detail + " (" + std::to_string(count) + " times)" : detail;
       persist(self, schemas::limit_reached(m, k, limit, cmd, whole, text),
               [](const storage::append_result&) {});
+    },
+    [=](egress_atom, const schemas::egress_decision_fields& d) {
+      // What the egress proxy decided for one of the task's sandboxes (or its setup's).
+      auto m = self->state.meta();
+      m.user = "system";
+      persist(self, schemas::egress_decision(m, d), [](const storage::append_result&) {});
+    },
+    [=](approve_atom, std::string& user,
+        std::string& destination) -> caf::result<int32_t, std::string, uint64_t> {
+      // Recorded first; then the running sandbox (and its environment's setup, if that is what
+      // runs) may reach it. Later sandboxes of the task get it from the egress binder.
+      auto& s = self->state;
+      if (s.view.finished || s.aborting || s.finishing || !s.limit_failure.empty())
+        return {static_cast<int32_t>(errc::conflict), std::string("the task has ended"), uint64_t{0}};
+      if (s.view.egress.approvals.size() >= max_egress_approvals)
+        return {static_cast<int32_t>(errc::busy),
+                "too many egress approvals on this task (limit " + std::to_string(max_egress_approvals) + ")",
+                uint64_t{0}};
+      auto m = s.meta();
+      m.user = user;
+      const std::string sandbox =
+        !s.sandbox ? std::string() : !s.view.sandbox_runtime_id.empty() ? s.view.sandbox_runtime_id : s.view.sandbox_id;
+      auto rp = self->make_response_promise<int32_t, std::string, uint64_t>();
+      persist(self, schemas::egress_approved(m, destination, sandbox),
+              [self, rp, destination, sandbox](const storage::append_result& where) mutable {
+                const auto& allow = self->state.deps.allow_egress;
+                if (allow && !sandbox.empty())
+                  for (const auto& id : {sandbox, sandbox + "-setup"})
+                    (void)allow(id, destination);  // not open (any more): nothing to let through
+                rp.deliver(int32_t{0}, std::string(), where.last_sequence);
+              });
+      return rp;
     },
     [=](steer_atom, std::string& user,
         std::string& text) -> caf::result<int32_t, std::string, uint64_t> {

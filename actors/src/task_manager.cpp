@@ -310,10 +310,12 @@ result<recovery_plan> plan_recovery(const task_deps& d) {
                  l.error().message.c_str());
   else
     live.insert(l->begin(), l->end());
-  for (const auto& v : plan.running)
-    if (!v.sandbox_id.empty() && live.count(v.sandbox_id) && v.sandbox_status != "terminated" &&
-        v.sandbox_status != "failed")
-      plan.attach.insert(v.sandbox_id);
+  for (const auto& v : plan.running) {
+    // A warm-pool sandbox is known to the runtime by the id it was started with.
+    const auto& id = v.sandbox_runtime_id.empty() ? v.sandbox_id : v.sandbox_runtime_id;
+    if (!id.empty() && live.count(id) && v.sandbox_status != "terminated" && v.sandbox_status != "failed")
+      plan.attach.insert(id);
+  }
   // Every other sandbox an earlier ferryd left is killed and deleted.
   if (auto n = d.runtime->cleanup_orphans(plan.attach); !n)
     std::fprintf(stderr, "ferryd: warning: cleaning up orphaned sandboxes: %s\n",
@@ -336,7 +338,8 @@ void recover_tasks(manager_actor_t* self, const recovery_plan& plan) {
     task_args a;
     a.id = v.id;
     a.recover_reason = "ferryd restarted";
-    a.sandbox_attachable = plan.attach.count(v.sandbox_id) > 0;
+    a.sandbox_attachable =
+      plan.attach.count(v.sandbox_runtime_id.empty() ? v.sandbox_id : v.sandbox_runtime_id) > 0;
     spawn_task(self, std::move(a));
     self->state.queue.mark_running(v.id, v.user);
   }
@@ -389,6 +392,22 @@ caf::behavior task_manager(manager_actor_t* self, task_deps deps, recovery_plan 
       s.shutdown_waiters.clear();
     }
   });
+  // steer and approve: handed to the live task, whose answer (code, message, sequence) goes
+  // back as it is.
+  auto to_task = [self](auto atom, const std::string& id, std::string& user, std::string& text,
+                        const char* what) -> caf::result<int32_t, std::string, uint64_t> {
+    auto& s = self->state;
+    auto it = s.live.find(id);
+    if (it == s.live.end())
+      return {static_cast<int32_t>(errc::not_found), "no live task " + id, uint64_t{0}};
+    auto rp = self->make_response_promise<int32_t, std::string, uint64_t>();
+    self->request(it->second, caf::infinite, atom, std::move(user), std::move(text))
+      .then([rp](int32_t code, std::string& message, uint64_t seq) mutable { rp.deliver(code, std::move(message), seq); },
+            [rp, what](caf::error& err) mutable {
+              rp.deliver(static_cast<int32_t>(errc::failed), std::string(what) + ": " + to_string(err), uint64_t{0});
+            });
+    return rp;
+  };
   return {
     [=](restart_atom, std::string& id) {
       auto& s = self->state;
@@ -491,23 +510,11 @@ caf::behavior task_manager(manager_actor_t* self, task_deps deps, recovery_plan 
       }
       return {int32_t{0}, id, position};
     },
-    [=](steer_atom, std::string& id, std::string& user,
-        std::string& text) -> caf::result<int32_t, std::string, uint64_t> {
-      auto& s = self->state;
-      auto it = s.live.find(id);
-      if (it == s.live.end())
-        return {static_cast<int32_t>(errc::not_found), "no live task " + id, uint64_t{0}};
-      auto rp = self->make_response_promise<int32_t, std::string, uint64_t>();
-      self->request(it->second, caf::infinite, steer_atom_v, std::move(user), std::move(text))
-        .then(
-          [rp](int32_t code, std::string& message, uint64_t seq) mutable {
-            rp.deliver(code, std::move(message), seq);
-          },
-          [rp](caf::error& err) mutable {
-            rp.deliver(static_cast<int32_t>(errc::failed), "steer: " + to_string(err),
-                       uint64_t{0});
-          });
-      return rp;
+    [=](steer_atom atom, std::string& id, std::string& user, std::string& text) {
+      return to_task(atom, id, user, text, "steer");
+    },
+    [=](approve_atom atom, std::string& id, std::string& user, std::string& destination) {
+      return to_task(atom, id, user, destination, "approve");
     },
     [=](abort_atom, std::string& id, std::string& user, std::string& reason) -> caf::result<int32_t> {
       auto& s = self->state;
@@ -592,9 +599,22 @@ class caf_task_service final : public task_service {
 
   void steer_async(const std::string& task_id, const std::string& user, const std::string& text,
                    steer_callback done) override {
+    ask_sequence("steer", steer_atom_v, task_id, user, text, std::move(done));
+  }
+
+  void approve_egress_async(const std::string& task_id, const std::string& user, const std::string& destination,
+                            steer_callback done) override {
+    ask_sequence("approve", approve_atom_v, task_id, user, destination, std::move(done));
+  }
+
+  /// Asks the manager `(atom, task_id, user, text)`, answered (code, message, sequence) by the
+  /// task: `done` gets the sequence of what the task recorded, or the error (`what` names it).
+  template <class Atom>
+  void ask_sequence(const char* what, Atom atom, const std::string& task_id, const std::string& user,
+                    const std::string& text, steer_callback done) {
     sys_.spawn(
       [=](caf::event_based_actor* self, caf::actor mgr) {
-        self->request(mgr, std::chrono::seconds(30), steer_atom_v, task_id, user, text)
+        self->request(mgr, std::chrono::seconds(30), atom, task_id, user, text)
           .then(
             [=](int32_t code, std::string& message, uint64_t seq) {
               if (code == 0)
@@ -602,7 +622,7 @@ class caf_task_service final : public task_service {
               else
                 done(fail(static_cast<errc>(code), std::move(message)));
             },
-            [=](caf::error& err) { done(fail("steer " + task_id + ": " + to_string(err))); });
+            [=](caf::error& err) { done(fail(std::string(what) + " " + task_id + ": " + to_string(err))); });
       },
       mgr_);
   }

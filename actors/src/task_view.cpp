@@ -1,5 +1,6 @@
 // Folding a task's events into its current state.
 
+#include <algorithm>
 #include <cctype>
 
 #include <nlohmann/json.hpp>
@@ -20,6 +21,34 @@ bool valid_task_id(std::string_view id) {
       return false;
   return true;
 }
+
+std::optional<std::string> task_of_sandbox(std::string_view sandbox_id) {
+  constexpr std::string_view prefix = "ferry-";
+  if (!sandbox_id.starts_with(prefix))
+    return std::nullopt;
+  sandbox_id.remove_prefix(prefix.size());
+  if (sandbox_id.ends_with("-setup"))
+    sandbox_id.remove_suffix(6);
+  const auto dash = sandbox_id.rfind('-');
+  if (dash == std::string_view::npos || dash + 1 == sandbox_id.size())
+    return std::nullopt;
+  for (char c : sandbox_id.substr(dash + 1))
+    if (!std::isdigit(static_cast<unsigned char>(c)))
+      return std::nullopt;
+  const auto task = sandbox_id.substr(0, dash);
+  if (!valid_task_id(task))
+    return std::nullopt;
+  return std::string(task);
+}
+
+namespace {
+
+/// `host` of a `host:port` destination.
+std::string_view host_of(std::string_view destination) {
+  return destination.substr(0, destination.rfind(':'));
+}
+
+}  // namespace
 
 void apply(task_view& v, const ev::Envelope& env) {
   v.last_sequence = env.sequence();
@@ -61,7 +90,12 @@ void apply(task_view& v, const ev::Envelope& env) {
       break;
     case ev::Event::SandboxStateChanged: {
       auto* x = env.event_as_SandboxStateChanged();
-      v.sandbox_id = x->sandbox_id() ? x->sandbox_id()->str() : "";
+      const std::string id = x->sandbox_id() ? x->sandbox_id()->str() : "";
+      if (id != v.sandbox_id)
+        v.sandbox_runtime_id.clear();  // a new sandbox
+      v.sandbox_id = id;
+      if (x->runtime_id())
+        v.sandbox_runtime_id = x->runtime_id()->str();
       v.sandbox_backend = x->backend() ? x->backend()->str() : "";
       v.sandbox_status = schemas::to_string(x->to());
       v.sandbox_reason = x->reason() ? x->reason()->str() : "";
@@ -78,6 +112,32 @@ void apply(task_view& v, const ev::Envelope& env) {
       v.limits_reached.push_back({std::string(schemas::to_string(x->kind())), x->limit(),
                                   x->command_id(), x->whole_sandbox(),
                                   x->detail() ? x->detail()->str() : "", env.timestamp_ns()});
+      break;
+    }
+    case ev::Event::EgressDecision: {
+      auto* x = env.event_as_EgressDecision();
+      auto& e = v.egress;
+      ++(x->allowed() ? e.allowed : e.denied);
+      e.bytes_up += x->bytes_up();
+      e.bytes_down += x->bytes_down();
+      if (!x->allowed() && x->approvable() && x->host()) {
+        std::string destination = x->host()->str() + ":" + std::to_string(x->port());
+        if (std::find(e.approvable.begin(), e.approvable.end(), destination) == e.approvable.end()) {
+          if (e.approvable.size() >= egress_summary::max_approvable)
+            e.approvable.erase(e.approvable.begin());
+          e.approvable.push_back(std::move(destination));
+        }
+      }
+      break;
+    }
+    case ev::Event::EgressApproved: {
+      auto* x = env.event_as_EgressApproved();
+      const std::string d = x->destination() ? x->destination()->str() : "";
+      auto& e = v.egress;
+      e.approvals.push_back(d);
+      // What it allows is no longer waiting for a decision (an exact `host` or `host:port`;
+      // wildcards leave the list to the UI's judgement).
+      std::erase_if(e.approvable, [&](const std::string& a) { return a == d || host_of(a) == d; });
       break;
     }
     case ev::Event::TaskFinished: {
@@ -118,7 +178,11 @@ nlohmann::json to_json(const task_view& v) {
                       {"detail", l.detail},
                       {"time_ns", l.time_ns}});
   j["limits_reached"] = std::move(limits);
+  j["egress"] = {{"allowed", v.egress.allowed},       {"denied", v.egress.denied},
+                 {"bytes_up", v.egress.bytes_up},     {"bytes_down", v.egress.bytes_down},
+                 {"approvals", v.egress.approvals}, {"approvable", v.egress.approvable}};
   j["sandbox"] = {{"id", v.sandbox_id},
+                  {"runtime_id", v.sandbox_runtime_id.empty() ? v.sandbox_id : v.sandbox_runtime_id},
                   {"backend", v.sandbox_backend},
                   {"status", v.sandbox_status},
                   {"reason", v.sandbox_reason}};
@@ -152,6 +216,8 @@ result<task_view> task_view_from_json(const nlohmann::json& j) {
     v.created_ns = j.at("created_ns").get<int64_t>();
     const auto& sb = j.at("sandbox");
     v.sandbox_id = sb.at("id").get<std::string>();
+    if (auto rt = sb.value("runtime_id", std::string()); rt != v.sandbox_id)
+      v.sandbox_runtime_id = rt;
     v.sandbox_backend = sb.at("backend").get<std::string>();
     v.sandbox_status = sb.at("status").get<std::string>();
     v.sandbox_reason = sb.at("reason").get<std::string>();
@@ -169,6 +235,15 @@ result<task_view> task_view_from_json(const nlohmann::json& j) {
                                     l.at("whole_sandbox").get<bool>(),
                                     l.at("detail").get<std::string>(),
                                     l.value("time_ns", int64_t{0})});
+    // Absent from snapshots taken before egress was recorded.
+    if (auto it = j.find("egress"); it != j.end()) {
+      v.egress.allowed = it->at("allowed").get<uint64_t>();
+      v.egress.denied = it->at("denied").get<uint64_t>();
+      v.egress.bytes_up = it->at("bytes_up").get<uint64_t>();
+      v.egress.bytes_down = it->at("bytes_down").get<uint64_t>();
+      v.egress.approvals = it->at("approvals").get<std::vector<std::string>>();
+      v.egress.approvable = it->at("approvable").get<std::vector<std::string>>();
+    }
     return v;
   } catch (const nlohmann::json::exception& e) {
     return fail(errc::corrupt, std::string("task view: ") + e.what());

@@ -273,15 +273,43 @@ void http_session::route(request_t& req) {
           vars.push_back(e.substr(0, e.find('=')));
         const std::string key = sandbox::environment_key(spec);
         const auto* layers = srv_.deps().layers;
+        const auto* networks = srv_.deps().networks;
+        auto network = networks && networks->count(name) ? networks->at(name) : srv_.deps().default_network;
         list.push_back({{"name", name},
                         {"key", key},
+                        {"network", network.to_json()},
                         {"setup", !spec.setup_script.empty()},
                         {"setup_timeout_s", spec.setup_timeout.count() / 1000.0},
                         {"variables", vars},
                         {"set_up", !spec.setup_script.empty() && layers && layers->find(key).has_value()}});
       }
     }
-    return send(json_response(http::status::ok, json{{"environments", list}}, version, keep));
+    return send(json_response(http::status::ok,
+                              json{{"environments", list}, {"default_network", srv_.deps().default_network.to_json()}},
+                              version, keep));
+  }
+
+  // /api/v1/admin/egress-policy: the organisation's bound on every environment's network policy.
+  if (segs.size() == 4 && segs[1] == "v1" && segs[2] == "admin" && segs[3] == "egress-policy") {
+    auto* org = srv_.deps().org_egress;
+    if (!org)
+      return send(error_response(http::status::not_found, "no egress proxy in this ferryd", version, keep));
+    if (req.method() == http::verb::get)
+      return send(json_response(http::status::ok, org->current().to_json(), version, keep));
+    if (req.method() != http::verb::put)
+      return send(method_not_allowed(req, http::verb::put, "to set the organisation's egress policy (GET reads it)"));
+    if (!who->admin)
+      return send(error_response(http::status::forbidden, "only admin tokens may set the organisation's egress policy",
+                                 version, keep));
+    auto parsed = json_object_body(req);
+    if (auto* bad = std::get_if<response_t>(&parsed))
+      return send(std::move(*bad));
+    auto set = org->set(std::get<json>(parsed), who->id);
+    if (!set)
+      return send(error_response(set.error().code == errc::invalid_argument ? http::status::bad_request
+                                                                            : http::status::internal_server_error,
+                                 "egress policy: " + set.error().message, version, keep));
+    return send(json_response(http::status::ok, set->to_json(), version, keep));
   }
 
   if (segs.size() < 3 || segs[1] != "v1" || segs[2] != "tasks")
@@ -452,6 +480,49 @@ void http_session::route(request_t& req) {
       net::post(self->stream_.get_executor(),
                 [self, res = std::move(res)]() mutable { self->send(std::move(res)); });
     });
+    return;
+  }
+  if (segs.size() == 5 && segs[4] == "egress") {
+    if (req.method() != http::verb::get)
+      return send(method_not_allowed(req, http::verb::get, ""));
+    return send(json_response(http::status::ok, task_json(**view).value("egress", json::object()), version, keep));
+  }
+  if (segs.size() == 6 && segs[4] == "egress" && segs[5] == "approvals") {
+    // "Allow for this task": recorded on the task's stream, applied to its running sandbox.
+    if (req.method() != http::verb::post)
+      return send(method_not_allowed(req, http::verb::post, "to allow a destination for the task"));
+    auto parsed = json_object_body(req);
+    if (auto* bad = std::get_if<response_t>(&parsed))
+      return send(std::move(*bad));
+    auto& body = std::get<json>(parsed);
+    auto d = body.find("destination");
+    if (d == body.end() || !d->is_string())
+      return send(error_response(http::status::bad_request,
+                                 "body must be {\"destination\": \"host[:port]\" or \"*.domain[:port]\"}", version, keep));
+    auto pattern = egress::domain_pattern::parse(d->get<std::string>());
+    if (!pattern)
+      return send(error_response(http::status::bad_request, "destination: " + pattern.error().message, version, keep));
+    if ((*view)->finished)
+      return send(json_response(http::status::conflict,
+                                json{{"error", "task already finished"}, {"status", (*view)->status}}, version, keep));
+    auto destination = pattern->to_string();
+    deps.tasks->approve_egress_async(
+      task_id, who->id, destination,
+      [self, task_id, destination, version, keep](result<uint64_t> seq) {
+        response_t res;
+        if (seq) {
+          res = json_response(http::status::created, json{{"id", task_id}, {"seq", *seq}, {"destination", destination}},
+                              version, keep);
+        } else {
+          auto code = seq.error().code;
+          auto status = code == errc::conflict || code == errc::not_found ? http::status::conflict
+                        : code == errc::busy                             ? http::status::too_many_requests
+                        : code == errc::closed                           ? http::status::service_unavailable
+                                                                         : http::status::internal_server_error;
+          res = error_response(status, "approve: " + seq.error().message, version, keep);
+        }
+        net::post(self->stream_.get_executor(), [self, res = std::move(res)]() mutable { self->send(std::move(res)); });
+      });
     return;
   }
   if (segs.size() == 5 && segs[4] == "resume") {

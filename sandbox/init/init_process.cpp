@@ -94,8 +94,14 @@ const stream_buffer::chunk& stream_buffer::chunk_at(uint64_t offset) const {
 
 init_process::init_process(arguments args)
     : args_(std::move(args)), fbb_(max_output_chunk + 256), read_buf_(max_output_chunk) {
-  for (char** e = environ; e && *e; ++e)
-    base_env_.emplace_back(*e);
+  for (char** e = environ; e && *e; ++e) {
+    // The sandbox's egress credential goes into the proxy URLs (run()), not into commands
+    // under its own name.
+    if (std::strncmp(*e, egress_token_prefix, sizeof egress_token_prefix - 1) == 0)
+      egress_token_ = *e + sizeof egress_token_prefix - 1;
+    else
+      base_env_.emplace_back(*e);
+  }
 }
 
 init_process::~init_process() {
@@ -1165,7 +1171,10 @@ int init_process::run() {
       log_error("HTTP forwarder: " + why);
       return 1;
     }
-    const std::string url = "http://127.0.0.1:" + std::to_string(forwarder_.port());
+    // With the host's credential (a JWT: base64url and dots, nothing a URL must escape) the
+    // proxy knows the requests are this sandbox's; without one it answers 407.
+    const std::string url = "http://" + (egress_token_.empty() ? std::string() : "ferry:" + egress_token_ + "@") +
+                            "127.0.0.1:" + std::to_string(forwarder_.port());
     merge_env(base_env_, {"HTTP_PROXY=" + url, "HTTPS_PROXY=" + url, "http_proxy=" + url, "https_proxy=" + url,
                           "NO_PROXY=localhost,127.0.0.1", "no_proxy=localhost,127.0.0.1"});
   }

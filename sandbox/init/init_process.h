@@ -33,6 +33,9 @@ namespace v1 = ferry::init::v1;
 inline constexpr uint64_t default_linger_ms = 600'000;
 inline constexpr uint64_t default_buffer_bytes = 8u << 20;
 inline constexpr int exit_gave_up = 3;  // lingered without a host
+/// ferry-init's own environment variable carrying the sandbox's egress credential: put into the
+/// proxy URLs as `ferry:<token>@`, never passed to commands under its own name.
+inline constexpr char egress_token_prefix[] = "FERRY_EGRESS_TOKEN=";
 
 struct arguments {
   uint32_t command_id = 1;   // id of the command line's command
@@ -213,6 +216,7 @@ class init_process {
   arguments args_;
   flatbuffers::FlatBufferBuilder fbb_;
   std::vector<std::string> base_env_;  // ferry-init's environment plus the proxy variables
+  std::string egress_token_;           // from FERRY_EGRESS_TOKEN (removed from base_env_)
 
   std::map<uint32_t, std::unique_ptr<command>> commands_;
   std::map<uint32_t, file_op_child> file_ops_;  // by request id

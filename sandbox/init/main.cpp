@@ -48,7 +48,9 @@
 //
 // The HTTP forwarder (--proxy-socket): 127.0.0.1:--proxy-port (default 3128) relayed to the unix
 // socket; every command gets HTTP_PROXY, HTTPS_PROXY (and lower-case) pointing at it, and
-// NO_PROXY=localhost,127.0.0.1.
+// NO_PROXY=localhost,127.0.0.1. The host gives ferry-init the sandbox's egress credential in
+// FERRY_EGRESS_TOKEN: it goes into those URLs (http://ferry:<token>@127.0.0.1:3128), which is how
+// the proxy knows a request is this sandbox's; the variable itself is not passed on.
 //
 // Invariants:
 // - In stdio mode only frames are written to fd 1; ferry-init's diagnostics always go to fd 2.

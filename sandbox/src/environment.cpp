@@ -35,7 +35,7 @@ constexpr size_t tail_bytes = 2048;
 /// Follows the setup sandbox: passes its output on, keeps the tail, says when it is over.
 class setup_observer final : public sandbox_observer {
  public:
-  explicit setup_observer(const setup_output& out) : out_(out) {}
+  setup_observer(const setup_output& out, const egress_binder::report_fn& egress) : out_(out), egress_(egress) {}
 
   void on_running() override {}
   void on_command_started(uint32_t, const std::vector<std::string>&) override {}
@@ -56,6 +56,10 @@ class setup_observer final : public sandbox_observer {
     std::lock_guard lock(mu_);
     failure_ = std::string(reason);
     cv_.notify_all();
+  }
+  void on_egress(const egress_event& e) override {
+    if (egress_)
+      egress_(e);
   }
   void on_ended(std::optional<std::string> failure) override {
     std::lock_guard lock(mu_);
@@ -85,6 +89,7 @@ class setup_observer final : public sandbox_observer {
 
  private:
   const setup_output& out_;
+  const egress_binder::report_fn& egress_;
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::string tail_;                      // REQUIRES: mu_
@@ -147,7 +152,8 @@ std::optional<fs::path> layer_cache::find(const std::string& key) const {
 }
 
 result<environment_layer> layer_cache::ensure(sandbox_runtime& runtime, const environment_spec& env,
-                                              const setup_output& output, setup_cancel* cancel) {
+                                              const setup_output& output, setup_cancel* cancel,
+                                              const egress_binder::report_fn& egress, const std::string& sandbox_id) {
   if (env.base.empty())
     return fail(errc::invalid_argument, "an environment needs a base (its root's identity)");
   if (env.setup_script.empty())
@@ -195,9 +201,11 @@ result<environment_layer> layer_cache::ensure(sandbox_runtime& runtime, const en
 
   static std::atomic<uint64_t> builds{0};
   sandbox_spec spec;
-  spec.id = fmt::format("setup-{}-{}-{:06}", layer.key.substr(0, 12), ::getpid(), builds.fetch_add(1) % 1000000);
+  spec.id = !sandbox_id.empty()
+              ? sandbox_id
+              : fmt::format("setup-{}-{}-{:06}", layer.key.substr(0, 12), ::getpid(), builds.fetch_add(1) % 1000000);
   spec.env = env.env;
-  setup_observer obs(output);
+  setup_observer obs(output, egress);
   const auto t0 = steady::now();
   if (cancel && cancel->cancelled())
     return cancelled();

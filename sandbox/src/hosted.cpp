@@ -307,8 +307,14 @@ class hosted_sandbox final : public sandbox {
         ::shutdown(sock_.get(), SHUT_RDWR);
     }
     client_.close();
-    std::unique_lock lock(kill_mu_);
-    gone_cv_.wait(lock, [&] { return reader_done_; });
+    {
+      std::unique_lock lock(kill_mu_);
+      gone_cv_.wait(lock, [&] { return reader_done_; });
+    }
+    // Its way out goes with its host: the observer must hear nothing more. A host that attaches
+    // makes the socket again.
+    if (const auto& egress = backend_->settings().egress)
+      egress->close(id_);
   }
 
   void wait() override {
@@ -702,7 +708,7 @@ class hosted_runtime final : public sandbox_runtime {
       return error_info{fmt::format("sandbox {} already exists ({} is present)", spec.id, dir.string()),
                         errc::conflict};
     }
-    if (auto r = prepare(spec, dir); !r) {
+    if (auto r = prepare(spec, dir, observer); !r) {
       discard(spec.id, dir);
       return r.error();
     }
@@ -818,7 +824,8 @@ class hosted_runtime final : public sandbox_runtime {
     // Its way out again: the proxy that served it may have gone with an earlier host (a crash),
     // and the sandbox reaches whichever socket is at that path now.
     if (const auto& egress = backend_->settings().egress) {
-      if (auto r = egress->open(id, dir / "ctl" / std::string(egress_socket_name)); !r)
+      // The credential ferry-init was given at the start stays valid (same key, same policy).
+      if (auto r = egress->open(id, dir / "ctl" / std::string(egress_socket_name), egress_report(observer)); !r)
         return error_info{fmt::format("sandbox {}: its egress socket: {}", id, r.error().message), errc::failed};
     }
     // The command line's id, recorded at start (the sandbox ends once it has exited).
@@ -843,6 +850,12 @@ class hosted_runtime final : public sandbox_runtime {
     }
     sb->begin_attached();
     return std::unique_ptr<sandbox>(std::move(sb));
+  }
+
+  /// The egress binder's report for a sandbox: to its observer (valid until the binder's close,
+  /// which comes before on_ended and at a detach).
+  static egress_binder::report_fn egress_report(sandbox_observer& observer) {
+    return [&observer](const egress_event& e) { observer.on_egress(e); };
   }
 
   /// Sandbox directories not held by this runtime.
@@ -891,7 +904,7 @@ class hosted_runtime final : public sandbox_runtime {
 
   /// Disk, workspace, control directory, key and command line of a new sandbox, then the
   /// backend's files.
-  result<void> prepare(const sandbox_spec& spec, const fs::path& dir) const {
+  result<void> prepare(const sandbox_spec& spec, const fs::path& dir, sandbox_observer& observer) const {
     const common_settings& settings = backend_->settings();
     if (auto r = settings.storage->prepare(dir); !r)
       return fail(fmt::format("sandbox {}: {}", spec.id, r.error().message));
@@ -902,9 +915,14 @@ class hosted_runtime final : public sandbox_runtime {
       fs::permissions(ctl, fs::perms(0700), ec);
     if (ec)
       return fail(fmt::format("sandbox {}: cannot create its directories under {}: {}", spec.id, dir.string(), ec.message()));
+    // What the backend launches: the spec, plus the egress credential for ferry-init.
+    sandbox_spec launched = spec;
     if (settings.egress) {
-      if (auto r = settings.egress->open(spec.id, ctl / std::string(egress_socket_name)); !r)
-        return fail(fmt::format("sandbox {}: its egress socket: {}", spec.id, r.error().message));
+      auto credential = settings.egress->open(spec.id, ctl / std::string(egress_socket_name), egress_report(observer));
+      if (!credential)
+        return fail(fmt::format("sandbox {}: its egress socket: {}", spec.id, credential.error().message));
+      if (!credential->empty())
+        launched.env.push_back(std::string(egress_token_variable) + "=" + *credential);
     }
     wire::handshake_key key{};
     if (!wire::random_bytes(key))
@@ -926,7 +944,7 @@ class hosted_runtime final : public sandbox_runtime {
         return fail(fmt::format("sandbox {}: its cgroup: {}", spec.id, made.error().message));
       cgroup = std::move(*made);
     }
-    if (auto r = backend_->prepare(spec, dir, cgroup ? &*cgroup : nullptr); !r)
+    if (auto r = backend_->prepare(launched, dir, cgroup ? &*cgroup : nullptr); !r)
       return fail(fmt::format("sandbox {}: {}", spec.id, r.error().message));
     return {};
   }

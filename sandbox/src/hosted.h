@@ -41,6 +41,8 @@ inline constexpr std::string_view ctl_mount = "/.ferry/ctl";
 inline constexpr std::string_view socket_name = "init.sock";
 /// The egress proxy's socket of a sandbox, in its control directory (egress_binder).
 inline constexpr std::string_view egress_socket_name = "egress.sock";
+/// ferry-init's variable for the sandbox's egress credential (sandbox/init: egress_token_prefix).
+inline constexpr std::string_view egress_token_variable = "FERRY_EGRESS_TOKEN";
 inline constexpr std::string_view default_path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 // In the sandbox directory: the command line's id (absent for an idle sandbox), and the key.
 inline constexpr std::string_view command_line_file = "command_line";

@@ -283,6 +283,13 @@ class sandbox_pool::impl {
       if (target_)
         target_->on_limit_reached(hit);
     }
+    void on_egress(const egress_event& e) override {
+      // While pooled nobody records them (the sandbox runs nothing); after the hand-over the
+      // caller's observer does.
+      std::lock_guard lock(mu_);
+      if (target_)
+        target_->on_egress(e);
+    }
     void on_ended(std::optional<std::string> failure) override {
       impl* pool = nullptr;
       {

@@ -89,12 +89,18 @@ std::string task_state_changed(const envelope_meta& m, ev::TaskStatus from, ev::
 
 std::string sandbox_state_changed(const envelope_meta& m, std::string_view sandbox_id,
                                   std::string_view backend, ev::SandboxStatus from,
-                                  ev::SandboxStatus to, std::string_view reason) {
+                                  ev::SandboxStatus to, std::string_view reason,
+                                  std::string_view runtime_id) {
   return build_envelope(m, [&](fbb_t& fbb) {
     auto id = fbb.CreateString(sandbox_id.data(), sandbox_id.size());
     auto be = fbb.CreateString(backend.data(), backend.size());
     auto r = fbb.CreateString(reason.data(), reason.size());
+    flatbuffers::Offset<flatbuffers::String> rt;
+    if (!runtime_id.empty())
+      rt = fbb.CreateString(runtime_id.data(), runtime_id.size());
     ev::SandboxStateChangedBuilder b(fbb);
+    if (!runtime_id.empty())
+      b.add_runtime_id(rt);
     b.add_sandbox_id(id);
     b.add_backend(be);
     fbb.ForceDefaults(true);
@@ -369,6 +375,44 @@ std::string limit_reached(const envelope_meta& m, ev::LimitKind kind, uint64_t l
   });
 }
 
+std::string egress_decision(const envelope_meta& m, const egress_decision_fields& d) {
+  return build_envelope(m, [&](fbb_t& fbb) {
+    auto sandbox = fbb.CreateString(d.sandbox_id);
+    auto host = fbb.CreateString(d.host);
+    auto method = fbb.CreateString(d.method);
+    auto rule = fbb.CreateString(d.rule);
+    ev::EgressDecisionBuilder b(fbb);
+    fbb.ForceDefaults(true);
+    b.add_port(d.port);
+    b.add_allowed(d.allowed);
+    b.add_approvable(d.approvable);
+    b.add_bytes_up(d.bytes_up);
+    b.add_bytes_down(d.bytes_down);
+    b.add_duration_ms(d.duration_ms);
+    fbb.ForceDefaults(false);
+    b.add_sandbox_id(sandbox);
+    b.add_host(host);
+    b.add_method(method);
+    b.add_rule(rule);
+    return std::pair{ev::Event::EgressDecision, b.Finish().Union()};
+  });
+}
+
+std::string egress_approved(const envelope_meta& m, std::string_view destination, std::string_view sandbox_id) {
+  return build_envelope(m, [&](fbb_t& fbb) {
+    auto d = fbb.CreateString(destination);
+    auto sb = fbb.CreateString(sandbox_id);
+    return std::pair{ev::Event::EgressApproved, ev::CreateEgressApproved(fbb, d, sb).Union()};
+  });
+}
+
+std::string egress_policy_set(const envelope_meta& m, std::string_view policy_json) {
+  return build_envelope(m, [&](fbb_t& fbb) {
+    auto p = fbb.CreateString(policy_json);
+    return std::pair{ev::Event::EgressPolicySet, ev::CreateEgressPolicySet(fbb, p).Union()};
+  });
+}
+
 std::string_view event_type_name(ev::Event type) {
   switch (type) {
     case ev::Event::TaskSubmitted: return "task_submitted";
@@ -389,6 +433,9 @@ std::string_view event_type_name(ev::Event type) {
     case ev::Event::TurnEnded: return "turn_ended";
     case ev::Event::SessionClosed: return "session_closed";
     case ev::Event::LimitReached: return "limit_reached";
+    case ev::Event::EgressDecision: return "egress_decision";
+    case ev::Event::EgressApproved: return "egress_approved";
+    case ev::Event::EgressPolicySet: return "egress_policy_set";
     case ev::Event::NONE: break;
   }
   return "unknown";
@@ -457,6 +504,8 @@ nlohmann::json to_json(const ev::Envelope& e) {
       data = {{"sandbox_id", sv(x->sandbox_id())}, {"backend", sv(x->backend())},
               {"from", to_string(x->from())}, {"to", to_string(x->to())},
               {"reason", sv(x->reason())}};
+      if (x->runtime_id())
+        data["runtime_id"] = sv(x->runtime_id());
       break;
     }
     case ev::Event::CommandStarted: {
@@ -557,6 +606,26 @@ nlohmann::json to_json(const ev::Envelope& e) {
       data = {{"kind", to_string(x->kind())}, {"limit", x->limit()},
               {"command_id", x->command_id()}, {"whole_sandbox", x->whole_sandbox()},
               {"detail", sv(x->detail())}};
+      break;
+    }
+    case ev::Event::EgressDecision: {
+      auto* x = e.event_as_EgressDecision();
+      data = {{"sandbox_id", sv(x->sandbox_id())}, {"host", sv(x->host())}, {"port", x->port()},
+              {"method", sv(x->method())}, {"allowed", x->allowed()}, {"rule", sv(x->rule())},
+              {"approvable", x->approvable()}, {"bytes_up", x->bytes_up()}, {"bytes_down", x->bytes_down()},
+              {"duration_ms", x->duration_ms()}};
+      break;
+    }
+    case ev::Event::EgressApproved: {
+      auto* x = e.event_as_EgressApproved();
+      data = {{"destination", sv(x->destination())}, {"sandbox_id", sv(x->sandbox_id())}};
+      break;
+    }
+    case ev::Event::EgressPolicySet: {
+      // The policy as an object (it was stored as JSON text by Ferry; text if it does not parse).
+      auto text = sv(e.event_as_EgressPolicySet()->policy_json());
+      auto policy = json::parse(text, nullptr, /*allow_exceptions=*/false);
+      data = {{"policy", policy.is_discarded() ? json(text) : policy}};
       break;
     }
     case ev::Event::NONE: break;

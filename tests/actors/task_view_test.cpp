@@ -175,3 +175,67 @@ BOOST_FIXTURE_TEST_CASE(a_limit_reached_round_trips_through_the_journal_into_the
   BOOST_TEST(old->limits_reached.empty());
   BOOST_TEST(old->status == "failed");
 }
+
+BOOST_FIXTURE_TEST_CASE(egress_decisions_and_approvals_fold_into_the_view, journal_fixture) {
+  append(sc::task_submitted(meta, id, "npm install", ""));
+  auto decision = [&](std::string host, uint16_t port, bool allowed, std::string rule, bool approvable,
+                      uint64_t up = 0, uint64_t down = 0) {
+    return sc::egress_decision(meta, {"ferry-0123abcd-1", std::move(host), port, "CONNECT", allowed, std::move(rule),
+                                      approvable, up, down, 12});
+  };
+  append(decision("registry.npmjs.org", 443, true, "policy:trusted", false, 100, 5000));
+  append(decision("example.com", 443, false, "policy:trusted:not-listed", true));
+  append(decision("example.com", 443, false, "policy:trusted:not-listed", true));  // listed once
+  append(decision("other.example", 80, false, "policy:trusted:not-listed", true));
+  append(decision("10.0.0.1", 80, false, "address:private 10.0.0.1", false));  // never approvable
+  for (int i = 0; i < 25; ++i)  // the list keeps the latest max_approvable
+    append(decision("h" + std::to_string(i) + ".example", 443, false, "custom:not-listed", true));
+  auto v = ferry::actors::load_task_view(*store, id);
+  BOOST_REQUIRE(v.ok() && v->has_value());
+  auto e = (*v)->egress;
+  BOOST_TEST(e.allowed == 1u);
+  BOOST_TEST(e.denied == 29u);
+  BOOST_TEST(e.bytes_up == 100u);
+  BOOST_TEST(e.bytes_down == 5000u);
+  BOOST_REQUIRE(e.approvable.size() == ferry::actors::egress_summary::max_approvable);
+  BOOST_TEST(e.approvable.front() == "h5.example:443");
+  BOOST_TEST(e.approvable.back() == "h24.example:443");
+
+  // An approval of a host (any port) or of host:port takes what it allows off the list.
+  append(sc::egress_approved(meta, "h24.example", "ferry-0123abcd-1"));
+  append(sc::egress_approved(meta, "h23.example:443", ""));
+  append(sc::egress_approved(meta, "h22.example:80", ""));  // another port: h22:443 stays
+  v = ferry::actors::load_task_view(*store, id);
+  e = (*v)->egress;
+  BOOST_TEST(e.approvals == (std::vector<std::string>{"h24.example", "h23.example:443", "h22.example:80"}));
+  BOOST_TEST(e.approvable.size() == ferry::actors::egress_summary::max_approvable - 2);
+  BOOST_TEST(e.approvable.back() == "h22.example:443");
+
+  // Rendered for the API and ferryctl; snapshots keep it.
+  auto j = ferry::actors::to_json(**v);
+  BOOST_TEST(j["egress"]["approvals"].size() == 3u);
+  auto back = ferry::actors::task_view_from_json(j);
+  BOOST_REQUIRE(back.ok());
+  BOOST_TEST(back->egress.approvable == e.approvable);
+  BOOST_TEST(back->egress.denied == 29u);
+  std::vector<nlohmann::json> rendered;
+  BOOST_REQUIRE(store->for_each(meta.stream_id, {}, [&](const ev::Envelope& env, std::string_view) {
+    rendered.push_back(sc::to_json(env));
+    return true;
+  }).ok());
+  BOOST_TEST(rendered[1]["type"] == "egress_decision");
+  BOOST_TEST(rendered[1]["data"]["host"] == "registry.npmjs.org");
+  BOOST_TEST(rendered[1]["data"]["bytes_down"] == 5000);
+  BOOST_TEST(rendered[1]["data"]["rule"] == "policy:trusted");
+  BOOST_TEST(rendered.back()["type"] == "egress_approved");
+  BOOST_TEST(rendered.back()["data"]["destination"] == "h22.example:80");
+}
+
+BOOST_AUTO_TEST_CASE(a_sandbox_id_names_its_task) {
+  using ferry::actors::task_of_sandbox;
+  BOOST_TEST(task_of_sandbox("ferry-0123abcd-1").value_or("") == "0123abcd");
+  BOOST_TEST(task_of_sandbox("ferry-0123abcd-12-setup").value_or("") == "0123abcd");
+  for (const char* other : {"", "ferry-", "ferry-0123abcd", "ferry-0123abcd-", "ferry-0123abcd-x", "ferry-XYZ-1",
+                            "setup-0123abcd-1", "pool-0123abcd-1", "ferry-0123abcd-1-setupx", "ferry--1"})
+    BOOST_TEST(!task_of_sandbox(other).has_value(), other);
+}

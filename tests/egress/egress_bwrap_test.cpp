@@ -62,15 +62,19 @@ BOOST_AUTO_TEST_CASE(commands_in_a_bwrap_sandbox_get_out_only_through_the_proxy_
   // rebind.test and metadata.test are allowed by name: only the address check can stop them.
   const auto policy =
     egress_policy::custom({"allowed.test", "tunnel.test", "rebind.test", "metadata.test"}, {}).value();
-  const std::string token = options.tokens->issue(id, policy).value();
+  // Another sandbox's token, and one signed by another key: the proxy knows them for what they are.
+  const std::string foreign_token = options.tokens->issue(id + "x", policy).value();
+  sbx::testing::temp_dir other_key;
+  const std::string forged_token = sandbox_tokens::open(other_key.path()).value()->issue(id, policy).value();
 
-  // The runtime opens the sandbox's socket (in its ctl/) before the start, with its policy.
+  // The runtime opens the sandbox's socket (in its ctl/) before the start, with its policy, and
+  // gives ferry-init the token that goes into the proxy URLs.
   std::vector<std::string> asked;
   auto config = sbx::testing::test_config(tmp.path());
-  config.egress = make_egress_binder(proxy, [&](const std::string& sandbox_id) {
+  config.egress = make_egress_binder(proxy, options.tokens, [&](const std::string& sandbox_id) {
     std::lock_guard lock(mu);
     asked.push_back(sandbox_id);
-    return sandbox_id == id ? policy : egress_policy::none();
+    return sandbox_egress{sandbox_id == id ? policy : egress_policy::none(), {}};
   });
   auto runtime = sbx::make_runtime(config);
   BOOST_REQUIRE_MESSAGE(runtime.ok(), (runtime.ok() ? "" : runtime.error().message));
@@ -80,7 +84,7 @@ BOOST_AUTO_TEST_CASE(commands_in_a_bwrap_sandbox_get_out_only_through_the_proxy_
   auto sb = (*runtime)->start(spec, obs);
   BOOST_REQUIRE_MESSAGE(sb.ok(), (sb.ok() ? "" : sb.error().message));
 
-  const std::string with_token = fmt::format("--proxy http://ferry:{}@127.0.0.1:3128", token);
+  auto with = [](const std::string& token) { return fmt::format("--proxy http://ferry:{}@127.0.0.1:3128", token); };
   auto run = [&](uint32_t n, const std::string& line) {
     auto r = sbx::testing::run_to_end(**sb, obs, sbx::testing::shell(n, line), 60s);
     return std::pair{obs.output(n, 0), obs.output(n, 1)};
@@ -89,24 +93,28 @@ BOOST_AUTO_TEST_CASE(commands_in_a_bwrap_sandbox_get_out_only_through_the_proxy_
   // straight at the sandbox's own loopback instead of the proxy.
   const std::string curl = "curl -sS -m 10 --noproxy '' -o /tmp/body -w '%{http_code} %{http_connect}'";
 
-  auto [plain, plain_err] = run(1, fmt::format("{} {} http://allowed.test:{}/inside; echo; cat /tmp/body", curl,
-                                               with_token, port));
+  // HTTP_PROXY as ferry-init sets it: with the sandbox's token.
+  auto [plain, plain_err] = run(1, fmt::format("{} http://allowed.test:{}/inside; echo; cat /tmp/body", curl, port));
   BOOST_TEST(plain.starts_with("200 000\n"), plain << plain_err);
   BOOST_TEST(plain.find("origin 198.51.100.10 got:\nGET /inside HTTP/1.1") != std::string::npos, plain);
-  auto [tunnel, tunnel_err] = run(2, fmt::format("{} -p {} http://tunnel.test:{}/tunnelled", curl, with_token, port));
+  auto [tunnel, tunnel_err] = run(2, fmt::format("{} -p http://tunnel.test:{}/tunnelled", curl, port));
   BOOST_TEST(tunnel == "200 200", tunnel << tunnel_err);
   BOOST_TEST(origins.connections(public_address) == 2);
 
-  // Refused: internal names (plain and CONNECT), a literal, and the forwarder's default proxy
-  // URL without a token; and nothing gets out around the proxy.
-  auto [rebind, e3] = run(3, fmt::format("{} {} http://rebind.test:{}/", curl, with_token, port));
+  // Refused: internal names (plain and CONNECT), a literal, no token, another sandbox's token,
+  // a token of another key; and nothing gets out around the proxy.
+  auto [rebind, e3] = run(3, fmt::format("{} http://rebind.test:{}/", curl, port));
   BOOST_TEST(rebind == "403 000", rebind << e3);
-  auto [metadata, e4] = run(4, fmt::format("{} -p {} http://metadata.test:{}/", curl, with_token, port));
+  auto [metadata, e4] = run(4, fmt::format("{} -p http://metadata.test:{}/", curl, port));
   BOOST_TEST(metadata == "000 403", metadata << e4);
-  auto [literal, e5] = run(5, fmt::format("{} {} http://0x7f.1:{}/", curl, with_token, port));
+  auto [literal, e5] = run(5, fmt::format("{} http://0x7f.1:{}/", curl, port));
   BOOST_TEST(literal == "403 000", literal << e5);
-  auto [no_token, e6] = run(6, fmt::format("{} http://allowed.test:{}/", curl, port));  // HTTP_PROXY from ferry-init
+  auto [no_token, e6] = run(6, fmt::format("{} --proxy http://127.0.0.1:3128 http://allowed.test:{}/", curl, port));
   BOOST_TEST(no_token == "407 000", no_token << e6);
+  auto [foreign, e8] = run(8, fmt::format("{} {} http://allowed.test:{}/", curl, with(foreign_token), port));
+  BOOST_TEST(foreign == "407 000", foreign << e8);
+  auto [forged, e9] = run(9, fmt::format("{} {} http://allowed.test:{}/", curl, with(forged_token), port));
+  BOOST_TEST(forged == "407 000", forged << e9);
   auto [direct, e7] = run(7, fmt::format("curl -sS -m 5 --noproxy '*' http://{}:{}/ >/dev/null 2>&1 && echo OUT || "
                                          "echo blocked", public_address, port));
   BOOST_TEST(direct == "blocked\n");
@@ -118,11 +126,25 @@ BOOST_AUTO_TEST_CASE(commands_in_a_bwrap_sandbox_get_out_only_through_the_proxy_
   {
     std::lock_guard lock(mu);
     std::map<std::string, std::string> rules;
+    std::vector<std::string> seen_by_proxy;
     for (const auto& d : decisions) {
       BOOST_TEST(d.sandbox_id == id);
       rules[d.host + (d.method == "CONNECT" ? " CONNECT" : "")] = (d.allowed ? "allowed " : "denied ") + d.rule;
+      seen_by_proxy.push_back(d.host + (d.allowed ? " allowed " : " denied ") + d.rule);
     }
-    BOOST_TEST(rules["allowed.test"] == "denied token:missing");  // the last one for that host
+    std::vector<std::string> token_rules;
+    for (const auto& d : decisions)
+      if (d.rule.starts_with("token:"))
+        token_rules.push_back(d.rule);
+    BOOST_TEST(token_rules == (std::vector<std::string>{"token:missing", "token:wrong-sandbox", "token:bad-signature"}),
+               fmt::format("{}", fmt::join(token_rules, ", ")));
+    // The sandbox's observer heard the same decisions, in the same order.
+    std::vector<std::string> seen_by_sandbox;
+    for (const auto& r : obs.records())
+      if (r.what == "egress")
+        seen_by_sandbox.push_back(r.data);
+    BOOST_TEST(seen_by_sandbox == seen_by_proxy, fmt::format("{}", fmt::join(seen_by_sandbox, "; ")));
+    BOOST_TEST(rules["allowed.test"] == "denied token:bad-signature");  // the last one for that host
     BOOST_TEST(rules["tunnel.test CONNECT"] == "allowed custom:allow:tunnel.test");
     BOOST_TEST(rules["rebind.test"] == "denied address:private 10.0.0.1");
     BOOST_TEST(rules["metadata.test CONNECT"] == "denied address:link-local 169.254.169.254");
@@ -140,9 +162,4 @@ BOOST_AUTO_TEST_CASE(commands_in_a_bwrap_sandbox_get_out_only_through_the_proxy_
 
 BOOST_AUTO_TEST_SUITE_END()
 
-int main(int argc, char* argv[]) {
-  network().enter();
-  int rc = boost::unit_test::unit_test_main([] { return true; }, argc, argv);
-  network().leave();
-  return rc;
-}
+int main(int argc, char* argv[]) { return run_tests_in_network(argc, argv); }

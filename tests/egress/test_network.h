@@ -9,6 +9,7 @@
 #include <poll.h>
 #include <sched.h>
 #include <sys/mount.h>
+#include <sys/stat.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <arpa/inet.h>
@@ -128,6 +129,15 @@ struct test_network {
 inline test_network& network() {
   static test_network n;
   return n;
+}
+
+/// A test module's main(): enters the network namespace (before Boost.Test starts anything),
+/// runs the tests, leaves it.
+inline int run_tests_in_network(int argc, char* argv[]) {
+  network().enter();
+  int rc = boost::unit_test::unit_test_main([] { return true; }, argc, argv);
+  network().leave();
+  return rc;
 }
 
 /// Skips a test (with the reason) outside the namespace.

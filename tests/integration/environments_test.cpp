@@ -188,22 +188,17 @@ BOOST_FIXTURE_TEST_CASE(an_unknown_environment_is_refused_and_a_failing_setup_fa
 BOOST_FIXTURE_TEST_CASE(an_abort_during_the_setup_ends_the_task_aborted_with_no_process_left, fixture) {
   const std::string id = submit("echo never", "slow");
   sandbox_sweeper sweep(id);
-  // The setup runs in a sandbox of its own (setup-<key>-…): wait until its script has started.
-  const json list = environment_list();
-  const json* slow = find_environment(list, "slow");
-  BOOST_TEST_REQUIRE(slow);
-  // Its processes name its bundle under this ferryd's data directory.
-  const std::string needle = (dir.path() / "data" / "sandboxes" / ("setup-" + str(*slow, "key").substr(0, 12))).string();
+  // The setup runs in a sandbox of its own, named after the task's (ferry-<task>-1-setup): wait
+  // until its script has started. Its processes name its bundle under this ferryd's data
+  // directory.
+  const std::string needle = (dir.path() / "data" / "sandboxes" / ("ferry-" + id + "-1-setup")).string();
   BOOST_TEST_REQUIRE(eventually([&] { return !processes_with_cmdline_containing(needle).empty(); }, 30s),
                      "the setup sandbox did not start");
   // The script has printed its line (it touches the file after the echo): wait for that, not
   // for a fixed time, which a loaded machine can outlast.
   auto script_ran = [&] {
     std::error_code ec;
-    for (const auto& e : fs::directory_iterator(dir.path() / "data" / "sandboxes", ec))
-      if (e.path().filename().string().rfind("setup-", 0) == 0 && fs::exists(e.path() / "workspace" / "started", ec))
-        return true;
-    return false;
+    return fs::exists(fs::path(needle) / "workspace" / "started", ec);
   };
   BOOST_TEST_REQUIRE(eventually(script_ran, 30s), "the setup script did not run");
   std::this_thread::sleep_for(200ms);
@@ -231,6 +226,11 @@ BOOST_AUTO_TEST_CASE(a_bad_environments_file_stops_ferryd_with_the_reason) {
     {R"({"environments": {"x": {"env": {"1X": "v"}}}})", "not a shell identifier"},
     {R"({"environments": {"x": {"setup_timeout_s": 0}}})", "setup_timeout_s"},
     {R"({"environments": {"x": {"script": "true"}}})", "unknown field \"script\""},
+    {R"({"environments": {"x": {"network": {"level": "sometimes"}}}})", "environment x: \"network\""},
+    {R"({"environments": {"x": {"network": {"level": "trusted", "allow": ["a.example"]}}}})", "\"network\""},
+    {R"({"environments": {"x": {"network": {"level": "custom", "allow": ["bad host"]}}}})", "\"network\""},
+    {R"({"environments": {"x": {"warm_pool": -1}}})", "warm_pool"},
+    {R"({"environments": {"x": {"warm_pool": 65}}})", "warm_pool"},
   };
   for (const auto& [text, expected] : cases) {
     const fs::path file = dir.path() / "env.json";

@@ -70,23 +70,27 @@ constexpr uint64_t min_events = 100000;
 constexpr auto nats_down_time = 2s;
 const std::string jetstream_stream = "FERRY_EVENTS";
 
-// Numbered lines, alternately on stdout and stderr, 20 ms apart: ferry-init reads each as a
+// Numbered lines, alternately on stdout and stderr, 30 ms apart: ferry-init reads each as a
 // chunk of its own and the sandbox actor merges only consecutive output of one stream, so nearly
 // every line becomes one output_chunk event (a few merge when a sandbox falls behind; the total
 // is measured and asserted). Perl, because it needs two system calls per line (write, select)
 // where a shell loop needs about fifteen: under gVisor's ptrace platform each costs two context
 // switches, and 50 shell loops left ferryd a few percent of the 2 CPUs. The tasks wait for a
-// file `go` in their workspace before printing: the test creates it once all 50 are executing,
+// file `go` in their workspace (looking every 200 ms) before printing: the test creates it once all 50 are executing,
 // so they print at the same time, and starting 50 sandboxes does not compete with the output.
 // They print until the test creates `stop` (after both restarts, once enough events are stored),
 // so a slow machine makes the test longer but never lets the tasks end before a restart;
 // max_pairs bounds a task the test forgot.
 constexpr int max_pairs = 4000;
+/// How long the subscriber may take to get what was stored while NATS was down, with the 50
+/// tasks still printing (about 1,600 events/s): on this 2-core VM under gVisor's ptrace platform
+/// the relay and the subscriber share what the sandboxes leave of the CPUs (70 s was seen).
+constexpr std::chrono::seconds catch_up_limit{150};
 const std::string task_command =
-  "exec perl -e 'select(undef, undef, undef, 0.05) until -e \"go\"; "
+  "exec perl -e 'select(undef, undef, undef, 0.2) until -e \"go\"; "
   "for (my $i = 1; $i <= " + std::to_string(max_pairs) + " && ! -e \"stop\"; ++$i) { "
-  "syswrite(STDOUT, \"out $i\\n\"); select(undef, undef, undef, 0.02); "
-  "syswrite(STDERR, \"err $i\\n\"); select(undef, undef, undef, 0.02); }'";
+  "syswrite(STDOUT, \"out $i\\n\"); select(undef, undef, undef, 0.03); "
+  "syswrite(STDERR, \"err $i\\n\"); select(undef, undef, undef, 0.03); }'";
 
 uint64_t ms_between(clock_type::time_point a, clock_type::time_point b) {
   using std::chrono::milliseconds;
@@ -494,12 +498,13 @@ BOOST_AUTO_TEST_CASE(fifty_tasks_through_two_nats_restarts_reach_a_subscriber_ex
           caught_up_ms = ms_between(up_at, clock_type::now());
         return caught_up_ms.has_value();
       },
-      90s, 20ms);
+      catch_up_limit, 20ms);
     auto ms = [](const std::optional<uint64_t>& x) {
       return x ? std::to_string(*x) + " ms" : std::string("never");
     };
     BOOST_TEST_REQUIRE(caught_up, "restart " << restart << ": the subscriber has not got what the "
-                                             << "tasks stored while NATS was down within 90 s; "
+                                             << "tasks stored while NATS was down within "
+                                             << catch_up_limit.count() << " s; "
                                              << "JetStream answered " << ms(answered_ms)
                                              << " and grew " << ms(resumed_ms)
                                              << " after the restart");

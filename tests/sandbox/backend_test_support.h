@@ -150,7 +150,7 @@ class recording_observer : public sandbox_observer {
  public:
   struct record {
     /// "running", "started", "output", "gap", "truncated", "exited", "failed", "gone", "limit",
-    /// "ended"
+    /// "egress", "ended"
     std::string what;
     steady::time_point at;
     uint32_t command_id = 0;
@@ -161,6 +161,7 @@ class recording_observer : public sandbox_observer {
     uint64_t lost_bytes = 0;
     command_exit exit;  // "exited"
     limit_hit hit;      // "limit"
+    egress_event egress;  // "egress" (data: "<host> allowed|denied <rule>")
     std::optional<std::string> failure;
   };
 
@@ -223,6 +224,12 @@ class recording_observer : public sandbox_observer {
     auto r = make("limit");
     r.hit = hit;
     r.data = hit.detail;
+    add(r);
+  }
+  void on_egress(const egress_event& e) override {
+    auto r = make("egress");
+    r.egress = e;
+    r.data = e.host + (e.allowed ? " allowed " : " denied ") + e.rule;
     add(r);
   }
   void on_ended(std::optional<std::string> failure) override {

@@ -121,13 +121,17 @@ class fake_egress_binder final : public ferry::sandbox::egress_binder {
  public:
   explicit fake_egress_binder(std::chrono::milliseconds hold = std::chrono::milliseconds(0)) : hold_(hold) {}
 
-  ferry::result<void> open(const std::string& sandbox_id, const std::filesystem::path& socket) override {
+  /// The credential a sandbox is given: `cred.<id>`.
+  static std::string credential(const std::string& sandbox_id) { return "cred." + sandbox_id; }
+
+  ferry::result<std::string> open(const std::string& sandbox_id, const std::filesystem::path& socket,
+                                  report_fn) override {
     std::lock_guard lock(mu_);
     std::error_code ec;
     std::filesystem::remove(socket, ec);
     proxies_[sandbox_id] = std::make_unique<fake_egress_proxy>(socket, hold_);
     opened_.push_back(sandbox_id);
-    return {};
+    return credential(sandbox_id);
   }
   void close(const std::string& sandbox_id) override {
     std::unique_ptr<fake_egress_proxy> gone;

@@ -1,6 +1,8 @@
 #define BOOST_TEST_MODULE sandbox_process_api
 #include <boost/test/unit_test.hpp>
 
+#include <openssl/evp.h>
+
 // The process API through the sandbox interface, in real sandboxes of the backend under test
 // (built once per backend: sandbox_runsc_process_api_test, sandbox_bwrap_process_api_test): idle sandboxes that
 // run what they are asked and end on release(), several commands at once, argv and shell, env,
@@ -506,8 +508,12 @@ BOOST_FIXTURE_TEST_CASE(the_http_forwarder_is_the_way_out_through_the_egress_soc
   const auto id = unique_id("egress");
   auto sb = start_idle(id, obs, rt.get());
   // --network=none still has a loopback interface: the forwarder listens there.
-  run(*sb, obs, shell(1, "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '; echo \"$HTTP_PROXY $HTTPS_PROXY $NO_PROXY\""));
-  BOOST_TEST(obs.output(1u, 0) == "lo\nhttp://127.0.0.1:3128 http://127.0.0.1:3128 localhost,127.0.0.1\n");
+  // The proxy URLs carry the sandbox's credential; the variable ferry-init got it in does not
+  // reach commands.
+  run(*sb, obs, shell(1, "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '; echo \"$HTTP_PROXY $HTTPS_PROXY $NO_PROXY\"; "
+                         "env | grep -c FERRY_EGRESS_TOKEN"));
+  const std::string url = "http://ferry:" + fake_egress_binder::credential(id) + "@127.0.0.1:3128";
+  BOOST_TEST(obs.output(1u, 0) == "lo\n" + url + " " + url + " localhost,127.0.0.1\n0\n");
   auto curl = run(*sb, obs, argv(2, {"curl", "-sS", "--max-time", "20", "http://example.invalid/x"}));
   BOOST_TEST(obs.output(2u, 0) == fake_egress_proxy::body, obs.output(2u, 1));
   BOOST_TEST(curl.exit.exit_code == 0);
@@ -515,6 +521,13 @@ BOOST_FIXTURE_TEST_CASE(the_http_forwarder_is_the_way_out_through_the_egress_soc
   auto requests = egress->proxy(id)->requests();
   BOOST_REQUIRE(requests.size() == 1u);
   BOOST_TEST(requests[0].rfind("GET http://example.invalid/x HTTP/1.1\r\n", 0) == 0u, requests[0]);
+  // curl sends the credential from the URL: Basic base64("ferry:cred.<id>").
+  const std::string userpass = "ferry:" + fake_egress_binder::credential(id);
+  std::string basic(4 * ((userpass.size() + 2) / 3) + 1, '\0');
+  basic.resize(static_cast<size_t>(::EVP_EncodeBlock(reinterpret_cast<unsigned char*>(basic.data()),
+                                                     reinterpret_cast<const unsigned char*>(userpass.data()),
+                                                     static_cast<int>(userpass.size()))));
+  BOOST_TEST(requests[0].find("Proxy-Authorization: Basic " + basic + "\r\n") != std::string::npos, requests[0]);
   // Nothing else gets out: a direct connection to a listener on the host's loopback reaches
   // only the sandbox's own loopback, where nothing listens; the host's listener sees nobody.
   int host_listener = ::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cctype>
 #include <cerrno>
 #include <cstdio>
@@ -24,12 +25,17 @@
 #include "ferry/actors/bus.h"
 #include "ferry/actors/outbox.h"
 #include "ferry/actors/tasks.h"
+#include "ferry/egress/egress_proxy.h"
+#include "ferry/egress/policy.h"
+#include "ferry/egress/sandbox_token.h"
 #include "ferry/gateway/gateway.h"
+#include "ferry/gateway/org_policy.h"
 #include "ferry/gateway/tokens.h"
 #include "ferry/sandbox/environment.h"
 #include "ferry/sandbox/image.h"
 #include "ferry/sandbox/sandbox.h"
 #include "ferry/storage/journal.h"
+#include "warm_pools.h"
 
 namespace fs = std::filesystem;
 
@@ -102,12 +108,20 @@ std::string read_secret_file(const std::string& flag, const std::string& path) {
   return secret;
 }
 
+/// Most idle sandboxes one warm pool may keep.
+constexpr size_t max_warm_pool = 64;
+
 /// The environments of `--environments FILE`, each one's base set to `base` (the sandbox root's
-/// identity). The file is JSON:
-///   {"environments": {"NAME": {"setup": "SCRIPT", "env": {"K": "V"}, "setup_timeout_s": 600}}}
-/// every field but the name optional. Refused with a message naming the place: anything else.
-std::map<std::string, ferry::sandbox::environment_spec> read_environments(const std::string& path,
-                                                                          const std::string& base) {
+/// identity), and the network policies of those that name one (into `networks`). The file is
+/// JSON:
+///   {"environments": {"NAME": {"setup": "SCRIPT", "env": {"K": "V"}, "setup_timeout_s": 600,
+///                              "network": {"level": "custom", "allow": [...], "deny": [...]},
+///                              "warm_pool": 2}}}
+/// every field but the name optional; `warm_pool` sizes go into `warm`. Refused with a message
+/// naming the place: anything else.
+std::map<std::string, ferry::sandbox::environment_spec> read_environments(
+  const std::string& path, const std::string& base, std::map<std::string, ferry::egress::egress_policy>& networks,
+  std::map<std::string, size_t>& warm) {
   std::map<std::string, ferry::sandbox::environment_spec> out;
   const std::string text = read_option_file("--environments", path, 4u << 20, "larger than 4 MiB");
   auto j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
@@ -151,8 +165,18 @@ std::map<std::string, ferry::sandbox::environment_spec> read_environments(const 
         if (!value.is_number() || value.get<double>() < 1 || value.get<double>() > 24 * 3600)
           bad(where + "\"setup_timeout_s\" must be a number of seconds from 1 to 86400");
         spec.setup_timeout = std::chrono::milliseconds(static_cast<int64_t>(value.get<double>() * 1000));
+      } else if (field == "network") {
+        auto policy = ferry::egress::egress_policy::from_json(value);
+        if (!policy)
+          bad(where + "\"network\": " + policy.error().message);
+        networks.insert_or_assign(name, std::move(*policy));
+      } else if (field == "warm_pool") {
+        if (!value.is_number_unsigned() || value.get<uint64_t>() > max_warm_pool)
+          bad(where + "\"warm_pool\" must be a whole number of sandboxes from 0 to " + std::to_string(max_warm_pool));
+        warm.insert_or_assign(name, value.get<size_t>());
       } else {
-        bad(where + "unknown field \"" + field.substr(0, 64) + "\" (known: setup, env, setup_timeout_s)");
+        bad(where + "unknown field \"" + field.substr(0, 64) +
+            "\" (known: setup, env, setup_timeout_s, network, warm_pool)");
       }
     }
     out.emplace(name, std::move(spec));
@@ -185,6 +209,8 @@ int run(int argc, char** argv) {
   bool ignore_cgroups = false;
   bool no_fsync = false;
   std::string environments_file;
+  std::string default_network = "trusted";
+  size_t warm_pool = 0;
   ferry::actors::task_limits limits;
   ferry::sandbox::sandbox_limits sandbox_limits;
   app.add_option("--listen", listen, "HTTP/WebSocket address HOST:PORT (port 0: pick a free one)")
@@ -297,6 +323,19 @@ int run(int argc, char** argv) {
                  "JSON file of the environments tasks may name: {\"environments\": {\"NAME\": "
                  "{\"setup\": SCRIPT, \"env\": {K: V}, \"setup_timeout_s\": N}}}; each setup "
                  "runs once per change, its result cached under DATA/layers");
+  app.add_option("--default-network", default_network,
+                 "Network policy of tasks without an environment and of environments that name "
+                 "none: none (no way out), trusted (package registries, git hosts, model APIs) or "
+                 "full (any public address); always bounded by the organisation's policy (PUT "
+                 "/api/v1/admin/egress-policy) and never reaching private or local addresses")
+    ->check(CLI::IsMember({"none", "trusted", "full"}))
+    ->capture_default_str();
+  app.add_option("--warm-pool", warm_pool,
+                 "Idle sandboxes to keep started ahead, per environment (and for tasks without "
+                 "one), so that a task's sandbox is ready at once; an environment's \"warm_pool\" "
+                 "overrides it. 0: none")
+    ->check(CLI::Range(size_t{0}, max_warm_pool))
+    ->capture_default_str();
   app.add_flag("--no-fsync", no_fsync,
                "Acknowledge appends before fsync; fsync every 100 ms instead (a machine crash may "
                "lose the last 100 ms of events; a ferryd crash loses nothing)");
@@ -392,8 +431,13 @@ int run(int argc, char** argv) {
     }
   }
   std::map<std::string, ferry::sandbox::environment_spec> environments;
+  std::map<std::string, ferry::egress::egress_policy> networks;
+  std::map<std::string, size_t> warm_sizes;
   if (!environments_file.empty())
-    environments = read_environments(environments_file, root_identity);
+    environments = read_environments(environments_file, root_identity, networks, warm_sizes);
+  const ferry::egress::egress_policy default_policy = default_network == "none"   ? ferry::egress::egress_policy::none()
+                                                      : default_network == "full" ? ferry::egress::egress_policy::full()
+                                                                                  : ferry::egress::egress_policy::trusted();
   // Where the environments' setup results are kept (a layer per key, never changed once made).
   ferry::sandbox::layer_cache layers(data / "layers");
 
@@ -424,7 +468,64 @@ int run(int argc, char** argv) {
   if (!relay)
     die("outbox relay: " + relay.error().message);
 
+  // The egress proxy: every sandbox's only way out, through a socket of its own, with a token
+  // signed by a key that never leaves <data>/keys (0700; the key file 0600).
+  const fs::path keys = data / "keys";
+  const fs::path egress_sockets = data / "egress";
+  for (const auto& dir : {keys, egress_sockets}) {
+    fs::create_directories(dir, ec);
+    if (!ec)
+      fs::permissions(dir, fs::perms::owner_all, ec);
+    if (ec)
+      die("create " + dir.string() + ": " + ec.message());
+  }
+  auto sandbox_tokens = ferry::egress::sandbox_tokens::open(keys);
+  if (!sandbox_tokens)
+    die("egress tokens: " + sandbox_tokens.error().message);
+  ferry::egress::egress_proxy_options eo;
+  eo.socket_dir = egress_sockets;
+  eo.tokens = *sandbox_tokens;
+  auto made_proxy = ferry::egress::make_egress_proxy(eo);
+  if (!made_proxy)
+    die("egress proxy: " + made_proxy.error().message);
+  std::shared_ptr<ferry::egress::egress_proxy> proxy = std::move(*made_proxy);
+  auto org_egress = ferry::gateway::org_egress_policy::load(
+    **store, [proxy](const ferry::egress::egress_policy& p) { proxy->set_org_policy(p); });
+  if (!org_egress)
+    die("organisation egress policy: " + org_egress.error().message);
+  // What a sandbox may reach: its task's environment's policy (else the default) and the
+  // destinations users allowed for the task so far, read from the task's events when the
+  // sandbox's socket is made (also when ferryd re-attaches it after a restart).
+  auto egress_views = std::make_shared<ferry::actors::task_view_cache>(**store, 1024);
+  auto policy_of = [&networks, &environments, default_policy](const std::string& env) {
+    auto network = networks.find(env);
+    return !env.empty() && environments.count(env) && network != networks.end() ? network->second : default_policy;
+  };
+  // Set once the warm pools exist (before any of them starts a sandbox).
+  auto warm_of = std::make_shared<std::atomic<const ferryd::warm_pools*>>(nullptr);
+  auto egress_for = [egress_views, policy_of, warm_of](const std::string& sandbox_id) {
+    ferry::egress::sandbox_egress out{ferry::egress::egress_policy::none(), {}};
+    auto task = ferry::actors::task_of_sandbox(sandbox_id);
+    if (!task) {
+      // A warm pool's: its environment's policy (the task's approvals come when it is taken).
+      if (const auto* warm = warm_of->load())
+        if (auto env = warm->environment_of(sandbox_id))
+          out.policy = policy_of(*env);
+      return out;  // else not a task's: no way out
+    }
+    auto view = egress_views->get(*task);
+    if (!view || !*view) {
+      std::fprintf(stderr, "ferryd: egress for sandbox %s: its task cannot be read (%s); no way out\n",
+                   sandbox_id.c_str(), view ? "no such task" : view.error().message.c_str());
+      return out;
+    }
+    out.policy = policy_of((*view)->environment);
+    out.approvals = (*view)->egress.approvals;
+    return out;
+  };
+
   ferry::sandbox::runtime_config rc;
+  rc.egress = ferry::egress::make_egress_binder(proxy, *sandbox_tokens, egress_for);
   rc.backend = *ferry::sandbox::parse_backend_choice(sandbox_runtime);  // checked by CLI11
   rc.runsc.runsc = runsc;
   rc.runsc.state_dir = data / "runsc";
@@ -452,9 +553,30 @@ int run(int argc, char** argv) {
   deps.default_wall_clock = std::chrono::milliseconds(task_wall_clock_ms);
   deps.environments = environments;
   deps.layers = &layers;
+  deps.allow_egress = [proxy](const std::string& sandbox_id, const std::string& destination) {
+    return proxy->allow_for_sandbox(sandbox_id, destination);
+  };
+  // Warm pools: per environment (its "warm_pool", else --warm-pool), and for tasks without one.
+  std::vector<ferryd::warm_pools::entry> warm_entries{{"", std::nullopt, warm_pool}};
+  for (const auto& [name, spec] : environments)
+    warm_entries.push_back({name, spec, warm_sizes.count(name) ? warm_sizes.at(name) : warm_pool});
+  ferryd::warm_pools warm(**runtime, &layers, std::move(warm_entries),
+                          [proxy, egress_views](const std::string& sandbox_id, const std::string& task_id) {
+                            // The task's approvals so far, for the sandbox it took.
+                            auto view = egress_views->get(task_id);
+                            if (view && *view)
+                              for (const auto& d : (*view)->egress.approvals)
+                                (void)proxy->allow_for_sandbox(sandbox_id, d);
+                          });
+  warm_of->store(&warm);
+  deps.warm = &warm;
   auto tasks = ferry::actors::start_task_manager(sys, deps);
   if (!tasks)
     die(tasks.error().message);
+  // After the recovery above removed every sandbox an earlier ferryd left (idle ones of its
+  // pools among them).
+  if (auto r = warm.start(); !r)
+    die(r.error().message);
   // Abort and steer arrive as requests on ferry.ctl.task.<id>.{abort,steer}, from any gateway.
   auto control = ferry::actors::start_task_control(**bus, **tasks);
   if (!control)
@@ -467,8 +589,11 @@ int run(int argc, char** argv) {
   ferry::gateway::gateway_options go;
   go.host = host;
   go.port = port;
-  auto gw = ferry::gateway::start_gateway(
-    go, {store->get(), bus->get(), tasks->get(), tokens->get(), &environments, &layers});
+  ferry::gateway::gateway_deps gd{store->get(), bus->get(), tasks->get(), tokens->get(), &environments, &layers};
+  gd.networks = &networks;
+  gd.default_network = default_policy;
+  gd.org_egress = org_egress->get();
+  auto gw = ferry::gateway::start_gateway(go, gd);
   if (!gw)
     die(gw.error().message);
   // The first admin token is minted only once the API is up, so a failed start mints none.
@@ -485,10 +610,16 @@ int run(int argc, char** argv) {
               ferry::actors::redact_nats_url(nats.url).c_str(), nats.uses_tls() ? " (TLS)" : "",
               std::string((*runtime)->name()).c_str());
   std::printf("ferryd: sandbox root: %s\n", root_description.c_str());
-  for (const auto& [name, spec] : environments)
-    std::printf("ferryd: environment %s: %s (key %s)\n", name.c_str(),
+  std::printf("ferryd: egress: default network %s, organisation policy %s\n", default_network.c_str(),
+              (*org_egress)->current().to_json().dump().c_str());
+  std::printf("ferryd: warm pools: %s\n", warm.describe().c_str());
+  for (const auto& [name, spec] : environments) {
+    auto network = networks.count(name) ? networks.at(name) : default_policy;
+    std::printf("ferryd: environment %s: %s, network %s (key %s)\n", name.c_str(),
                 spec.setup_script.empty() ? "no setup script" : "setup script",
+                std::string(ferry::egress::to_string(network.level)).c_str(),
                 ferry::sandbox::environment_key(spec).substr(0, 12).c_str());
+  }
   std::printf("ferryd: listening on http://%s:%u\n", shown_host.c_str(), (*gw)->port());
   std::fflush(stdout);
 
@@ -512,6 +643,9 @@ int run(int argc, char** argv) {
     std::fprintf(stderr, "ferryd: warning: %s; the next start publishes the rest\n",
                  (*relay)->stats().last_error.empty() ? "NATS did not acknowledge every event"
                                                        : (*relay)->stats().last_error.c_str());
+  warm.stop();    // the idle sandboxes go; the tasks' have ended or were detached
+  warm_of->store(nullptr);
+  proxy->stop();  // nothing is relayed any more
   relay->reset();
   (void)(*bus)->flush(std::chrono::seconds(2));
   bus->reset();

@@ -11,8 +11,10 @@
 
 #include <openssl/evp.h>
 
+#include <algorithm>
 #include <atomic>
 #include <charconv>
+#include <condition_variable>
 #include <cstdio>
 #include <limits>
 #include <mutex>
@@ -162,6 +164,9 @@ struct sandbox_entry {
   double bucket;                                      // GUARDED_BY(mu)
   clock::time_point refilled;                         // GUARDED_BY(mu)
   std::map<uint64_t, std::weak_ptr<connection>> open; // GUARDED_BY(mu)
+  std::condition_variable drained;                    // signalled as `open` shrinks
+  /// The sandbox's own observer (open_sandbox_at), called under `mu`; cleared by close.
+  std::function<void(const egress_decision&)> observer; // GUARDED_BY(mu)
   uint64_t next_connection = 0;                       // GUARDED_BY(mu)
   bool closed = false;                                // GUARDED_BY(mu)
 };
@@ -177,7 +182,8 @@ class proxy_impl final : public egress_proxy {
   ~proxy_impl() override { stop(); }
 
   result<fs::path> open_sandbox(const std::string& sandbox_id, egress_policy policy) override;
-  result<void> open_sandbox_at(const std::string& sandbox_id, egress_policy policy, const fs::path& socket) override;
+  result<void> open_sandbox_at(const std::string& sandbox_id, egress_policy policy, const fs::path& socket,
+                               std::function<void(const egress_decision&)> observer) override;
   result<void> close_sandbox(const std::string& sandbox_id) override;
   result<void> allow_for_sandbox(const std::string& sandbox_id, const std::string& destination) override;
   void set_org_policy(egress_policy policy) override {
@@ -191,14 +197,18 @@ class proxy_impl final : public egress_proxy {
     std::lock_guard lock(mu_);
     return org_;
   }
-  void observe(const egress_decision& d) const {
+  void observe(sandbox_entry& sandbox, const egress_decision& d) const {
     if (options_.observer)
       options_.observer(d);
+    std::lock_guard lock(sandbox.mu);
+    if (sandbox.observer)
+      sandbox.observer(d);
   }
 
  private:
   net::awaitable<void> accept_loop(std::shared_ptr<sandbox_entry> sandbox);
-  result<void> open_at(const std::string& sandbox_id, egress_policy policy, const fs::path& path, bool replace_any);
+  result<void> open_at(const std::string& sandbox_id, egress_policy policy, const fs::path& path, bool replace_any,
+                       std::function<void(const egress_decision&)> observer = {});
   static void shut(const std::shared_ptr<sandbox_entry>& sandbox);
 
   const egress_proxy_options options_;
@@ -232,7 +242,8 @@ connection::connection(proxy_impl& proxy, std::shared_ptr<sandbox_entry> sandbox
 
 connection::~connection() {
   std::lock_guard lock(sandbox_->mu);
-  sandbox_->open.erase(id_);
+  if (sandbox_->open.erase(id_) > 0)
+    sandbox_->drained.notify_all();
 }
 
 void connection::close_all() {
@@ -285,7 +296,7 @@ void connection::report(bool allowed, std::string rule, bool approvable) {
   decision_.rule = std::move(rule);
   decision_.approvable = approvable;
   decision_.duration = std::chrono::duration_cast<std::chrono::milliseconds>(clock::now() - started_);
-  proxy_.observe(decision_);
+  proxy_.observe(*sandbox_, decision_);
 }
 
 net::awaitable<void> connection::refuse(http::status status, std::string rule, std::string reason, bool approvable) {
@@ -668,7 +679,7 @@ net::awaitable<void> proxy_impl::accept_loop(std::shared_ptr<sandbox_entry> sand
       egress_decision d;
       d.sandbox_id = sandbox->id;
       d.rule = "limit:connections";
-      observe(d);
+      observe(*sandbox, d);
       error_code ignored;
       conn->client().close(ignored);
       continue;
@@ -684,15 +695,16 @@ result<fs::path> proxy_impl::open_sandbox(const std::string& sandbox_id, egress_
   return path;
 }
 
-result<void> proxy_impl::open_sandbox_at(const std::string& sandbox_id, egress_policy policy, const fs::path& socket) {
+result<void> proxy_impl::open_sandbox_at(const std::string& sandbox_id, egress_policy policy, const fs::path& socket,
+                                         std::function<void(const egress_decision&)> observer) {
   if (socket.empty() || !socket.is_absolute())
     return fail(errc::invalid_argument, fmt::format("egress proxy: socket path '{}' is not absolute", socket.string()));
   (void)close_sandbox(sandbox_id);  // a re-attach: the sandbox reaches the new socket
-  return open_at(sandbox_id, std::move(policy), socket, true);
+  return open_at(sandbox_id, std::move(policy), socket, true, std::move(observer));
 }
 
 result<void> proxy_impl::open_at(const std::string& sandbox_id, egress_policy policy, const fs::path& path,
-                                 bool replace_any) {
+                                 bool replace_any, std::function<void(const egress_decision&)> observer) {
   if (auto why = sandbox_id_problem(sandbox_id); !why.empty())
     return fail(errc::invalid_argument, fmt::format("egress proxy: {}: '{}'", why, sandbox_id));
   if (path.string().size() >= sizeof(sockaddr_un{}.sun_path))
@@ -714,6 +726,7 @@ result<void> proxy_impl::open_at(const std::string& sandbox_id, egress_policy po
   }
   auto sandbox = std::make_shared<sandbox_entry>(sandbox_id, path, std::move(policy), net::make_strand(io_),
                                                  options_.limits.burst);
+  sandbox->observer = std::move(observer);  // not shared yet
   error_code ec;
   sandbox->acceptor.open(unix_socket(), ec);
   if (!ec)
@@ -762,6 +775,18 @@ result<void> proxy_impl::close_sandbox(const std::string& sandbox_id) {
     sandboxes_.erase(it);
   }
   shut(sandbox);
+  // Their decisions are the sandbox's last words: wait for them (bounded), then silence its
+  // observer.
+  std::unique_lock lock(sandbox->mu);
+  const bool drained = sandbox->drained.wait_for(lock, options_.close_wait, [&] {
+    return std::none_of(sandbox->open.begin(), sandbox->open.end(),
+                        [](const auto& entry) { return !entry.second.expired(); });
+  });
+  if (!drained && sandbox->observer)
+    std::fprintf(stderr, "egress proxy: sandbox %s: connections still open %lld ms after close; their decisions "
+                 "reach only the proxy's observer\n", sandbox_id.c_str(),
+                 static_cast<long long>(options_.close_wait.count()));
+  sandbox->observer = nullptr;
   return {};
 }
 
@@ -828,27 +853,45 @@ namespace ferry::egress {
 
 namespace {
 
-/// The runtime's side: sockets where the runtime puts them, policies from the caller.
+/// The runtime's side: sockets where the runtime puts them, policies and approvals from the
+/// caller, decisions to the sandbox's observer, a token per open.
 class proxy_binder final : public sandbox::egress_binder {
  public:
-  proxy_binder(std::shared_ptr<egress_proxy> proxy, std::function<egress_policy(const std::string&)> policy_for)
-      : proxy_(std::move(proxy)), policy_for_(std::move(policy_for)) {}
+  proxy_binder(std::shared_ptr<egress_proxy> proxy, std::shared_ptr<const sandbox_tokens> tokens,
+               std::function<sandbox_egress(const std::string&)> egress_for)
+      : proxy_(std::move(proxy)), tokens_(std::move(tokens)), egress_for_(std::move(egress_for)) {}
 
-  result<void> open(const std::string& sandbox_id, const fs::path& socket) override {
-    return proxy_->open_sandbox_at(sandbox_id, policy_for_ ? policy_for_(sandbox_id) : egress_policy::none(), socket);
+  result<std::string> open(const std::string& sandbox_id, const fs::path& socket, report_fn report) override {
+    sandbox_egress egress = egress_for_ ? egress_for_(sandbox_id) : sandbox_egress{egress_policy::none(), {}};
+    auto token = tokens_->issue(sandbox_id, egress.policy);
+    if (!token)
+      return token.error();
+    std::function<void(const egress_decision&)> observer;
+    if (report)
+      observer = [report = std::move(report)](const egress_decision& d) { report(d); };
+    if (auto r = proxy_->open_sandbox_at(sandbox_id, egress.policy, socket, std::move(observer)); !r)
+      return r.error();
+    for (const auto& destination : egress.approvals) {
+      if (auto r = proxy_->allow_for_sandbox(sandbox_id, destination); !r)
+        std::fprintf(stderr, "egress proxy: sandbox %s: approval skipped: %s\n", sandbox_id.c_str(),
+                     r.error().message.c_str());
+    }
+    return std::move(*token);
   }
   void close(const std::string& sandbox_id) override { (void)proxy_->close_sandbox(sandbox_id); }
 
  private:
   const std::shared_ptr<egress_proxy> proxy_;
-  const std::function<egress_policy(const std::string&)> policy_for_;
+  const std::shared_ptr<const sandbox_tokens> tokens_;
+  const std::function<sandbox_egress(const std::string&)> egress_for_;
 };
 
 }  // namespace
 
-std::shared_ptr<sandbox::egress_binder> make_egress_binder(
-  std::shared_ptr<egress_proxy> proxy, std::function<egress_policy(const std::string& sandbox_id)> policy_for) {
-  return std::make_shared<proxy_binder>(std::move(proxy), std::move(policy_for));
+std::shared_ptr<sandbox::egress_binder> make_egress_binder(std::shared_ptr<egress_proxy> proxy,
+                                                           std::shared_ptr<const sandbox_tokens> tokens,
+                                                           std::function<sandbox_egress(const std::string&)> egress_for) {
+  return std::make_shared<proxy_binder>(std::move(proxy), std::move(tokens), std::move(egress_for));
 }
 
 }  // namespace ferry::egress

@@ -18,6 +18,7 @@
 #include <chrono>
 #include <functional>
 #include <cstdint>
+#include <filesystem>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -30,6 +31,7 @@
 
 #include "ferry/actors/bus.h"
 #include "ferry/sandbox/environment.h"
+#include "ferry/sandbox/pool.h"
 #include "ferry/schemas/result.h"
 
 namespace caf {
@@ -85,6 +87,21 @@ struct limit_hit {
   int64_t time_ns = 0;  ///< when it was recorded
 };
 
+/// What the egress proxy did for a task's sandboxes (EgressDecision, EgressApproved events).
+struct egress_summary {
+  uint64_t allowed = 0;
+  uint64_t denied = 0;
+  uint64_t bytes_up = 0;
+  uint64_t bytes_down = 0;
+  /// Destinations a user allowed for the task, in order (each `host[:port]` or `*.domain[:port]`).
+  std::vector<std::string> approvals;
+  /// Destinations refused only because the policy does not list them, as `host:port`, oldest
+  /// first, each once, at most max_approvable (the oldest go), without those approved since:
+  /// what the UI offers to allow.
+  std::vector<std::string> approvable;
+  static constexpr size_t max_approvable = 20;
+};
+
 /// A task's current state, folded from its events (the journal is the source of truth).
 struct task_view {
   std::string id;
@@ -97,6 +114,8 @@ struct task_view {
   std::optional<int> exit_code;
   std::string reason;
   std::string sandbox_id;
+  /// The runtime's id of the sandbox when it is not `sandbox_id` (taken from the warm pool).
+  std::string sandbox_runtime_id;
   std::string sandbox_backend;
   std::string sandbox_status;
   std::string sandbox_reason;  ///< reason given with the sandbox's latest state change
@@ -112,6 +131,7 @@ struct task_view {
   uint64_t wall_clock_limit_ms = 0;
   /// Every limit the task hit, oldest first (limit_reached events).
   std::vector<limit_hit> limits_reached;
+  egress_summary egress;
   uint64_t last_sequence = 0;
   bool finished = false;
 };
@@ -156,6 +176,10 @@ class task_view_cache {
 /// True when `id` has the shape of a task id (so it can safely name a stream and a subject).
 bool valid_task_id(std::string_view id);
 
+/// The task whose sandbox `sandbox_id` is (`ferry-<task id>-<n>`, its environment's setup
+/// `ferry-<task id>-<n>-setup`), or nullopt for an id of another shape.
+std::optional<std::string> task_of_sandbox(std::string_view sandbox_id);
+
 /// Outcome of an abort request.
 enum class abort_outcome { aborted, already_finished, not_found, pending };
 
@@ -170,6 +194,24 @@ struct task_limits {
   uint32_t max_running_per_user = 8;
   /// Tasks one user may have waiting; a submission past that is refused.
   uint32_t max_queued_per_user = 200;
+};
+
+/// Sandboxes started ahead of time (ferryd: a sandbox_pool per environment), which a task's
+/// sandbox starts from when one is ready instead of waiting for a start.
+///
+/// Threading: called from the sandbox actors' threads, concurrently.
+class warm_sandboxes {
+ public:
+  virtual ~warm_sandboxes() = default;
+  /// A ready, idle sandbox for task `task_id` of `environment` (empty: none), whose observer is
+  /// `observer` from now on, and that may reach what the task's users allowed. An error when
+  /// none is ready (the caller starts one the normal way); its message is for the log.
+  [[nodiscard]] virtual result<sandbox::acquired_sandbox> acquire(const std::string& environment,
+                                                                  const std::string& task_id,
+                                                                  sandbox::sandbox_observer& observer) = 0;
+  /// `environment`'s setup has produced its layer at `layer`: its sandboxes can be started
+  /// ahead from now on.
+  virtual void layer_ready(const std::string& environment, const std::filesystem::path& layer) = 0;
 };
 
 /// What the actors need from the rest of ferryd. All must outlive the task_service.
@@ -191,6 +233,13 @@ struct task_deps {
   /// starts from; the next tasks find it there. Fixed for the service's life.
   std::map<std::string, sandbox::environment_spec> environments;
   sandbox::layer_cache* layers = nullptr;  ///< required when an environment has a setup script
+  /// Lets a running sandbox of the task reach `destination` (`host[:port]`, `*.domain[:port]`)
+  /// from now on: called after a user's approval is recorded (approve_egress_async). Sandboxes
+  /// started later get the task's approvals from the egress binder (ferryd reads them from the
+  /// task's view). Null: approvals are recorded only.
+  std::function<result<void>(const std::string& sandbox_id, const std::string& destination)> allow_egress;
+  /// Warm sandboxes; null: every sandbox is started when its task needs it.
+  warm_sandboxes* warm = nullptr;
 };
 
 /// The command id a task's timeline gives its environment's setup (command_started,
@@ -230,6 +279,13 @@ class task_service {
   using steer_callback = std::function<void(result<uint64_t>)>;
   virtual void steer_async(const std::string& task_id, const std::string& user,
                            const std::string& text, steer_callback done) = 0;
+  /// Records that `user` allows `destination` (checked by the caller: `host[:port]` or
+  /// `*.domain[:port]`) for the rest of the task (egress_approved) and lets its running sandbox
+  /// reach it at once (task_deps::allow_egress). `done` gets the event's sequence;
+  /// errc::not_found for no live task, errc::conflict when it is ending, errc::busy past
+  /// max_egress_approvals.
+  virtual void approve_egress_async(const std::string& task_id, const std::string& user,
+                                    const std::string& destination, steer_callback done) = 0;
   /// Resumes an interrupted task (status `interrupted`, resumable): its actor is recovered from
   /// its events and, when the concurrency limits allow, runs a new turn in a fresh sandbox.
   /// errc::not_found, errc::conflict (not interrupted, or live), errc::closed.
@@ -258,6 +314,8 @@ class task_control {
 
 /// Longest steering comment accepted, in bytes.
 inline constexpr size_t max_steering_bytes = 16 * 1024;
+/// At most this many egress approvals per task.
+inline constexpr size_t max_egress_approvals = 64;
 
 /// Spawns the task manager in `sys`. Before it accepts work it recovers every task an earlier
 /// ferryd left unfinished from its events: queued ones wait again; a running one whose sandbox

@@ -13,6 +13,17 @@
 //                                        and gets {"type": "ack"|"error", "id", …} (README)
 // Abort and steer (REST and WebSocket alike) go through the control subjects
 // (control_client.h); an abort falls back to this process's task service when NATS is down.
+//   GET  /api/v1/tasks/{id}/egress       the task's egress: counts, approvals, and the
+//                                        destinations waiting for one (approvable)
+//   POST /api/v1/tasks/{id}/egress/approvals  {"destination": "host[:port]" | "*.domain[:port]"}
+//                                        → 201 {"id", "seq", "destination"}: allowed for the rest
+//                                        of the task (still bounded by the org policy, explicit
+//                                        denies and the address checks)
+//   GET  /api/v1/environments            the environments a task may name, with their network
+//                                        policies (variables by name only)
+//   GET  /api/v1/admin/egress-policy     the organisation's egress policy
+//   PUT  /api/v1/admin/egress-policy     {"level": "none|trusted|full|custom", "allow": [...],
+//                                        "deny": [...]}; admin tokens only (403 otherwise)
 //   POST /api/v1/tokens                  {"name": "...", "admin": false} → 201 {"token": ...};
 //                                        admin tokens only (403 otherwise)
 // Limits: request bodies ≤ `max_body_bytes` (413 beyond), headers ≤ 16 KiB (431), a request must
@@ -27,6 +38,8 @@
 #include <memory>
 #include <string>
 
+#include "ferry/egress/policy.h"
+#include "ferry/gateway/org_policy.h"
 #include "ferry/gateway/tokens.h"
 #include "ferry/sandbox/environment.h"
 #include "ferry/schemas/result.h"
@@ -58,6 +71,13 @@ struct gateway_deps {
   /// their setup layers; both optional (none configured).
   const std::map<std::string, sandbox::environment_spec>* environments = nullptr;
   const sandbox::layer_cache* layers = nullptr;
+  /// Each environment's network policy, by name (absent: `default_network`); listed with the
+  /// environments.
+  const std::map<std::string, egress::egress_policy>* networks = nullptr;
+  egress::egress_policy default_network = egress::egress_policy::trusted();
+  /// The organisation's egress policy (GET/PUT /api/v1/admin/egress-policy); null: those
+  /// routes answer 404.
+  org_egress_policy* org_egress = nullptr;
 };
 
 class gateway {

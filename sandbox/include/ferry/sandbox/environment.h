@@ -91,13 +91,17 @@ class layer_cache {
   std::optional<std::filesystem::path> find(const std::string& key) const;
 
   /// The layer of `env`: from the cache, or made now by running its setup in a sandbox of
-  /// `runtime` (id `setup-<key prefix>-<pid>-<n>`), its output passed to `output`. Errors: the
+  /// `runtime` (id `sandbox_id`, else `setup-<key prefix>-<pid>-<n>`), its output passed to `output`. Errors: the
   /// script exited non-zero or was killed (errc::failed, the message names the exit and ends
   /// with its output's tail), the time limit passed (errc::failed, "timed out"), an empty
   /// script or base (errc::invalid_argument), the sandbox failed, `cancel` was cancelled
   /// (errc::closed, "… cancelled"; no layer is kept, the sandbox is gone when this returns).
+  /// `egress` gets the egress proxy's decisions about the setup sandbox's connections (from the
+  /// proxy's threads; all of them before this returns). `sandbox_id` names the setup sandbox
+  /// (so that the runtime's egress binder knows whose it is); empty: the id above.
   result<environment_layer> ensure(sandbox_runtime& runtime, const environment_spec& env,
-                                   const setup_output& output = {}, setup_cancel* cancel = nullptr);
+                                   const setup_output& output = {}, setup_cancel* cancel = nullptr,
+                                   const egress_binder::report_fn& egress = {}, const std::string& sandbox_id = {});
 
   const std::filesystem::path& dir() const { return dir_; }
 

@@ -23,6 +23,7 @@
 #include <chrono>
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <set>
@@ -241,6 +242,25 @@ struct limit_hit {
 /// "memory", "pids" or "disk".
 std::string_view to_string(limit_hit::kind k);
 
+/// One decision of the egress proxy about a connection of a sandbox (egress_binder).
+struct egress_event {
+  std::string sandbox_id;
+  std::string host;  // normalised (IP literals canonical); empty if the request had no target
+  uint16_t port = 0;
+  std::string method;  // CONNECT, GET, …
+  bool allowed = false;
+  /// What decided: `policy:trusted`, `custom:allow:*.example.com`, `custom:deny:example.com`,
+  /// `approval:example.com:443`, `org:deny:…`, `address:private 10.0.0.1`, `token:expired`,
+  /// `limit:rate`, `limit:connections`, `route:git.ferry.internal`, `request:…`, `upstream:…`.
+  std::string rule;
+  /// Denied only because the sandbox's policy does not list it: a user could allow it for the
+  /// task. Never for address, token, org or explicit deny refusals.
+  bool approvable = false;
+  uint64_t bytes_up = 0;    // client → destination, after the head
+  uint64_t bytes_down = 0;  // destination → client
+  std::chrono::milliseconds duration{0};
+};
+
 /// Receives what happens in one sandbox. Called on the sandbox's reader thread, in order:
 ///   on_running, then per command: on_command_started (on_output | on_output_gap)*
 ///   on_output_truncated? on_command_ended — or only on_command_failed; and at the end
@@ -291,6 +311,10 @@ class sandbox_observer {
   /// yet). Memory and pids only with Ferry's own cgroups (runtime_options::cgroup_parent); the
   /// disk only with a quota (sandbox_limits::disk_bytes), once each time it fills up.
   virtual void on_limit_reached(const limit_hit& /*hit*/) {}
+  /// The egress proxy decided about one of the sandbox's connections (an allowed one once, at
+  /// its end). Called from the proxy's threads, concurrently with the other calls, between the
+  /// start (or attach) and on_ended (never after it, nor after a detach).
+  virtual void on_egress(const egress_event& /*event*/) {}
   /// The sandbox is gone: no process of it remains and its files are deleted. `failure` is set
   /// when it ended abnormally (runtime error, protocol error, killed) with the reason.
   virtual void on_ended(std::optional<std::string> failure) = 0;
@@ -365,12 +389,19 @@ class sandbox {
 class egress_binder {
  public:
   virtual ~egress_binder() = default;
+  /// What the binder reports a decision to (the sandbox's observer).
+  using report_fn = std::function<void(const egress_event&)>;
   /// Listens for sandbox `sandbox_id` at host path `socket`, replacing whatever is there, mode
-  /// 0666 (bwrap sandboxes run as a uid of their own). Called before the sandbox starts, and
-  /// again when a host re-attaches it. An error fails the start (or the attach).
-  [[nodiscard]] virtual result<void> open(const std::string& sandbox_id, const std::filesystem::path& socket) = 0;
-  /// The sandbox has ended (or never started): no more connections from it, and those still
-  /// open are closed. Idempotent; also for an id never opened.
+  /// 0666 (bwrap sandboxes run as a uid of their own), and reports each decision about its
+  /// connections to `report` until close. Called before the sandbox starts, and again when a
+  /// host re-attaches it. Returns the credential the sandbox's requests must carry (given to
+  /// ferry-init, which puts it into the proxy URLs; empty: none). An error fails the start (or
+  /// the attach).
+  [[nodiscard]] virtual result<std::string> open(const std::string& sandbox_id, const std::filesystem::path& socket,
+                                                 report_fn report) = 0;
+  /// The sandbox has ended, never started or is being detached: no more connections from it,
+  /// those still open are closed, and once this returns `report` is never called again.
+  /// Idempotent; also for an id never opened.
   virtual void close(const std::string& sandbox_id) = 0;
 };
 

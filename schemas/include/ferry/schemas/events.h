@@ -90,9 +90,11 @@ std::string task_submitted(const envelope_meta& m, std::string_view task_id,
                            std::string_view environment_key = {});
 std::string task_state_changed(const envelope_meta& m, ev::TaskStatus from, ev::TaskStatus to,
                                std::string_view reason);
+/// `runtime_id`: the runtime's id when it differs from `sandbox_id` (a warm-pool sandbox).
 std::string sandbox_state_changed(const envelope_meta& m, std::string_view sandbox_id,
                                   std::string_view backend, ev::SandboxStatus from,
-                                  ev::SandboxStatus to, std::string_view reason);
+                                  ev::SandboxStatus to, std::string_view reason,
+                                  std::string_view runtime_id = {});
 std::string command_started(const envelope_meta& m, uint32_t command_id,
                             const std::vector<std::string>& argv);
 /// `gap` > 0: that many bytes of the stream were lost here (then `data` is empty).
@@ -124,6 +126,22 @@ std::string session_closed(const envelope_meta& m, std::string_view reason);
 /// `command_id` 0 when not about a command.
 std::string limit_reached(const envelope_meta& m, ev::LimitKind kind, uint64_t limit,
                           uint32_t command_id, bool whole_sandbox, std::string_view detail);
+/// What EgressDecision records (see events.fbs).
+struct egress_decision_fields {
+  std::string sandbox_id;
+  std::string host;
+  uint16_t port = 0;
+  std::string method;
+  bool allowed = false;
+  std::string rule;
+  bool approvable = false;
+  uint64_t bytes_up = 0;
+  uint64_t bytes_down = 0;
+  uint64_t duration_ms = 0;
+};
+std::string egress_decision(const envelope_meta& m, const egress_decision_fields& d);
+std::string egress_approved(const envelope_meta& m, std::string_view destination, std::string_view sandbox_id);
+std::string egress_policy_set(const envelope_meta& m, std::string_view policy_json);
 std::string token_created(const envelope_meta& m, std::string_view token_id,
                           std::string_view name, std::string_view sha256_hex, bool admin);
 

@@ -1,7 +1,7 @@
 #pragma once
 // The egress proxy: runs on the host, outside every sandbox; each sandbox reaches it through a
-// unix socket of its own (bind-mounted at /.ferry/egress.sock, where ferry-init's forwarder
-// relays 127.0.0.1:3128 to it). HTTP/1.1 forward proxy: CONNECT host:port (a byte-for-byte
+// unix socket of its own (in its control directory, /.ferry/ctl/egress.sock inside, where
+// ferry-init's forwarder relays 127.0.0.1:3128 to it). HTTP/1.1 forward proxy: CONNECT host:port (a byte-for-byte
 // tunnel, no TLS interception) and absolute-URI plain HTTP (one request per connection).
 //
 // Per request, in order: head (≤ 16 KiB → 431, within head_timeout, else closed) → target
@@ -20,6 +20,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <ferry/egress/policy.h>
 #include <ferry/egress/sandbox_token.h>
@@ -28,24 +29,9 @@
 
 namespace ferry::egress {
 
-/// One decision of the proxy, for the task's event stream and audits.
-struct egress_decision {
-  std::string sandbox_id;
-  std::string host;  // normalised (IP literals canonical); empty if the request had no target
-  uint16_t port = 0;
-  std::string method;  // CONNECT, GET, …
-  bool allowed = false;
-  /// What decided: `policy:trusted`, `custom:allow:*.example.com`, `custom:deny:example.com`,
-  /// `approval:example.com:443`, `org:deny:…`, `address:private 10.0.0.1`, `token:expired`,
-  /// `limit:rate`, `limit:connections`, `route:git.ferry.internal`, `request:…`, `upstream:…`.
-  std::string rule;
-  /// Denied only because the sandbox's policy does not list it: a user could allow it
-  /// (allow_for_sandbox). Never for address, token, org or explicit deny refusals.
-  bool approvable = false;
-  uint64_t bytes_up = 0;    // client → destination, after the head
-  uint64_t bytes_down = 0;  // destination → client
-  std::chrono::milliseconds duration{0};
-};
+/// One decision of the proxy, for the task's event stream and audits (sandbox.h: whose,
+/// destination, allowed, the rule that decided, bytes, duration).
+using egress_decision = sandbox::egress_event;
 
 struct egress_limits {
   /// Connections of one sandbox open at once (each holds one request or tunnel).
@@ -72,6 +58,10 @@ struct egress_proxy_options {
   std::chrono::milliseconds connect_timeout{10'000};
   /// A tunnel or relay with no byte either way for this long is closed.
   std::chrono::milliseconds idle_timeout{300'000};
+  /// How long close_sandbox waits for the sandbox's connections to wind down (a resolution
+  /// stuck in getaddrinfo cannot be interrupted); what they report later goes to
+  /// options.observer only.
+  std::chrono::milliseconds close_wait{2'000};
   /// Called once per decision (an allowed connection once, at its end, with its byte counts),
   /// from an I/O thread. Must not block and must not call back into the proxy synchronously.
   std::function<void(const egress_decision&)> observer;
@@ -88,10 +78,15 @@ class egress_proxy {
   /// As open_sandbox, but listening at `socket`, a path the caller chooses (the sandbox
   /// runtime's: in the sandbox's control directory), replacing whatever file is there; a
   /// sandbox already open is closed first (a host re-attaching it makes its socket again).
+  /// `observer`, if set, gets the sandbox's decisions too (after options.observer), until
+  /// close_sandbox returns.
   [[nodiscard]] virtual result<void> open_sandbox_at(const std::string& sandbox_id, egress_policy policy,
-                                                     const std::filesystem::path& socket) = 0;
+                                                     const std::filesystem::path& socket,
+                                                     std::function<void(const egress_decision&)> observer = {}) = 0;
   /// Closes the sandbox's listener and every connection of it (tunnels included), removes the
-  /// socket. errc::not_found if it is not open.
+  /// socket, and waits (at most options.close_wait) until its connections have reported their
+  /// decisions: after it returns, no per-sandbox observer hears of the sandbox again. Not from
+  /// an observer. errc::not_found if it is not open.
   [[nodiscard]] virtual result<void> close_sandbox(const std::string& sandbox_id) = 0;
   /// A runtime approval: `host[:port]` (or `*.domain[:port]`) is allowed for this sandbox from
   /// now on — still bounded by the org policy, explicit custom denies and the address checks.
@@ -106,11 +101,21 @@ class egress_proxy {
 /// threads.
 [[nodiscard]] result<std::unique_ptr<egress_proxy>> make_egress_proxy(egress_proxy_options options);
 
+/// What the proxy applies to one sandbox: its policy and the destinations allowed for it at
+/// run time so far (allow_for_sandbox patterns, e.g. approvals its task recorded).
+struct sandbox_egress {
+  egress_policy policy;
+  std::vector<std::string> approvals;
+};
+
 /// The proxy as the sandbox runtime sees it (runtime_options::egress): each sandbox's socket is
-/// made where the runtime asks (open_sandbox_at), with the policy `policy_for(sandbox_id)`
-/// returns at that moment, and closed when the runtime says the sandbox has ended. `proxy` must
-/// outlive the runtime's sandboxes (it is held).
+/// made where the runtime asks (open_sandbox_at) with what `egress_for(sandbox_id)` returns at
+/// that moment (approvals that are not valid patterns are skipped), its decisions go to the
+/// sandbox's observer, and it is closed when the runtime says the sandbox has ended. The
+/// credential is a token from `tokens` (the proxy's) bound to the sandbox and its policy. `proxy`
+/// must outlive the runtime's sandboxes (it is held).
 [[nodiscard]] std::shared_ptr<sandbox::egress_binder> make_egress_binder(
-  std::shared_ptr<egress_proxy> proxy, std::function<egress_policy(const std::string& sandbox_id)> policy_for);
+  std::shared_ptr<egress_proxy> proxy, std::shared_ptr<const sandbox_tokens> tokens,
+  std::function<sandbox_egress(const std::string& sandbox_id)> egress_for);
 
 }  // namespace ferry::egress
