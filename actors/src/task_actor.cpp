@@ -688,6 +688,15 @@ caf::behavior task_actor(task_actor_t* self, task_args args) {
       // Recorded first; then the running sandbox (and its environment's setup, if that is what
       // runs) may reach it. Later sandboxes of the task get it from the egress binder.
       auto& s = self->state;
+      if (s.deps.egress_destination) {
+        auto normal = s.deps.egress_destination(destination);
+        if (!normal)
+          return {static_cast<int32_t>(errc::invalid_argument), "destination: " + normal.error().message, uint64_t{0}};
+        destination = std::move(*normal);
+      } else if (destination.empty() || destination.size() > 300) {
+        return {static_cast<int32_t>(errc::invalid_argument), std::string("destination: empty or longer than 300 bytes"),
+                uint64_t{0}};
+      }
       if (s.view.finished || s.aborting || s.finishing || !s.limit_failure.empty())
         return {static_cast<int32_t>(errc::conflict), std::string("the task has ended"), uint64_t{0}};
       if (s.view.egress.approvals.size() >= max_egress_approvals)

@@ -1,4 +1,4 @@
-// task_control: the control subjects ferry.ctl.task.<id>.{abort,steer} (see tasks.h). A thin
+// task_control: the control subjects ferry.ctl.task.<id>.{abort,steer,approve} (see tasks.h). A thin
 // adapter: a request becomes an asynchronous task_service call, whose callback answers it. No
 // NATS thread ever waits for a task.
 
@@ -128,6 +128,28 @@ result<std::unique_ptr<task_control>> start_task_control(bus& events, task_servi
   if (!steer_sub)
     return steer_sub.error();
   c->subs.push_back(std::move(*steer_sub));
+
+  auto approve_sub = events.serve("ferry.ctl.task.*.approve", [&tasks](std::string_view subject,
+                                                                        std::string_view payload,
+                                                                        responder reply) {
+    auto id = task_id_of(subject);
+    auto body = parse_object(payload);
+    auto destination = body.is_object() ? string_field(body, "destination", "") : std::string();
+    if (id.empty() || destination.empty())
+      return reply(error_answer("expected ferry.ctl.task.<hex id>.approve with a JSON object "
+                                "{\"user\", \"destination\"} and a non-empty destination",
+                                errc::invalid_argument));
+    // The task checks the destination itself (task_deps::egress_destination).
+    tasks.approve_egress_async(id, string_field(body, "user", "system"), destination,
+                               [reply](result<uint64_t> r) {
+                                 if (!r)
+                                   return reply(error_answer(r.error().message, r.error().code));
+                                 reply(json{{"seq", *r}}.dump());
+                               });
+  });
+  if (!approve_sub)
+    return approve_sub.error();
+  c->subs.push_back(std::move(*approve_sub));
   return std::unique_ptr<task_control>(std::move(c));
 }
 

@@ -56,6 +56,18 @@ result<json> send(actors::bus& bus, const std::string& subject, const json& body
   return j;
 }
 
+/// A request answered {"seq": N} (steer, approve): N, which is never 0.
+result<uint64_t> request_sequence(actors::bus& bus, const std::string& subject, const json& body,
+                                  std::chrono::milliseconds timeout) {
+  auto answer = send(bus, subject, body, timeout);
+  if (!answer)
+    return answer.error();
+  auto it = answer->find("seq");
+  if (it == answer->end() || !it->is_number_unsigned() || it->get<uint64_t>() == 0)
+    return fail(errc::corrupt, subject + " answered without a sequence: " + dump(*answer));
+  return it->get<uint64_t>();
+}
+
 }  // namespace
 
 result<actors::abort_outcome> request_abort(actors::bus& bus, const std::string& task_id,
@@ -80,14 +92,14 @@ result<actors::abort_outcome> request_abort(actors::bus& bus, const std::string&
 result<uint64_t> request_steer(actors::bus& bus, const std::string& task_id,
                                const std::string& user, const std::string& text,
                                std::chrono::milliseconds timeout) {
-  const auto subject = actors::task_control_subject(task_id, "steer");
-  auto answer = send(bus, subject, {{"user", user}, {"text", text}}, timeout);
-  if (!answer)
-    return answer.error();
-  auto it = answer->find("seq");
-  if (it == answer->end() || !it->is_number_unsigned() || it->get<uint64_t>() == 0)
-    return fail(errc::corrupt, subject + " answered without a sequence: " + dump(*answer));
-  return it->get<uint64_t>();
+  return request_sequence(bus, actors::task_control_subject(task_id, "steer"), {{"user", user}, {"text", text}},
+                          timeout);
+}
+
+result<uint64_t> request_approve(actors::bus& bus, const std::string& task_id, const std::string& user,
+                                 const std::string& destination, std::chrono::milliseconds timeout) {
+  return request_sequence(bus, actors::task_control_subject(task_id, "approve"),
+                          {{"user", user}, {"destination", destination}}, timeout);
 }
 
 }  // namespace ferry::gateway

@@ -505,24 +505,25 @@ void http_session::route(request_t& req) {
     if ((*view)->finished)
       return send(json_response(http::status::conflict,
                                 json{{"error", "task already finished"}, {"status", (*view)->status}}, version, keep));
-    auto destination = pattern->to_string();
-    deps.tasks->approve_egress_async(
-      task_id, who->id, destination,
-      [self, task_id, destination, version, keep](result<uint64_t> seq) {
-        response_t res;
-        if (seq) {
-          res = json_response(http::status::created, json{{"id", task_id}, {"seq", *seq}, {"destination", destination}},
-                              version, keep);
-        } else {
-          auto code = seq.error().code;
-          auto status = code == errc::conflict || code == errc::not_found ? http::status::conflict
-                        : code == errc::busy                             ? http::status::too_many_requests
-                        : code == errc::closed                           ? http::status::service_unavailable
-                                                                         : http::status::internal_server_error;
-          res = error_response(status, "approve: " + seq.error().message, version, keep);
-        }
-        net::post(self->stream_.get_executor(), [self, res = std::move(res)]() mutable { self->send(std::move(res)); });
-      });
+    // Through the control subject, so whichever ferryd runs the task records it.
+    net::post(srv_.blocking(), [self, task_id, user = who->id, destination = pattern->to_string(), &deps, version,
+                                keep] {
+      auto seq = approve_task(deps, task_id, user, destination);
+      response_t res;
+      if (seq) {
+        res = json_response(http::status::created, json{{"id", task_id}, {"seq", *seq}, {"destination", destination}},
+                            version, keep);
+      } else {
+        auto code = seq.error().code;
+        auto status = code == errc::conflict || code == errc::not_found ? http::status::conflict
+                      : code == errc::busy                             ? http::status::too_many_requests
+                      : code == errc::invalid_argument                 ? http::status::bad_request
+                      : code == errc::closed                           ? http::status::service_unavailable
+                                                                       : http::status::internal_server_error;
+        res = error_response(status, "approve: " + seq.error().message, version, keep);
+      }
+      net::post(self->stream_.get_executor(), [self, res = std::move(res)]() mutable { self->send(std::move(res)); });
+    });
     return;
   }
   if (segs.size() == 5 && segs[4] == "resume") {

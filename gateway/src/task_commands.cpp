@@ -39,4 +39,11 @@ result<uint64_t> steer_task(const gateway_deps& deps, const std::string& task_id
   return request_steer(*deps.events, task_id, user, text, default_steer_timeout);
 }
 
+result<uint64_t> approve_task(const gateway_deps& deps, const std::string& task_id, const std::string& user,
+                              const std::string& destination) {
+  if (!deps.events)
+    return fail(errc::closed, "approve " + task_id + ": no NATS connection");
+  return request_approve(*deps.events, task_id, user, destination, default_steer_timeout);
+}
+
 }  // namespace ferry::gateway::detail

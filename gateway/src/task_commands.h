@@ -34,4 +34,8 @@ inline constexpr std::chrono::milliseconds abort_liveness_timeout{1000};
 [[nodiscard]] result<uint64_t> steer_task(const gateway_deps& deps, const std::string& task_id,
                                           const std::string& user, const std::string& text);
 
+/// request_approve over the control subject, like steer_task (no local fallback).
+[[nodiscard]] result<uint64_t> approve_task(const gateway_deps& deps, const std::string& task_id,
+                                            const std::string& user, const std::string& destination);
+
 }  // namespace ferry::gateway::detail

@@ -1,6 +1,7 @@
-// Control subjects: abort and steer travel as NATS requests on ferry.ctl.task.<id>.{abort,steer}
-// with an acknowledgement, so any gateway (or tool) connected to the same NATS can control any
-// task. The REST endpoints go through the same subjects. Steering comments are persisted at once.
+// Control subjects: abort, steer and egress approvals travel as NATS requests on
+// ferry.ctl.task.<id>.{abort,steer,approve} with an acknowledgement, so any gateway (or tool)
+// connected to the same NATS can control any task. The REST endpoints go through the same
+// subjects. Steering comments and approvals are persisted at once.
 
 #define BOOST_TEST_MODULE integration_control
 #include <boost/test/unit_test.hpp>
@@ -86,6 +87,20 @@ BOOST_AUTO_TEST_CASE(steer_is_persisted_at_once_and_abort_over_nats_preempts_the
   json unknown = request(**bus, ferry::actors::task_control_subject("00ff00ff", "abort"),
                          {{"user", "ops"}});
   BOOST_TEST(str(unknown, "outcome") == "not_found", unknown.dump());
+
+  // An egress approval over NATS: recorded (normalised) and in the task's view; a destination
+  // that is none is refused by the task before anything is recorded.
+  json approved = request(**bus, ferry::actors::task_control_subject(id, "approve"),
+                          {{"user", "ops"}, {"destination", "Registry.Example.ORG.:443"}});
+  BOOST_TEST_REQUIRE(approved.contains("seq"), approved.dump());
+  for (const char* bad_destination : {"a b", "*.", "example.com:0", "http://example.com"}) {
+    json refused = request(**bus, ferry::actors::task_control_subject(id, "approve"),
+                           {{"user", "ops"}, {"destination", bad_destination}});
+    BOOST_TEST(str(refused, "code") == "invalid_argument", bad_destination << ": " << refused.dump());
+  }
+  json no_destination = request(**bus, ferry::actors::task_control_subject(id, "approve"), {{"user", "ops"}});
+  BOOST_TEST(str(no_destination, "code") == "invalid_argument", no_destination.dump());
+  BOOST_TEST(field(get_task_json(api, id), "egress")["approvals"] == json::array({"registry.example.org:443"}));
 
   // Abort over NATS: acknowledged once the task ended, and nothing of its sandbox is left.
   const auto t0 = std::chrono::steady_clock::now();

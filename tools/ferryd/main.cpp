@@ -556,6 +556,12 @@ int run(int argc, char** argv) {
   deps.allow_egress = [proxy](const std::string& sandbox_id, const std::string& destination) {
     return proxy->allow_for_sandbox(sandbox_id, destination);
   };
+  deps.egress_destination = [](const std::string& destination) -> ferry::result<std::string> {
+    auto pattern = ferry::egress::domain_pattern::parse(destination);
+    if (!pattern)
+      return ferry::fail(ferry::errc::invalid_argument, pattern.error().message);
+    return pattern->to_string();
+  };
   // Warm pools: per environment (its "warm_pool", else --warm-pool), and for tasks without one.
   std::vector<ferryd::warm_pools::entry> warm_entries{{"", std::nullopt, warm_pool}};
   for (const auto& [name, spec] : environments)

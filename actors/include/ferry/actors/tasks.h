@@ -238,6 +238,10 @@ struct task_deps {
   /// started later get the task's approvals from the egress binder (ferryd reads them from the
   /// task's view). Null: approvals are recorded only.
   std::function<result<void>(const std::string& sandbox_id, const std::string& destination)> allow_egress;
+  /// Checks an approval's destination and returns it normalised (ferryd: egress::domain_pattern,
+  /// `host[:port]` or `*.domain[:port]`); an error refuses the approval (errc::invalid_argument)
+  /// before anything is recorded. Null: any non-empty destination of at most 300 bytes.
+  std::function<result<std::string>(const std::string& destination)> egress_destination;
   /// Warm sandboxes; null: every sandbox is started when its task needs it.
   warm_sandboxes* warm = nullptr;
 };
@@ -279,11 +283,11 @@ class task_service {
   using steer_callback = std::function<void(result<uint64_t>)>;
   virtual void steer_async(const std::string& task_id, const std::string& user,
                            const std::string& text, steer_callback done) = 0;
-  /// Records that `user` allows `destination` (checked by the caller: `host[:port]` or
-  /// `*.domain[:port]`) for the rest of the task (egress_approved) and lets its running sandbox
-  /// reach it at once (task_deps::allow_egress). `done` gets the event's sequence;
-  /// errc::not_found for no live task, errc::conflict when it is ending, errc::busy past
-  /// max_egress_approvals.
+  /// Records that `user` allows `destination` (`host[:port]` or `*.domain[:port]`, checked by
+  /// task_deps::egress_destination) for the rest of the task (egress_approved) and lets its
+  /// running sandbox reach it at once (task_deps::allow_egress). `done` gets the event's
+  /// sequence; errc::invalid_argument for a bad destination, errc::not_found for no live task,
+  /// errc::conflict when it is ending, errc::busy past max_egress_approvals.
   virtual void approve_egress_async(const std::string& task_id, const std::string& user,
                                     const std::string& destination, steer_callback done) = 0;
   /// Resumes an interrupted task (status `interrupted`, resumable): its actor is recovered from
@@ -298,12 +302,14 @@ class task_service {
   [[nodiscard]] virtual result<void> shutdown(std::chrono::milliseconds wait) = 0;
 };
 
-/// Serves the control subjects `ferry.ctl.task.<id>.abort` and `ferry.ctl.task.<id>.steer`
+/// Serves the control subjects `ferry.ctl.task.<id>.abort`, `.steer` and `.approve`
 /// (request/reply, JSON) on `events` for `tasks`, so any gateway instance can control any task:
 ///   abort: {"user", "reason", "wait_ms"} → {"outcome": "aborted" | "pending" |
 ///          "already_finished" | "not_found"} once the task ended (or wait_ms passed: pending)
 ///   steer: {"user", "text"} → {"seq": N} once the comment is persisted, or
 ///          {"error": "...", "code": "not_found" | "conflict" | "invalid_argument" | "failed"}
+///   approve: {"user", "destination"} → {"seq": N} once egress_approved is persisted (and the
+///          running sandbox may reach it), or an error as for steer ("busy": too many)
 /// Destroying the returned handle stops serving. Both must outlive nothing but each other.
 class task_control {
  public:

@@ -1,6 +1,6 @@
 #pragma once
 // ferry_gateway public header: the client side of the control subjects
-// `ferry.ctl.task.<id>.abort` / `.steer` (served by actors::start_task_control, protocol in
+// `ferry.ctl.task.<id>.abort` / `.steer` / `.approve` (served by actors::start_task_control, protocol in
 // ferry/actors/tasks.h). One request each, its acknowledgement decoded into a value. The
 // gateway's REST and WebSocket handlers and `ferryctl tasks abort|steer` all send through here,
 // so they agree on timeouts and on what every answer means.
@@ -49,6 +49,12 @@ inline constexpr std::chrono::milliseconds max_abort_wait{30000};
 /// protocol), errc::failed.
 [[nodiscard]] result<uint64_t> request_steer(
   actors::bus& bus, const std::string& task_id, const std::string& user, const std::string& text,
+  std::chrono::milliseconds timeout = default_steer_timeout);
+/// Allows `destination` for the rest of task `task_id` in the name of `user`; returns the
+/// sequence of its egress_approved event once persisted. Errors as request_steer's, and
+/// errc::busy (too many approvals on the task).
+[[nodiscard]] result<uint64_t> request_approve(
+  actors::bus& bus, const std::string& task_id, const std::string& user, const std::string& destination,
   std::chrono::milliseconds timeout = default_steer_timeout);
 
 }  // namespace ferry::gateway

@@ -11,7 +11,7 @@
 //                                        from the journal, then live from NATS, until it ends;
 //                                        the client may send {"type": "steer"|"abort", "id", …}
 //                                        and gets {"type": "ack"|"error", "id", …} (README)
-// Abort and steer (REST and WebSocket alike) go through the control subjects
+// Abort, steer and egress approvals (REST and WebSocket alike) go through the control subjects
 // (control_client.h); an abort falls back to this process's task service when NATS is down.
 //   GET  /api/v1/tasks/{id}/egress       the task's egress: counts, approvals, and the
 //                                        destinations waiting for one (approvable)
