@@ -418,7 +418,9 @@ class hosted_sandbox final : public sandbox {
       }
       if (steady::now() > deadline)
         return fail(fmt::format("ferry-init did not listen on its socket within {} s", listen_timeout.count()));
-      std::this_thread::sleep_for(2ms);
+      // ferry-init listens a few milliseconds after the launch: a short step keeps that wait
+      // short (a connect attempt costs microseconds).
+      std::this_thread::sleep_for(500us);
     }
   }
 

@@ -18,8 +18,12 @@
 
 #include "sandbox_bench.h"
 
+#include <fcntl.h>
+#include <grp.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -41,6 +45,8 @@
 #include <nlohmann/json.hpp>
 
 #include "bench_support.h"
+#include "cgroup_limits.h"    // private to ferry_sandbox: the same cgroup with the same limits
+#include "seccomp_filter.h"   // private to ferry_sandbox: the same seccomp program
 #include "ferry/sandbox/pool.h"
 #include "ferry/sandbox/process.h"
 #include "ferry/sandbox/sandbox.h"
@@ -375,6 +381,10 @@ struct bare_settings {
   std::string runsc;     // runsc: the binary, and its --root
   fs::path state_dir;
   uint64_t tmp_bytes = 1ull << 30;  // bwrap: /tmp's size, as Ferry's default
+  std::string bwrap = "bwrap";      // bwrap: the binary, the uid it runs as, the seccomp program,
+  uid_t bwrap_uid = 0;              // the cgroup parent (empty: no cgroups on this host)
+  std::string seccomp_program;
+  std::string cgroup_parent;
 };
 
 /// The host directories Ferry's host-tree root binds (hosted.cpp's prepare_host_tree): /usr and
@@ -434,8 +444,18 @@ class bare_sandbox {
     procs.kill_all();
     if (child_)
       child_->signal_group(SIGKILL);
+    if (bwrap_pid_ > 0)
+      ::kill(-bwrap_pid_, SIGKILL);  // its session's group
     (void)procs.wait_all(10s);
     child_.reset();  // reaps it
+    if (bwrap_pid_ > 0) {
+      while (::waitpid(bwrap_pid_, nullptr, 0) < 0 && errno == EINTR) {
+      }
+    }
+    if (ready_fd_ >= 0)
+      ::close(ready_fd_);
+    if (cgroup_)
+      (void)cgroup_->remove();
     if (runsc_) {
       // runsc removes the group it made; this is for a run that broke off before that.
       std::error_code ec;
@@ -469,8 +489,7 @@ class bare_sandbox {
       o.argv = {s_.runsc, "--root", s_.state_dir.string(), "--network=none", "--host-uds=create",
                 "run", "--detach", "--bundle", (dir_ / "bundle").string(), id_};
     } else {
-      o.file = dir_ / "bwrap.log";
-      o.argv = bwrap_argv();
+      return start_bwrap(error);
     }
     auto child = sb::child_process::spawn(o);
     if (!child) {
@@ -488,6 +507,91 @@ class bare_sandbox {
   }
 
  private:
+  /// The bare bwrap as an operator would start an equivalent one by hand: a cgroup with the
+  /// same limits, a fork that joins it and drops to an unprivileged uid, bwrap with the same
+  /// seccomp program. Its `sh` writes "ready" to a pipe.
+  bool start_bwrap(std::string& error) {
+    for (const char* d : {"workspace", "ctl"}) {
+      if (::chown((dir_ / d).c_str(), s_.bwrap_uid, s_.bwrap_uid) != 0) {
+        error = "cannot chown " + (dir_ / d).string() + ": " + std::strerror(errno);
+        return false;
+      }
+    }
+    std::vector<int> procs_fds;
+    auto close_all = [&] {
+      for (int fd : procs_fds)
+        ::close(fd);
+    };
+    if (!s_.cgroup_parent.empty()) {
+      auto made = sb::detail::sandbox_cgroup::create(s_.cgroup_parent, cgroup_name_, s_.limits);
+      if (!made) {
+        error = "bare cgroup: " + made.error().message;
+        return false;
+      }
+      cgroup_ = std::move(*made);
+      for (const auto& d : cgroup_->dirs()) {
+        procs_fds.push_back(::open((d / "cgroup.procs").c_str(), O_WRONLY | O_CLOEXEC));
+        if (procs_fds.back() < 0) {
+          error = "cannot open " + (d / "cgroup.procs").string();
+          close_all();
+          return false;
+        }
+      }
+    }
+    int seccomp = ::memfd_create("bare-seccomp", MFD_CLOEXEC);
+    int out[2] = {-1, -1};
+    int log = ::open((dir_ / "bwrap.log").c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+    if (seccomp < 0 || log < 0 || ::pipe2(out, O_CLOEXEC) != 0 ||
+        ::pwrite(seccomp, s_.seccomp_program.data(), s_.seccomp_program.size(), 0) !=
+            static_cast<ssize_t>(s_.seccomp_program.size())) {
+      error = std::string("bare bwrap: cannot set up its descriptors: ") + std::strerror(errno);
+      for (int fd : {seccomp, log, out[0], out[1]})
+        if (fd >= 0)
+          ::close(fd);
+      close_all();
+      return false;
+    }
+    std::vector<std::string> argv = bwrap_argv();
+    std::vector<char*> cargv;
+    for (auto& a : argv)
+      cargv.push_back(a.data());
+    cargv.push_back(nullptr);
+    char* envp[] = {nullptr};
+    const uid_t uid = s_.bwrap_uid;
+    const pid_t pid = ::fork();
+    if (pid == 0) {
+      // Only system calls: the bench has other threads.
+      ::setsid();
+      for (int fd : procs_fds)
+        if (::write(fd, "0", 1) != 1)
+          ::_exit(125);
+      if (::dup2(out[1], 1) < 0 || ::dup2(log, 2) < 0 || ::dup2(seccomp, 3) < 0)
+        ::_exit(125);
+      ::close_range(4, ~0U, 0);
+      if (::setgroups(0, nullptr) != 0 || ::setresgid(uid, uid, uid) != 0 || ::setresuid(uid, uid, uid) != 0)
+        ::_exit(125);
+      ::execvpe(s_.bwrap.c_str(), cargv.data(), envp);
+      ::_exit(127);
+    }
+    ::close(out[1]);
+    ::close(seccomp);
+    ::close(log);
+    close_all();
+    if (pid < 0) {
+      ::close(out[0]);
+      error = std::string("fork: ") + std::strerror(errno);
+      return false;
+    }
+    bwrap_pid_ = pid;
+    ready_fd_ = out[0];
+    launched_ = true;
+    if (!wait_ready(ready_fd_, ready_timeout)) {
+      error = "bare bwrap " + id_ + " did not say ready: " + sb::read_small_file(dir_ / "bwrap.log").substr(0, 2000);
+      return false;
+    }
+    return true;
+  }
+
   bool write_bundle(std::string& error) {
     using nlohmann::json;
     json mounts = json::array();
@@ -536,9 +640,9 @@ class bare_sandbox {
     return true;
   }
 
-  /// Ferry's bwrap flags (bwrap_runtime.cpp) where they shape the cost: the same namespaces and
-  /// mounts. Not Ferry's: run as root (no launcher, no uid of its own), no seccomp filter, no
-  /// cgroup; --die-with-parent so the bench never leaves it behind.
+  /// Ferry's bwrap flags (bwrap_runtime.cpp) where they shape the cost: the same namespaces,
+  /// mounts and seccomp program (descriptor 3); --die-with-parent so the bench never leaves it
+  /// behind.
   std::vector<std::string> bwrap_argv() const {
     std::vector<std::string> a{"bwrap", "--unshare-user", "--uid", "0", "--gid", "0", "--disable-userns",
                                "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
@@ -551,6 +655,7 @@ class bare_sandbox {
                        "--tmpfs", "/tmp", "--bind", (dir_ / "workspace").string(), "/workspace",
                        "--bind", (dir_ / "ctl").string(), "/.ferry/ctl",
                        "--ro-bind", s_.init_binary.string(), "/.ferry/init", "--chdir", "/workspace",
+                       "--seccomp", "3",
                        "--setenv", "PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                        "--setenv", "HOME", "/workspace", "--setenv", "TERM", "dumb",
                        // The monitor's command line names the directory (the binds above): that
@@ -566,6 +671,9 @@ class bare_sandbox {
   const std::string cgroup_name_;
   bool launched_ = false;
   std::optional<sb::child_process> child_;
+  std::optional<sb::detail::sandbox_cgroup> cgroup_;  // bare bwrap's
+  pid_t bwrap_pid_ = -1;                              // bare bwrap's (its own session)
+  int ready_fd_ = -1;
 };
 
 // --- results ----------------------------------------------------------------------------------------
@@ -735,6 +843,18 @@ class backend_run {
     bare_.runsc = cfg.runsc.runsc;
     bare_.state_dir = root_ / "bare-state";
     bare_.tmp_bytes = cfg.bwrap.tmp_bytes;
+    bare_.bwrap = cfg.bwrap.bwrap.empty() ? "bwrap" : cfg.bwrap.bwrap;
+    // Below Ferry's uid range, so never one of its sandboxes' uids.
+    bare_.bwrap_uid = cfg.bwrap.uid_base - 1;
+    bare_.cgroup_parent = cfg.cgroup_parent;
+    if (r_.name == "bwrap") {
+      auto program = sb::detail::bwrap_seccomp_program();
+      if (!program) {
+        r_.error = "seccomp program: " + program.error().message;
+        return r_;
+      }
+      bare_.seccomp_program = std::move(*program);
+    }
     fs::create_directories(bare_.dir, ec);
     fs::create_directories(bare_.state_dir, ec);
 
