@@ -44,7 +44,8 @@ struct sandbox_state {
   /// task's command as command 1 (it was started idle) and is released once that has exited.
   std::string runtime_id;
   // Runtime glue (not event-sourced).
-  /// A warm-pool sandbox's command 1 could not run: why (the sandbox is being released).
+  /// Why a sandbox started idle is being released early (its clone or command 1 could not run,
+  /// or the clone failed): its recorded end.
   std::string command_failure;
   sandbox::sandbox_runtime* runtime = nullptr;
   caf::actor task;
@@ -69,6 +70,17 @@ struct sandbox_state {
   std::string environment_name;
   sandbox::layer_cache* layers = nullptr;
   actors::warm_sandboxes* warm = nullptr;
+  /// The task's repository ("org/name"; empty: none) and the git proxy it is cloned through.
+  /// A sandbox with one starts idle, clones at `cloning` (command clone_command_id) and then runs
+  /// the command line as command 1.
+  std::string repo;
+  std::string user;  ///< the task's user: the clone's commit author
+  repo_access* git = nullptr;
+  bool git_open = false;  ///< git->open succeeded: close() at the end
+  /// Started idle (warm pool, or to clone first): runs the command line as command 1 itself and
+  /// is released once it has exited. Folded too (a warm runtime id, or `cloning`), so that a
+  /// recovered actor releases it as well.
+  bool started_idle = false;
   /// The environment's setup while it runs (on a thread of its own: the actor goes on taking
   /// its output and a kill). Destroying it cancels the setup and joins the thread.
   struct setup_job {
@@ -108,6 +120,10 @@ struct sandbox_args {
   sandbox::layer_cache* layers = nullptr;
   /// Warm sandboxes to start from when one is ready (null: none).
   warm_sandboxes* warm = nullptr;
+  /// The task's repository (empty: none), cloned through `git` before the command line runs.
+  std::string repo;
+  std::string user;
+  repo_access* git = nullptr;
   /// Recover from the stream (ferryd restarted, task actor recovered): the sandbox is re-attached
   /// when still alive, else recorded failed with this reason.
   std::optional<std::string> recover_reason;

@@ -52,6 +52,14 @@ typename Inspector::result_type inspect(Inspector& f, egress_decision_fields& x)
            x.approvable, x.bytes_up, x.bytes_down, x.duration_ms);
 }
 
+/// A git proxy request on its way from ferryd's git access to the sandbox's task stream.
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, git_operation_fields& x) {
+  return f(caf::meta::type_name("git_operation"), x.sandbox_id, x.repo, x.service, x.advertisement,
+           x.protocol_version, x.refs, x.result, x.reason, x.http_status, x.bytes_in, x.bytes_out,
+           x.duration_ms);
+}
+
 }  // namespace ferry::schemas
 
 CAF_BEGIN_TYPE_ID_BLOCK(ferry, caf::first_custom_type_id)
@@ -61,6 +69,7 @@ CAF_BEGIN_TYPE_ID_BLOCK(ferry, caf::first_custom_type_id)
   CAF_ADD_TYPE_ID(ferry, (std::vector<ferry::actors::output_piece>))
   CAF_ADD_TYPE_ID(ferry, (ferry::actors::persist_outcome))
   CAF_ADD_TYPE_ID(ferry, (ferry::schemas::egress_decision_fields))
+  CAF_ADD_TYPE_ID(ferry, (ferry::schemas::git_operation_fields))
 
   // task manager
   CAF_ADD_ATOM(ferry, ferry::actors, submit_atom, "submit")
@@ -117,5 +126,7 @@ CAF_BEGIN_TYPE_ID_BLOCK(ferry, caf::first_custom_type_id)
   CAF_ADD_ATOM(ferry, ferry::actors, pooled_atom, "sbx_pooled")
   // observer → sandbox: a command could not run (id, reason)
   CAF_ADD_ATOM(ferry, ferry::actors, cmd_failed_atom, "cmd_failed")
+  // git access → sandbox → task: a request of the sandbox through the git proxy
+  CAF_ADD_ATOM(ferry, ferry::actors, git_atom, "git_op")
 
 CAF_END_TYPE_ID_BLOCK(ferry)

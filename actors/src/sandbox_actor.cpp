@@ -142,16 +142,21 @@ void sandbox_state::apply(const ev::Envelope& env) {
     backend = x->backend()->str();
   if (x->runtime_id())
     runtime_id = x->runtime_id()->str();
+  // Taken from the warm pool, or cloning first: it was started idle (also for a recovered actor).
+  if (!runtime_id.empty() || status == S::cloning)
+    started_idle = true;
 }
 
 nlohmann::json sandbox_state::snapshot() const {
-  return {{"status", static_cast<int>(status)}, {"backend", backend}, {"runtime_id", runtime_id}};
+  return {{"status", static_cast<int>(status)}, {"backend", backend}, {"runtime_id", runtime_id},
+          {"started_idle", started_idle}};
 }
 
 result<void> sandbox_state::restore(const nlohmann::json& j) {
   status = static_cast<S>(j.at("status").get<int>());
   backend = j.at("backend").get<std::string>();
   runtime_id = j.value("runtime_id", std::string());  // absent from older snapshots
+  started_idle = j.value("started_idle", !runtime_id.empty());
   return {};
 }
 
@@ -251,6 +256,8 @@ void after_pending_output(sandbox_actor_t* self, std::function<void()> f) {
 
 void finish(sandbox_actor_t* self) {
   auto& s = self->state;
+  if (std::exchange(s.git_open, false))
+    s.git->close(s.id);
   if (s.observer)
     s.observer->close();
   s.setup.reset();  // cancels a setup still running and joins its thread
@@ -285,13 +292,13 @@ void sandbox_ended(sandbox_actor_t* self, bool failed, const std::string& reason
   if (s.kill_requested)
     return end_with(self, false, "killed on request");
   if (!s.command_failure.empty())
-    return end_with(self, true, "the task's command could not run: " + s.command_failure);
+    return end_with(self, true, s.command_failure);
   if (failed)
     return end_with(self, true, reason.empty() ? "sandbox ended abnormally" : reason);
   end_with(self, false, "sandbox exited");
 }
 
-/// A warm-pool sandbox (started idle) runs the task's command as command 1.
+/// A sandbox started idle (warm pool, or cloning first) runs the task's command as command 1.
 void run_command_line(sandbox_actor_t* self) {
   auto& s = self->state;
   if (s.kill_requested || !s.box)
@@ -300,9 +307,66 @@ void run_command_line(sandbox_actor_t* self) {
   c.command_id = 1;
   c.argv = s.argv;
   if (auto r = s.box->run(c); !r) {
-    s.command_failure = r.error().message;
+    s.command_failure = "the task's command could not run: " + r.error().message;
     (void)s.box->release();
   }
+}
+
+/// What the clone runs (sh; the remote, with its credential, comes in the environment so that it
+/// is in no event): the repository into the empty /workspace, the task's branch checked out,
+/// the task's user as the author of what the task commits.
+constexpr const char* clone_script =
+  "set -e\n"
+  "git clone --quiet --no-tags -- \"$FERRY_GIT_REMOTE\" /workspace\n"
+  "cd /workspace\n"
+  "git checkout --quiet -b \"$FERRY_GIT_BRANCH\"\n"
+  "git config user.name \"$FERRY_GIT_AUTHOR\"\n"
+  "git config user.email \"$FERRY_GIT_AUTHOR@users.ferry.invalid\"\n"
+  "echo \"ferry: cloned $FERRY_GIT_REPO, on branch $FERRY_GIT_BRANCH\"\n";
+
+/// ferry-init is up in a sandbox that has a repository to clone: opens the repository for it
+/// at the git proxy and runs the clone (command clone_command_id); its exit goes on (clone_done).
+void begin_clone(sandbox_actor_t* self) {
+  auto& s = self->state;
+  if (s.kill_requested || !s.box)
+    return;
+  auto grant = s.git->open(s.id, s.task_id, s.repo,
+                           [weak = caf::actor_cast<caf::weak_actor_ptr>(self)](const schemas::git_operation_fields& g) {
+                             if (auto strong = weak.lock())
+                               caf::anon_send(caf::actor_cast<caf::actor>(strong), git_atom_v, g);
+                           });
+  if (!grant) {
+    s.command_failure = "cannot open " + s.repo + " at the git proxy: " + grant.error().message;
+    (void)s.box->release();
+    return;
+  }
+  s.git_open = true;
+  transition(self, S::cloning, "cloning " + s.repo + " through the git proxy (branch " + grant->branch + ")",
+             [self, grant = *grant] {
+               auto& s = self->state;
+               if (s.kill_requested || !s.box)
+                 return;
+               sandbox::command_spec c;
+               c.command_id = clone_command_id;
+               c.argv = {"/bin/sh", "-c", clone_script};
+               c.env = {"FERRY_GIT_REMOTE=" + grant.remote_url, "FERRY_GIT_BRANCH=" + grant.branch,
+                        "FERRY_GIT_REPO=" + s.repo, "FERRY_GIT_AUTHOR=" + (s.user.empty() ? std::string("ferry") : s.user),
+                        "GIT_TERMINAL_PROMPT=0"};
+               c.timeout = std::chrono::minutes(30);
+               if (auto r = s.box->run(c); !r) {
+                 s.command_failure = "the clone could not run: " + r.error().message;
+                 (void)s.box->release();
+               }
+             });
+}
+
+/// ferry-init is up (started or taken idle): clone first when there is a repository, else run
+/// the command line.
+void after_init(sandbox_actor_t* self) {
+  auto& s = self->state;
+  if (!s.repo.empty() && s.git)
+    return begin_clone(self);
+  transition(self, S::ready, "ferry-init is up", [self] { run_command_line(self); });
 }
 
 /// Takes a ready sandbox of the environment from the warm pool, if one is: true when it did
@@ -316,10 +380,11 @@ bool take_warm(sandbox_actor_t* self, const std::string& note) {
     return false;  // none ready: started the normal way
   s.box = std::move(got->box);
   s.runtime_id = got->id;
+  s.started_idle = true;
   if (s.task)
     self->send(s.task, pooled_atom_v, s.id, s.runtime_id);
   transition(self, S::initializing, "taken from the warm pool (" + s.runtime_id + ")" + (note.empty() ? "" : "; " + note),
-             [self] { transition(self, S::ready, "ferry-init is up", [self] { run_command_line(self); }); });
+             [self] { after_init(self); });
   return true;
 }
 
@@ -329,7 +394,10 @@ void launch(sandbox_actor_t* self, std::vector<std::filesystem::path> layers, co
   auto& s = self->state;
   sandbox::sandbox_spec spec;
   spec.id = s.id;
-  spec.argv = s.argv;
+  // With a repository to clone first, it starts idle and runs the command line after the clone.
+  s.started_idle = !s.repo.empty() && s.git;
+  if (!s.started_idle)
+    spec.argv = s.argv;
   spec.layers = std::move(layers);
   if (s.environment)
     spec.env = s.environment->env;
@@ -420,6 +488,9 @@ caf::behavior sandbox_actor(sandbox_actor_t* self, sandbox_args args) {
   s.environment_name = std::move(args.environment_name);
   s.layers = args.layers;
   s.warm = args.warm;
+  s.repo = std::move(args.repo);
+  s.user = std::move(args.user);
+  s.git = args.git;
   if (s.runtime)
     s.backend = std::string(s.runtime->name());
   s.journal.urgent = caf::message_handler{[=](kill_atom) { kill_now(self); }};
@@ -492,9 +563,14 @@ caf::behavior sandbox_actor(sandbox_actor_t* self, sandbox_args args) {
       return ok;
     },
     [=](running_atom) {
-      // ferry-init said hello. (cloning comes between when the task has a repository.)
-      if (self->state.status == S::initializing)
-        transition(self, S::ready, "ferry-init is up");
+      // ferry-init said hello: a sandbox started with its command line runs it already; one
+      // started idle clones first, then runs it. (A warm one was up before it was taken.)
+      auto& s = self->state;
+      if (s.status != S::initializing || !s.runtime_id.empty())
+        return;
+      if (s.started_idle)
+        return after_init(self);
+      transition(self, S::ready, "ferry-init is up");
     },
     [=](cmd_start_atom, uint32_t cmd, std::vector<std::string>& argv) {
       if (std::exchange(self->state.reattached, false))
@@ -535,19 +611,31 @@ caf::behavior sandbox_actor(sandbox_actor_t* self, sandbox_args args) {
         if (self->state.task)
           self->send(self->state.task, cmd_exit_atom_v, cmd, code, sig, ms);
         auto& s = self->state;
+        if (cmd == clone_command_id && s.status == S::cloning) {
+          if (code == 0 && sig == 0 && !s.argv.empty())
+            return transition(self, S::ready, "cloned " + s.repo, [self] { run_command_line(self); });
+          if (code == 0 && sig == 0)  // a recovered actor: the command line was not kept
+            s.command_failure = "ferryd restarted while the repository was being cloned; resume the task";
+          else
+            s.command_failure = fmt::format("cloning {} failed ({}); its output is above", s.repo,
+                                            sig != 0 ? fmt::format("signal {}", sig) : fmt::format("exit code {}", code));
+          if (s.box)
+            (void)s.box->release();
+          return;
+        }
         if (s.status == S::executing)
           transition(self, S::ready, "command exited");
-        // A warm-pool sandbox was started idle: it ends once the task's command has, as one
-        // started with the command does.
-        if (!s.runtime_id.empty() && cmd == 1 && s.box)
+        // A sandbox started idle (warm pool, or cloning first) ends once the task's command
+        // has, as one started with the command does.
+        if (s.started_idle && cmd == 1 && s.box)
           (void)s.box->release();
       });
     },
     [=](cmd_failed_atom, uint32_t cmd, std::string& reason) {
       auto& s = self->state;
-      if (s.runtime_id.empty() || cmd != 1 || !s.box)
+      if (!s.started_idle || (cmd != 1 && cmd != clone_command_id) || !s.box)
         return;
-      s.command_failure = reason;
+      s.command_failure = (cmd == clone_command_id ? "the clone could not run: " : "the task's command could not run: ") + reason;
       (void)s.box->release();
     },
     [=](kill_atom) { kill_now(self); },
@@ -584,6 +672,10 @@ caf::behavior sandbox_actor(sandbox_actor_t* self, sandbox_args args) {
     [=](egress_atom, schemas::egress_decision_fields& note) {
       if (self->state.task)
         self->send(self->state.task, egress_atom_v, std::move(note));
+    },
+    [=](git_atom, schemas::git_operation_fields& op) {
+      if (self->state.task)
+        self->send(self->state.task, git_atom_v, std::move(op));
     },
     [=](ended_atom, bool failed, std::string reason) {
       after_pending_output(self, [=] { sandbox_ended(self, failed, reason); });

@@ -283,6 +283,9 @@ void start_sandbox(task_actor_t* self) {
   a.task_id = s.view.id;
   a.argv = {"/bin/sh", "-c", s.view.command};
   a.warm = s.deps.warm;
+  a.repo = s.view.repo;
+  a.user = s.view.user;
+  a.git = s.deps.git;
   if (!s.view.environment.empty()) {
     // As configured now (a queued or resumed task gets the current setup); gone from the
     // configuration since the submission: the sandbox fails and says so.
@@ -659,7 +662,8 @@ caf::behavior task_actor(task_actor_t* self, task_args args) {
     },
     [=](cmd_exit_atom, uint32_t cmd, int32_t code, int32_t sig, uint64_t ms) {
       auto& s = self->state;
-      if (sig == 0 && cmd != setup_command_id)  // the setup's failure is the sandbox's
+      // The setup's and the clone's failures are the sandbox's.
+      if (sig == 0 && cmd != setup_command_id && cmd != clone_command_id)
         s.exit_code = code;
       persist(self, schemas::command_exited(s.meta(), cmd, code, sig, ms),
               [](const storage::append_result&) {});
@@ -682,6 +686,12 @@ caf::behavior task_actor(task_actor_t* self, task_args args) {
       auto m = self->state.meta();
       m.user = "system";
       persist(self, schemas::egress_decision(m, d), [](const storage::append_result&) {});
+    },
+    [=](git_atom, const schemas::git_operation_fields& g) {
+      // A request of one of the task's sandboxes through the git proxy: the audit record.
+      auto m = self->state.meta();
+      m.user = "system";
+      persist(self, schemas::git_operation(m, g), [](const storage::append_result&) {});
     },
     [=](approve_atom, std::string& user,
         std::string& destination) -> caf::result<int32_t, std::string, uint64_t> {

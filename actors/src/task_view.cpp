@@ -103,7 +103,8 @@ void apply(task_view& v, const ev::Envelope& env) {
     }
     case ev::Event::CommandExited: {
       auto* x = env.event_as_CommandExited();
-      if (x->signal() == 0 && x->command_id() != setup_command_id)  // the setup's is not the task's
+      // The setup's and the clone's are not the task's.
+      if (x->signal() == 0 && x->command_id() != setup_command_id && x->command_id() != clone_command_id)
         v.exit_code = x->exit_code();
       break;
     }

@@ -8,6 +8,7 @@
 #include <optional>
 
 #include "ferry/actors/tasks.h"
+#include "ferry/gitproxy/git_proxy.h"
 #include "ferry/storage/journal.h"
 #include "task_commands.h"
 
@@ -339,6 +340,11 @@ void http_session::route(request_t& req) {
         return send(error_response(http::status::bad_request, "\"repo\" must be a string",
                                    version, keep));
       repo = r->get<std::string>();
+      if (!gitproxy::valid_repo_name(repo))
+        return send(error_response(http::status::bad_request,
+                                   "\"repo\" must be a repository of the forge, \"org/name\": 1 to 4 parts of "
+                                   "letters, digits, '.', '_' or '-' separated by '/', none starting with '.'",
+                                   version, keep));
     }
     std::string environment;
     if (auto e = body.find("environment"); e != body.end() && !e->is_null()) {

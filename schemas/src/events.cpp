@@ -375,6 +375,33 @@ std::string limit_reached(const envelope_meta& m, ev::LimitKind kind, uint64_t l
   });
 }
 
+std::string git_operation(const envelope_meta& m, const git_operation_fields& g) {
+  return build_envelope(m, [&](fbb_t& fbb) {
+    auto sandbox = fbb.CreateString(g.sandbox_id);
+    auto repo = fbb.CreateString(g.repo);
+    auto service = fbb.CreateString(g.service);
+    auto refs = fbb.CreateVectorOfStrings(g.refs);
+    auto result = fbb.CreateString(g.result);
+    auto reason = fbb.CreateString(g.reason);
+    ev::GitOperationBuilder b(fbb);
+    fbb.ForceDefaults(true);
+    b.add_advertisement(g.advertisement);
+    b.add_protocol_version(g.protocol_version);
+    b.add_http_status(g.http_status);
+    b.add_bytes_in(g.bytes_in);
+    b.add_bytes_out(g.bytes_out);
+    b.add_duration_ms(g.duration_ms);
+    fbb.ForceDefaults(false);
+    b.add_sandbox_id(sandbox);
+    b.add_repo(repo);
+    b.add_service(service);
+    b.add_refs(refs);
+    b.add_result(result);
+    b.add_reason(reason);
+    return std::pair{ev::Event::GitOperation, b.Finish().Union()};
+  });
+}
+
 std::string egress_decision(const envelope_meta& m, const egress_decision_fields& d) {
   return build_envelope(m, [&](fbb_t& fbb) {
     auto sandbox = fbb.CreateString(d.sandbox_id);
@@ -434,6 +461,7 @@ std::string_view event_type_name(ev::Event type) {
     case ev::Event::SessionClosed: return "session_closed";
     case ev::Event::LimitReached: return "limit_reached";
     case ev::Event::EgressDecision: return "egress_decision";
+    case ev::Event::GitOperation: return "git_operation";
     case ev::Event::EgressApproved: return "egress_approved";
     case ev::Event::EgressPolicySet: return "egress_policy_set";
     case ev::Event::NONE: break;
@@ -613,6 +641,19 @@ nlohmann::json to_json(const ev::Envelope& e) {
       data = {{"sandbox_id", sv(x->sandbox_id())}, {"host", sv(x->host())}, {"port", x->port()},
               {"method", sv(x->method())}, {"allowed", x->allowed()}, {"rule", sv(x->rule())},
               {"approvable", x->approvable()}, {"bytes_up", x->bytes_up()}, {"bytes_down", x->bytes_down()},
+              {"duration_ms", x->duration_ms()}};
+      break;
+    }
+    case ev::Event::GitOperation: {
+      auto* x = e.event_as_GitOperation();
+      json refs = json::array();
+      if (x->refs())
+        for (const auto* r : *x->refs())
+          refs.push_back(r ? r->str() : std::string());
+      data = {{"sandbox_id", sv(x->sandbox_id())}, {"repo", sv(x->repo())}, {"service", sv(x->service())},
+              {"advertisement", x->advertisement()}, {"protocol_version", x->protocol_version()},
+              {"refs", refs}, {"result", sv(x->result())}, {"reason", sv(x->reason())},
+              {"http_status", x->http_status()}, {"bytes_in", x->bytes_in()}, {"bytes_out", x->bytes_out()},
               {"duration_ms", x->duration_ms()}};
       break;
     }

@@ -22,6 +22,9 @@
 #include <fmt/format.h>
 
 #include "ferry/sandbox/sandbox.h"
+#include <cstdlib>
+#include <stdexcept>
+
 #include "test_support.h"
 
 namespace ferry::sandbox::testing {
@@ -35,8 +38,18 @@ using namespace std::chrono_literals;
 #define FERRY_TEST_BACKEND "runsc"
 #endif
 
-/// The backend under test: "runsc" or "bwrap".
-inline std::string test_backend() { return FERRY_TEST_BACKEND; }
+/// The backend under test: "runsc" or "bwrap" — $FERRY_TEST_BACKEND (how CTest runs one
+/// executable per backend, tests/CMakeLists.txt ferry_add_backend_test), else the source's
+/// default. Any other value is an error, not a silent default.
+inline std::string test_backend() {
+  const char* env = std::getenv("FERRY_TEST_BACKEND");
+  if (env == nullptr || *env == '\0')
+    return FERRY_TEST_BACKEND;
+  const std::string b = env;
+  if (b != "runsc" && b != "bwrap")
+    throw std::invalid_argument("FERRY_TEST_BACKEND must be runsc or bwrap, not \"" + b + "\"");
+  return b;
+}
 
 /// The file in a sandbox directory with the backend's (and ferry-init's) stdout and stderr.
 inline std::string log_name() { return test_backend() + ".log"; }

@@ -19,6 +19,7 @@
 #include <string>
 
 #include <CLI/CLI.hpp>
+#include <openssl/crypto.h>
 #include <nlohmann/json.hpp>
 #include <caf/all.hpp>
 
@@ -34,7 +35,10 @@
 #include "ferry/sandbox/environment.h"
 #include "ferry/sandbox/image.h"
 #include "ferry/sandbox/sandbox.h"
+#include "ferry/sandbox/process.h"
+#include "ferry/storage/credentials.h"
 #include "ferry/storage/journal.h"
+#include "git_access.h"
 #include "warm_pools.h"
 
 namespace fs = std::filesystem;
@@ -211,6 +215,10 @@ int run(int argc, char** argv) {
   std::string environments_file;
   std::string default_network = "trusted";
   size_t warm_pool = 0;
+  std::string forge_url;
+  std::string forge_user = "x-access-token";
+  std::string forge_token_file;
+  std::string forge_ca;
   ferry::actors::task_limits limits;
   ferry::sandbox::sandbox_limits sandbox_limits;
   app.add_option("--listen", listen, "HTTP/WebSocket address HOST:PORT (port 0: pick a free one)")
@@ -238,6 +246,18 @@ int run(int argc, char** argv) {
                  "PEM client certificate for NATS servers that verify clients (needs "
                  "--nats-tls-key)");
   app.add_option("--nats-tls-key", nats.tls_key_file, "PEM key of --nats-tls-cert");
+  app.add_option("--forge-url", forge_url,
+                 "The forge's smart-HTTP base URL (https://HOST[/PREFIX]) that tasks' repositories "
+                 "(org/name) are cloned from and pushed to, through the git proxy; default: the "
+                 "embedded local forge under DATA/forge");
+  app.add_option("--forge-user", forge_user, "User name sent to the forge with its token")
+    ->capture_default_str();
+  app.add_option("--forge-token-file", forge_token_file,
+                 "File holding the forge's token (one line): stored encrypted by the credential "
+                 "manager (as forge-token), used only by the git proxy; needed once")
+    ->check(CLI::ExistingFile);
+  app.add_option("--forge-ca", forge_ca, "PEM CA certificate(s) for the forge (default: the system's)")
+    ->check(CLI::ExistingFile);
   app.add_option("--nats-tls-server-name", nats.tls_server_name,
                  "Name the NATS server's certificate must carry (default: the URL's host)");
   app.add_option("--nats-server", nats_server, "nats-server binary for the embedded child")
@@ -482,9 +502,41 @@ int run(int argc, char** argv) {
   auto sandbox_tokens = ferry::egress::sandbox_tokens::open(keys);
   if (!sandbox_tokens)
     die("egress tokens: " + sandbox_tokens.error().message);
+  // The credential manager: forge tokens (and later API keys) encrypted under a key file in
+  // <data>/keys; only the git proxy is given a way to read the forge's.
+  ferry::storage::credential_store_options co;
+  co.dir = data / "credentials";
+  co.key_file = keys / "credentials.key";
+  auto credentials = ferry::storage::credential_store::open(co);
+  if (!credentials)
+    die("credential manager: " + credentials.error().message);
+  if (!forge_token_file.empty()) {
+    std::string token = ferry::sandbox::read_small_file(forge_token_file);
+    while (!token.empty() && (token.back() == '\n' || token.back() == '\r' || token.back() == ' '))
+      token.pop_back();
+    if (token.empty())
+      die("--forge-token-file " + forge_token_file + ": empty");
+    if (forge_url.empty())
+      die("--forge-token-file needs --forge-url (the embedded forge draws its own token)");
+    auto put = (*credentials)->put("forge-token", token);
+    OPENSSL_cleanse(token.data(), token.size());
+    if (!put)
+      die("credential manager: forge-token: " + put.error().message);
+  }
+  // The forge and the git proxy in front of it, which sandboxes reach as git.ferry.internal.
+  ferry::ferryd::git_access_options gao;
+  gao.data_dir = data;
+  gao.forge_url = forge_url;
+  gao.forge_user = forge_user;
+  gao.ca_file = forge_ca;
+  gao.credentials = credentials->get();
+  auto git = ferry::ferryd::git_access::start(gao);
+  if (!git)
+    die(git.error().message);
   ferry::egress::egress_proxy_options eo;
   eo.socket_dir = egress_sockets;
   eo.tokens = *sandbox_tokens;
+  eo.internal_routes[ferry::ferryd::git_internal_host] = (*git)->socket();
   auto made_proxy = ferry::egress::make_egress_proxy(eo);
   if (!made_proxy)
     die("egress proxy: " + made_proxy.error().message);
@@ -576,6 +628,7 @@ int run(int argc, char** argv) {
                           });
   warm_of->store(&warm);
   deps.warm = &warm;
+  deps.git = git->get();
   auto tasks = ferry::actors::start_task_manager(sys, deps);
   if (!tasks)
     die(tasks.error().message);
@@ -619,6 +672,7 @@ int run(int argc, char** argv) {
   std::printf("ferryd: egress: default network %s, organisation policy %s\n", default_network.c_str(),
               (*org_egress)->current().to_json().dump().c_str());
   std::printf("ferryd: warm pools: %s\n", warm.describe().c_str());
+  std::printf("ferryd: git: %s\n", (*git)->describe().c_str());
   for (const auto& [name, spec] : environments) {
     auto network = networks.count(name) ? networks.at(name) : default_policy;
     std::printf("ferryd: environment %s: %s, network %s (key %s)\n", name.c_str(),

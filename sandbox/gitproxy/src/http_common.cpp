@@ -9,7 +9,7 @@
 #include <openssl/evp.h>
 #include <openssl/rand.h>
 
-namespace ferry::gitproxy::detail {
+namespace ferry::gitproxy {
 
 bool valid_repo_name(std::string_view repo) {
   if (repo.empty() || repo.size() > 200)
@@ -33,6 +33,10 @@ bool valid_repo_name(std::string_view repo) {
   }
   return true;
 }
+
+}  // namespace ferry::gitproxy
+
+namespace ferry::gitproxy::detail {
 
 std::variant<git_target, target_refusal> parse_git_target(http::verb method,
                                                           std::string_view target) {

@@ -20,6 +20,7 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 
+#include "ferry/gitproxy/git_proxy.h"
 #include "ferry/schemas/result.h"
 
 namespace ferry::gitproxy::detail {
@@ -51,9 +52,7 @@ struct target_refusal {
   std::string reason;
 };
 
-/// Repository names: 1–4 segments of [A-Za-z0-9._-] separated by single '/', no segment starting
-/// with '.', at most 200 bytes.
-bool valid_repo_name(std::string_view repo);
+// valid_repo_name: in ferry/gitproxy/git_proxy.h (public: the gateway checks submissions).
 
 /// Accepts exactly
 ///   GET  /<repo>.git/info/refs?service=git-upload-pack|git-receive-pack

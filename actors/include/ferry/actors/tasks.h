@@ -32,6 +32,7 @@
 #include "ferry/actors/bus.h"
 #include "ferry/sandbox/environment.h"
 #include "ferry/sandbox/pool.h"
+#include "ferry/schemas/events.h"
 #include "ferry/schemas/result.h"
 
 namespace caf {
@@ -66,7 +67,8 @@ void use_ferry_scheduler(caf::actor_system_config& cfg);
 /// What a user submits.
 struct task_request {
   std::string command;         ///< shell command run with /bin/sh -c inside the sandbox
-  std::string repo;            ///< optional repository; recorded, not yet cloned
+  std::string repo;            ///< optional repository ("org/name"): cloned into /workspace through
+                               ///< task_deps::git before the command runs
   std::string user;            ///< acting token id
   std::string correlation_id;  ///< e.g. the HTTP request id
   /// How long the task may be running (see TaskSubmitted.wall_clock_limit_ms); 0: the service
@@ -214,6 +216,36 @@ class warm_sandboxes {
   virtual void layer_ready(const std::string& environment, const std::filesystem::path& layer) = 0;
 };
 
+/// The git access of a task's sandboxes (ferryd: the git proxy, reached from inside through the
+/// egress proxy's internal route). A sandbox of a task with a repository clones it through
+/// this at its `cloning` step, with a credential scoped to that sandbox, that repository and the
+/// task's branch; nothing else in the sandbox can reach the forge.
+///
+/// Threading: called from the sandbox actors' threads, concurrently; `report` is called from
+/// the proxy's I/O threads and must not block.
+class repo_access {
+ public:
+  virtual ~repo_access() = default;
+  struct grant {
+    /// What the sandbox's git remote is: the proxy's URL with the scoped credential in it.
+    std::string remote_url;
+    /// The task's branch: the only one the sandbox may push to.
+    std::string branch;
+  };
+  /// Opens `repo` ("org/name") for sandbox `sandbox_id` of task `task_id` until close():
+  /// errc::invalid_argument for a repository name the forge cannot have. Every request the
+  /// sandbox makes through the proxy (allowed or refused) goes to `report`.
+  [[nodiscard]] virtual result<grant> open(const std::string& sandbox_id, const std::string& task_id,
+                                           const std::string& repo,
+                                           std::function<void(const schemas::git_operation_fields&)> report) = 0;
+  /// The sandbox's credential stops working; `report` is not called any more.
+  virtual void close(const std::string& sandbox_id) = 0;
+};
+
+/// The command id a task's timeline gives the clone of its repository (command_started,
+/// output_chunk, command_exited), above any command the task runs itself.
+inline constexpr uint32_t clone_command_id = 0x80000000u;
+
 /// What the actors need from the rest of ferryd. All must outlive the task_service.
 struct task_deps {
   storage::event_store* store = nullptr;
@@ -244,6 +276,8 @@ struct task_deps {
   std::function<result<std::string>(const std::string& destination)> egress_destination;
   /// Warm sandboxes; null: every sandbox is started when its task needs it.
   warm_sandboxes* warm = nullptr;
+  /// The git proxy; null: a task's repository is recorded, not cloned.
+  repo_access* git = nullptr;
 };
 
 /// The command id a task's timeline gives its environment's setup (command_started,

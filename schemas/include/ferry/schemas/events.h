@@ -141,6 +141,22 @@ struct egress_decision_fields {
 };
 std::string egress_decision(const envelope_meta& m, const egress_decision_fields& d);
 std::string egress_approved(const envelope_meta& m, std::string_view destination, std::string_view sandbox_id);
+/// What GitOperation records (see events.fbs).
+struct git_operation_fields {
+  std::string sandbox_id;
+  std::string repo;
+  std::string service;            ///< "upload-pack" or "receive-pack"
+  bool advertisement = false;
+  uint8_t protocol_version = 0;
+  std::vector<std::string> refs;  ///< "<ref> <old oid> <new oid>" per update
+  std::string result;             ///< "ok", "refused", "upstream_error"
+  std::string reason;
+  uint16_t http_status = 0;
+  uint64_t bytes_in = 0;
+  uint64_t bytes_out = 0;
+  uint64_t duration_ms = 0;
+};
+std::string git_operation(const envelope_meta& m, const git_operation_fields& g);
 std::string egress_policy_set(const envelope_meta& m, std::string_view policy_json);
 std::string token_created(const envelope_meta& m, std::string_view token_id,
                           std::string_view name, std::string_view sha256_hex, bool admin);

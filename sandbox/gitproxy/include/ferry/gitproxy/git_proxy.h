@@ -36,6 +36,10 @@
 
 namespace ferry::gitproxy {
 
+/// Repository names as the proxy and the local forge accept them ("org/name"): 1–4 segments of
+/// [A-Za-z0-9._-] separated by single '/', no segment starting with '.', at most 200 bytes.
+bool valid_repo_name(std::string_view repo);
+
 /// Hands the real forge token to the callback for the duration of the call (the credential
 /// manager's `secret_use`; ferry::storage::credential_store::user_of gives one).
 using token_source =
