@@ -81,6 +81,9 @@ struct sandbox_state {
   /// is released once it has exited. Folded too (a warm runtime id, or `cloning`), so that a
   /// recovered actor releases it as well.
   bool started_idle = false;
+  /// Incarnations recovered so far (folded from actor_recovered): the n-th re-attach refreshes
+  /// the git remote's credential as command clone_command_id + n.
+  uint32_t recoveries = 0;
   /// The environment's setup while it runs (on a thread of its own: the actor goes on taking
   /// its output and a kill). Destroying it cancels the setup and joins the thread.
   struct setup_job {
@@ -235,7 +238,7 @@ struct task_state {
   task_view view;
   std::vector<std::pair<uint64_t, std::string>> steering;  // (seq, text)
   uint32_t sandboxes = 0;  // sandboxes started so far (names the next one)
-  uint64_t output_bytes[2] = {0, 0};  // of the current sandbox's command: stdout, stderr
+  uint64_t output_bytes[2] = {0, 0};  // of the current sandbox's command 1: stdout, stderr
   // Runtime (not event-sourced).
   task_deps deps;
   fault_hook fault;
@@ -273,9 +276,9 @@ struct task_state {
                env.event_as_SandboxStateChanged()->to() == ev::SandboxStatus::spawning) {
       ++sandboxes;
       output_bytes[0] = output_bytes[1] = 0;
-    } else if (env.event_type() == ev::Event::OutputChunk &&
-               env.event_as_OutputChunk()->command_id() != setup_command_id) {
-      // The command's, not its environment's setup (which ran in a sandbox of its own).
+    } else if (env.event_type() == ev::Event::OutputChunk && env.event_as_OutputChunk()->command_id() == 1) {
+      // The task's command's (what a re-attach resumes), not its environment's setup (which ran
+      // in a sandbox of its own) nor Ferry's own commands (the clone).
       auto* x = env.event_as_OutputChunk();
       if (!x->gap())
         output_bytes[x->stream() == ev::OutputStream::stderr ? 1 : 0] +=

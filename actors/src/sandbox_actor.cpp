@@ -134,6 +134,8 @@ sandbox_state::~sandbox_state() {
 }
 
 void sandbox_state::apply(const ev::Envelope& env) {
+  if (env.event_type() == ev::Event::ActorRecovered)
+    ++recoveries;
   if (env.event_type() != ev::Event::SandboxStateChanged)
     return;
   auto* x = env.event_as_SandboxStateChanged();
@@ -149,7 +151,7 @@ void sandbox_state::apply(const ev::Envelope& env) {
 
 nlohmann::json sandbox_state::snapshot() const {
   return {{"status", static_cast<int>(status)}, {"backend", backend}, {"runtime_id", runtime_id},
-          {"started_idle", started_idle}};
+          {"started_idle", started_idle}, {"recoveries", recoveries}};
 }
 
 result<void> sandbox_state::restore(const nlohmann::json& j) {
@@ -157,6 +159,7 @@ result<void> sandbox_state::restore(const nlohmann::json& j) {
   backend = j.at("backend").get<std::string>();
   runtime_id = j.value("runtime_id", std::string());  // absent from older snapshots
   started_idle = j.value("started_idle", !runtime_id.empty());
+  recoveries = j.value("recoveries", uint32_t{0});
   return {};
 }
 
@@ -324,23 +327,31 @@ constexpr const char* clone_script =
   "git config user.email \"$FERRY_GIT_AUTHOR@users.ferry.invalid\"\n"
   "echo \"ferry: cloned $FERRY_GIT_REPO, on branch $FERRY_GIT_BRANCH\"\n";
 
+/// Opens the repository at the git proxy for this sandbox, reporting its requests here.
+result<repo_access::grant> open_repo(sandbox_actor_t* self) {
+  auto& s = self->state;
+  auto grant = s.git->open(s.id, s.task_id, s.repo,
+                           [weak = caf::actor_cast<caf::weak_actor_ptr>(self)](const schemas::git_operation_fields& g) {
+                             if (auto strong = weak.lock())
+                               caf::anon_send(caf::actor_cast<caf::actor>(strong), git_atom_v, g);
+                           });
+  if (grant)
+    s.git_open = true;
+  return grant;
+}
+
 /// ferry-init is up in a sandbox that has a repository to clone: opens the repository for it
 /// at the git proxy and runs the clone (command clone_command_id); its exit goes on (clone_done).
 void begin_clone(sandbox_actor_t* self) {
   auto& s = self->state;
   if (s.kill_requested || !s.box)
     return;
-  auto grant = s.git->open(s.id, s.task_id, s.repo,
-                           [weak = caf::actor_cast<caf::weak_actor_ptr>(self)](const schemas::git_operation_fields& g) {
-                             if (auto strong = weak.lock())
-                               caf::anon_send(caf::actor_cast<caf::actor>(strong), git_atom_v, g);
-                           });
+  auto grant = open_repo(self);
   if (!grant) {
     s.command_failure = "cannot open " + s.repo + " at the git proxy: " + grant.error().message;
     (void)s.box->release();
     return;
   }
-  s.git_open = true;
   transition(self, S::cloning, "cloning " + s.repo + " through the git proxy (branch " + grant->branch + ")",
              [self, grant = *grant] {
                auto& s = self->state;
@@ -358,6 +369,29 @@ void begin_clone(sandbox_actor_t* self) {
                  (void)s.box->release();
                }
              });
+}
+
+/// A re-attached sandbox past its clone: the git proxy's credentials did not survive ferryd, so
+/// it gets a fresh one, written into the remote by command clone_command_id + recoveries (its
+/// output and exit on the task's timeline like the clone's).
+void refresh_git_credential(sandbox_actor_t* self) {
+  auto& s = self->state;
+  auto grant = open_repo(self);
+  if (!grant) {
+    std::fprintf(stderr, "ferryd: sandbox %s: cannot open %s at the git proxy again: %s\n", s.id.c_str(),
+                 s.repo.c_str(), grant.error().message.c_str());
+    return;
+  }
+  sandbox::command_spec c;
+  c.command_id = clone_command_id + std::max<uint32_t>(s.recoveries, 1);
+  c.argv = {"/bin/sh", "-c",
+            "git -C /workspace remote set-url origin \"$FERRY_GIT_REMOTE\" && "
+            "echo \"ferry: the git remote has a fresh credential (ferryd restarted)\""};
+  c.env = {"FERRY_GIT_REMOTE=" + grant->remote_url, "GIT_TERMINAL_PROMPT=0"};
+  c.timeout = std::chrono::minutes(1);
+  if (auto r = s.box->run(c); !r)
+    std::fprintf(stderr, "ferryd: sandbox %s: cannot refresh its git credential: %s\n", s.id.c_str(),
+                 r.error().message.c_str());
 }
 
 /// ferry-init is up (started or taken idle): clone first when there is a repository, else run
@@ -545,6 +579,8 @@ caf::behavior sandbox_actor(sandbox_actor_t* self, sandbox_args args) {
               s.box->kill();
             std::fprintf(stderr, "ferryd: sandbox %s re-attached (%s)\n", s.id.c_str(),
                          why.c_str());
+            if (!s.kill_requested && !s.repo.empty() && s.git && s.status == S::executing)
+              refresh_git_credential(self);
             return;
           }
           std::fprintf(stderr, "ferryd: sandbox %s could not be re-attached: %s\n", s.id.c_str(),
@@ -573,8 +609,10 @@ caf::behavior sandbox_actor(sandbox_actor_t* self, sandbox_args args) {
       transition(self, S::ready, "ferry-init is up");
     },
     [=](cmd_start_atom, uint32_t cmd, std::vector<std::string>& argv) {
-      if (std::exchange(self->state.reattached, false))
-        return;  // ferry-init repeats it after an attach; the task has it already
+      // ferry-init repeats the task's running command after an attach; the task has it already.
+      // (Ferry's own commands started after the attach — a credential refresh — are new.)
+      if (!is_ferry_command(cmd) && std::exchange(self->state.reattached, false))
+        return;
       auto go = [self, cmd, argv = std::move(argv)] {
         if (self->state.task)
           self->send(self->state.task, cmd_start_atom_v, cmd, argv);
@@ -623,7 +661,7 @@ caf::behavior sandbox_actor(sandbox_actor_t* self, sandbox_args args) {
             (void)s.box->release();
           return;
         }
-        if (s.status == S::executing)
+        if (s.status == S::executing && !is_ferry_command(cmd))
           transition(self, S::ready, "command exited");
         // A sandbox started idle (warm pool, or cloning first) ends once the task's command
         // has, as one started with the command does.

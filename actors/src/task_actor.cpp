@@ -388,6 +388,10 @@ void carry_on(task_actor_t* self, const task_args& args) {
     a.task = caf::actor{self};
     a.id = s.view.sandbox_id;
     a.task_id = s.view.id;
+    // A re-attached sandbox with a repository gets a fresh git credential (the proxy's are gone).
+    a.repo = s.view.repo;
+    a.user = s.view.user;
+    a.git = s.deps.git;
     a.recover_reason = args.recover_reason;
     a.attachable = args.sandbox_attachable;
     a.resume.command_id = 1;
@@ -663,7 +667,7 @@ caf::behavior task_actor(task_actor_t* self, task_args args) {
     [=](cmd_exit_atom, uint32_t cmd, int32_t code, int32_t sig, uint64_t ms) {
       auto& s = self->state;
       // The setup's and the clone's failures are the sandbox's.
-      if (sig == 0 && cmd != setup_command_id && cmd != clone_command_id)
+      if (sig == 0 && cmd != setup_command_id && !is_ferry_command(cmd))
         s.exit_code = code;
       persist(self, schemas::command_exited(s.meta(), cmd, code, sig, ms),
               [](const storage::append_result&) {});

@@ -103,8 +103,8 @@ void apply(task_view& v, const ev::Envelope& env) {
     }
     case ev::Event::CommandExited: {
       auto* x = env.event_as_CommandExited();
-      // The setup's and the clone's are not the task's.
-      if (x->signal() == 0 && x->command_id() != setup_command_id && x->command_id() != clone_command_id)
+      // The setup's and Ferry's own commands (the clone) are not the task's.
+      if (x->signal() == 0 && x->command_id() != setup_command_id && !is_ferry_command(x->command_id()))
         v.exit_code = x->exit_code();
       break;
     }
@@ -139,6 +139,32 @@ void apply(task_view& v, const ev::Envelope& env) {
       // What it allows is no longer waiting for a decision (an exact `host` or `host:port`;
       // wildcards leave the list to the UI's judgement).
       std::erase_if(e.approvable, [&](const std::string& a) { return a == d || host_of(a) == d; });
+      break;
+    }
+    case ev::Event::GitOperation: {
+      auto* x = env.event_as_GitOperation();
+      auto& g = v.git;
+      ++g.operations;
+      const std::string result = x->result() ? x->result()->str() : "";
+      if (result == "refused")
+        ++g.refused;
+      else if (result == "upstream_error")
+        ++g.upstream_errors;
+      else if (result == "ok" && !x->advertisement() && x->refs()) {
+        // "<ref> <old oid> <new oid>" per update.
+        for (const auto* r : *x->refs()) {
+          const std::string u = r ? r->str() : "";
+          const auto sp = u.find(' '), last = u.rfind(' ');
+          if (sp == std::string::npos || last == sp)
+            continue;
+          const std::string ref = u.substr(0, sp), oid = u.substr(last + 1);
+          auto it = std::find_if(g.pushed.begin(), g.pushed.end(), [&](const auto& p) { return p.first == ref; });
+          if (it != g.pushed.end())
+            it->second = oid;
+          else
+            g.pushed.emplace_back(ref, oid);
+        }
+      }
       break;
     }
     case ev::Event::TaskFinished: {
@@ -182,6 +208,13 @@ nlohmann::json to_json(const task_view& v) {
   j["egress"] = {{"allowed", v.egress.allowed},       {"denied", v.egress.denied},
                  {"bytes_up", v.egress.bytes_up},     {"bytes_down", v.egress.bytes_down},
                  {"approvals", v.egress.approvals}, {"approvable", v.egress.approvable}};
+  json pushed = json::array();
+  for (const auto& [ref, oid] : v.git.pushed)
+    pushed.push_back({{"ref", ref}, {"oid", oid}});
+  j["git"] = {{"operations", v.git.operations},
+              {"refused", v.git.refused},
+              {"upstream_errors", v.git.upstream_errors},
+              {"pushed", std::move(pushed)}};
   j["sandbox"] = {{"id", v.sandbox_id},
                   {"runtime_id", v.sandbox_runtime_id.empty() ? v.sandbox_id : v.sandbox_runtime_id},
                   {"backend", v.sandbox_backend},
@@ -244,6 +277,14 @@ result<task_view> task_view_from_json(const nlohmann::json& j) {
       v.egress.bytes_down = it->at("bytes_down").get<uint64_t>();
       v.egress.approvals = it->at("approvals").get<std::vector<std::string>>();
       v.egress.approvable = it->at("approvable").get<std::vector<std::string>>();
+    }
+    // Absent from snapshots taken before git operations were recorded.
+    if (auto it = j.find("git"); it != j.end()) {
+      v.git.operations = it->at("operations").get<uint64_t>();
+      v.git.refused = it->at("refused").get<uint64_t>();
+      v.git.upstream_errors = it->at("upstream_errors").get<uint64_t>();
+      for (const auto& p : it->at("pushed"))
+        v.git.pushed.emplace_back(p.at("ref").get<std::string>(), p.at("oid").get<std::string>());
     }
     return v;
   } catch (const nlohmann::json::exception& e) {

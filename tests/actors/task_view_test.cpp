@@ -231,6 +231,65 @@ BOOST_FIXTURE_TEST_CASE(egress_decisions_and_approvals_fold_into_the_view, journ
   BOOST_TEST(rendered.back()["data"]["destination"] == "h22.example:80");
 }
 
+BOOST_FIXTURE_TEST_CASE(git_operations_fold_into_the_view, journal_fixture) {
+  append(sc::task_submitted(meta, id, "make test", "demo/hello"));
+  auto op = [&](std::string service, bool advertisement, std::vector<std::string> refs, std::string result,
+                std::string reason = "") {
+    sc::git_operation_fields g;
+    g.sandbox_id = "ferry-0123abcd-1";
+    g.repo = "demo/hello";
+    g.service = std::move(service);
+    g.advertisement = advertisement;
+    g.protocol_version = 2;
+    g.refs = std::move(refs);
+    g.result = std::move(result);
+    g.reason = std::move(reason);
+    g.http_status = g.result == "ok" ? 200 : 403;
+    g.bytes_in = 10;
+    g.bytes_out = 2000;
+    g.duration_ms = 7;
+    return sc::git_operation(meta, g);
+  };
+  const std::string a(40, 'a'), b(40, 'b'), c(40, 'c'), z(40, '0');
+  append(op("upload-pack", true, {}, "ok"));
+  append(op("upload-pack", false, {}, "ok"));
+  append(op("receive-pack", false, {"refs/heads/ferry/0123abcd " + z + " " + b}, "ok"));
+  append(op("receive-pack", false, {"refs/heads/main " + a + " " + b}, "refused", "only refs/heads/ferry/0123abcd"));
+  append(op("receive-pack", false, {"refs/heads/ferry/0123abcd " + b + " " + c}, "ok"));
+  append(op("upload-pack", false, {}, "upstream_error", "the forge answered 500"));
+  auto v = ferry::actors::load_task_view(*store, id);
+  BOOST_REQUIRE(v.ok() && v->has_value());
+  const auto& g = (*v)->git;
+  BOOST_TEST(g.operations == 6u);
+  BOOST_TEST(g.refused == 1u);
+  BOOST_TEST(g.upstream_errors == 1u);
+  BOOST_REQUIRE(g.pushed.size() == 1u);  // one ref, at its latest object
+  BOOST_TEST(g.pushed[0].first == "refs/heads/ferry/0123abcd");
+  BOOST_TEST(g.pushed[0].second == c);
+
+  auto j = ferry::actors::to_json(**v);
+  BOOST_TEST(j["git"]["pushed"][0]["oid"] == c);
+  auto back = ferry::actors::task_view_from_json(j);
+  BOOST_REQUIRE(back.ok());
+  BOOST_TEST(back->git.pushed == g.pushed);
+  BOOST_TEST(back->git.refused == 1u);
+  j.erase("git");  // a snapshot from before git operations
+  auto old = ferry::actors::task_view_from_json(j);
+  BOOST_REQUIRE(old.ok());
+  BOOST_TEST(old->git.operations == 0u);
+
+  std::vector<nlohmann::json> rendered;
+  BOOST_REQUIRE(store->for_each(meta.stream_id, {}, [&](const ev::Envelope& env, std::string_view) {
+    rendered.push_back(sc::to_json(env));
+    return true;
+  }).ok());
+  BOOST_TEST(rendered[4]["type"] == "git_operation");
+  BOOST_TEST(rendered[4]["data"]["result"] == "refused");
+  BOOST_TEST(rendered[4]["data"]["refs"][0] == "refs/heads/main " + a + " " + b);
+  BOOST_TEST(rendered[4]["data"]["protocol_version"] == 2);
+  BOOST_TEST(rendered[4]["data"]["reason"] == "only refs/heads/ferry/0123abcd");
+}
+
 BOOST_AUTO_TEST_CASE(a_sandbox_id_names_its_task) {
   using ferry::actors::task_of_sandbox;
   BOOST_TEST(task_of_sandbox("ferry-0123abcd-1").value_or("") == "0123abcd");

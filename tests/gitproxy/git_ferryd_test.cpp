@@ -116,10 +116,14 @@ struct ferryd_with_forge {
   /// The forge's token, put into ferryd's credential store before it starts (the embedded forge
   /// keeps a token it finds there): what must never show up anywhere else.
   std::string forge_token;
+  std::string backend;
+  /// A ferryd that crashed (restart_after_crash): destroyed after the one that took over, whose
+  /// stop leaves nothing for its checks.
+  std::unique_ptr<ferry::test::ferryd_process> crashed;
   std::unique_ptr<ferry::test::ferryd_process> ferryd;
   std::unique_ptr<ferry::test::api_client> api;
 
-  explicit ferryd_with_forge(const std::string& backend) {
+  explicit ferryd_with_forge(const std::string& backend_name) : backend(backend_name) {
     // bwrap sandboxes run as uids of their own: they must reach their directories.
     fs::permissions(dir.path(), fs::perms::others_exec, fs::perm_options::add);
     forge_token = "forge-" + random_hex(24);
@@ -132,11 +136,22 @@ struct ferryd_with_forge {
       BOOST_TEST_REQUIRE(store.ok(), (store.ok() ? std::string() : store.error().message));
       BOOST_TEST_REQUIRE((*store)->put("forge-token", forge_token).ok());
     }
-    ferry::test::ferryd_options opts(FERRYD_BINARY, data);
+    start({});
+  }
+
+  void start(const std::string& token) {
+    ferry::test::ferryd_options opts(FERRYD_BINARY, data, token);
     // No way out but the internal route to the git proxy.
     opts.extra_args = {"--sandbox-runtime", backend, "--default-network", "none"};
     ferryd = std::make_unique<ferry::test::ferryd_process>(opts);
     api = std::make_unique<ferry::test::api_client>(*ferryd);
+  }
+
+  /// SIGKILL, and a new ferryd on the same data directory (sandboxes outlive the crash).
+  void restart_after_crash() {
+    ferryd->crash();
+    crashed = std::move(ferryd);
+    start(crashed->token());
   }
 
   /// What must never appear: the token, and HTTP Basic of it as the proxy sends it upstream.
@@ -146,6 +161,23 @@ struct ferryd_with_forge {
     auto r = api->authorized("POST", "/api/v1/tasks", json{{"command", command}, {"repo", repo}}.dump());
     BOOST_TEST_REQUIRE(r.status == 201, r.summary());
     return text_of(*r.json(), "id");
+  }
+
+  /// Waits until the running task's command has made `name` in its workspace; its sandbox's id.
+  std::string wait_for_workspace_file(const std::string& id, const std::string& name) {
+    std::string last, sandbox_id;
+    auto t = api->wait_for_task(
+      id,
+      [&](const json& j) {
+        if (j.value("finished", false))
+          return true;
+        sandbox_id = j.contains("sandbox") ? text_of(j["sandbox"], "id") : std::string();
+        return !sandbox_id.empty() && fs::exists(data / "sandboxes" / sandbox_id / "workspace" / name);
+      },
+      120s, &last);
+    BOOST_TEST_REQUIRE(t.has_value(), "the command made no " << name << "; last: " << last);
+    BOOST_TEST_REQUIRE(!t->value("finished", false), "the task ended first: " << t->dump());
+    return sandbox_id;
   }
 
   json wait_finished(const std::string& id) {
@@ -233,18 +265,7 @@ void a_task_clones_and_pushes_only_its_branch(const std::string& backend) {
   const std::string id = f.submit(task_command, "demo/hello");
   // While the command waits: the sandbox's files on the host, which hold all it can have
   // written (its workspace, its writable root's upper layer, its control directory).
-  std::string last, sandbox_id;
-  auto waiting = f.api->wait_for_task(
-    id,
-    [&](const json& t) {
-      if (t.value("finished", false))
-        return true;
-      sandbox_id = t.contains("sandbox") ? text_of(t["sandbox"], "id") : std::string();
-      return !sandbox_id.empty() && fs::exists(f.data / "sandboxes" / sandbox_id / "workspace" / ".scan-now");
-    },
-    120s, &last);
-  BOOST_TEST_REQUIRE(waiting.has_value(), "the command did not reach its scan point; last: " << last);
-  BOOST_TEST_REQUIRE(!waiting->value("finished", false), "the task ended first: " << waiting->dump());
+  const std::string sandbox_id = f.wait_for_workspace_file(id, ".scan-now");
   const fs::path box = f.data / "sandboxes" / sandbox_id;
   size_t scanned = 0;
   const auto in_sandbox = files_containing(box, f.needles(), {box / "root"}, &scanned);
@@ -286,6 +307,10 @@ void a_task_clones_and_pushes_only_its_branch(const std::string& backend) {
   }
   BOOST_TEST(fetches >= 1);
   BOOST_TEST(pushes_ok == 1);
+  // The task's view sums it up: the one ref it pushed.
+  BOOST_TEST(done["git"]["pushed"].size() == 1u, done.dump());
+  BOOST_TEST(done["git"]["pushed"][0].value("ref", "") == "refs/heads/ferry/" + id, done.dump());
+  BOOST_TEST(done["git"].value("refused", 0) >= 4, done.dump());
   BOOST_TEST(refused >= 4, "git operations: " << json(ops).dump());
   // The forge: the task's branch is new, nothing else changed.
   const std::string refs_after = refs_of(repo);
@@ -306,6 +331,47 @@ void a_task_clones_and_pushes_only_its_branch(const std::string& backend) {
   const auto in_data = files_containing(f.data, f.needles(), {f.data / "credentials"}, &files);
   BOOST_TEST(in_data.empty(), fmt::format("the forge's token in ferryd's files: {}", fmt::join(in_data, ", ")));
   BOOST_TEST(files >= 10u);
+}
+
+// Waits (at most 60 s) until the test says go, then commits and pushes.
+constexpr const char* push_after_go = R"sh(set -e
+touch /workspace/.waiting
+i=0; until [ -e /workspace/.go ] || [ $i -ge 600 ]; do sleep 0.1; i=$((i+1)); done
+[ -e /workspace/.go ]
+echo after > after.txt
+git add after.txt
+git commit -qm "after the restart"
+git push -q origin HEAD && echo pushed-after-restart
+)sh";
+
+void a_reattached_sandbox_gets_a_fresh_credential(const std::string& backend) {
+  ferryd_with_forge f(backend);
+  const std::string id = f.submit(push_after_go, "demo/hello");
+  const std::string sandbox_id = f.wait_for_workspace_file(id, ".waiting");
+
+  // The proxy's credentials die with ferryd; the re-attached sandbox gets a new one.
+  const fs::path git_config = f.data / "sandboxes" / sandbox_id / "workspace" / ".git" / "config";
+  const std::string config_before = ferry::sandbox::read_small_file(git_config);
+  BOOST_TEST_REQUIRE(config_before.find("@git.ferry.internal/demo/hello.git") != std::string::npos, config_before);
+  f.restart_after_crash();
+  // The re-attached sandbox's remote gets a new credential; then the command may push.
+  const auto deadline = std::chrono::steady_clock::now() + 60s;
+  while (ferry::sandbox::read_small_file(git_config) == config_before && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(50ms);
+  BOOST_TEST_REQUIRE(ferry::sandbox::read_small_file(git_config) != config_before, "the remote kept its old credential");
+  std::ofstream(f.data / "sandboxes" / sandbox_id / "workspace" / ".go") << "";
+  const json done = f.wait_finished(id);
+  BOOST_TEST(f.ferryd->output().find("sandbox " + sandbox_id + " re-attached") != std::string::npos,
+             f.ferryd->output());
+  const auto events = f.events(id);
+  const std::string out = output_of(events, 1);
+  BOOST_TEST_CONTEXT("task: " << done.dump() << "\noutput:\n" << out) {
+    BOOST_TEST(text_of(done, "status") == "succeeded");
+    BOOST_TEST(out.find("pushed-after-restart\n") != std::string::npos);
+    BOOST_TEST(output_of(events, 0x80000001u).find("fresh credential") != std::string::npos);
+    BOOST_TEST(done["git"]["pushed"].size() == 1u);
+  }
+  BOOST_TEST(refs_of(f.data / "forge/demo/hello.git").find("refs/heads/ferry/" + id + " ") != std::string::npos);
 }
 
 void a_missing_repository_fails_the_task_and_a_bad_name_is_refused(const std::string& backend) {
@@ -332,6 +398,14 @@ BOOST_AUTO_TEST_CASE(bwrap_task_clones_and_pushes_only_its_branch, *utf::precond
 
 BOOST_AUTO_TEST_CASE(runsc_task_clones_and_pushes_only_its_branch, *utf::precondition(needs_backend{"runsc"})) {
   a_task_clones_and_pushes_only_its_branch("runsc");
+}
+
+BOOST_AUTO_TEST_CASE(bwrap_reattached_sandbox_gets_a_fresh_credential, *utf::precondition(needs_backend{"bwrap"})) {
+  a_reattached_sandbox_gets_a_fresh_credential("bwrap");
+}
+
+BOOST_AUTO_TEST_CASE(runsc_reattached_sandbox_gets_a_fresh_credential, *utf::precondition(needs_backend{"runsc"})) {
+  a_reattached_sandbox_gets_a_fresh_credential("runsc");
 }
 
 BOOST_AUTO_TEST_CASE(bwrap_missing_repository_and_bad_names, *utf::precondition(needs_backend{"bwrap"})) {

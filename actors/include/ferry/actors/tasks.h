@@ -104,6 +104,15 @@ struct egress_summary {
   static constexpr size_t max_approvable = 20;
 };
 
+/// What the task's sandboxes did through the git proxy (GitOperation events).
+struct git_summary {
+  uint64_t operations = 0;       ///< requests, ref advertisements included
+  uint64_t refused = 0;          ///< refused by the proxy (another branch, a tag, a deletion, …)
+  uint64_t upstream_errors = 0;  ///< the forge failed or could not be reached
+  /// What the task pushed: each ref once, with the object it was last set to, in first-push order.
+  std::vector<std::pair<std::string, std::string>> pushed;
+};
+
 /// A task's current state, folded from its events (the journal is the source of truth).
 struct task_view {
   std::string id;
@@ -134,6 +143,7 @@ struct task_view {
   /// Every limit the task hit, oldest first (limit_reached events).
   std::vector<limit_hit> limits_reached;
   egress_summary egress;
+  git_summary git;
   uint64_t last_sequence = 0;
   bool finished = false;
 };
@@ -243,8 +253,11 @@ class repo_access {
 };
 
 /// The command id a task's timeline gives the clone of its repository (command_started,
-/// output_chunk, command_exited), above any command the task runs itself.
+/// output_chunk, command_exited), above any command the task runs itself. Ids from here up are
+/// Ferry's own commands in the task's sandbox (clone_command_id + n: the n-th re-attach's
+/// refresh of the git remote's credential), never the task's.
 inline constexpr uint32_t clone_command_id = 0x80000000u;
+inline constexpr bool is_ferry_command(uint32_t command_id) { return command_id >= clone_command_id; }
 
 /// What the actors need from the rest of ferryd. All must outlive the task_service.
 struct task_deps {
