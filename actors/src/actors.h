@@ -84,6 +84,7 @@ struct sandbox_state {
   /// Incarnations recovered so far (folded from actor_recovered): the n-th re-attach refreshes
   /// the git remote's credential as command clone_command_id + n.
   uint32_t recoveries = 0;
+  bool renewal_armed = false;  ///< an egress renewal is scheduled (renew_atom)
   /// The environment's setup while it runs (on a thread of its own: the actor goes on taking
   /// its output and a kill). Destroying it cancels the setup and joins the thread.
   struct setup_job {

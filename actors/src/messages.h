@@ -128,5 +128,7 @@ CAF_BEGIN_TYPE_ID_BLOCK(ferry, caf::first_custom_type_id)
   CAF_ADD_ATOM(ferry, ferry::actors, cmd_failed_atom, "cmd_failed")
   // git access → sandbox → task: a request of the sandbox through the git proxy
   CAF_ADD_ATOM(ferry, ferry::actors, git_atom, "git_op")
+  // sandbox → itself: time to renew its egress credential (delayed_send)
+  CAF_ADD_ATOM(ferry, ferry::actors, renew_atom, "sbx_renew")
 
 CAF_END_TYPE_ID_BLOCK(ferry)

@@ -19,6 +19,9 @@ using S = ev::SandboxStatus;
 /// blocks, the pipe from ferry-init fills, and the command itself blocks on write. Backpressure
 /// instead of unbounded memory.
 constexpr size_t max_pending_output = 4u << 20;
+/// How often a running sandbox's egress credential is renewed (tokens live 4 h: a command started
+/// just before a renewal still has 3 h).
+constexpr auto egress_renewal_interval = std::chrono::hours(1);
 /// Consecutive chunks of one stream are merged up to this size into one output_chunk event.
 constexpr size_t max_piece_size = 256u << 10;
 
@@ -394,6 +397,21 @@ void refresh_git_credential(sandbox_actor_t* self) {
                  r.error().message.c_str());
 }
 
+/// Gives the sandbox a fresh egress credential now (`now`: taken from the warm pool, where it may
+/// have waited for hours, or re-attached) and every egress_renewal_interval while it runs.
+void renew_egress(sandbox_actor_t* self, bool now) {
+  auto& s = self->state;
+  if (s.ended || s.kill_requested || !s.box)
+    return;
+  if (now) {
+    if (auto r = s.box->renew_egress(); !r && r.error().code != errc::closed)
+      std::fprintf(stderr, "ferryd: sandbox %s: egress credential not renewed: %s\n", s.id.c_str(),
+                   r.error().message.c_str());
+  }
+  if (!std::exchange(s.renewal_armed, true))
+    self->delayed_send(self, egress_renewal_interval, renew_atom_v);
+}
+
 /// ferry-init is up (started or taken idle): clone first when there is a repository, else run
 /// the command line.
 void after_init(sandbox_actor_t* self) {
@@ -415,6 +433,7 @@ bool take_warm(sandbox_actor_t* self, const std::string& note) {
   s.box = std::move(got->box);
   s.runtime_id = got->id;
   s.started_idle = true;
+  renew_egress(self, true);
   if (s.task)
     self->send(s.task, pooled_atom_v, s.id, s.runtime_id);
   transition(self, S::initializing, "taken from the warm pool (" + s.runtime_id + ")" + (note.empty() ? "" : "; " + note),
@@ -579,6 +598,7 @@ caf::behavior sandbox_actor(sandbox_actor_t* self, sandbox_args args) {
               s.box->kill();
             std::fprintf(stderr, "ferryd: sandbox %s re-attached (%s)\n", s.id.c_str(),
                          why.c_str());
+            renew_egress(self, true);
             if (!s.kill_requested && !s.repo.empty() && s.git && s.status == S::executing)
               refresh_git_credential(self);
             return;
@@ -604,6 +624,7 @@ caf::behavior sandbox_actor(sandbox_actor_t* self, sandbox_args args) {
       auto& s = self->state;
       if (s.status != S::initializing || !s.runtime_id.empty())
         return;
+      renew_egress(self, false);
       if (s.started_idle)
         return after_init(self);
       transition(self, S::ready, "ferry-init is up");
@@ -710,6 +731,10 @@ caf::behavior sandbox_actor(sandbox_actor_t* self, sandbox_args args) {
     [=](egress_atom, schemas::egress_decision_fields& note) {
       if (self->state.task)
         self->send(self->state.task, egress_atom_v, std::move(note));
+    },
+    [=](renew_atom) {
+      self->state.renewal_armed = false;
+      renew_egress(self, true);
     },
     [=](git_atom, schemas::git_operation_fields& op) {
       if (self->state.task)

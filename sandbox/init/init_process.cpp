@@ -639,9 +639,36 @@ void init_process::on_host_message(const v1::InitMessage& m) {
       return;
     case v1::Message::FileRequest:
       return on_file_request(*m.message_as_FileRequest(), conn_.decoder.frame());
+    case v1::Message::EgressToken:
+      return on_egress_token(*m.message_as_EgressToken());
     default:
       return refuse("unexpected message type " + std::to_string(static_cast<int>(type)) + " from the host");
   }
+}
+
+void init_process::set_proxy_env() {
+  // With the host's credential (a JWT: base64url and dots, nothing a URL must escape) the
+  // proxy knows the requests are this sandbox's; without one it answers 407.
+  const std::string url = "http://" + (egress_token_.empty() ? std::string() : "ferry:" + egress_token_ + "@") +
+                          "127.0.0.1:" + std::to_string(forwarder_.port());
+  proxy_env_ = {"HTTP_PROXY=" + url, "HTTPS_PROXY=" + url, "http_proxy=" + url, "https_proxy=" + url,
+                "NO_PROXY=localhost,127.0.0.1", "no_proxy=localhost,127.0.0.1"};
+  merge_env(base_env_, proxy_env_);
+}
+
+void init_process::on_egress_token(const v1::EgressToken& t) {
+  const std::string token = str(t.token());
+  const bool well_formed = !token.empty() && token.size() <= 8192 &&
+                           std::all_of(token.begin(), token.end(), [](char c) {
+                             return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                                    c == '-' || c == '_' || c == '.';
+                           });
+  if (!well_formed)
+    return refuse("an egress token that is not base64url and dots (at most 8 KiB)");
+  if (args_.proxy_socket.empty())
+    return;  // no forwarder: nothing uses it
+  egress_token_ = token;
+  set_proxy_env();
 }
 
 void init_process::show_to_host(command& cmd, uint64_t from_out, uint64_t from_err) {
@@ -839,7 +866,10 @@ void init_process::on_run(const v1::Run& r) {
       cmd->session_state = session_paths(dir, session, id);
       // Run.env goes into the session (exported by the wrapper); the process starts with the
       // sandbox's environment, which the saved state then overrides.
-      req.argv = session_argv(args_.shell, *cmd->session_state, args_.workspace, cwd, str(r.shell()), env);
+      // The proxy variables too: the saved state may hold an older egress token.
+      std::vector<std::string> session_env = proxy_env_;
+      merge_env(session_env, env);
+      req.argv = session_argv(args_.shell, *cmd->session_state, args_.workspace, cwd, str(r.shell()), session_env);
       req.env = command_environment({}, req.pty);
       req.cwd = args_.workspace;
     }
@@ -1171,12 +1201,7 @@ int init_process::run() {
       log_error("HTTP forwarder: " + why);
       return 1;
     }
-    // With the host's credential (a JWT: base64url and dots, nothing a URL must escape) the
-    // proxy knows the requests are this sandbox's; without one it answers 407.
-    const std::string url = "http://" + (egress_token_.empty() ? std::string() : "ferry:" + egress_token_ + "@") +
-                            "127.0.0.1:" + std::to_string(forwarder_.port());
-    merge_env(base_env_, {"HTTP_PROXY=" + url, "HTTPS_PROXY=" + url, "http_proxy=" + url, "https_proxy=" + url,
-                          "NO_PROXY=localhost,127.0.0.1", "no_proxy=localhost,127.0.0.1"});
+    set_proxy_env();
   }
 
   if (!args_.argv.empty()) {

@@ -205,6 +205,10 @@ class init_process {
   void on_signal(const v1::Signal& s);
   void on_stdin(const v1::Stdin& s);
   void on_file_request(const v1::FileRequest& r, std::string frame);
+  void on_egress_token(const v1::EgressToken& t);
+  /// The proxy variables (HTTP_PROXY… with the current egress token) into base_env_ and
+  /// proxy_env_.
+  void set_proxy_env();
   void send_file_error(uint32_t request_id, v1::FileErrorCode code, const std::string& message);
   void read_file_op(file_op_child& op, int& fd, std::string& into, size_t cap);
   void write_file_op(file_op_child& op);
@@ -216,7 +220,8 @@ class init_process {
   arguments args_;
   flatbuffers::FlatBufferBuilder fbb_;
   std::vector<std::string> base_env_;  // ferry-init's environment plus the proxy variables
-  std::string egress_token_;           // from FERRY_EGRESS_TOKEN (removed from base_env_)
+  std::string egress_token_;           // from FERRY_EGRESS_TOKEN (removed from base_env_), or renewed
+  std::vector<std::string> proxy_env_;  // the proxy variables alone (re-exported in sessions)
 
   std::map<uint32_t, std::unique_ptr<command>> commands_;
   std::map<uint32_t, file_op_child> file_ops_;  // by request id

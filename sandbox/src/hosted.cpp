@@ -249,6 +249,15 @@ class hosted_sandbox final : public sandbox {
   result<void> signal(uint32_t command_id, int signo, bool whole_group) override {
     return client_.signal(command_id, signo, whole_group);
   }
+  result<void> renew_egress() override {
+    const auto& egress = backend_->settings().egress;
+    if (!egress)
+      return error_info{fmt::format("sandbox {}: no egress proxy", id_), errc::failed};
+    auto token = egress->renew(id_);
+    if (!token)
+      return token.error();
+    return client_.egress_token(*token);
+  }
   result<void> write_stdin(uint32_t command_id, std::string_view data, bool close) override {
     return client_.write_stdin(command_id, data, close);
   }

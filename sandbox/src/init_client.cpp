@@ -250,6 +250,15 @@ result<void> init_client::signal(uint32_t command_id, int signo, bool whole_grou
   return enqueue(std::move(frame));
 }
 
+result<void> init_client::egress_token(const std::string& token) {
+  flatbuffers::FlatBufferBuilder fbb;
+  std::string frame = frame_of(fbb, v1::Message::EgressToken, v1::CreateEgressToken(fbb, fbb.CreateString(token)));
+  std::lock_guard lock(mu_);
+  if (closed_ || releasing_)
+    return error_info{"the sandbox is ending", errc::closed};
+  return enqueue(std::move(frame));
+}
+
 result<void> init_client::write_stdin(uint32_t command_id, std::string_view data, bool close) {
   std::string frames;
   do {
@@ -758,6 +767,7 @@ void init_client::dispatch(const v1::InitMessage& m) {
     case v1::Message::Signal:
     case v1::Message::Stdin:
     case v1::Message::FileRequest:
+    case v1::Message::EgressToken:
       violation(fmt::format("host message {} from ferry-init", describe(m.message_type())));
       return;
     case v1::Message::NONE:

@@ -61,6 +61,8 @@ class init_client {
   result<void> signal(uint32_t command_id, int signo, bool whole_group);
   result<void> write_stdin(uint32_t command_id, std::string_view data, bool close);
   result<void> release();
+  /// Hands ferry-init a renewed egress credential (EgressToken).
+  result<void> egress_token(const std::string& token);
   /// Refuses further requests (errc::closed): the sandbox is ending or was detached. File
   /// operations still waiting fail with errc::closed.
   void close();

@@ -330,6 +330,7 @@ class sandbox_pool::impl {
       return box_->write_stdin(command_id, data, close);
     }
     result<void> release() override { return box_->release(); }
+    result<void> renew_egress() override { return box_->renew_egress(); }
     result<file_text> read_file(const std::string& path, const read_options& options) override {
       return box_->read_file(path, options);
     }

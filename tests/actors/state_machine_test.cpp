@@ -114,6 +114,7 @@ struct scripted_runtime final : ferry::sandbox::sandbox_runtime {
     ferry::result<void> signal(uint32_t, int, bool) override { return {}; }
     ferry::result<void> write_stdin(uint32_t, std::string_view, bool) override { return {}; }
     ferry::result<void> release() override { return {}; }
+    ferry::result<void> renew_egress() override { return {}; }
     static ferry::error_info no_files() { return ferry::fail("scripted sandboxes have no files"); }
     ferry::result<ferry::sandbox::file_text> read_file(const std::string&, const ferry::sandbox::read_options&) override {
       return no_files();

@@ -160,6 +160,73 @@ BOOST_AUTO_TEST_CASE(commands_in_a_bwrap_sandbox_get_out_only_through_the_proxy_
   proxy->stop();
 }
 
+// Tokens that live 2 s: once expired the sandbox's requests get 407 (token:expired); after
+// renew_egress() commands started from then on — a new one, and one in a persistent session whose
+// saved state holds the old proxy URL — get out again.
+BOOST_AUTO_TEST_CASE(a_renewed_egress_token_reaches_new_commands_and_sessions) {
+  sbx::testing::temp_dir tmp;
+  const fs::path sockets = tmp.path() / "egress";
+  fs::create_directories(sockets);
+  fs::permissions(tmp.path(), fs::perms::others_exec, fs::perm_options::add);
+  fs::permissions(sockets, fs::perms::others_exec, fs::perm_options::add);
+  origin_servers origins;
+  int first = tcp_listen(public_address, 0);
+  const uint16_t port = local_port(first);
+  origins.add(first, public_address);
+  origins.start();
+
+  std::mutex mu;
+  std::vector<egress_decision> decisions;
+  egress_proxy_options options;
+  options.socket_dir = sockets;
+  token_options short_lived;
+  short_lived.lifetime = std::chrono::seconds(2);
+  options.tokens = sandbox_tokens::open(tmp.path(), short_lived).value();
+  options.observer = [&](const egress_decision& d) {
+    std::lock_guard lock(mu);
+    decisions.push_back(d);
+  };
+  std::shared_ptr<egress_proxy> proxy = make_egress_proxy(options).value();
+  const auto policy = egress_policy::custom({"allowed.test"}, {}).value();
+  auto config = sbx::testing::test_config(tmp.path());
+  config.egress = make_egress_binder(proxy, options.tokens,
+                                     [&](const std::string&) { return sandbox_egress{policy, {}}; });
+  auto runtime = sbx::make_runtime(config);
+  BOOST_REQUIRE_MESSAGE(runtime.ok(), (runtime.ok() ? "" : runtime.error().message));
+  sbx::testing::recording_observer obs;
+  sbx::sandbox_spec spec;
+  spec.id = sbx::testing::unique_id("eg", "renew");
+  auto sb = (*runtime)->start(spec, obs);
+  BOOST_REQUIRE_MESSAGE(sb.ok(), (sb.ok() ? "" : sb.error().message));
+
+  const std::string curl = fmt::format("curl -sS -m 10 -o /dev/null -w '%{{http_code}}' http://allowed.test:{}/", port);
+  auto run = [&](uint32_t n, const std::string& line, const std::string& session = "") {
+    (void)sbx::testing::run_to_end(**sb, obs, sbx::testing::shell(n, line, session), 60s);
+    return obs.output(n, 0) + obs.output(n, 1);
+  };
+  BOOST_TEST(run(1, curl) == "200");
+  BOOST_TEST(run(2, "true", "s") == "");  // the session saves its state, proxy URL included
+  std::this_thread::sleep_for(std::chrono::milliseconds(3500));
+  BOOST_TEST(run(3, curl) == "407");  // expired: what renewal is for
+  auto renewed = (*sb)->renew_egress();
+  BOOST_REQUIRE_MESSAGE(renewed.ok(), (renewed.ok() ? "" : renewed.error().message));
+  BOOST_TEST(run(4, curl) == "200");
+  BOOST_TEST(run(5, curl, "s") == "200");
+  {
+    std::lock_guard lock(mu);
+    std::vector<std::string> rules;
+    for (const auto& d : decisions)
+      rules.push_back(d.allowed ? "allowed" : d.rule);
+    BOOST_TEST(rules == (std::vector<std::string>{"allowed", "token:expired", "allowed", "allowed"}),
+               fmt::format("{}", fmt::join(rules, ", ")));
+  }
+  // A sandbox the binder does not have open cannot be renewed.
+  auto not_open = config.egress->renew("not-open");
+  BOOST_TEST((!not_open && not_open.error().code == ferry::errc::not_found));
+  BOOST_REQUIRE((*sb)->release().ok());
+  (*sb)->wait();
+}
+
 BOOST_AUTO_TEST_SUITE_END()
 
 int main(int argc, char* argv[]) { return run_tests_in_network(argc, argv); }

@@ -67,6 +67,7 @@ class scripted_sandbox final : public sandbox {
     end(std::nullopt);
     return {};
   }
+  ferry::result<void> renew_egress() override { return ferry::error_info{"scripted: no egress"}; }
   ferry::result<file_text> read_file(const std::string&, const read_options&) override { return ferry::fail("no"); }
   ferry::result<void> save_root_layer(const std::filesystem::path&) override { return ferry::fail("no"); }
   ferry::result<file_written> write_file(const std::string&, std::string_view, uint32_t) override {

@@ -17,7 +17,9 @@
 #include <condition_variable>
 #include <cstdio>
 #include <limits>
+#include <map>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -876,11 +878,33 @@ class proxy_binder final : public sandbox::egress_binder {
         std::fprintf(stderr, "egress proxy: sandbox %s: approval skipped: %s\n", sandbox_id.c_str(),
                      r.error().message.c_str());
     }
+    {
+      std::lock_guard lock(mu_);
+      policies_.insert_or_assign(sandbox_id, egress.policy);
+    }
     return std::move(*token);
   }
-  void close(const std::string& sandbox_id) override { (void)proxy_->close_sandbox(sandbox_id); }
+  void close(const std::string& sandbox_id) override {
+    (void)proxy_->close_sandbox(sandbox_id);
+    std::lock_guard lock(mu_);
+    policies_.erase(sandbox_id);
+  }
+  /// A token bound to the policy the sandbox's socket was opened with (what the proxy checks).
+  result<std::string> renew(const std::string& sandbox_id) override {
+    std::optional<egress_policy> policy;
+    {
+      std::lock_guard lock(mu_);
+      if (auto it = policies_.find(sandbox_id); it != policies_.end())
+        policy = it->second;
+    }
+    if (!policy)
+      return error_info{fmt::format("egress: sandbox {} is not open here", sandbox_id), errc::not_found};
+    return tokens_->issue(sandbox_id, *policy);
+  }
 
  private:
+  std::mutex mu_;
+  std::map<std::string, egress_policy> policies_;  // GUARDED_BY(mu_): open sandboxes
   const std::shared_ptr<egress_proxy> proxy_;
   const std::shared_ptr<const sandbox_tokens> tokens_;
   const std::function<sandbox_egress(const std::string&)> egress_for_;

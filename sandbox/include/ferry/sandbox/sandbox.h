@@ -339,6 +339,11 @@ class sandbox {
   /// Ends the sandbox normally: ferry-init kills every process and exits; on_ended(nullopt)
   /// follows once everything is cleaned up. errc::closed if it is already ending.
   virtual result<void> release() = 0;
+  /// Draws a fresh egress credential for the sandbox from its runtime's egress binder
+  /// (egress_binder::renew) and hands it to ferry-init: commands started from now on carry it.
+  /// Call well before the current one expires (sandbox tokens live 4 hours). Fails without an
+  /// egress binder, and with errc::closed when the sandbox is ending.
+  virtual result<void> renew_egress() = 0;
 
   // File operations (see above): each blocks until ferry-init answers. REQUIRES: not called from
   // this sandbox's observer.
@@ -403,6 +408,11 @@ class egress_binder {
   /// those still open are closed, and once this returns `report` is never called again.
   /// Idempotent; also for an id never opened.
   virtual void close(const std::string& sandbox_id) = 0;
+  /// A fresh credential for an open sandbox, bound to what it was opened with (its policy);
+  /// errc::not_found for a sandbox not open here. Default: an error (cannot renew).
+  [[nodiscard]] virtual result<std::string> renew(const std::string& sandbox_id) {
+    return error_info{"this egress binder cannot renew credentials (sandbox " + sandbox_id + ")", errc::failed};
+  }
 };
 
 /// A way to create sandboxes.
