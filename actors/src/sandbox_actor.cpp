@@ -344,7 +344,8 @@ result<repo_access::grant> open_repo(sandbox_actor_t* self) {
 }
 
 /// ferry-init is up in a sandbox that has a repository to clone: opens the repository for it
-/// at the git proxy and runs the clone (command clone_command_id); its exit goes on (clone_done).
+/// at the git proxy and runs the clone (command clone_command_id); its exit (cmd_exit_atom) leads
+/// to ready and the command line, or ends the sandbox failed.
 void begin_clone(sandbox_actor_t* self) {
   auto& s = self->state;
   if (s.kill_requested || !s.box)

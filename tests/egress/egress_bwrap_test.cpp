@@ -28,22 +28,36 @@ boost::test_tools::assertion_result network_and_bwrap(utf::test_unit_id id) {
   return sbx::testing::bwrap_available(id);
 }
 
+/// The test's directory and, in it, the one the sandboxes' egress sockets go to.
+struct socket_dirs {
+  sbx::testing::temp_dir tmp;
+  fs::path sockets = tmp.path() / "egress";
+  socket_dirs() {
+    fs::create_directories(sockets);
+    // The sandbox's uid must reach its socket: o+x on the directory, the socket itself is 0666.
+    fs::permissions(tmp.path(), fs::perms::others_exec, fs::perm_options::add);
+    fs::permissions(sockets, fs::perms::others_exec, fs::perm_options::add);
+  }
+};
+
+/// A listener on the public address (port 0) added to `origins`; its port.
+uint16_t listen_public(origin_servers& origins) {
+  int first = tcp_listen(public_address, 0);
+  const uint16_t port = local_port(first);
+  origins.add(first, public_address);
+  return port;
+}
+
 }  // namespace
 
 BOOST_AUTO_TEST_SUITE(egress_bwrap, *utf::precondition(network_and_bwrap))
 
 BOOST_AUTO_TEST_CASE(commands_in_a_bwrap_sandbox_get_out_only_through_the_proxy_and_its_policy) {
-  sbx::testing::temp_dir tmp;
-  const fs::path sockets = tmp.path() / "egress";
-  fs::create_directories(sockets);
-  // The sandbox's uid must reach its socket: o+x on the directory, the socket itself is 0666.
-  fs::permissions(tmp.path(), fs::perms::others_exec, fs::perm_options::add);
-  fs::permissions(sockets, fs::perms::others_exec, fs::perm_options::add);
-
+  socket_dirs dirs;
+  const auto& tmp = dirs.tmp;
+  const fs::path& sockets = dirs.sockets;
   origin_servers origins;
-  int first = tcp_listen(public_address, 0);
-  const uint16_t port = local_port(first);
-  origins.add(first, public_address);
+  const uint16_t port = listen_public(origins);
   for (const auto& a : internal_addresses)
     origins.add(tcp_listen(a, port), a);
   origins.start();
@@ -164,15 +178,11 @@ BOOST_AUTO_TEST_CASE(commands_in_a_bwrap_sandbox_get_out_only_through_the_proxy_
 // renew_egress() commands started from then on — a new one, and one in a persistent session whose
 // saved state holds the old proxy URL — get out again.
 BOOST_AUTO_TEST_CASE(a_renewed_egress_token_reaches_new_commands_and_sessions) {
-  sbx::testing::temp_dir tmp;
-  const fs::path sockets = tmp.path() / "egress";
-  fs::create_directories(sockets);
-  fs::permissions(tmp.path(), fs::perms::others_exec, fs::perm_options::add);
-  fs::permissions(sockets, fs::perms::others_exec, fs::perm_options::add);
+  socket_dirs dirs;
+  const auto& tmp = dirs.tmp;
+  const fs::path& sockets = dirs.sockets;
   origin_servers origins;
-  int first = tcp_listen(public_address, 0);
-  const uint16_t port = local_port(first);
-  origins.add(first, public_address);
+  const uint16_t port = listen_public(origins);
   origins.start();
 
   std::mutex mu;

@@ -50,11 +50,6 @@ struct needs_backend {
   }
 };
 
-std::string text_of(const json& j, const char* key) {
-  auto it = j.find(key);
-  return it != j.end() && it->is_string() ? it->get<std::string>() : std::string();
-}
-
 std::string random_hex(size_t bytes) {
   std::string raw(bytes, '\0');
   BOOST_TEST_REQUIRE(RAND_bytes(reinterpret_cast<unsigned char*>(raw.data()), static_cast<int>(bytes)) == 1);
@@ -160,7 +155,7 @@ struct ferryd_with_forge {
   std::string submit(const std::string& command, const std::string& repo) {
     auto r = api->authorized("POST", "/api/v1/tasks", json{{"command", command}, {"repo", repo}}.dump());
     BOOST_TEST_REQUIRE(r.status == 201, r.summary());
-    return text_of(*r.json(), "id");
+    return ferry::test::str(*r.json(), "id");
   }
 
   /// Waits until the running task's command has made `name` in its workspace; its sandbox's id.
@@ -171,7 +166,7 @@ struct ferryd_with_forge {
       [&](const json& j) {
         if (j.value("finished", false))
           return true;
-        sandbox_id = j.contains("sandbox") ? text_of(j["sandbox"], "id") : std::string();
+        sandbox_id = j.contains("sandbox") ? ferry::test::str(j["sandbox"], "id") : std::string();
         return !sandbox_id.empty() && fs::exists(data / "sandboxes" / sandbox_id / "workspace" / name);
       },
       120s, &last);
@@ -199,7 +194,7 @@ struct ferryd_with_forge {
 std::string output_of(const std::vector<json>& events, uint64_t command_id) {
   std::string out;
   for (const auto& e : events) {
-    if (text_of(e, "type") != "output_chunk" || e["data"].value("command_id", uint64_t{0}) != command_id)
+    if (ferry::test::str(e, "type") != "output_chunk" || e["data"].value("command_id", uint64_t{0}) != command_id)
       continue;
     if (auto t = e["data"].find("text"); t != e["data"].end() && t->is_string())
       out += t->get<std::string>();
@@ -213,7 +208,7 @@ std::string output_of(const std::vector<json>& events, uint64_t command_id) {
 std::vector<json> git_operations(const std::vector<json>& events) {
   std::vector<json> out;
   for (const auto& e : events)
-    if (text_of(e, "type") == "git_operation")
+    if (ferry::test::str(e, "type") == "git_operation")
       out.push_back(e["data"]);
   return out;
 }
@@ -279,7 +274,7 @@ void a_task_clones_and_pushes_only_its_branch(const std::string& backend) {
   const std::string clone = output_of(events, 0x80000000u);
   const auto ops = git_operations(events);
   BOOST_TEST_CONTEXT("task: " << done.dump() << "\nclone:\n" << clone << "\noutput:\n" << out) {
-    BOOST_TEST(text_of(done, "status") == "succeeded");
+    BOOST_TEST(ferry::test::str(done, "status") == "succeeded");
     BOOST_TEST(clone.find("ferry: cloned demo/hello, on branch ferry/" + id) != std::string::npos);
     BOOST_TEST(out.find("branch=ferry/" + id + "\n") != std::string::npos);
     BOOST_TEST(out.find("has-readme\n") != std::string::npos);
@@ -289,13 +284,13 @@ void a_task_clones_and_pushes_only_its_branch(const std::string& backend) {
     BOOST_TEST(out.find("[remote rejected]") != std::string::npos);
     BOOST_TEST(out.find("scan-seen\n") != std::string::npos);  // the host's file reached the sandbox
     BOOST_TEST(ferry::test::find_event(events, "sandbox_state_changed", 0,
-                                       [](const json& d) { return text_of(d, "to") == "cloning"; }) >= 0);
+                                       [](const json& d) { return ferry::test::str(d, "to") == "cloning"; }) >= 0);
   }
   // The audit: the clone, the accepted push (its ref), the refused ones.
   int fetches = 0, pushes_ok = 0, refused = 0;
   for (const auto& op : ops) {
-    const std::string service = text_of(op, "service"), result = text_of(op, "result");
-    BOOST_TEST(text_of(op, "sandbox_id") == sandbox_id);
+    const std::string service = ferry::test::str(op, "service"), result = ferry::test::str(op, "result");
+    BOOST_TEST(ferry::test::str(op, "sandbox_id") == sandbox_id);
     if (service == "upload-pack" && result == "ok")
       ++fetches;
     if (service == "receive-pack" && result == "ok" && !op.value("advertisement", true)) {
@@ -366,7 +361,7 @@ void a_reattached_sandbox_gets_a_fresh_credential(const std::string& backend) {
   const auto events = f.events(id);
   const std::string out = output_of(events, 1);
   BOOST_TEST_CONTEXT("task: " << done.dump() << "\noutput:\n" << out) {
-    BOOST_TEST(text_of(done, "status") == "succeeded");
+    BOOST_TEST(ferry::test::str(done, "status") == "succeeded");
     BOOST_TEST(out.find("pushed-after-restart\n") != std::string::npos);
     BOOST_TEST(output_of(events, 0x80000001u).find("fresh credential") != std::string::npos);
     BOOST_TEST(done["git"]["pushed"].size() == 1u);
@@ -383,7 +378,7 @@ void a_missing_repository_fails_the_task_and_a_bad_name_is_refused(const std::st
   const std::string id = f.submit("echo never-runs", "demo/nope");
   const json done = f.wait_finished(id);
   const auto events = f.events(id);
-  BOOST_TEST(text_of(done, "status") == "failed", done.dump());
+  BOOST_TEST(ferry::test::str(done, "status") == "failed", done.dump());
   BOOST_TEST(done.dump().find("cloning demo/nope failed") != std::string::npos, done.dump());
   BOOST_TEST(output_of(events, 1).empty());
   BOOST_TEST(ferry::test::find_event(events, "command_started", 0,
